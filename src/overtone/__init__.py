@@ -1,0 +1,44 @@
+"""overtone: knowledge editing of language models with the OverTone objective (ICML 2025).
+
+The Python API in five lines::
+
+    import overtone as ot
+    lm = ot.load_model("smollm2-135m")
+    editor = ot.make_editor("ft-m", lm, ot.OverTone())
+    evaluator = ot.Evaluator(lm)
+    record = ot.edit_and_score(editor, evaluator, ot.EditCase("demo", "The capital of France is", "Rome"))
+"""
+
+__version__ = "0.1.0"
+
+from overtone.benchmarks import EditCase, Probe, load_benchmark  # noqa: E402
+from overtone.editors import EDITORS, EditError, EditHandle, Editor, make_editor  # noqa: E402
+from overtone.evaluation import Evaluator  # noqa: E402
+from overtone.generation import greedy_complete  # noqa: E402
+from overtone.models import LoadedModel, load_model  # noqa: E402
+from overtone.objectives import CrossEntropy, Objective, OverTone, OverToneConfig, make_objective  # noqa: E402
+from overtone.runner import ResultStore, edit_and_score, run_single_editing  # noqa: E402
+
+__all__ = [
+    "EDITORS",
+    "CrossEntropy",
+    "EditCase",
+    "EditError",
+    "EditHandle",
+    "Editor",
+    "Evaluator",
+    "LoadedModel",
+    "Objective",
+    "OverTone",
+    "OverToneConfig",
+    "Probe",
+    "ResultStore",
+    "__version__",
+    "edit_and_score",
+    "greedy_complete",
+    "load_benchmark",
+    "load_model",
+    "make_editor",
+    "make_objective",
+    "run_single_editing",
+]

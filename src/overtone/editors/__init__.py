@@ -1,0 +1,28 @@
+"""Editors, registered by name. A new editor is a module with an ``Editor`` subclass plus one line here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from overtone.editors.base import EditError, EditHandle, Editor, EditStats
+from overtone.editors.ft_m import FTM, FTMConfig
+from overtone.models.loading import LoadedModel
+from overtone.objectives import Objective
+
+EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (FTM,)}
+
+
+def make_editor(name: str, lm: LoadedModel, objective: Objective | None = None, **settings: Any) -> Editor:
+    """Build editor ``name`` with its config fields overridden by ``settings`` (None values are skipped)."""
+    if name not in EDITORS:
+        raise ValueError(f"unknown editor {name!r}; available: {', '.join(sorted(EDITORS))}")
+    cls = EDITORS[name]
+    fields = cls.config_class.__dataclass_fields__
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise ValueError(f"editor {name!r} has no setting(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+    config = cls.config_class(**{k: v for k, v in settings.items() if v is not None})
+    return cls(lm, config, objective)
+
+
+__all__ = ["EDITORS", "FTM", "EditError", "EditHandle", "EditStats", "Editor", "FTMConfig", "make_editor"]

@@ -1,0 +1,77 @@
+"""The editor contract: ``edit(cases)`` changes the model and returns a handle that can undo it.
+
+Single editing is ``edit([case])`` then ``handle.revert()``; continual editing is repeated ``edit``
+without reverting. Gradient-based editors take an ``Objective`` and know nothing about which loss
+runs. An editor declares ``first_layer``, the lowest decoder block whose output its edits can change,
+so evaluation can reuse the unedited model's activations below it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from overtone.benchmarks.cases import EditCase
+from overtone.models.loading import LoadedModel
+from overtone.objectives import Objective
+
+
+class EditError(RuntimeError):
+    """An edit could not be carried out; the model is left as it was before the edit."""
+
+
+@dataclass
+class EditStats:
+    steps: int = 0  # optimiser updates taken
+    losses: list[float] = field(default_factory=list)  # objective value at every forward pass
+    stopped_early: bool = False
+    time_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EditHandle:
+    """Undo information of one ``edit`` call; ``revert`` restores the exact previous weights."""
+
+    def __init__(self, revert: Callable[[], None], first_layer: int, stats: EditStats) -> None:
+        self._revert: Callable[[], None] | None = revert
+        self.first_layer = first_layer
+        self.stats = stats
+
+    @property
+    def active(self) -> bool:
+        return self._revert is not None
+
+    def revert(self) -> None:
+        """Restore the weights as they were before this edit (a no-op the second time)."""
+        if self._revert is not None:
+            self._revert()
+            self._revert = None
+
+
+class Editor(ABC):
+    """Base class of all editors; subclasses set ``name`` and ``config_class`` and register themselves."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def __init__(self, lm: LoadedModel, config: Any, objective: Objective | None = None) -> None:
+        self.lm = lm
+        self.config = config
+        self.objective = objective
+
+    @property
+    @abstractmethod
+    def first_layer(self) -> int:
+        """Lowest decoder block whose output an edit by this editor can change."""
+
+    @abstractmethod
+    def edit(self, cases: Sequence[EditCase]) -> EditHandle:
+        """Apply the edits of ``cases`` (jointly) to the model in place."""
+
+    def describe(self) -> dict[str, Any]:
+        """Resolved settings, as written into a run's configuration."""
+        return {"name": self.name, **asdict(self.config)}

@@ -1,0 +1,139 @@
+"""FT-M: constrained fine-tuning of one MLP output projection on the target tokens only.
+
+The reference toolkit's ``FT`` with ``objective_optimization: target_new`` (docs/protocol.md (c)):
+the loss covers the target tokens of ``prompt + " " + target``, one ``down_proj`` matrix is trained
+with Adam, a step is skipped and training stops once the loss falls below ``stop_loss``. The
+objective is pluggable; with OverTone, training also stops once every target token is clipped
+(no token sends gradient any more), which is the token-level early stop carried to the edit level.
+
+Speed: the block input of the edited layer cannot change, so the first step records it during a full
+pass and every later step runs only the blocks from the edited one up (``models.replay``), and the
+vocabulary head only at the target positions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from overtone.benchmarks.cases import EditCase
+from overtone.editors.base import EditError, EditHandle, Editor, EditStats
+from overtone.models.loading import LoadedModel
+from overtone.models.replay import forward_hidden, forward_suffix
+from overtone.objectives import Objective
+from overtone.tokens import encode_pairs
+
+# EasyEdit edits layer 21 of Llama-2-7B's 32 (relative depth 0.66). We keep that depth for any model:
+# layer round(0.66 * N). For the embedded SmolLM2-135M (30 layers) this gives layer 20, the layer the
+# published anchors for this model use (docs: anchors.md), so results stay comparable.
+DEFAULT_RELATIVE_DEPTH = 21 / 32
+
+
+def default_layer(num_layers: int) -> int:
+    return min(num_layers - 1, round(DEFAULT_RELATIVE_DEPTH * num_layers))
+
+
+@dataclass(frozen=True)
+class FTMConfig:
+    """FT-M hyper-parameters; defaults are the reference toolkit's for Llama-2-7B / Llama-3-8B."""
+
+    layer: int | None = field(default=None, metadata={"help": "edited layer (default: round(21/32 * layers))"})
+    lr: float = field(default=5e-4, metadata={"help": "Adam learning rate"})
+    steps: int = field(default=25, metadata={"help": "maximum optimisation steps"})
+    stop_loss: float = field(default=1e-2, metadata={"help": "skip the step and stop when the loss is below"})
+    weight_decay: float = 0.0
+    norm_constraint: float | None = field(
+        default=None, metadata={"help": "clamp each weight to within this distance of its original value"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"FT-M steps must be >= 1, got {self.steps}")
+        if self.lr <= 0:
+            raise ValueError(f"FT-M lr must be > 0, got {self.lr}")
+
+
+class FTM(Editor):
+    name = "ft-m"
+    config_class = FTMConfig
+
+    def __init__(self, lm: LoadedModel, config: FTMConfig | None = None, objective: Objective | None = None):
+        config = config or FTMConfig()
+        if config.layer is None:
+            config = replace(config, layer=default_layer(lm.adapter.num_layers))
+        assert config.layer is not None
+        lm.adapter.check_layer(config.layer)
+        if objective is None:
+            raise ValueError("FT-M needs an objective (e.g. overtone.objectives.CrossEntropy())")
+        super().__init__(lm, config, objective)
+
+    @property
+    def first_layer(self) -> int:
+        return self.config.layer
+
+    def edit(self, cases: Sequence[EditCase]) -> EditHandle:
+        cfg: FTMConfig = self.config
+        objective = self.objective
+        assert objective is not None
+        adapter = self.lm.adapter
+        start = time.perf_counter()
+        batch = encode_pairs(self.lm.tokenizer, [c.prompt for c in cases], [c.target for c in cases],
+                             self.lm.device)
+        weight = adapter.weight("mlp_out", cfg.layer)
+        original = weight.detach().clone()
+        # Low-precision weights are trained through an fp32 master copy, so small Adam steps are not lost.
+        master = weight if weight.dtype == torch.float32 else original.float().requires_grad_(True)
+        optimiser = torch.optim.Adam([master], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        stats = EditStats()
+
+        def revert() -> None:
+            with torch.no_grad():
+                weight.copy_(original)
+
+        weight.requires_grad_(True)
+        try:
+            cache = reference = None
+            for _ in range(cfg.steps):
+                if cache is None:
+                    hidden, cache = forward_hidden(adapter, batch.input_ids, batch.attention_mask, cfg.layer)
+                else:
+                    hidden = forward_suffix(adapter, cache)
+                logits = adapter.logits(batch.gather(hidden))
+                if objective.needs_reference and reference is None:
+                    reference = logits.detach()  # the unedited model's logits: nothing was updated yet
+                out = objective(logits, batch.labels, reference)
+                loss = out.loss.item()
+                if not math.isfinite(loss):
+                    raise EditError(
+                        f"case {', '.join(c.case_id for c in cases)}: the {objective.name} loss is {loss} "
+                        f"at step {stats.steps}; the weights were restored"
+                    )
+                stats.losses.append(loss)
+                if loss < cfg.stop_loss or out.active_tokens == 0:
+                    stats.stopped_early = True
+                    break
+                optimiser.zero_grad(set_to_none=True)
+                out.loss.backward()
+                if master is not weight:
+                    master.grad = weight.grad.float()
+                    weight.grad = None
+                optimiser.step()
+                with torch.no_grad():
+                    if cfg.norm_constraint is not None:
+                        master.copy_(torch.clamp(master, original - cfg.norm_constraint,
+                                                 original + cfg.norm_constraint))
+                    if master is not weight:
+                        weight.copy_(master)
+                stats.steps += 1
+        except BaseException:
+            revert()
+            raise
+        finally:
+            weight.requires_grad_(False)
+            weight.grad = None
+        stats.time_s = time.perf_counter() - start
+        return EditHandle(revert, first_layer=cfg.layer, stats=stats)

@@ -1,0 +1,116 @@
+"""The field's teacher-forced evaluation (the reference toolkit's protocol, see docs/protocol.md).
+
+* Rel., Gen., Por.: token accuracy of the argmax prediction on ``prompt + " " + answer`` over the
+  answer's tokens (partial credit), for the edit prompt, its rephrases and the portability probes.
+* Loc.: fraction of a locality probe's answer positions where the edited model's argmax equals the
+  unedited model's; agreement, not correctness.
+* Per case, portability and locality average over the probes of a kind, then over kinds.
+
+All probes of a case go through the model in one right-padded batch. The unedited pass records the
+inputs of the layers an editor may touch, so the edited pass only runs those layers again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from overtone.benchmarks.cases import EditCase
+from overtone.models.loading import LoadedModel
+from overtone.models.replay import SuffixCache, forward_hidden, forward_suffix
+from overtone.tokens import PairBatch, encode_pairs
+
+METRICS = ("rel", "gen", "por", "loc")
+
+
+@dataclass
+class ProbeBatch:
+    """All probes of one case, tokenised; ``groups[i]`` = (metric, kind) of row i."""
+
+    case: EditCase
+    groups: list[tuple[str, str]]
+    batch: PairBatch
+
+
+@dataclass
+class Predictions:
+    """Argmax token ids at every scored position of a ``ProbeBatch``, per row."""
+
+    tokens: list[torch.Tensor]  # row i: [n_i] predicted ids
+    cache: SuffixCache | None = None  # inputs of the upper layers, for a cheaper edited pass
+
+
+@dataclass
+class CaseScores:
+    """Metrics of one case in [0, 1]; None where the case has no probe of that metric."""
+
+    rel: float | None
+    gen: float | None
+    por: float | None
+    loc: float | None
+    detail: dict[str, dict[str, float]]  # metric -> kind -> mean over that kind's probes
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {m: getattr(self, m) for m in METRICS}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+class Evaluator:
+    """Teacher-forced Rel./Gen./Por./Loc. of edit cases on one model."""
+
+    def __init__(self, lm: LoadedModel) -> None:
+        self.lm = lm
+
+    def probes(self, case: EditCase) -> ProbeBatch:
+        groups: list[tuple[str, str]] = [("rel", "rewrite")]
+        pairs = [(case.prompt, case.target)]
+        for text in case.rephrases:
+            groups.append(("gen", "rephrase"))
+            pairs.append((text, case.target))
+        for metric, probe_groups in (("por", case.portability), ("loc", case.locality)):
+            for kind, probes in probe_groups.items():
+                for probe in probes:
+                    groups.append((metric, kind))
+                    pairs.append((probe.prompt, probe.answer))
+        try:
+            batch = encode_pairs(self.lm.tokenizer, [p for p, _ in pairs], [a for _, a in pairs], self.lm.device)
+        except ValueError as exc:
+            raise ValueError(f"case {case.case_id}: {exc}") from exc
+        return ProbeBatch(case=case, groups=groups, batch=batch)
+
+    @torch.no_grad()
+    def predict(
+        self, probes: ProbeBatch, record_from: int | None = None, replay: SuffixCache | None = None
+    ) -> Predictions:
+        """Argmax predictions; ``record_from`` keeps a suffix cache, ``replay`` reuses one."""
+        adapter = self.lm.adapter
+        batch = probes.batch
+        if replay is not None:
+            hidden, cache = forward_suffix(adapter, replay), replay
+        else:
+            hidden, cache = forward_hidden(adapter, batch.input_ids, batch.attention_mask, record_from)
+        mask = batch.label_mask
+        argmax = adapter.logits(batch.gather(hidden)[mask]).argmax(dim=-1)
+        counts = mask.sum(dim=-1).tolist()
+        return Predictions(tokens=list(argmax.split(counts)), cache=cache)
+
+    def score(self, probes: ProbeBatch, predicted: Predictions, reference: Predictions | None) -> CaseScores:
+        """Metrics of ``predicted``; Loc. compares with ``reference`` (the unedited model's predictions)."""
+        labels = probes.batch.labels
+        per_kind: dict[str, dict[str, list[float]]] = {m: {} for m in METRICS}
+        for i, (metric, kind) in enumerate(probes.groups):
+            tokens = predicted.tokens[i]
+            if metric == "loc":
+                if reference is None:
+                    continue
+                gold = reference.tokens[i]
+            else:
+                gold = labels[i, : tokens.numel()]
+            per_kind[metric].setdefault(kind, []).append(tokens.eq(gold).float().mean().item())
+        detail = {m: {k: sum(v) / len(v) for k, v in kinds.items()} for m, kinds in per_kind.items() if kinds}
+        values = {m: _mean(list(detail.get(m, {}).values())) for m in METRICS}
+        return CaseScores(**values, detail=detail)
