@@ -11,13 +11,13 @@ The Python API in five lines::
 
 __version__ = "0.1.0"
 
-from overtone.benchmarks import EditCase, Probe, load_benchmark  # noqa: E402
-from overtone.editors import EDITORS, EditError, EditHandle, Editor, make_editor  # noqa: E402
-from overtone.evaluation import Evaluator  # noqa: E402
-from overtone.generation import greedy_complete  # noqa: E402
-from overtone.models import LoadedModel, load_model  # noqa: E402
-from overtone.objectives import CrossEntropy, Objective, OverTone, OverToneConfig, make_objective  # noqa: E402
-from overtone.runner import ResultStore, edit_and_score, run_single_editing  # noqa: E402
+from overtone.benchmarks import EditCase, Probe, load_benchmark
+from overtone.editors import EDITORS, EditError, EditHandle, Editor, make_editor
+from overtone.evaluation import Evaluator
+from overtone.generation import greedy_complete
+from overtone.models import LoadedModel, load_model
+from overtone.objectives import CrossEntropy, Objective, OverTone, OverToneConfig, make_objective
+from overtone.runner import ResultStore, edit_and_score, run_single_editing
 
 __all__ = [
     "EDITORS",

@@ -53,6 +53,9 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging
 
 def _setup(threads: int, seed: int, verbose: bool) -> None:
     import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -76,10 +79,13 @@ def _overtone_config(lam: float | None, n_sigma: float | None, epsilon: float | 
     from overtone.objectives import OverToneConfig
 
     given = {"lam": lam, "n_sigma": n_sigma, "epsilon": epsilon}
-    return OverToneConfig(
-        **{k: v for k, v in given.items() if v is not None},
-        clip=not no_clip, dynamic=not static_target, mode_check=not no_mode_check, filter=not no_filter,
-    )
+    try:
+        return OverToneConfig(
+            **{k: v for k, v in given.items() if v is not None},
+            clip=not no_clip, dynamic=not static_target, mode_check=not no_mode_check, filter=not no_filter,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 def _build(model: str, device: str, dtype: str, editor: str, objective: str, overtone_cfg: Any,
@@ -207,9 +213,9 @@ def demo(
         lm, ed = _build(model, device, dtype, editor, objective, cfg, {}, lm)
         summary = _run_bench(lm, ed, dataset, 0, limit, out / f"{editor}-{objective}", seed, threads,
                              f"{editor}/{objective}")
-        label = editor + (" CE" if objective == "ce" else f" OverTone (λ={cfg.lam}, n={cfg.n_sigma}, ε={cfg.epsilon})")
-        rows.append((label, summary))
-    console.print(summary_table(rows, title=f"{dataset} first {limit} cases, {model}, single editing (x100)"))
+        rows.append((f"{editor} + {'CE' if objective == 'ce' else 'OverTone'}", summary))
+    console.print(summary_table(rows, title=f"{dataset}, first {limit} cases, {model}, single editing (x100); "
+                                            f"OverTone λ={cfg.lam} n={cfg.n_sigma} ε={cfg.epsilon}"))
     (out / "table.md").write_text(markdown_table(rows) + "\n")
     console.print(f"runs in {out}/, Markdown table in {out / 'table.md'}")
 
@@ -283,6 +289,24 @@ def edit(
     for (kind, text), b, a in zip(prompts, before, after, strict=True):
         out.add_row(kind, text, repr(b), repr(a))
     console.print(out)
+
+
+@app.command()
+def prepare(
+    model: ModelOpt = "smollm2-135m",
+    verbose: VerboseOpt = False,
+) -> None:
+    """Build the embedded model's safetensors cache now (otherwise the first load does it)."""
+    from overtone.models import embedded
+
+    _setup(1, 0, verbose)
+    if model not in embedded.EMBEDDED:
+        _fail(f"{model!r} is not an embedded model; embedded: {', '.join(embedded.EMBEDDED)}")
+    try:
+        folder, sha = embedded.checkpoint_dir(model)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    console.print(f"{model}: {embedded.EMBEDDED[model].description}\n  cache {folder}\n  gguf sha256 {sha}")
 
 
 @app.callback()

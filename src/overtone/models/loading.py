@@ -75,18 +75,28 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "fp
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=local)
     except (OSError, ValueError) as exc:
+        if local:
+            raise ModelLoadError(f"could not load model {name!r} from {source}: {exc}") from exc
         raise ModelLoadError(
             f"could not load model {name!r}: it is not an embedded model ({', '.join(embedded.EMBEDDED)}), "
             f"not a local checkpoint folder, and loading it as a hub id failed: {exc}"
         ) from exc
+    lm = prepare_model(model, tokenizer, name, identity)
+    lm.model.to(torch_device)
+    log.info("loaded %s (%s, %d layers) on %s in %s", name, lm.adapter.model_type, lm.adapter.num_layers,
+             torch_device, dtype)
+    return lm
+
+
+def prepare_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, identity: dict[str, Any] | None = None
+) -> LoadedModel:
+    """Wrap an already built model for editing: eval mode, every parameter frozen, a pad token set."""
     if not tokenizer.is_fast:
         raise ModelLoadError(f"model {name!r} has no fast tokenizer; overtone needs character offsets")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(torch_device)
     model.eval()
     model.requires_grad_(False)
-    adapter = ModelAdapter(model)
-    log.info("loaded %s (%s, %d layers) on %s in %s", name, adapter.model_type, adapter.num_layers,
-             torch_device, dtype)
-    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name, identity=identity)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=ModelAdapter(model), name=name,
+                       identity=identity or {"name": name})

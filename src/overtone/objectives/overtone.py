@@ -17,6 +17,7 @@ readings chosen where the paper's text is silent.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -61,8 +62,10 @@ def top_n_sigma_mask(logits: torch.Tensor, n_sigma: float) -> torch.Tensor:
 
     ``>=`` keeps the argmax whatever n is, so the filtered distribution is never empty.
     """
-    top = logits.max(dim=-1, keepdim=True).values
-    sigma = logits.std(dim=-1, keepdim=True, correction=0)
+    top = logits.amax(dim=-1, keepdim=True)
+    # population std as a norm: an order of magnitude faster than Tensor.std on CPU at |V| = 50k
+    centred = logits - logits.mean(dim=-1, keepdim=True)
+    sigma = torch.linalg.vector_norm(centred, dim=-1, keepdim=True) / math.sqrt(logits.size(-1))
     return logits >= top - n_sigma * sigma
 
 
@@ -89,24 +92,28 @@ class OverTone(Objective):
         z = prior_logits.float()
         if cfg.filter:
             keep = top_n_sigma_mask(z, cfg.n_sigma)
-            prior = torch.softmax(z.masked_fill(~keep, float("-inf")), dim=-1)
+            prior = torch.softmax(torch.where(keep, z, float("-inf")), dim=-1)
             kept = keep.sum(dim=-1)
         else:
             prior = torch.softmax(z, dim=-1)
             kept = torch.full_like(labels, z.size(-1))
-        onehot = torch.zeros_like(z).scatter_(-1, labels[:, None], 1.0)
-        candidate = cfg.lam * onehot + (1.0 - cfg.lam) * prior
-        if cfg.mode_check:
+        # candidate = lam * onehot(y) + (1 - lam) * prior, built in place: this runs at every step.
+        index = labels[:, None]
+        candidate = prior.mul_(1.0 - cfg.lam)
+        candidate.scatter_add_(-1, index, torch.full_like(index, cfg.lam, dtype=candidate.dtype))
+        if cfg.lam == 1.0:
+            mixed = torch.zeros_like(labels, dtype=torch.bool)  # the mixture is the one-hot itself
+        elif cfg.mode_check:
             # The label must be the strict mode of the mixture; a tie counts as a failure.
-            label_mass = candidate.gather(-1, labels[:, None]).squeeze(-1)
-            rival_mass = candidate.scatter(-1, labels[:, None], float("-inf")).max(dim=-1).values
-            mixed = label_mass > rival_mass
+            label_mass = candidate.gather(-1, index)
+            rival_mass = candidate.scatter(-1, index, -1.0).amax(dim=-1, keepdim=True)
+            mixed = (label_mass > rival_mass).squeeze(-1)
         else:
             mixed = torch.ones_like(labels, dtype=torch.bool)
-        if cfg.lam == 1.0:
-            mixed = torch.zeros_like(mixed)  # the mixture is the one-hot itself
-        target = torch.where(mixed[:, None], candidate, onehot)
-        return target, mixed, kept
+        # Rows that fail the check fall back to the one-hot label.
+        candidate.mul_(mixed[:, None])
+        candidate.scatter_add_(-1, index, (~mixed)[:, None].to(candidate.dtype))
+        return candidate, mixed, kept
 
     def token_losses(
         self, logits: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None
@@ -115,8 +122,10 @@ class OverTone(Objective):
         assert prior_logits is not None  # guaranteed by Objective.__call__ when needs_reference
         target, mixed, kept = self.target(prior_logits, labels)
         log_probs = torch.log_softmax(logits, dim=-1)
-        # KL(target || p) = sum_v t_v (log t_v - log p_v), with 0 log 0 = 0.
-        kl = (torch.xlogy(target, target) - target * log_probs).sum(dim=-1)
+        # KL(target || p) = sum_v t_v log t_v - sum_v t_v log p_v, with 0 log 0 = 0; the first sum is constant.
+        with torch.no_grad():
+            neg_entropy = torch.xlogy(target, target).sum(dim=-1)
+        kl = neg_entropy - (target * log_probs).sum(dim=-1)
         if self.cfg.clip:
             clipped = kl.detach() < self.cfg.epsilon
             loss = torch.clamp(kl, min=self.cfg.epsilon)

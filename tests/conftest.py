@@ -1,0 +1,59 @@
+"""Fixtures: tiny random models of every supported architecture, with a tokenizer trained in code.
+
+Nothing here downloads anything. The real embedded model is only used by tests marked ``slow``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import ARCHS, tiny_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from overtone.benchmarks import load_benchmark
+from overtone.models.loading import LoadedModel
+
+
+@pytest.fixture(scope="session")
+def zsre_cases():
+    return load_benchmark("zsre", limit=40)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(zsre_cases) -> PreTrainedTokenizerFast:
+    """A 400-token byte-level BPE trained on ZsRE text: real subword splits, tiny vocabulary."""
+    texts = []
+    for case in zsre_cases:
+        texts += [case.prompt, case.target, *case.rephrases]
+        for probes in (*case.portability.values(), *case.locality.values()):
+            texts += [f"{p.prompt} {p.answer}" for p in probes]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>")
+
+
+@pytest.fixture(params=ARCHS)
+def any_tiny(request, tokenizer) -> LoadedModel:
+    return tiny_model(request.param, tokenizer)
+
+
+@pytest.fixture
+def tiny_llama(tokenizer) -> LoadedModel:
+    return tiny_model("llama", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama saved as a local checkpoint folder, for loading and CLI tests."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_model("llama", tokenizer)
+    lm.model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
