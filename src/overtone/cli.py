@@ -23,7 +23,9 @@ from rich.table import Table
 from overtone import __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Knowledge editing with the OverTone objective.")
-console = Console(stderr=False)
+console = Console()
+if not console.is_terminal:
+    console.width = 120  # logs and pipes: wide enough that tables never truncate a number
 log = logging.getLogger("overtone")
 
 # Options shared by several commands, declared once.
@@ -214,8 +216,8 @@ def demo(
         summary = _run_bench(lm, ed, dataset, 0, limit, out / f"{editor}-{objective}", seed, threads,
                              f"{editor}/{objective}")
         rows.append((f"{editor} + {'CE' if objective == 'ce' else 'OverTone'}", summary))
-    console.print(summary_table(rows, title=f"{dataset}, first {limit} cases, {model}, single editing (x100); "
-                                            f"OverTone λ={cfg.lam} n={cfg.n_sigma} ε={cfg.epsilon}"))
+    console.print(summary_table(rows, title=f"{dataset}, first {limit} cases, {model}, single editing (x100)",
+                                caption=f"OverTone λ={cfg.lam} n={cfg.n_sigma} ε={cfg.epsilon}"))
     (out / "table.md").write_text(markdown_table(rows) + "\n")
     console.print(f"runs in {out}/, Markdown table in {out / 'table.md'}")
 

@@ -27,8 +27,10 @@ def row_cells(label: str, summary: dict[str, Any]) -> list[str]:
     ]
 
 
-def summary_table(rows: Sequence[tuple[str, dict[str, Any]]], title: str | None = None) -> Table:
-    table = Table(title=title)
+def summary_table(
+    rows: Sequence[tuple[str, dict[str, Any]]], title: str | None = None, caption: str | None = None
+) -> Table:
+    table = Table(title=title, caption=caption)
     for i, header in enumerate(HEADERS):
         table.add_column(header, justify="left" if i == 0 else "right", style="bold" if i == 0 else None,
                          no_wrap=i == 0)
