@@ -142,3 +142,12 @@ def test_make_editor_validates_settings(tiny_llama):
         make_editor("ft-m", tiny_llama, CrossEntropy(), layer=9)
     with pytest.raises(ValueError, match="needs an objective"):
         make_editor("ft-m", tiny_llama, None)
+
+
+def test_on_step_sees_every_forward_with_token_statistics(tiny_llama):
+    seen = []
+    handle = FTM(tiny_llama, FTMConfig(layer=1, lr=1e-2, steps=4), OverTone()).edit(
+        [CASE], on_step=lambda info: seen.append((info.step, info.loss, info.output.mask.sum().item())))
+    assert [s for s, _, _ in seen] == list(range(len(handle.stats.losses)))
+    assert [loss for _, loss, _ in seen] == handle.stats.losses
+    assert all(n > 0 for _, _, n in seen)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from overtone.editors.base import EditError, EditHandle, Editor, EditStats
+from overtone.editors.base import EditError, EditHandle, Editor, EditStats, StepCallback, StepInfo
 from overtone.editors.ft_m import FTM, FTMConfig
 from overtone.models.loading import LoadedModel
 from overtone.objectives import Objective
@@ -25,4 +25,15 @@ def make_editor(name: str, lm: LoadedModel, objective: Objective | None = None, 
     return cls(lm, config, objective)
 
 
-__all__ = ["EDITORS", "FTM", "EditError", "EditHandle", "EditStats", "Editor", "FTMConfig", "make_editor"]
+__all__ = [
+    "EDITORS",
+    "FTM",
+    "EditError",
+    "EditHandle",
+    "EditStats",
+    "Editor",
+    "FTMConfig",
+    "StepCallback",
+    "StepInfo",
+    "make_editor",
+]

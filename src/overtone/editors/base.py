@@ -15,11 +15,28 @@ from typing import Any, ClassVar
 
 from overtone.benchmarks.cases import EditCase
 from overtone.models.loading import LoadedModel
-from overtone.objectives import Objective
+from overtone.objectives import Objective, ObjectiveOutput
 
 
 class EditError(RuntimeError):
     """An edit could not be carried out; the model is left as it was before the edit."""
+
+
+@dataclass
+class StepInfo:
+    """What a gradient-based editor saw at one forward pass, before its update.
+
+    Passed to the ``on_step`` callback of ``edit``; the model holds the weights of this step while
+    the callback runs, so it may run extra (no-grad) forwards, e.g. to record probe losses.
+    """
+
+    step: int
+    loss: float
+    output: ObjectiveOutput  # per-token losses and clipped / mixed / kept-set statistics
+    cases: Sequence[EditCase]
+
+
+StepCallback = Callable[[StepInfo], None]
 
 
 @dataclass
@@ -69,8 +86,11 @@ class Editor(ABC):
         """Lowest decoder block whose output an edit by this editor can change."""
 
     @abstractmethod
-    def edit(self, cases: Sequence[EditCase]) -> EditHandle:
-        """Apply the edits of ``cases`` (jointly) to the model in place."""
+    def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None) -> EditHandle:
+        """Apply the edits of ``cases`` (jointly) to the model in place.
+
+        Gradient-based editors call ``on_step`` after every forward pass of their optimisation.
+        """
 
     def describe(self) -> dict[str, Any]:
         """Resolved settings, as written into a run's configuration."""

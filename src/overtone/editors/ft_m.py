@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditError, EditHandle, Editor, EditStats
+from overtone.editors.base import EditError, EditHandle, Editor, EditStats, StepCallback, StepInfo
 from overtone.models.loading import LoadedModel
 from overtone.models.replay import forward_hidden, forward_suffix
 from overtone.objectives import Objective
@@ -75,7 +75,7 @@ class FTM(Editor):
     def first_layer(self) -> int:
         return self.config.layer
 
-    def edit(self, cases: Sequence[EditCase]) -> EditHandle:
+    def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None) -> EditHandle:
         cfg: FTMConfig = self.config
         objective = self.objective
         assert objective is not None
@@ -113,6 +113,8 @@ class FTM(Editor):
                         f"at step {stats.steps}; the weights were restored"
                     )
                 stats.losses.append(loss)
+                if on_step is not None:
+                    on_step(StepInfo(step=stats.steps, loss=loss, output=out, cases=cases))
                 if loss < cfg.stop_loss or out.active_tokens == 0:
                     stats.stopped_early = True
                     break

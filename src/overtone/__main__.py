@@ -1,0 +1,5 @@
+"""``python -m overtone`` runs the command line."""
+
+from overtone.cli import app
+
+app()
