@@ -26,6 +26,7 @@ from overtone.cli.common import (
     ObjectiveOpt,
     OffsetOpt,
     SeedOpt,
+    SetOpt,
     StaticOpt,
     StepsOpt,
     StopLossOpt,
@@ -63,6 +64,7 @@ def bench(
     lr: LrOpt = None,
     steps: StepsOpt = None,
     stop_loss: StopLossOpt = None,
+    set_: SetOpt = None,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -72,7 +74,7 @@ def bench(
     setup(threads, seed, verbose)
     cfg = overtone_config(lam, n_sigma, epsilon, no_clip, static_target, no_mode_check, no_filter)
     settings = {"layer": layer, "lr": lr, "steps": steps, "stop_loss": stop_loss}
-    lm, ed = build(model, device, dtype, editor, objective, cfg, settings)
+    lm, ed = build(model, device, dtype, editor, objective, cfg, settings, assignments=set_)
     summary = run_bench(lm, ed, dataset, offset, limit, out, seed, threads, f"{editor}/{objective}")
     console.print(summary_table([(f"{editor} {objective}", summary)], title=f"{dataset}, {model}"))
     console.print(f"results in {out}")
@@ -91,6 +93,7 @@ def demo(
     lam: LambdaOpt = None,
     n_sigma: NSigmaOpt = None,
     epsilon: EpsilonOpt = None,
+    set_: SetOpt = None,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -102,7 +105,7 @@ def demo(
     rows = []
     lm = None
     for objective in ("ce", "overtone"):
-        lm, ed = build(model, device, dtype, editor, objective, cfg, {}, lm)
+        lm, ed = build(model, device, dtype, editor, objective, cfg, {}, lm, assignments=set_)
         summary = run_bench(lm, ed, dataset, 0, limit, out / f"{editor}-{objective}", seed, threads,
                              f"{editor}/{objective}")
         rows.append((f"{editor} + {'CE' if objective == 'ce' else 'OverTone'}", summary))

@@ -24,7 +24,9 @@ ModelOpt = Annotated[str, typer.Option("--model", help="embedded name (smollm2-1
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda, cuda:N")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32 or bf16")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="torch CPU threads (1 is fastest on busy cores)")]
-EditorOpt = Annotated[str, typer.Option("--editor", help="editor name (ft-m)")]
+EditorOpt = Annotated[str, typer.Option("--editor", help="editor name (ft-m, wise, melo)")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="editor setting KEY=VALUE, repeatable (e.g. --set threshold_scale=0.6 --set layers=[22,23])")]
 ObjectiveOpt = Annotated[str, typer.Option("--objective", help="ce or overtone")]
 LambdaOpt = Annotated[float | None, typer.Option("--lambda", help="OverTone: weight of the one-hot label")]
 NSigmaOpt = Annotated[float | None, typer.Option("--n-sigma", help="OverTone: top-n-sigma filter width")]
@@ -82,15 +84,19 @@ def overtone_config(lam: float | None, n_sigma: float | None, epsilon: float | N
 
 
 def build(model: str, device: str, dtype: str, editor: str, objective: str, overtone_cfg: Any,
-           editor_settings: dict[str, Any], lm: Any = None) -> tuple[Any, Any]:
-    """Load the model (unless given) and build the editor; user errors become clean exits."""
-    from overtone.editors import make_editor
+           editor_settings: dict[str, Any], lm: Any = None, assignments: list[str] | None = None) -> tuple[Any, Any]:
+    """Load the model (unless given) and build the editor; ``assignments`` are ``--set KEY=VALUE`` strings.
+
+    User errors become clean exits.
+    """
+    from overtone.editors import make_editor, parse_settings
     from overtone.models import ArchitectureError, ModelLoadError, load_model
     from overtone.objectives import make_objective
 
     try:
+        settings = {**editor_settings, **parse_settings(editor, assignments or [])}
         lm = lm or load_model(model, device=device, dtype=dtype)
-        return lm, make_editor(editor, lm, make_objective(objective, overtone_cfg), **editor_settings)
+        return lm, make_editor(editor, lm, make_objective(objective, overtone_cfg), **settings)
     except (ModelLoadError, ArchitectureError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
 

@@ -20,6 +20,7 @@ from overtone.cli.common import (
     NSigmaOpt,
     ObjectiveOpt,
     SeedOpt,
+    SetOpt,
     StepsOpt,
     ThreadsOpt,
     VerboseOpt,
@@ -50,6 +51,7 @@ def edit(
     lr: LrOpt = None,
     steps: StepsOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="greedy tokens to show")] = 12,
+    set_: SetOpt = None,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -59,7 +61,8 @@ def edit(
 
     setup(threads, seed, verbose)
     cfg = overtone_config(lam, n_sigma, epsilon, False, False, False, False)
-    lm, ed = build(model, device, dtype, editor, objective, cfg, {"layer": layer, "lr": lr, "steps": steps})
+    lm, ed = build(model, device, dtype, editor, objective, cfg, {"layer": layer, "lr": lr, "steps": steps},
+                   assignments=set_)
     try:
         case = EditCase(case_id="cli", prompt=prompt, target=target)
     except ValueError as exc:

@@ -1,0 +1,395 @@
+"""WISE: edits written into a side copy of one FFN output matrix, routed per sequence.
+
+After Wang et al. 2024, *WISE: Rethinking the Knowledge Memory for Lifelong Model Editing*, as the
+OverTone paper ran it (docs/protocol.md (e), paper Appendix B):
+
+* **Side memory.** A copy W' of the ``mlp_out`` matrix W of one late layer; the model's own weights
+  never change. An edit trains W' with SGD on the objective (CE or OverTone: OverTone replaces only
+  this term) plus the activation-margin loss below, with the gradient masked by a random
+  Bernoulli(``mask_ratio``) mask drawn once per shard, and W' clamped element-wise to
+  W ± ``norm_constraint`` after every step. No data augmentation (the paper removed WISE's
+  context-template copies to measure heterogeneous token overfitting).
+* **Activation distance.** ``d(x) = mean_t ‖act(W'a_t) − act(W a_t)‖₂`` over the real tokens of a
+  sequence, where a_t is the FFN's inner activation and act the model's activation function (the
+  reference toolkit's form; the paper writes it without act).
+* **Margin loss.** With d_in the distance on the edit and d_out on an irrelevant sentence (ZsRE train
+  ``loc + " " + loc_ans``): ``[d_out − d_in + γ]₊ + [d_out − α]₊ + [β − d_in]₊``.
+* **Routing.** A shard's threshold is ``min over its edits of d_in`` (measured after each edit) ×
+  ``act_ratio`` × ``threshold_scale``. At inference every sequence of a batch computes d for every
+  shard; it takes the shard with the largest d among those above their thresholds, or the original
+  output if none is. Padding is ignored (``models.routing``), so a row routes the same alone or in a batch.
+* **Shards.** Every ``save_freq`` edits the current shard is closed and a new one (with a new mask) is
+  opened; every ``merge_freq`` edits the shards closed since the last merge are merged with TIES
+  (trim to ``density``, elect signs, disjoint mean) into one memory whose threshold is the smallest of
+  theirs. Routing retrieves across all memories (WISE-Retrieve, the toolkit's default).
+
+Differences from the reference toolkit, all deliberate: distances ignore padding; a shard's threshold
+uses each edit's distance after its last update (the toolkit records it one step earlier); with
+several cases in one call each case is an edit with its own irrelevant sentence.
+
+Speed: the FFN input at the side-memory layer cannot change, so training replays only the layers from
+it up (``models.replay``), and the irrelevant sentence's distance is a product with its recorded FFN
+input, with no forward pass at all after the first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from overtone.benchmarks.cases import EditCase
+from overtone.benchmarks.irrelevant import ZSRE_TRAIN, load_irrelevant
+from overtone.editors.base import EditError, EditHandle, Editor, EditStats, StepCallback, StepInfo
+from overtone.editors.memory import Journal, resolve_preset
+from overtone.models.adapters import ArchitectureError
+from overtone.models.loading import LoadedModel
+from overtone.models.replay import forward_hidden, forward_suffix
+from overtone.models.routing import real_tokens
+from overtone.objectives import Objective
+from overtone.tokens import encode_pairs
+
+log = logging.getLogger(__name__)
+
+# The reference toolkit's WISE configurations, and ours for the embedded model (docs/wise-melo.md).
+# Llama-2-7B edits layer 27 of 32 (relative depth 0.84); a model without a preset gets that depth.
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama-2-7b": dict(layer=27, lr=1.0, steps=70, alpha=5.0, beta=20.0, gamma=10.0, act_ratio=0.88),
+    "llama-3-8b": dict(layer=29, lr=0.9, steps=30, alpha=2.0, beta=20.0, gamma=10.0, act_ratio=0.5),
+    "smollm2-135m": dict(layer=25, lr=1.0, steps=70, alpha=5.0, beta=20.0, gamma=10.0, act_ratio=0.88),
+}
+FALLBACK = "llama-2-7b"
+DEFAULT_RELATIVE_DEPTH = 27 / 32
+
+
+@dataclass(frozen=True)
+class WISEConfig:
+    """WISE hyper-parameters; unset (None) fields come from the model's preset."""
+
+    preset: str | None = field(default=None, metadata={"help": "llama-2-7b, llama-3-8b or smollm2-135m"})
+    layer: int | None = field(default=None, metadata={"help": "layer whose mlp_out matrix gets the side memory"})
+    lr: float | None = field(default=None, metadata={"help": "SGD learning rate"})
+    steps: int | None = field(default=None, metadata={"help": "maximum optimisation steps per edit"})
+    alpha: float | None = field(default=None, metadata={"help": "margin: irrelevant distance should stay below"})
+    beta: float | None = field(default=None, metadata={"help": "margin: edit distance should exceed"})
+    gamma: float | None = field(default=None, metadata={"help": "margin: edit minus irrelevant distance"})
+    act_ratio: float | None = field(default=None, metadata={"help": "threshold = min edit distance x this"})
+    threshold_scale: float = field(
+        default=1.0, metadata={"help": "extra factor on every threshold (the paper used 0.6 with OverTone)"})
+    mask_ratio: float = field(default=0.2, metadata={"help": "fraction of W' each shard may change"})
+    norm_constraint: float = field(default=1.0, metadata={"help": "element-wise clamp of W' around W"})
+    weight_decay: float = field(default=1e-5, metadata={"help": "SGD weight decay"})
+    stop_loss: float = field(
+        default=0.02, metadata={"help": "stop once the total loss is below this and changed by <= 1e-4"})
+    save_freq: int = field(default=500, metadata={"help": "edits per shard"})
+    merge_freq: int = field(default=1000, metadata={"help": "edits between TIES merges (a multiple of save_freq)"})
+    density: float = field(default=0.53, metadata={"help": "TIES: fraction of each shard's delta kept"})
+    irrelevant_file: str | None = field(
+        default=None, metadata={"help": "MEND-format JSON with loc/loc_ans (default: shipped ZsRE train)"})
+    seed: int = field(default=0, metadata={"help": "seed of the gradient masks"})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.steps is not None and self.steps < 1:
+            problems.append(f"steps must be >= 1, got {self.steps}")
+        if self.lr is not None and self.lr <= 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.mask_ratio <= 1:
+            problems.append(f"mask_ratio must be in (0, 1], got {self.mask_ratio}")
+        if not 0 < self.density <= 1:
+            problems.append(f"density must be in (0, 1], got {self.density}")
+        if self.save_freq < 1 or self.merge_freq < 1 or self.merge_freq % self.save_freq:
+            problems.append(f"merge_freq ({self.merge_freq}) must be a positive multiple of save_freq "
+                            f"({self.save_freq})")
+        if self.norm_constraint <= 0 or self.threshold_scale <= 0:
+            problems.append("norm_constraint and threshold_scale must be > 0")
+        if problems:
+            raise ValueError("WISE: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One side memory. Immutable: an edit replaces the open shard by a new one, so snapshots stay valid."""
+
+    weight: torch.Tensor  # fp32, the layout of the module's own weight
+    min_act: float = math.inf  # smallest edit distance seen; the routing threshold before scaling
+    edits: int = 0
+    closed: bool = False
+    mask: torch.Tensor | None = None  # gradient mask while the shard is open
+
+
+@dataclass(frozen=True)
+class _State:
+    shards: tuple[Shard, ...] = ()
+    opened: int = 0  # shards opened so far: indexes the mask's seed
+    unmerged: int = 0  # shards closed since the last merge
+
+
+def ties_merge(base: torch.Tensor, weights: Sequence[torch.Tensor], density: float) -> torch.Tensor:
+    """TIES merging (Yadav et al. 2023) of ``weights`` around ``base``: trim, elect sign, disjoint mean."""
+    deltas = torch.stack([w - base for w in weights])
+    keep = max(1, int(density * base.numel()))
+    flat = deltas.flatten(1)
+    cutoff = flat.abs().topk(keep, dim=1).values[:, -1:]
+    trimmed = torch.where(flat.abs() >= cutoff, flat, torch.zeros_like(flat)).view_as(deltas)
+    sign = torch.where(trimmed.sum(dim=0) >= 0, 1.0, -1.0)
+    agree = trimmed.sign() == sign
+    count = agree.sum(dim=0).clamp_min(1)
+    return base + (trimmed * agree).sum(dim=0) / count
+
+
+def _activation(config: Any) -> nn.Module:
+    for name in ("hidden_act", "hidden_activation", "activation_function"):
+        value = getattr(config, name, None)
+        if isinstance(value, str) and value in ACT2FN:
+            return ACT2FN[value]
+    raise ArchitectureError(f"WISE: cannot find the activation function in the {config.model_type} config")
+
+
+class WISE(Editor):
+    name = "wise"
+    config_class = WISEConfig
+
+    def __init__(self, lm: LoadedModel, config: WISEConfig | None = None, objective: Objective | None = None):
+        config = resolve_preset(config or WISEConfig(), PRESETS, lm, "WISE")
+        if config.preset is None:
+            layer = config.layer if config.layer is not None else min(
+                lm.adapter.num_layers - 1, round(DEFAULT_RELATIVE_DEPTH * lm.adapter.num_layers))
+            log.warning("WISE has no preset for %s: using the %s values at layer %d; they assume that "
+                        "model's activation scale", lm.name, FALLBACK, layer)
+            config = resolve_preset(replace(config, preset=FALLBACK, layer=layer), PRESETS, lm, "WISE")
+        assert config.layer is not None
+        lm.adapter.check_layer(config.layer)
+        if objective is None:
+            raise ValueError("WISE needs an objective (e.g. overtone.objectives.CrossEntropy())")
+        super().__init__(lm, config, objective)
+        self.module = lm.adapter.module("mlp_out", config.layer)
+        self.block = lm.adapter.layers[config.layer]
+        self.conv1d = lm.adapter.arch.conv1d
+        self.act = _activation(lm.model.config)
+        self.irrelevant = load_irrelevant(config.irrelevant_file or ZSRE_TRAIN)
+        self.state = _State()
+        self.journal: Journal[_State] = Journal()
+        self.last_routes: torch.Tensor | None = None  # shard index per row of the last routed batch, -1 = none
+        self._hooks: list[Any] = []
+        self._real: torch.Tensor | None = None  # real tokens of the batch now inside the block
+        self._mode = "route"
+        self._trained: torch.Tensor | None = None  # the weight being trained, in "train" mode
+        self._seen: list[torch.Tensor] = []  # FFN inputs met in "train"/"record" mode
+
+    @property
+    def first_layer(self) -> int:
+        return self.config.layer
+
+    # --- the side-memory forward -------------------------------------------------------------------
+
+    def _project(self, inner: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The module's output with ``weight`` in place of its own, computed in the weight's precision."""
+        inner = inner.to(weight.dtype)
+        bias = self.module.bias
+        bias = None if bias is None else bias.to(weight.dtype)
+        if self.conv1d:
+            out = inner @ weight
+            return out if bias is None else out + bias
+        return F.linear(inner, weight, bias)
+
+    def _distance(self, side: torch.Tensor, original: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        """Per-row activation distance [B], averaged over the real tokens."""
+        token = (self.act(side.float()) - self.act(original.float())).norm(dim=-1)
+        if real is None:
+            return token.mean(dim=-1)
+        real = real.to(token.dtype)
+        return (token * real).sum(dim=-1) / real.sum(dim=-1).clamp_min(1)
+
+    def _threshold(self, shard: Shard) -> float:
+        return shard.min_act * self.config.act_ratio * self.config.threshold_scale
+
+    def _block_hook(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._real = real_tokens(self.block, args, kwargs)
+
+    def _module_hook(self, _module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        inner = inputs[0]
+        if self._mode != "route":
+            self._seen.append(inner.detach())
+            if self._mode == "record":
+                return output
+            assert self._trained is not None
+            return self._project(inner, self._trained).to(output.dtype)
+        real = self._real
+        if real is not None and real.shape != inner.shape[:2]:
+            real = None  # the FFN was called outside its block: score every token
+        best = torch.full((inner.shape[0],), -1, dtype=torch.long, device=inner.device)
+        best_distance = torch.full((inner.shape[0],), -math.inf, device=inner.device)
+        sides: dict[int, torch.Tensor] = {}
+        for index, shard in enumerate(self.state.shards):
+            if shard.edits == 0:
+                continue
+            side = self._project(inner, shard.weight)
+            distance = self._distance(side, output, real)
+            wins = (distance > self._threshold(shard)) & (distance > best_distance)
+            if bool(wins.any()):
+                sides[index] = side
+                best = torch.where(wins, index, best)
+                best_distance = torch.where(wins, distance, best_distance)
+        self.last_routes = best
+        if not sides:
+            return output
+        routed = output.clone()
+        for index, side in sides.items():
+            rows = best == index
+            routed[rows] = side[rows].to(output.dtype)
+        return routed
+
+    def _install(self) -> None:
+        if not self._hooks:
+            self._hooks = [
+                self.block.register_forward_pre_hook(self._block_hook, with_kwargs=True),
+                self.module.register_forward_hook(self._module_hook),
+            ]
+
+    def _restore(self, state: _State) -> None:
+        self.state = state
+        if not state.shards:
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = []
+
+    # --- editing -----------------------------------------------------------------------------------
+
+    def _open_shard(self) -> Shard:
+        """The shard this edit writes to: the last one if still open, else a new copy of W with a new mask."""
+        shards = self.state.shards
+        if shards and not shards[-1].closed:
+            return shards[-1]
+        original = self.module.weight.detach().float()
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.state.opened)
+        mask = (torch.rand(original.shape, generator=generator) < self.config.mask_ratio).to(original.device)
+        shard = Shard(weight=original.clone(), mask=mask)
+        self.state = _State(shards + (shard,), self.state.opened + 1, self.state.unmerged)
+        return shard
+
+    def _close_and_merge(self) -> None:
+        """Close the open shard every ``save_freq`` edits; merge the closed ones every ``merge_freq``."""
+        cfg: WISEConfig = self.config
+        state = self.state
+        shard = state.shards[-1]
+        if shard.edits < cfg.save_freq:
+            return
+        shards = state.shards[:-1] + (replace(shard, closed=True, mask=None),)
+        unmerged = state.unmerged + 1
+        group = cfg.merge_freq // cfg.save_freq
+        if unmerged >= group:
+            parts = shards[-group:]
+            base = self.module.weight.detach().float()
+            merged = Shard(weight=ties_merge(base, [p.weight for p in parts], cfg.density),
+                           min_act=min(p.min_act for p in parts), edits=sum(p.edits for p in parts), closed=True)
+            shards = shards[:-group] + (merged,)
+            unmerged = 0
+            log.info("WISE: merged %d shards with TIES (%d memories now)", group, len(shards))
+        self.state = _State(shards, state.opened, unmerged)
+
+    def _irrelevant_for(self, cases: Sequence[EditCase]) -> list[str]:
+        """One irrelevant sentence per case, chosen by the case id so that it never depends on run order."""
+        return [self.irrelevant[zlib.crc32(c.case_id.encode()) % len(self.irrelevant)] for c in cases]
+
+    def _inner_inputs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The FFN inputs [n, T, I] at the side-memory layer and the attention mask [n, T] of ``texts``."""
+        enc = self.lm.tokenizer(texts, return_tensors="pt", padding=True, padding_side="right").to(self.lm.device)
+        self._mode, self._seen = "record", []
+        try:
+            with torch.no_grad():
+                forward_hidden(self.lm.adapter, enc["input_ids"], enc["attention_mask"])
+            return self._seen[0], enc["attention_mask"].bool()
+        finally:
+            self._mode, self._seen = "route", []
+
+    def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None) -> EditHandle:
+        cfg: WISEConfig = self.config
+        objective = self.objective
+        assert objective is not None
+        adapter = self.lm.adapter
+        start = time.perf_counter()
+        ids = ", ".join(c.case_id for c in cases)
+        batch = encode_pairs(self.lm.tokenizer, [c.prompt for c in cases], [c.target for c in cases],
+                             self.lm.device)
+        before = self.state
+        self._install()
+        stats = EditStats()
+        try:
+            shard = self._open_shard()
+            loc_inner, loc_real = self._inner_inputs(self._irrelevant_for(cases))
+            original = self.module.weight.detach().float()
+            loc_original = self._project(loc_inner, original)
+            edit_real = batch.attention_mask.bool()
+            assert shard.mask is not None
+            mask = shard.mask.to(original.dtype)
+            weight = shard.weight.clone().requires_grad_(True)
+            optimiser = torch.optim.SGD([weight], lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self._mode, self._trained = "train", weight
+            cache = reference = None
+            previous = math.inf
+            for _ in range(cfg.steps):
+                self._seen = []
+                if cache is None:
+                    hidden, cache = forward_hidden(adapter, batch.input_ids, batch.attention_mask, cfg.layer)
+                else:
+                    hidden = forward_suffix(adapter, cache)
+                logits = adapter.logits(batch.gather(hidden))
+                if objective.needs_reference and reference is None:
+                    reference = logits.detach()
+                out = objective(logits, batch.labels, reference)
+                edit_inner = self._seen[0]
+                d_in = self._distance(self._project(edit_inner, weight), self._project(edit_inner, original),
+                                      edit_real)
+                d_out = self._distance(self._project(loc_inner, weight), loc_original, loc_real)
+                margin = (F.relu(d_out - d_in + cfg.gamma) + F.relu(d_out - cfg.alpha)
+                          + F.relu(cfg.beta - d_in)).mean()
+                total = out.loss + margin
+                loss = total.item()
+                if not math.isfinite(loss):
+                    raise EditError(f"case {ids}: the WISE loss ({objective.name} + margin) is {loss} at step "
+                                    f"{stats.steps}; the side memory was restored")
+                stats.losses.append(loss)
+                if on_step is not None:
+                    on_step(StepInfo(step=stats.steps, loss=loss, output=out, cases=cases))
+                no_gradient = out.active_tokens == 0 and margin.item() == 0
+                if no_gradient or (loss <= cfg.stop_loss and abs(previous - loss) <= 1e-4):
+                    stats.stopped_early = True
+                    break
+                previous = loss
+                optimiser.zero_grad(set_to_none=True)
+                total.backward()
+                assert weight.grad is not None
+                weight.grad.mul_(mask)
+                optimiser.step()
+                with torch.no_grad():
+                    weight.copy_(torch.clamp(weight, original - cfg.norm_constraint, original + cfg.norm_constraint))
+                stats.steps += 1
+            weight = weight.detach()
+            with torch.no_grad():
+                edit_inner = self._seen[0]
+                d_in = self._distance(self._project(edit_inner, weight), self._project(edit_inner, original),
+                                      edit_real)
+            trained = replace(shard, weight=weight, min_act=min(shard.min_act, d_in.min().item()),
+                              edits=shard.edits + len(cases))
+            self.state = replace(self.state, shards=self.state.shards[:-1] + (trained,))
+            log.debug("WISE %s: d_in %s, threshold %.3f", ids, [round(x, 3) for x in d_in.tolist()],
+                      self._threshold(trained))
+            self._close_and_merge()
+        except BaseException:
+            self._restore(before)
+            raise
+        finally:
+            self._mode, self._trained, self._seen = "route", None, []
+        serial = self.journal.push(before)
+        stats.time_s = time.perf_counter() - start
+        return EditHandle(lambda: self.journal.revert(serial, self._restore), first_layer=cfg.layer, stats=stats)
