@@ -58,9 +58,9 @@ BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 # does not name). The embedded model's radius is measured (docs/wise-melo.md).
 _REFERENCE = dict(rank=2, alpha=700.0, lr=1e-3, steps=50)
 PRESETS: dict[str, dict[str, Any]] = {
-    "llama-2-7b": dict(_REFERENCE, layers=(24, 25), key_layer=24, init_radius=60.0),
-    "llama-3-8b": dict(_REFERENCE, layers=(24, 25), key_layer=24, init_radius=30.0),
-    "smollm2-135m": dict(_REFERENCE, layers=(22, 23), key_layer=22, init_radius=90.0),
+    "llama-2-7b": dict(_REFERENCE, layers=(24, 25), init_radius=60.0),
+    "llama-3-8b": dict(_REFERENCE, layers=(24, 25), init_radius=30.0),
+    "smollm2-135m": dict(_REFERENCE, layers=(22, 23), init_radius=90.0),
 }
 DEFAULT_RELATIVE_DEPTH = 36 / 48
 

@@ -147,6 +147,10 @@ def ties_merge(base: torch.Tensor, weights: Sequence[torch.Tensor], density: flo
     return base + (trimmed * agree).sum(dim=0) / count
 
 
+def _round(values: list[float]) -> list[float]:
+    return [round(v, 3) for v in values]
+
+
 def _activation(config: Any) -> nn.Module:
     for name in ("hidden_act", "hidden_activation", "activation_function"):
         value = getattr(config, name, None)
@@ -161,12 +165,14 @@ class WISE(Editor):
 
     def __init__(self, lm: LoadedModel, config: WISEConfig | None = None, objective: Objective | None = None):
         config = resolve_preset(config or WISEConfig(), PRESETS, lm, "WISE")
-        if config.preset is None:
-            layer = config.layer if config.layer is not None else min(
-                lm.adapter.num_layers - 1, round(DEFAULT_RELATIVE_DEPTH * lm.adapter.num_layers))
-            log.warning("WISE has no preset for %s: using the %s values at layer %d; they assume that "
-                        "model's activation scale", lm.name, FALLBACK, layer)
-            config = resolve_preset(replace(config, preset=FALLBACK, layer=layer), PRESETS, lm, "WISE")
+        if config.layer is None:
+            n = lm.adapter.num_layers
+            config = replace(config, layer=min(n - 1, round(DEFAULT_RELATIVE_DEPTH * n)))
+        fallback = {k: v for k, v in PRESETS[FALLBACK].items() if getattr(config, k) is None}
+        if fallback:
+            log.warning("WISE has no preset for %s: %s taken from %s, whose activation scale may differ",
+                        lm.name, ", ".join(fallback), FALLBACK)
+            config = replace(config, **fallback)
         assert config.layer is not None
         lm.adapter.check_layer(config.layer)
         if objective is None:
@@ -274,7 +280,7 @@ class WISE(Editor):
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.state.opened)
         mask = (torch.rand(original.shape, generator=generator) < self.config.mask_ratio).to(original.device)
         shard = Shard(weight=original.clone(), mask=mask)
-        self.state = _State(shards + (shard,), self.state.opened + 1, self.state.unmerged)
+        self.state = _State((*shards, shard), self.state.opened + 1, self.state.unmerged)
         return shard
 
     def _close_and_merge(self) -> None:
@@ -284,7 +290,7 @@ class WISE(Editor):
         shard = state.shards[-1]
         if shard.edits < cfg.save_freq:
             return
-        shards = state.shards[:-1] + (replace(shard, closed=True, mask=None),)
+        shards = (*state.shards[:-1], replace(shard, closed=True, mask=None))
         unmerged = state.unmerged + 1
         group = cfg.merge_freq // cfg.save_freq
         if unmerged >= group:
@@ -292,7 +298,7 @@ class WISE(Editor):
             base = self.module.weight.detach().float()
             merged = Shard(weight=ties_merge(base, [p.weight for p in parts], cfg.density),
                            min_act=min(p.min_act for p in parts), edits=sum(p.edits for p in parts), closed=True)
-            shards = shards[:-group] + (merged,)
+            shards = (*shards[:-group], merged)
             unmerged = 0
             log.info("WISE: merged %d shards with TIES (%d memories now)", group, len(shards))
         self.state = _State(shards, state.opened, unmerged)
@@ -355,6 +361,7 @@ class WISE(Editor):
                           + F.relu(cfg.beta - d_in)).mean()
                 total = out.loss + margin
                 loss = total.item()
+                parts = (out.loss.item(), d_in.tolist(), d_out.tolist())
                 if not math.isfinite(loss):
                     raise EditError(f"case {ids}: the WISE loss ({objective.name} + margin) is {loss} at step "
                                     f"{stats.steps}; the side memory was restored")
@@ -381,9 +388,10 @@ class WISE(Editor):
                                       edit_real)
             trained = replace(shard, weight=weight, min_act=min(shard.min_act, d_in.min().item()),
                               edits=shard.edits + len(cases))
-            self.state = replace(self.state, shards=self.state.shards[:-1] + (trained,))
-            log.debug("WISE %s: d_in %s, threshold %.3f", ids, [round(x, 3) for x in d_in.tolist()],
-                      self._threshold(trained))
+            self.state = replace(self.state, shards=(*self.state.shards[:-1], trained))
+            log.debug("WISE %s: %d steps, last step: %s %.4f, d_in %s, d_out %s; final d_in %s, threshold %.3f",
+                      ids, stats.steps, objective.name, parts[0], _round(parts[1]), _round(parts[2]),
+                      _round(d_in.tolist()), self._threshold(trained))
             self._close_and_merge()
         except BaseException:
             self._restore(before)
