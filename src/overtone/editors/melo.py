@@ -60,7 +60,7 @@ _REFERENCE = dict(rank=2, alpha=700.0, lr=1e-3, steps=50)
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-2-7b": dict(_REFERENCE, layers=(24, 25), init_radius=60.0),
     "llama-3-8b": dict(_REFERENCE, layers=(24, 25), init_radius=30.0),
-    "smollm2-135m": dict(_REFERENCE, layers=(22, 23), init_radius=90.0),
+    "smollm2-135m": dict(_REFERENCE, layers=(22, 23), init_radius=90.0, steps=25),
 }
 DEFAULT_RELATIVE_DEPTH = 36 / 48
 
@@ -100,6 +100,28 @@ class MELOConfig:
             problems.append("roles must name at least one module role")
         if problems:
             raise ValueError("MELO: " + "; ".join(problems))
+
+
+def row_keys(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """MELO's keys [B, H] (fp32) from a block's inputs: each row's hidden state at its last real token."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    batch, length = hidden.shape[:2]
+    last = last_token_index(real_tokens(block, args, kwargs), batch, length, hidden.device)
+    return hidden[torch.arange(batch, device=hidden.device), last].detach().float()
+
+
+@torch.no_grad()
+def sequence_keys(lm: LoadedModel, key_layer: int, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+    """The keys MELO computes at ``key_layer`` for ``prompt + " " + answer`` sequences (for measuring radii)."""
+    batch = encode_pairs(lm.tokenizer, prompts, answers, lm.device)
+    seen: list[torch.Tensor] = []
+    hook = lm.adapter.layers[lm.adapter.check_layer(key_layer)].register_forward_pre_hook(
+        lambda block, args, kwargs: seen.append(row_keys(block, args, kwargs)), with_kwargs=True)
+    try:
+        forward_hidden(lm.adapter, batch.input_ids, batch.attention_mask)
+    finally:
+        hook.remove()
+    return seen[0]
 
 
 @dataclass(frozen=True)
@@ -224,13 +246,10 @@ class MELO(Editor):
     # --- routing -----------------------------------------------------------------------------------
 
     def _key_hook(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        batch, length = hidden.shape[:2]
-        last = last_token_index(real_tokens(block, args, kwargs), batch, length, hidden.device)
-        keys = hidden[torch.arange(batch, device=hidden.device), last].detach().float()
+        keys = row_keys(block, args, kwargs)
         if self._training is not None:
             self._keys = keys
-            self._route = [self._training] * batch
+            self._route = [self._training] * keys.shape[0]
             return
         self.last_routes = self.codebook.route(keys)
         self._route = [BASE if b is None else b for b in self.last_routes]
