@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-2-7b": dict(layer=27, lr=1.0, steps=70, alpha=5.0, beta=20.0, gamma=10.0, act_ratio=0.88),
     "llama-3-8b": dict(layer=29, lr=0.9, steps=30, alpha=2.0, beta=20.0, gamma=10.0, act_ratio=0.5),
-    "smollm2-135m": dict(layer=25, lr=1.0, steps=70, alpha=5.0, beta=20.0, gamma=10.0, act_ratio=0.88),
+    "smollm2-135m": dict(layer=25, lr=2.0, steps=35, alpha=5.0, beta=20.0, gamma=10.0, act_ratio=0.88),
 }
 FALLBACK = "llama-2-7b"
 DEFAULT_RELATIVE_DEPTH = 27 / 32
