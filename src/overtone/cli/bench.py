@@ -70,7 +70,7 @@ def bench(
     from overtone.report import summary_table
 
     setup(threads, seed, verbose)
-    cfg = overtone_config(lam, n_sigma, epsilon, no_clip, static_target, no_mode_check, no_filter)
+    cfg = overtone_config(editor, lam, n_sigma, epsilon, no_clip, static_target, no_mode_check, no_filter)
     settings = {"layer": layer, "lr": lr, "steps": steps, "stop_loss": stop_loss}
     lm, ed = build(model, device, dtype, editor, objective, cfg, settings)
     summary = run_bench(lm, ed, dataset, offset, limit, out, seed, threads, f"{editor}/{objective}")
@@ -98,7 +98,7 @@ def demo(
     from overtone.report import markdown_table, summary_table
 
     setup(threads, seed, verbose)
-    cfg = overtone_config(lam, n_sigma, epsilon, False, False, False, False)
+    cfg = overtone_config(editor, lam, n_sigma, epsilon)
     rows = []
     lm = None
     for objective in ("ce", "overtone"):

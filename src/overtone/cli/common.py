@@ -67,14 +67,20 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(code=2)
 
 
-def overtone_config(lam: float | None, n_sigma: float | None, epsilon: float | None, no_clip: bool,
-                     static_target: bool, no_mode_check: bool, no_filter: bool) -> Any:
+def overtone_config(editor: str, lam: float | None = None, n_sigma: float | None = None,
+                    epsilon: float | None = None, no_clip: bool = False, static_target: bool = False,
+                    no_mode_check: bool = False, no_filter: bool = False) -> Any:
+    """OverTone settings: the editor's tuned defaults, overridden by what the user gave."""
+    from dataclasses import replace
+
+    from overtone.editors import EDITORS
     from overtone.objectives import OverToneConfig
 
+    base = EDITORS[editor].overtone_defaults if editor in EDITORS else OverToneConfig()
     given = {"lam": lam, "n_sigma": n_sigma, "epsilon": epsilon}
     try:
-        return OverToneConfig(
-            **{k: v for k, v in given.items() if v is not None},
+        return replace(
+            base, **{k: v for k, v in given.items() if v is not None},
             clip=not no_clip, dynamic=not static_target, mode_check=not no_mode_check, filter=not no_filter,
         )
     except ValueError as exc:

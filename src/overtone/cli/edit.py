@@ -58,7 +58,7 @@ def edit(
     from overtone.generation import greedy_complete
 
     setup(threads, seed, verbose)
-    cfg = overtone_config(lam, n_sigma, epsilon, False, False, False, False)
+    cfg = overtone_config(editor, lam, n_sigma, epsilon)
     lm, ed = build(model, device, dtype, editor, objective, cfg, {"layer": layer, "lr": lr, "steps": steps})
     try:
         case = EditCase(case_id="cli", prompt=prompt, target=target)

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from overtone.benchmarks.cases import EditCase
 from overtone.models.loading import LoadedModel
-from overtone.objectives import Objective, ObjectiveOutput
+from overtone.objectives import Objective, ObjectiveOutput, OverToneConfig
 
 
 class EditError(RuntimeError):
@@ -74,6 +74,8 @@ class Editor(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    # OverTone's lambda, n and epsilon when this editor hosts it and the user sets none (tuned per editor).
+    overtone_defaults: ClassVar[OverToneConfig] = OverToneConfig()
 
     def __init__(self, lm: LoadedModel, config: Any, objective: Objective | None = None) -> None:
         self.lm = lm

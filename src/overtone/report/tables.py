@@ -44,3 +44,38 @@ def markdown_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
     lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(row_cells(label, s)) + " |" for label, s in rows]
     return "\n".join(lines)
+
+
+def _paired_rows(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]], base: int):
+    from overtone.report.stats import paired_differences
+
+    _, _, base_records = results[base]
+    for i, (label, _summary, records) in enumerate(results):
+        if i == base:
+            continue
+        diffs = paired_differences(base_records, records)
+        avg = diffs["avg"]
+        cells = [str(diffs[key]) + ("*" if diffs[key].significant else "") for key, _ in COLUMNS]
+        yield [label, *cells, f"{avg.wins}/{avg.ties}/{avg.losses}", str(avg.n)]
+
+
+PAIRED_HEADERS = ("run", *(f"Δ{h}" for _, h in COLUMNS), "W/T/L (Avg.)", "paired cases")
+
+
+def paired_table(
+    results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]], base: int = 0, title: str | None = None
+) -> Table:
+    """Per-case paired differences to ``results[base]``: mean ± 95% half-width (* = beyond noise), x100."""
+    table = Table(title=title, caption="Δ = mean per-case difference to the base row ± 95% t-interval; * = "
+                                       "interval excludes 0; W/T/L = cases won/tied/lost on Avg.")
+    for i, header in enumerate(PAIRED_HEADERS):
+        table.add_column(header, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for row in _paired_rows(results, base):
+        table.add_row(*row)
+    return table
+
+
+def paired_markdown(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]], base: int = 0) -> str:
+    lines = ["| " + " | ".join(PAIRED_HEADERS) + " |", "|" + "---|" * len(PAIRED_HEADERS)]
+    lines += ["| " + " | ".join(row) + " |" for row in _paired_rows(results, base)]
+    return "\n".join(lines)
