@@ -22,11 +22,13 @@ from overtone.cli.common import (
     NSigmaOpt,
     OffsetOpt,
     SeedOpt,
+    SetOpt,
     StepsOpt,
     ThreadsOpt,
     VerboseOpt,
     build,
     console,
+    editor_settings,
     fail,
     log,
     overtone_config,
@@ -88,16 +90,23 @@ def ablate(
     layer: LayerOpt = None,
     lr: LrOpt = None,
     steps: StepsOpt = None,
+    settings: SetOpt = None,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
     """The paper's ablation (Table 4.4) plus CE with looser early stops, with paired statistics."""
+    from overtone.editors import EDITORS
     from overtone.runner.variants import ablation_variants
 
     setup(threads, seed, verbose)
-    variants = ablation_variants(overtone_config(editor, lam, n_sigma, epsilon), _floats(stop_grid, "--stop-grid"))
-    settings = {"layer": layer, "lr": lr, "steps": steps}
-    results = _run_variants(variants, out, model, device, dtype, editor, dataset, offset, limit, settings, seed,
+    if editor not in EDITORS:
+        fail(f"unknown editor {editor!r}; available: {', '.join(sorted(EDITORS))}")
+    # a control equal to the editor's own stop rule would repeat the CE row
+    default_stop = getattr(EDITORS[editor].config_class(), "stop_loss", None)
+    grid = [t for t in _floats(stop_grid, "--stop-grid") if t != default_stop]
+    variants = ablation_variants(overtone_config(editor, lam, n_sigma, epsilon), grid)
+    overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps)
+    results = _run_variants(variants, out, model, device, dtype, editor, dataset, offset, limit, overrides, seed,
                             threads)
     first = results[0][1]
     _report(results, out, f"Ablation: {editor} on {dataset} cases {offset}..{offset + first['n_cases'] - 1}, "
@@ -122,6 +131,7 @@ def sweep(
     layer: LayerOpt = None,
     lr: LrOpt = None,
     steps: StepsOpt = None,
+    settings: SetOpt = None,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -134,8 +144,8 @@ def sweep(
                     offset, DEV_OFFSET - 1)
     variants = sweep_variants(overtone_config(editor), _floats(lambdas, "--lambdas"),
                               _floats(n_sigmas, "--n-sigmas"), _floats(epsilons, "--epsilons"))
-    settings = {"layer": layer, "lr": lr, "steps": steps}
-    results = _run_variants(variants, out, model, device, dtype, editor, dataset, offset, limit, settings, seed,
+    overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps)
+    results = _run_variants(variants, out, model, device, dtype, editor, dataset, offset, limit, overrides, seed,
                             threads)
     ranked = [results[0], *sorted(results[1:], key=lambda r: -(r[1].get("avg") or 0.0))]
     _report(ranked, out, f"Sweep: {editor} on {dataset} cases from {offset} ({results[0][1]['n_cases']} cases), "
