@@ -114,7 +114,8 @@ class FTM(Editor):
                     )
                 stats.losses.append(loss)
                 if on_step is not None:
-                    on_step(StepInfo(step=stats.steps, loss=loss, output=out, cases=cases))
+                    on_step(StepInfo(step=stats.steps, loss=loss, output=out, cases=cases,
+                                     logits=logits.detach(), labels=batch.labels))
                 if loss < cfg.stop_loss or out.active_tokens == 0:
                     stats.stopped_early = True
                     break
