@@ -14,7 +14,8 @@ contexts c_i = (prompt, y_<i):
   model's greedy completion of the prompt; later positions condition on the target prefix, not on
   the model's own earlier choices, so that g_i and y_i are predicted from the same context and the
   two log-likelihoods below compare like with like. (A free-running greedy sequence stops lining up
-  with the target as soon as the two differ.)
+  with the target as soon as the two differ.) It is read from the editor's first forward pass,
+  which runs the unedited weights.
 * **Underfitting degree** (Sec. 2.3): UD_i(t) = log p_0(g_i | c_i) - log p_t(y_i | c_i), the
   pre-edit log-likelihood of the greedy token minus the running log-likelihood of the label after
   t optimiser updates, in nats. UD_i(0) >= 0, with equality exactly where y_i is the greedy token;
@@ -93,10 +94,10 @@ class CaseTrace:
 
     def add_row(self, step: int, label_log_prob: torch.Tensor, token_loss: torch.Tensor, clipped: torch.Tensor,
                 mixed: torch.Tensor, probe_loss: dict[str, float | None]) -> None:
-        lp = label_log_prob.float().cpu()
+        lp = _floats(label_log_prob.float())
         self.steps.append(step)
-        self.label_log_prob.append(_floats(lp))
-        self.ud.append(_floats(torch.tensor(self.greedy_log_prob) - lp))
+        self.label_log_prob.append(lp)
+        self.ud.append([round(g - x, DIGITS) for g, x in zip(self.greedy_log_prob, lp, strict=True)])
         self.token_loss.append(_floats(token_loss))
         self.clipped.append([bool(v) for v in clipped.tolist()])
         self.mixed.append([bool(v) for v in mixed.tolist()])
@@ -152,18 +153,26 @@ class TraceRecorder:
             if probes.groups[0] != ("rel", "rewrite"):
                 raise TraceError(f"case {case.case_id}: the first probe row is not the edit prompt")
             unedited = evaluator.answer_logits(probes, record_from=editor.first_layer)
-            logits = unedited.rows()[0].float()
             labels = probes.batch.labels[0, : unedited.counts[0]]
-            best = torch.log_softmax(logits, dim=-1).max(dim=-1)
-            greedy = best.indices.tolist()
             trace = CaseTrace(
                 case_id=case.case_id, prompt=case.prompt, target=case.target, editor=editor.describe(),
                 objective=editor.objective.config(),
                 tokens=[tokenizer.decode([t]) for t in labels.tolist()], label_ids=labels.tolist(),
-                greedy_ids=greedy, greedy_tokens=[tokenizer.decode([t]) for t in greedy],
-                greedy_log_prob=_floats(best.values),
+                greedy_ids=[], greedy_tokens=[], greedy_log_prob=[],  # from the editor's first pass
             )
-            self._states[case.case_id] = _CaseState(trace, probes, unedited.cache, labels, logits)
+            self._states[case.case_id] = _CaseState(trace, probes, unedited.cache, labels,
+                                                    unedited.rows()[0].float())
+
+    def _set_greedy(self, trace: CaseTrace, logits: torch.Tensor) -> None:
+        """The greedy tokens from the editor's first pass, which runs the unedited weights.
+
+        Taking them from the same forward pass as the running log-likelihoods makes UD(0) exactly 0
+        where the label is the greedy token (a separately batched pass differs by float rounding).
+        """
+        best = torch.log_softmax(logits.float(), dim=-1).max(dim=-1)
+        trace.greedy_ids = best.indices.tolist()
+        trace.greedy_tokens = [self.evaluator.lm.tokenizer.decode([t]) for t in trace.greedy_ids]
+        trace.greedy_log_prob = _floats(best.values)
 
     def _probe_losses(self, state: _CaseState) -> tuple[dict[str, float | None], torch.Tensor]:
         """Probe losses with the current weights, and the logits of the edit prompt's target tokens."""
@@ -183,6 +192,8 @@ class TraceRecorder:
                     f"case {case.case_id}: editor {self.editor.name!r} trains the tokens "
                     f"{info.labels[i][mask].tolist()} but evaluation scores {state.labels.tolist()}; "
                     "a trace needs both to tokenise the target alike")
+            if not state.trace.steps:
+                self._set_greedy(state.trace, info.logits[i][mask])
             probe_loss, _ = self._probe_losses(state)
             out = info.output
             state.trace.add_row(info.step, log_probs[i][mask], out.token_loss[i][mask], out.clipped[i][mask],
