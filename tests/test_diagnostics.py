@@ -166,3 +166,17 @@ def test_traces_round_trip_and_bad_files_are_named(tmp_path, tiny_llama, zsre_ca
     path.write_text("not json")
     with pytest.raises(TraceError, match="cannot read a trace"):
         load_traces(path)
+
+
+def test_final_row_of_a_static_target_uses_the_unedited_logits(tiny_llama, zsre_cases):
+    case = zsre_cases[8]
+    objective = OverTone(OverToneConfig(dynamic=False, epsilon=0.0))
+    editor = FTM(tiny_llama, FTMConfig(layer=2, lr=0.05, steps=3, stop_loss=0.0), objective)
+    unedited, labels = full_log_probs(tiny_llama, case.prompt, case.target)
+    recorder = TraceRecorder(editor, Evaluator(tiny_llama), [case])
+    handle = editor.edit([case], on_step=recorder)
+    (trace,) = recorder.finish(handle.stats)
+    final, _ = full_log_probs(tiny_llama, case.prompt, case.target)
+    handle.revert()
+    expected = objective(final[None], labels[None], unedited[None]).token_loss[0]
+    assert trace.final_extra and trace.token_loss[-1] == pytest.approx(expected.tolist(), abs=1e-4)

@@ -116,6 +116,19 @@ def test_report_errors_name_the_input(tmp_path):
         collect([tmp_path / "empty"])
     result = runner.invoke(app, ["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "holds no run directory" in result.output
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "trace.json").write_text("{}")
+    result = runner.invoke(app, ["report", str(tmp_path / "bad"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "not an overtone trace" in result.output
+
+
+def test_trace_option_errors(tmp_path, tiny_llama_dir):
+    base = ["trace", "--out", str(tmp_path / "t"), "--model", str(tiny_llama_dir), "--device", "cpu"]
+    result = runner.invoke(app, [*base, "--dataset", "nope"])
+    assert result.exit_code == 2 and "unknown dataset 'nope'" in result.output
+    result = runner.invoke(app, [*base, "--offset", "100000"])
+    assert result.exit_code == 2 and "has no case at offset 100000" in result.output
+    assert not (tmp_path / "t").exists()
 
 
 @pytest.fixture(scope="module")

@@ -85,7 +85,7 @@ def trace(
         fail(str(exc))
     if not cases:
         fail(f"dataset {dataset!r} has no case at offset {offset}")
-    lm, traces = None, []
+    lm, traces, error = None, [], None
     for objective in ("ce", "overtone"):
         lm, ed = build(model, device, dtype, editor, objective, cfg, settings, lm)
         evaluator = Evaluator(lm)
@@ -93,7 +93,12 @@ def trace(
             try:
                 traces += trace_edit(ed, evaluator, [case])
             except (EditError, TraceError, ValueError) as exc:
-                fail(f"{editor} + {objective}, case {case.case_id}: {exc}")
+                error = f"{editor} + {objective}, case {case.case_id}: {exc}"
+                break
+        if error:
+            break
+    if not traces:
+        fail(str(error))
     out.mkdir(parents=True, exist_ok=True)
     meta = {"overtone_version": __version__, "model": lm.identity, "dataset": {"name": dataset, "offset": offset}}
     save_traces(out / TRACE_FILE, traces, meta)
@@ -108,3 +113,5 @@ def trace(
     written += [out / "tokens.csv", out / "tokens.md"]
     console.print(to_rich(summary))
     console.print("wrote " + ", ".join(str(p) for p in written))
+    if error:
+        fail(f"{error}; the {len(traces)} trace(s) recorded before it are saved in {out}")

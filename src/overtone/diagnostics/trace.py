@@ -130,7 +130,7 @@ class _CaseState:
     probes: ProbeBatch
     cache: SuffixCache | None
     labels: torch.Tensor  # [n] target token ids, as evaluation tokenises them
-    unedited_logits: torch.Tensor  # [n, V] the unedited model's logits at the target positions
+    unedited_logits: torch.Tensor | None = None  # [n, V] from the editor's first pass
 
 
 class TraceRecorder:
@@ -160,16 +160,17 @@ class TraceRecorder:
                 tokens=[tokenizer.decode([t]) for t in labels.tolist()], label_ids=labels.tolist(),
                 greedy_ids=[], greedy_tokens=[], greedy_log_prob=[],  # from the editor's first pass
             )
-            self._states[case.case_id] = _CaseState(trace, probes, unedited.cache, labels,
-                                                    unedited.rows()[0].float())
+            self._states[case.case_id] = _CaseState(trace, probes, unedited.cache, labels)
 
-    def _set_greedy(self, trace: CaseTrace, logits: torch.Tensor) -> None:
-        """The greedy tokens from the editor's first pass, which runs the unedited weights.
+    def _set_unedited(self, state: _CaseState, logits: torch.Tensor) -> None:
+        """Greedy tokens and reference logits from the editor's first pass, which runs the unedited weights.
 
         Taking them from the same forward pass as the running log-likelihoods makes UD(0) exactly 0
         where the label is the greedy token (a separately batched pass differs by float rounding).
         """
-        best = torch.log_softmax(logits.float(), dim=-1).max(dim=-1)
+        trace = state.trace
+        state.unedited_logits = logits.float()
+        best = torch.log_softmax(state.unedited_logits, dim=-1).max(dim=-1)
         trace.greedy_ids = best.indices.tolist()
         trace.greedy_tokens = [self.evaluator.lm.tokenizer.decode([t]) for t in trace.greedy_ids]
         trace.greedy_log_prob = _floats(best.values)
@@ -193,7 +194,7 @@ class TraceRecorder:
                     f"{info.labels[i][mask].tolist()} but evaluation scores {state.labels.tolist()}; "
                     "a trace needs both to tokenise the target alike")
             if not state.trace.steps:
-                self._set_greedy(state.trace, info.logits[i][mask])
+                self._set_unedited(state, info.logits[i][mask])
             probe_loss, _ = self._probe_losses(state)
             out = info.output
             state.trace.add_row(info.step, log_probs[i][mask], out.token_loss[i][mask], out.clipped[i][mask],
@@ -211,6 +212,7 @@ class TraceRecorder:
             if trace.steps[-1] >= stats.steps:
                 continue
             probe_loss, logits = self._probe_losses(state)
+            assert state.unedited_logits is not None  # set with the first recorded step
             reference = state.unedited_logits[None] if objective.needs_reference else None
             out = objective(logits[None].float(), state.labels[None], reference)
             log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, state.labels[:, None]).squeeze(-1)

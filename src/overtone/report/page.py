@@ -18,7 +18,7 @@ from pathlib import Path
 from overtone import __version__
 from overtone.diagnostics import load_traces
 from overtone.report.figures import Bar, avg_bars_figure, png, trace_figures
-from overtone.report.runs import Inputs, Pair, RunInfo, collect, pair_runs
+from overtone.report.runs import Inputs, Pair, RunInfo, collect, model_name, pair_runs
 from overtone.report.tables import (
     PaperTable,
     ablation_tables,
@@ -131,10 +131,9 @@ def build_sections(inputs: Inputs, max_heatmaps: int = 12) -> list[Section]:
     for i, path in enumerate(inputs.traces):
         meta, traces = load_traces(path)
         cases = list(dict.fromkeys(t.case_id for t in traces))
-        model = (meta.get("model") or {}).get("name", "-")
-        dataset = (meta.get("dataset") or {}).get("name", "-")
-        intro = (f"{path}: {len(cases)} case(s) of {dataset} edited with "
-                 f"{', '.join(sorted({f'{t.editor_name} + {t.label}' for t in traces}))} on {model}.")
+        dataset = dataset_name((meta.get("dataset") or {}).get("name", "-"))
+        methods = ", ".join(dict.fromkeys(f"{editor_name(t.editor_name)} + {t.label}" for t in traces))
+        intro = f"{path}: {len(cases)} case(s) of {dataset} edited with {methods} on {model_name(meta.get('model'))}."
         if len(cases) > max_heatmaps:
             intro += f" Heat maps for the first {max_heatmaps} cases."
         items: list[PaperTable | FigurePng] = [

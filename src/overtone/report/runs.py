@@ -37,6 +37,13 @@ def _name(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def model_name(identity: Any) -> str:
+    """A model's name from its identity (``LoadedModel.identity``); a local folder by its last component."""
+    if isinstance(identity, dict) and identity.get("path"):
+        return Path(str(identity["path"])).name
+    return _name(identity)
+
+
 def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(config, dict):
         out: dict[str, Any] = {}
@@ -58,11 +65,7 @@ class RunInfo:
 
     @property
     def model(self) -> str:
-        """The model's name; a local checkpoint folder is named by its last path component."""
-        model = self.config.get("model")
-        if isinstance(model, dict) and model.get("path"):
-            return Path(str(model["path"])).name
-        return _name(model)
+        return model_name(self.config.get("model"))
 
     @property
     def dataset(self) -> str:
