@@ -168,10 +168,10 @@ class Bar:
 
 
 def avg_bars_figure(bars: Sequence[Bar]) -> Figure:
-    """Fig. 3: Avg. per editor and sequence length; solid = CE, outlined box = with OverTone.
+    """Fig. 3: Avg. per editor and sequence length; solid = CE, dashed box = with OverTone.
 
-    The part of the outlined box above the solid bar is OverTone's gain; a solid bar rising above
-    its box is a loss. The difference is printed over each slot.
+    The part of the dashed box above the solid bar is OverTone's gain; a solid bar rising above its
+    box is a loss. The difference is printed over each slot.
     """
     if not bars:
         raise ValueError("no runs to plot")
@@ -182,18 +182,19 @@ def avg_bars_figure(bars: Sequence[Bar]) -> Figure:
     panel_width = max(4.5, 1.5 + 0.9 * len(series) * len({b.sequence for b in bars}))
     figure = Figure(figsize=(panel_width * len(panels) + 1.5, 3.8), layout="constrained")
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
-    width = 0.8 / len(series)
+    width = min(0.35, 0.8 / len(series))
     for ax, panel in zip(axes, panels, strict=True):
         members = [b for b in bars if b.panel == panel]
         lengths = sorted({b.sequence for b in members})
         for b in members:
-            x = lengths.index(b.sequence) - 0.4 + width * (series.index(b.series) + 0.5)
+            x = lengths.index(b.sequence) + width * (series.index(b.series) - (len(series) - 1) / 2)
             color = colors[b.series]
             if b.ce is not None:
                 ax.bar(x, b.ce, width * 0.9, color=color)
             if b.overtone is not None:
-                ax.bar(x, b.overtone, width * 0.9, facecolor=color, alpha=0.22, edgecolor=color, linewidth=1.5)
-                ax.bar(x, b.overtone, width * 0.9, fill=False, edgecolor=color, linewidth=1.5)
+                ax.bar(x, b.overtone, width * 0.9, color=color, alpha=0.22)
+                # a dark dashed outline stays visible where the box lies inside a taller solid bar (a loss)
+                ax.bar(x, b.overtone, width * 0.9, fill=False, edgecolor="black", linestyle="--", linewidth=1.2)
             top = max(v for v in (b.ce, b.overtone) if v is not None)
             if b.ce is not None and b.overtone is not None:
                 ax.text(x, top + 1, f"{b.overtone - b.ce:+.1f}", ha="center", va="bottom", fontsize=7)
@@ -206,7 +207,8 @@ def avg_bars_figure(bars: Sequence[Bar]) -> Figure:
         ax.grid(axis="y", alpha=0.3)
     handles = [Patch(color=colors[s], label=s) for s in series]
     handles += [Patch(color="0.3", label="CE (solid)"),
-                Patch(facecolor=(0.3, 0.3, 0.3, 0.22), edgecolor="0.3", label="+ OverTone (outlined)")]
+                Patch(facecolor=(0.3, 0.3, 0.3, 0.22), edgecolor="black", linestyle="--",
+                      label="+ OverTone (dashed box)")]
     figure.legend(handles=handles, loc="outside right center", frameon=False, fontsize=8)
     return figure
 

@@ -124,7 +124,7 @@ def build_sections(inputs: Inputs, max_heatmaps: int = 12) -> list[Section]:
         bars = _bars(runs, pairs)
         if bars:
             results.append(_figure("fig3_avg_bars", "Fig. 3: Avg. per editor and sequence length T; solid bars: "
-                                   "CE, outlined boxes: with OverTone, labels: OverTone minus CE (points).",
+                                   "CE, dashed boxes: with OverTone, labels: OverTone minus CE (points).",
                                    avg_bars_figure(bars)))
         if results:
             sections.append(Section("gains", "OverTone against cross-entropy", "", results))
