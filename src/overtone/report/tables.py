@@ -296,11 +296,13 @@ def trace_summary_table(traces: Sequence[CaseTrace]) -> PaperTable:
     for t in traces:
         final = t.ud[-1]
         lowest = min(min(row) for row in t.ud)
-        probes = [f"{_fmt(v[0], 3)} → {_fmt(v[-1], 3)}" if v and v[0] is not None else "–"
+        probes = [f"{_fmt(v[0])} → {_fmt(v[-1])}" if v and v[0] is not None else "–"
                   for v in (t.probe_loss.get(m, []) for m in ("gen", "por", "loc"))]
         rows.append([f"{t.case_id} {t.label}", str(t.steps[-1]), f"{sum(u < 0 for u in final)}/{len(final)}",
                      _fmt(min(final), 3), _fmt(lowest, 3), *probes])
-    columns = ["updates", "UD<0 at end", "min UD at end", "min UD any step", "Gen. loss", "Por. loss", "Loc. loss"]
+    columns = ["updates", "UD<0 at end", "min UD end", "min UD", "Gen. loss", "Por. loss", "Loc. loss"]
     return PaperTable(title="Trace summary (nats)", groups=[("", columns)], sections=[("", rows)],
                       stub="case, objective",
-                      caption="Probe losses: mean NLL per answer token before the edit → with the final weights.")
+                      caption="UD<0 at end: tokens overfitted with the final weights; min UD: lowest over tokens "
+                              "and steps. Probe losses: mean NLL per answer token before the edit → with the final "
+                              "weights.")
