@@ -9,7 +9,7 @@ import torch
 from helpers import assert_same_state, state
 
 from overtone.diagnostics import CaseTrace, TraceError, TraceRecorder, load_traces, save_traces, trace_edit
-from overtone.editors import FTM, FTMConfig, StepInfo
+from overtone.editors import FTM, FTMConfig, StepInfo, make_editor
 from overtone.evaluation import Evaluator
 from overtone.objectives import CrossEntropy, OverTone, OverToneConfig
 from overtone.tokens import encode_pairs
@@ -109,17 +109,23 @@ def test_clipped_tokens_and_early_stop_leave_no_extra_row(tiny_llama, zsre_cases
     assert trace.steps == [0] and not trace.final_extra and all(trace.clipped[0])
 
 
-def test_recording_changes_nothing_in_the_edit(tiny_llama, zsre_cases):
+@pytest.mark.parametrize("editor", ["ft-m", "lora"])
+def test_recording_changes_nothing_in_the_edit(tiny_llama, zsre_cases, editor):
+    """Also with adapter dropout: the recorder's probe passes run in eval mode and draw no random numbers."""
     case = zsre_cases[5]
-    config = FTMConfig(layer=1, lr=0.05, steps=6, stop_loss=0.0)
-    plain = FTM(tiny_llama, config, OverTone()).edit([case])
+    settings = dict(layer=1, lr=0.05, steps=6, stop_loss=0.0) if editor == "ft-m" else dict(
+        variant="lora", dropout=0.3, lr=0.03, steps=6)
+    plain = make_editor(editor, tiny_llama, OverTone(), **settings).edit([case])
     weights = state(tiny_llama)
     plain.revert()
-    recorder = TraceRecorder(FTM(tiny_llama, config, OverTone()), Evaluator(tiny_llama), [case])
+    recorder = TraceRecorder(make_editor(editor, tiny_llama, OverTone(), **settings), Evaluator(tiny_llama), [case])
     traced = recorder.editor.edit([case], on_step=recorder)
+    (trace,) = recorder.finish(traced.stats)
     assert traced.stats.losses == plain.stats.losses
     assert all(torch.equal(v, tiny_llama.model.state_dict()[k]) for k, v in weights.items())
+    gen = probe_nll(tiny_llama, case.rephrases[0], case.target)
     traced.revert()
+    assert trace.probe_loss["gen"][-1] == pytest.approx(gen, abs=1e-4)
 
 
 def test_joint_edit_traces_each_case_from_its_own_row(tiny_llama, zsre_cases):

@@ -105,7 +105,8 @@ def test_runs_are_paired_only_when_they_differ_in_the_objective(results):
     ce = json.loads((results / "runs" / "ce" / "summary.json").read_text())
     ot = json.loads((results / "runs" / "ot" / "summary.json").read_text())
     assert pair.n_cases == 2 and pair.delta["avg"] == pytest.approx(ot["avg"] - ce["avg"], abs=0.011)
-    assert pair.ci95 is not None and pair.within_noise is (abs(pair.delta["avg"]) <= pair.ci95)
+    assert pair.avg is not None and pair.avg.n == 2 and pair.avg.mean == pytest.approx(pair.delta["avg"], abs=0.011)
+    assert pair.within_noise is (abs(pair.avg.mean) <= pair.avg.half_width)
 
 
 def test_report_errors_name_the_input(tmp_path):

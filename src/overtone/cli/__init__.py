@@ -11,7 +11,7 @@ Each command group is a module here that attaches its commands to ``app``; addin
 plus one import line below.
 """
 
-from overtone.cli import bench, edit, report, trace  # noqa: F401  (registers the commands)
+from overtone.cli import bench, compare, edit, report, trace  # noqa: F401  (registers the commands)
 from overtone.cli.app import app
 
 __all__ = ["app"]

@@ -42,6 +42,10 @@ LimitOpt = Annotated[int | None, typer.Option("--limit", min=0, help="number of 
 OffsetOpt = Annotated[int, typer.Option("--offset", min=0, help="index of the first case")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="any editor setting, KEY=VALUE (repeatable), e.g. --set rank=4 --set layers=10,11"),
+]
 
 
 def setup(threads: int, seed: int, verbose: bool) -> None:
@@ -67,22 +71,73 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(code=2)
 
 
-def overtone_config(lam: float | None, n_sigma: float | None, epsilon: float | None, no_clip: bool,
-                     static_target: bool, no_mode_check: bool, no_filter: bool) -> Any:
+def overtone_config(editor: str, lam: float | None = None, n_sigma: float | None = None,
+                    epsilon: float | None = None, no_clip: bool = False, static_target: bool = False,
+                    no_mode_check: bool = False, no_filter: bool = False) -> Any:
+    """OverTone settings: the editor's tuned defaults, overridden by what the user gave."""
+    from dataclasses import replace
+
+    from overtone.editors import EDITORS
     from overtone.objectives import OverToneConfig
 
+    base = EDITORS[editor].overtone_defaults if editor in EDITORS else OverToneConfig()
     given = {"lam": lam, "n_sigma": n_sigma, "epsilon": epsilon}
     try:
-        return OverToneConfig(
-            **{k: v for k, v in given.items() if v is not None},
+        return replace(
+            base, **{k: v for k, v in given.items() if v is not None},
             clip=not no_clip, dynamic=not static_target, mode_check=not no_mode_check, filter=not no_filter,
         )
     except ValueError as exc:
         fail(str(exc))
 
 
+def _parse_value(text: str, kind: Any) -> Any:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() == "none" and type(None) in args:
+            return None
+        return _parse_value(text, next(a for a in args if a is not type(None)))
+    if origin is tuple:
+        return tuple(_parse_value(part, args[0]) for part in text.split(",") if part.strip())
+    if origin is typing.Literal:
+        if text not in args:
+            raise ValueError(f"choose one of {', '.join(map(str, args))}")
+        return text
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError("expected true or false")
+        return text.lower() in ("true", "1")
+    return kind(text)
+
+
+def editor_settings(editor: str, items: list[str] | None, **given: Any) -> dict[str, Any]:
+    """Editor config overrides from named options (None = not given) and ``--set KEY=VALUE`` items."""
+    import typing
+
+    from overtone.editors import EDITORS
+
+    settings = {k: v for k, v in given.items() if v is not None}
+    if not items:
+        return settings
+    if editor not in EDITORS:
+        fail(f"unknown editor {editor!r}; available: {', '.join(sorted(EDITORS))}")
+    hints = typing.get_type_hints(EDITORS[editor].config_class)
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in hints:
+            fail(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(hints)} ({editor})")
+        try:
+            settings[key] = _parse_value(value, hints[key])
+        except (ValueError, TypeError) as exc:
+            fail(f"--set {item!r}: {exc}")
+    return settings
+
+
 def build(model: str, device: str, dtype: str, editor: str, objective: str, overtone_cfg: Any,
-           editor_settings: dict[str, Any], lm: Any = None) -> tuple[Any, Any]:
+          settings: dict[str, Any], lm: Any = None) -> tuple[Any, Any]:
     """Load the model (unless given) and build the editor; user errors become clean exits."""
     from overtone.editors import make_editor
     from overtone.models import ArchitectureError, ModelLoadError, load_model
@@ -90,7 +145,7 @@ def build(model: str, device: str, dtype: str, editor: str, objective: str, over
 
     try:
         lm = lm or load_model(model, device=device, dtype=dtype)
-        return lm, make_editor(editor, lm, make_objective(objective, overtone_cfg), **editor_settings)
+        return lm, make_editor(editor, lm, make_objective(objective, overtone_cfg), **settings)
     except (ModelLoadError, ArchitectureError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
 

@@ -28,12 +28,14 @@ contexts c_i = (prompt, y_<i):
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import Editor, EditStats, StepInfo
@@ -124,6 +126,23 @@ class CaseTrace:
         return trace
 
 
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module in eval mode for the recorder's probe passes, then exactly the previous modes.
+
+    Editors may train with dropout on (LoRA's adapter dropout); a probe pass in training mode would be
+    noisy and would draw from the random stream the edit uses, so recording would change the edit.
+    """
+    training = [m for m in model.modules() if m.training]
+    for m in training:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
+
+
 @dataclass
 class _CaseState:
     trace: CaseTrace
@@ -177,7 +196,8 @@ class TraceRecorder:
 
     def _probe_losses(self, state: _CaseState) -> tuple[dict[str, float | None], torch.Tensor]:
         """Probe losses with the current weights, and the logits of the edit prompt's target tokens."""
-        answer = self.evaluator.answer_logits(state.probes, replay=state.cache)
+        with _eval_mode(self.evaluator.lm.model):
+            answer = self.evaluator.answer_logits(state.probes, replay=state.cache)
         return self.evaluator.losses(state.probes, answer), answer.rows()[0]
 
     @torch.no_grad()

@@ -6,10 +6,11 @@ from typing import Any
 
 from overtone.editors.base import EditError, EditHandle, Editor, EditStats, StepCallback, StepInfo
 from overtone.editors.ft_m import FTM, FTMConfig
+from overtone.editors.lora import LoRA, LoRAConfig
 from overtone.models.loading import LoadedModel
 from overtone.objectives import Objective
 
-EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (FTM,)}
+EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (FTM, LoRA)}
 
 
 def make_editor(name: str, lm: LoadedModel, objective: Objective | None = None, **settings: Any) -> Editor:
@@ -33,6 +34,8 @@ __all__ = [
     "EditStats",
     "Editor",
     "FTMConfig",
+    "LoRA",
+    "LoRAConfig",
     "StepCallback",
     "StepInfo",
     "make_editor",

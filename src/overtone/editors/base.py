@@ -17,7 +17,7 @@ import torch
 
 from overtone.benchmarks.cases import EditCase
 from overtone.models.loading import LoadedModel
-from overtone.objectives import IGNORE_INDEX, Objective, ObjectiveOutput
+from overtone.objectives import IGNORE_INDEX, Objective, ObjectiveOutput, OverToneConfig
 
 
 class EditError(RuntimeError):
@@ -90,6 +90,8 @@ class Editor(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    # OverTone's lambda, n and epsilon when this editor hosts it and the user sets none (tuned per editor).
+    overtone_defaults: ClassVar[OverToneConfig] = OverToneConfig()
 
     def __init__(self, lm: LoadedModel, config: Any, objective: Objective | None = None) -> None:
         self.lm = lm

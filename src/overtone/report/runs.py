@@ -10,7 +10,6 @@ computed over the cases both runs finished, paired case by case.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -19,12 +18,12 @@ from typing import Any
 from overtone.diagnostics import TRACE_FILE
 from overtone.evaluation.teacher_forced import METRICS
 from overtone.objectives import objective_label
+from overtone.report.stats import PairedDifference, paired_difference
 from overtone.runner.bench import summarize
 from overtone.runner.store import CONFIG_FILE, VOLATILE_KEYS, StoreError, read_run
 
 # Keys that never change results: left out when deciding whether two runs differ only in the objective.
 NON_RESULT_KEYS = (*VOLATILE_KEYS, "overtone_version")
-Z95 = 1.959964  # two-sided 95% normal quantile
 
 
 class ReportError(ValueError):
@@ -104,16 +103,6 @@ class RunInfo:
         rest = {k: v for k, v in self.config.items() if k not in (*NON_RESULT_KEYS, "objective")}
         return json.dumps(rest, sort_keys=True, default=str)
 
-    def case_avgs(self) -> dict[str, float]:
-        """Per case, the mean of its post-edit metrics (fractions), for the cases that have them."""
-        out = {}
-        for record in self.records:
-            post = record.get("post")
-            if isinstance(post, dict) and "case_id" in record:
-                values = [post[m] for m in METRICS if post.get(m) is not None]
-                if values:
-                    out[str(record["case_id"])] = sum(values) / len(values)
-        return out
 
 
 def read_run_info(path: Path) -> RunInfo:
@@ -185,35 +174,34 @@ class Pair:
     ce_summary: dict[str, Any]
     overtone_summary: dict[str, Any]
     delta: dict[str, float | None]  # OverTone minus CE per metric and Avg., x100
-    ci95: float | None  # half-width of the 95% interval of the paired Avg. difference, x100
+    avg: PairedDifference | None  # per-case paired Avg. difference with its 95% t-interval
 
     @property
     def within_noise(self) -> bool | None:
-        if self.ci95 is None or self.delta.get("avg") is None:
+        if self.avg is None or self.avg.n < 2:
             return None
-        return abs(self.delta["avg"]) <= self.ci95
+        return not self.avg.significant
+
+
+def _scored(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records with a case id and post-edit metrics: those a paired comparison can use."""
+    return [r for r in records if "case_id" in r and isinstance(r.get("post"), dict)]
 
 
 def _paired(ce: RunInfo, ot: RunInfo) -> Pair:
-    ce_avg, ot_avg = ce.case_avgs(), ot.case_avgs()
-    common = [c for c in ce_avg if c in ot_avg]
+    ce_records, ot_records = _scored(ce.records), _scored(ot.records)
+    common = {r["case_id"] for r in ce_records} & {r["case_id"] for r in ot_records}
     if common:
-        keep = set(common)
-        ce_summary = summarize([r for r in ce.records if str(r.get("case_id")) in keep])
-        ot_summary = summarize([r for r in ot.records if str(r.get("case_id")) in keep])
+        ce_summary = summarize([r for r in ce_records if r["case_id"] in common])
+        ot_summary = summarize([r for r in ot_records if r["case_id"] in common])
+        avg = paired_difference(ce_records, ot_records, "avg")
     else:
-        ce_summary, ot_summary = ce.summary, ot.summary
+        ce_summary, ot_summary, avg = ce.summary, ot.summary, None
     delta = {}
     for metric in (*METRICS, "avg"):
         a, b = ce_summary.get(metric), ot_summary.get(metric)
         delta[metric] = None if a is None or b is None else round(b - a, 2)
-    ci = None
-    if len(common) >= 2:
-        diffs = [100 * (ot_avg[c] - ce_avg[c]) for c in common]
-        mean = sum(diffs) / len(diffs)
-        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
-        ci = round(Z95 * sd / math.sqrt(len(diffs)), 2)
-    return Pair(ce, ot, len(common), ce_summary, ot_summary, delta, ci)
+    return Pair(ce, ot, len(common), ce_summary, ot_summary, delta, avg)
 
 
 def pair_runs(runs: list[RunInfo]) -> list[Pair]:

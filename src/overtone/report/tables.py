@@ -234,18 +234,22 @@ def gain_table(pairs: Sequence[Pair]) -> PaperTable | None:
         label = f"{editor_name(p.ce.editor)}, {dataset_name(p.ce.dataset)}, T={p.ce.sequence}"
         if p.overtone.tag:
             label += f" ({p.overtone.tag})"
+        paired = p.avg if p.avg is not None and p.avg.n > 1 else None
         sections.setdefault(p.ce.model, []).append([
             label, str(p.n_cases or "–"), _fmt(p.ce_summary.get("avg")), _fmt(p.overtone_summary.get("avg")),
             *(_signed(p.delta[m]) for m in ("rel", "gen", "por", "loc", "avg")),
-            "–" if p.ci95 is None else f"±{p.ci95:.2f}", verdict,
+            "–" if paired is None else f"{paired.mean:+.2f} ± {paired.half_width:.2f}",
+            "–" if paired is None else f"{paired.wins}/{paired.ties}/{paired.losses}", verdict,
         ])
-    columns = ["cases", "CE Avg.", "OverTone Avg.", "ΔRel.", "ΔGen.", "ΔPor.", "ΔLoc.", "ΔAvg.", "95% CI", "verdict"]
+    columns = ["cases", "CE Avg.", "OverTone Avg.", "ΔRel.", "ΔGen.", "ΔPor.", "ΔLoc.", "ΔAvg.",
+               "per-case ΔAvg. ± 95%", "W/T/L", "verdict"]
     return PaperTable(
         title="OverTone minus CE, paired (x100 points)", groups=[("", columns)], sections=list(sections.items()),
         stub="editor, dataset, T",
         caption="Runs whose configurations differ only in the objective, compared on the cases both finished. "
-                "The interval is 1.96 standard errors of the per-case Avg. difference; 'within noise' when it "
-                "covers 0.",
+                "Δ: difference of the tables' means. Per-case ΔAvg.: mean of the per-case differences of each "
+                "case's Avg. with its 95% t-interval (report.stats); 'within noise' when the interval covers 0. "
+                "W/T/L: cases where OverTone wins, ties, loses on Avg.",
     )
 
 
@@ -306,3 +310,39 @@ def trace_summary_table(traces: Sequence[CaseTrace]) -> PaperTable:
                       caption="UD<0 at end: tokens overfitted with the final weights; min UD: lowest over tokens "
                               "and steps. Probe losses: mean NLL per answer token before the edit → with the final "
                               "weights.")
+
+
+def _paired_rows(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]], base: int):
+    from overtone.report.stats import paired_differences
+
+    _, _, base_records = results[base]
+    for i, (label, _summary, records) in enumerate(results):
+        if i == base:
+            continue
+        diffs = paired_differences(base_records, records)
+        avg = diffs["avg"]
+        cells = [str(diffs[key]) + ("*" if diffs[key].significant else "") for key, _ in COLUMNS]
+        yield [label, *cells, f"{avg.wins}/{avg.ties}/{avg.losses}", str(avg.n)]
+
+
+PAIRED_HEADERS = ("run", *(f"Δ{h}" for _, h in COLUMNS), "W/T/L (Avg.)", "paired cases")
+PAIRED_CAPTION = ("Δ = mean per-case difference to the base row ± 95% t-interval; * = interval excludes 0; "
+                  "W/T/L = cases won/tied/lost on Avg.")
+
+
+def _paired_layout(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]], base: int,
+                   title: str = "", caption: str = "") -> PaperTable:
+    return PaperTable(title=title, groups=[("", list(PAIRED_HEADERS[1:]))],
+                      sections=[("", list(_paired_rows(results, base)))], stub=PAIRED_HEADERS[0], caption=caption)
+
+
+def paired_table(
+    results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]], base: int = 0, title: str | None = None
+) -> Table:
+    """Per-case paired differences to ``results[base]``: mean ± 95% half-width (* = beyond noise), x100."""
+    return to_rich(_paired_layout(results, base, title or "", PAIRED_CAPTION))
+
+
+def paired_markdown(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]], base: int = 0) -> str:
+    return to_markdown(_paired_layout(results, base))
+
