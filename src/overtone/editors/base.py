@@ -13,9 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+import torch
+
 from overtone.benchmarks.cases import EditCase
 from overtone.models.loading import LoadedModel
-from overtone.objectives import Objective, ObjectiveOutput, OverToneConfig
+from overtone.objectives import IGNORE_INDEX, Objective, ObjectiveOutput, OverToneConfig
 
 
 class EditError(RuntimeError):
@@ -27,13 +29,27 @@ class StepInfo:
     """What a gradient-based editor saw at one forward pass, before its update.
 
     Passed to the ``on_step`` callback of ``edit``; the model holds the weights of this step while
-    the callback runs, so it may run extra (no-grad) forwards, e.g. to record probe losses.
+    the callback runs, so it may run extra (no-grad) forwards, e.g. to record probe losses. Row ``i``
+    of ``logits``, ``labels`` and the per-token tensors of ``output`` belongs to ``cases[i]``.
     """
 
-    step: int
+    step: int  # optimiser updates taken before this forward pass
     loss: float
     output: ObjectiveOutput  # per-token losses and clipped / mixed / kept-set statistics
     cases: Sequence[EditCase]
+    logits: torch.Tensor  # [B, T, V] the objective's input at the target positions, detached
+    labels: torch.Tensor  # [B, T] target token ids, IGNORE_INDEX where padded
+
+    def label_log_probs(self) -> torch.Tensor:
+        """[B, T] log-likelihood of each target token under this step's weights (fp32; 0 where padded).
+
+        Objectives report their own per-token loss (a KL for OverTone), so the running likelihood of
+        the label itself, which the underfitting degree needs, is computed here from the logits.
+        """
+        mask = self.labels.ne(IGNORE_INDEX)
+        log_probs = torch.log_softmax(self.logits.float(), dim=-1)
+        picked = log_probs.gather(-1, self.labels.clamp_min(0)[..., None]).squeeze(-1)
+        return picked.masked_fill(~mask, 0.0)
 
 
 StepCallback = Callable[[StepInfo], None]

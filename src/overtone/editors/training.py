@@ -81,7 +81,8 @@ def optimise(
             )
         stats.losses.append(loss)
         if on_step is not None:
-            on_step(StepInfo(step=stats.steps, loss=loss, output=out, cases=cases))
+            on_step(StepInfo(step=stats.steps, loss=loss, output=out, cases=cases, logits=logits.detach(),
+                             labels=labels))
         if loss < stop_loss or out.active_tokens == 0:
             stats.stopped_early = True
             break

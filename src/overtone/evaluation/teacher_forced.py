@@ -42,6 +42,18 @@ class Predictions:
 
 
 @dataclass
+class AnswerLogits:
+    """Logits at every scored answer position of a ``ProbeBatch``, the rows' positions concatenated."""
+
+    logits: torch.Tensor  # [N, V], N = sum(counts)
+    counts: list[int]  # answer tokens of each row
+    cache: SuffixCache | None = None
+
+    def rows(self) -> list[torch.Tensor]:
+        return list(self.logits.split(self.counts))
+
+
+@dataclass
 class CaseScores:
     """Metrics of one case in [0, 1]; None where the case has no probe of that metric."""
 
@@ -57,6 +69,18 @@ class CaseScores:
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def _by_metric(
+    groups: list[tuple[str, str]], values: list[float | None]
+) -> tuple[dict[str, float | None], dict[str, dict[str, float]]]:
+    """Per-metric means of per-row ``values`` (None rows skipped): over a kind's probes, then over kinds."""
+    per_kind: dict[str, dict[str, list[float]]] = {}
+    for (metric, kind), value in zip(groups, values, strict=True):
+        if value is not None:
+            per_kind.setdefault(metric, {}).setdefault(kind, []).append(value)
+    detail = {m: {k: sum(v) / len(v) for k, v in kinds.items()} for m, kinds in per_kind.items()}
+    return {m: _mean(list(detail.get(m, {}).values())) for m in METRICS}, detail
 
 
 class Evaluator:
@@ -83,10 +107,10 @@ class Evaluator:
         return ProbeBatch(case=case, groups=groups, batch=batch)
 
     @torch.no_grad()
-    def predict(
+    def answer_logits(
         self, probes: ProbeBatch, record_from: int | None = None, replay: SuffixCache | None = None
-    ) -> Predictions:
-        """Argmax predictions; ``record_from`` keeps a suffix cache, ``replay`` reuses one."""
+    ) -> AnswerLogits:
+        """Logits at the answer positions; ``record_from`` keeps a suffix cache, ``replay`` reuses one."""
         adapter = self.lm.adapter
         batch = probes.batch
         if replay is not None:
@@ -94,23 +118,40 @@ class Evaluator:
         else:
             hidden, cache = forward_hidden(adapter, batch.input_ids, batch.attention_mask, record_from)
         mask = batch.label_mask
-        argmax = adapter.logits(batch.gather(hidden)[mask]).argmax(dim=-1)
-        counts = mask.sum(dim=-1).tolist()
-        return Predictions(tokens=list(argmax.split(counts)), cache=cache)
+        return AnswerLogits(adapter.logits(batch.gather(hidden)[mask]), mask.sum(dim=-1).tolist(), cache)
+
+    def predict(
+        self, probes: ProbeBatch, record_from: int | None = None, replay: SuffixCache | None = None
+    ) -> Predictions:
+        """Argmax predictions; ``record_from`` keeps a suffix cache, ``replay`` reuses one."""
+        out = self.answer_logits(probes, record_from, replay)
+        return Predictions(tokens=list(out.logits.argmax(dim=-1).split(out.counts)), cache=out.cache)
+
+    def losses(self, probes: ProbeBatch, answer: AnswerLogits) -> dict[str, float | None]:
+        """Per metric, the mean negative log-likelihood per answer token (nats) of the probes' answers.
+
+        The paper's Fig. 1 loss ("the perplexity loss of the ground truth answer to a question"):
+        the log-perplexity of each probe's answer given its prompt, averaged like the metrics (over a
+        kind's probes, then over kinds). Locality uses the probe's own answer, as the dataset gives it.
+        """
+        labels = probes.batch.labels[probes.batch.label_mask]
+        nll = -torch.log_softmax(answer.logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)
+        per_row = [row.mean().item() for row in nll.split(answer.counts)]
+        return _by_metric(probes.groups, per_row)[0]
 
     def score(self, probes: ProbeBatch, predicted: Predictions, reference: Predictions | None) -> CaseScores:
         """Metrics of ``predicted``; Loc. compares with ``reference`` (the unedited model's predictions)."""
         labels = probes.batch.labels
-        per_kind: dict[str, dict[str, list[float]]] = {m: {} for m in METRICS}
-        for i, (metric, kind) in enumerate(probes.groups):
+        per_row: list[float | None] = []
+        for i, (metric, _kind) in enumerate(probes.groups):
             tokens = predicted.tokens[i]
             if metric == "loc":
                 if reference is None:
+                    per_row.append(None)
                     continue
                 gold = reference.tokens[i]
             else:
                 gold = labels[i, : tokens.numel()]
-            per_kind[metric].setdefault(kind, []).append(tokens.eq(gold).float().mean().item())
-        detail = {m: {k: sum(v) / len(v) for k, v in kinds.items()} for m, kinds in per_kind.items() if kinds}
-        values = {m: _mean(list(detail.get(m, {}).values())) for m in METRICS}
+            per_row.append(tokens.eq(gold).float().mean().item())
+        values, detail = _by_metric(probes.groups, per_row)
         return CaseScores(**values, detail=detail)
