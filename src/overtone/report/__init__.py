@@ -1,5 +1,5 @@
 """Tables (and later plots and pages) from run directories."""
 
-from overtone.report.tables import markdown_table, row_cells, summary_table
+from overtone.report.tables import dataset_tables, markdown_table, metric_columns, row_cells, summary_table
 
-__all__ = ["markdown_table", "row_cells", "summary_table"]
+__all__ = ["dataset_tables", "markdown_table", "metric_columns", "row_cells", "summary_table"]
