@@ -43,6 +43,8 @@ class DatasetFormat:
 
 @dataclass(frozen=True)
 class Benchmark:
+    """A dataset file with its loader (case ids ``<name>/<index>``) and how its cases are scored."""
+
     name: str
     file: Path
     loader: Callable[[Path], list[EditCase]]

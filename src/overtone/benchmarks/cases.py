@@ -25,6 +25,7 @@ class EditCase:
     A case may bundle several facts that are edited one after the other and measured together
     (an MQuAKE record: four rewrites, then questions that chain them). Then ``edits`` holds those
     facts in order, and ``prompt``/``target`` state the question they jointly change and its new answer.
+    Runners hand editors the ``requests``, never the bundle itself.
     """
 
     case_id: str

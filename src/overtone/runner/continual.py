@@ -57,7 +57,8 @@ def run_continual(
         if stored:
             raise RunError(
                 f"chunk {index} ({ids[0]} .. {ids[-1]}) is partly in {store.dir} ({stored} of {len(chunk)} cases): "
-                "an earlier run ended it elsewhere (another --limit). Use another --out directory."
+                "an earlier run ended it elsewhere (a --limit that is not a multiple of --sequence) or was killed "
+                "while writing it. Use another --out directory."
             )
         try:
             records = edit_chunk(editor, evaluator, chunk, eval_timing)

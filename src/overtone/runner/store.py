@@ -88,7 +88,7 @@ class ResultStore:
         self.append_many([record])
 
     def append_many(self, records: list[dict[str, Any]]) -> None:
-        """Append records in one write (a continual-editing chunk is stored whole or not at all)."""
+        """Append records in one write and sync, so a continual-editing chunk lands on disk together."""
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         with open(self.dir / CASES_FILE, "a", encoding="utf-8") as fh:
             fh.write(text)
