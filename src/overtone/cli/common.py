@@ -37,7 +37,7 @@ LayerOpt = Annotated[int | None, typer.Option("--layer", help="edited layer (edi
 LrOpt = Annotated[float | None, typer.Option("--lr", help="learning rate (editor default when omitted)")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="max optimisation steps (editor default)")]
 StopLossOpt = Annotated[float | None, typer.Option("--stop-loss", help="early-stop loss threshold (editor default)")]
-DatasetOpt = Annotated[str, typer.Option("--dataset", help="benchmark name (zsre)")]
+DatasetOpt = Annotated[str, typer.Option("--dataset", help="benchmark name or dataset file (overtone datasets)")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", min=0, help="number of cases (all when omitted)")]
 OffsetOpt = Annotated[int, typer.Option("--offset", min=0, help="index of the first case")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed")]
@@ -159,26 +159,44 @@ def progress_bar() -> Progress:
 
 
 def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None, out: Path,
-               seed: int, threads: int, label: str) -> dict[str, Any]:
-    from overtone.benchmarks import DatasetError, load_benchmark
-    from overtone.evaluation import Evaluator
-    from overtone.runner import ResultStore, RunError, StoreError, run_single_editing
+               seed: int, threads: int, label: str, sequence: int = 1, eval_timing: str = "end",
+               generation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run ``editor`` over a dataset into ``out``: single editing (``sequence`` 1) or continual editing.
 
+    ``generation`` overrides the settings of generation-based evaluation (MQuAKE); None values are skipped.
+    """
+    from overtone.benchmarks import BENCHMARKS, TEACHER_FORCED, DatasetError, load_benchmark, resolve_dataset
+    from overtone.evaluation import GenerationSettings, make_evaluator
+    from overtone.runner import EVAL_TIMINGS, ResultStore, RunError, StoreError, run_continual
+
+    generation = {k: v for k, v in (generation or {}).items() if v is not None}
     try:
+        bench = resolve_dataset(dataset)
+        if eval_timing not in EVAL_TIMINGS:
+            raise ValueError(f"unknown --eval-timing {eval_timing!r}; choose one of {', '.join(EVAL_TIMINGS)}")
+        if generation and bench.evaluation == TEACHER_FORCED:
+            raise ValueError(f"{', '.join(sorted(generation))}: generation settings apply only to generation-based "
+                             f"benchmarks (mquake), not to {bench.name}")
+        evaluator = make_evaluator(bench.evaluation, lm, GenerationSettings(seed=seed, **generation))
         cases = load_benchmark(dataset, limit=limit, offset=offset)
-        config = {
+        source = {"name": bench.name, "offset": offset}
+        if dataset not in BENCHMARKS:
+            source.update(path=str(bench.file), format=bench.format)
+        config: dict[str, Any] = {
             "overtone_version": __version__,
-            "protocol": "single",
+            "protocol": "single" if sequence == 1 else "continual",
+            **({"sequence": sequence, "eval_timing": eval_timing} if sequence > 1 else {}),
             "model": lm.identity,
             "editor": editor.describe(),
             "objective": editor.objective.config() if editor.objective else None,
-            "dataset": {"name": dataset, "offset": offset},
+            "dataset": source,
+            **({"evaluation": evaluator.describe()} if evaluator.describe() else {}),
             "limit": limit,
             "seed": seed,
             "threads": threads,
         }
         store = ResultStore(out, config)
-    except (DatasetError, StoreError) as exc:
+    except (DatasetError, StoreError, ValueError) as exc:
         fail(str(exc))
     if store.done:
         log.info("%s: resuming, %d cases already done", out, len(store.done & {c.case_id for c in cases}))
@@ -192,8 +210,6 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
             progress.update(task, advance=1, status=status)
 
         try:
-            return run_single_editing(editor, Evaluator(lm), cases, store, on_case)
+            return run_continual(editor, evaluator, cases, store, sequence, eval_timing, on_case)
         except RunError as exc:
             fail(str(exc))
-
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from overtone.editors.base import EditError, EditHandle, Editor, EditStats, StepCallback, StepInfo
+from overtone.editors.base import EditError, EditHandle, Editor, EditStack, EditStats, StepCallback, StepInfo
 from overtone.editors.ft_m import FTM, FTMConfig
 from overtone.editors.lora import LoRA, LoRAConfig
 from overtone.models.loading import LoadedModel
@@ -31,6 +31,7 @@ __all__ = [
     "FTM",
     "EditError",
     "EditHandle",
+    "EditStack",
     "EditStats",
     "Editor",
     "FTMConfig",

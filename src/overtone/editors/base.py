@@ -67,12 +67,19 @@ class EditStats:
 
 
 class EditHandle:
-    """Undo information of one ``edit`` call; ``revert`` restores the exact previous weights."""
+    """Undo information of one ``edit`` call; ``revert`` restores the exact previous weights.
 
-    def __init__(self, revert: Callable[[], None], first_layer: int, stats: EditStats) -> None:
+    ``restores`` (optional) declares that reverting only copies saved values back into exactly these
+    tensors. ``EditStack`` uses it to drop the undo data of a later edit of tensors that an earlier
+    edit of the same sequence already saved, so a long sequence does not pile up weight copies.
+    """
+
+    def __init__(self, revert: Callable[[], None], first_layer: int, stats: EditStats,
+                 restores: Sequence[torch.Tensor] | None = None) -> None:
         self._revert: Callable[[], None] | None = revert
         self.first_layer = first_layer
         self.stats = stats
+        self.restores = tuple(restores) if restores is not None else None
 
     @property
     def active(self) -> bool:
@@ -83,6 +90,43 @@ class EditHandle:
         if self._revert is not None:
             self._revert()
             self._revert = None
+
+    def release(self) -> None:
+        """Drop the undo data without reverting: the caller has another way back (see ``EditStack``)."""
+        self._revert = None
+
+
+class EditStack:
+    """The handles of a sequence of edits applied without reverting (continual editing).
+
+    ``revert`` undoes the whole sequence, newest edit first. A pushed handle whose ``restores`` are
+    all saved by earlier copy-restoring handles of the stack is released at once: reverting those
+    earlier handles puts the same tensors back to their values before the sequence, so its own copy
+    is never needed. With FT-M, a sequence of T edits thus holds one copy of the edited matrix, not T.
+    """
+
+    def __init__(self) -> None:
+        self.handles: list[EditHandle] = []
+        self._saved: set[int] = set()  # ids of tensors restored by a held copy-restoring handle
+        self.first_layer: int | None = None  # lowest layer any edit of the sequence can have changed
+
+    def push(self, handle: EditHandle) -> EditHandle:
+        layer = handle.first_layer
+        self.first_layer = layer if self.first_layer is None else min(self.first_layer, layer)
+        if handle.restores is not None and all(id(t) in self._saved for t in handle.restores):
+            handle.release()
+        else:
+            self.handles.append(handle)
+            if handle.restores is not None:
+                self._saved.update(id(t) for t in handle.restores)
+        return handle
+
+    def revert(self) -> None:
+        """Undo every edit of the sequence, newest first; the stack is empty afterwards."""
+        while self.handles:
+            self.handles.pop().revert()
+        self._saved.clear()
+        self.first_layer = None
 
 
 class Editor(ABC):

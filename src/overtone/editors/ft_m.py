@@ -118,4 +118,4 @@ class FTM(Editor):
             weight.requires_grad_(False)
             weight.grad = None
         stats.time_s = time.perf_counter() - start
-        return EditHandle(revert, first_layer=cfg.layer, stats=stats)
+        return EditHandle(revert, first_layer=cfg.layer, stats=stats, restores=(weight,))

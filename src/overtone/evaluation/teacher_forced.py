@@ -5,6 +5,7 @@
 * Loc.: fraction of a locality probe's answer positions where the edited model's argmax equals the
   unedited model's; agreement, not correctness.
 * Per case, portability and locality average over the probes of a kind, then over kinds.
+* A case that bundles several edits (``EditCase.edits``) has one Rel. probe per edit, averaged.
 
 All probes of a case go through the model in one right-padded batch. The unedited pass records the
 inputs of the layers an editor may touch, so the edited pass only runs those layers again.
@@ -12,7 +13,9 @@ inputs of the layers an editor may touch, so the edited pass only runs those lay
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -67,6 +70,15 @@ class CaseScores:
         return {m: getattr(self, m) for m in METRICS}
 
 
+@dataclass
+class PreEdit:
+    """A case evaluated on the unedited model, waiting for its evaluation after the edit."""
+
+    probes: ProbeBatch
+    predictions: Predictions  # the locality reference; its cache lets the edited pass skip lower layers
+    seconds: float
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -84,14 +96,49 @@ def _by_metric(
 
 
 class Evaluator:
-    """Teacher-forced Rel./Gen./Por./Loc. of edit cases on one model."""
+    """Teacher-forced Rel./Gen./Por./Loc. of edit cases on one model.
+
+    The runners use ``before`` (on the unedited model) and ``after`` (on the edited one); ``probes``,
+    ``predict`` and ``score`` are the steps in between, for callers that need them.
+    """
+
+    metrics: ClassVar[tuple[str, ...]] = METRICS  # the columns of this evaluation's tables, Avg. is their mean
 
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
 
+    def describe(self) -> dict[str, Any] | None:
+        """Settings to write into a run's configuration (None: nothing beyond the model)."""
+        return None
+
+    def before(self, case: EditCase, record_from: int | None) -> PreEdit:
+        """Predictions of the unedited model, recording the inputs of layers >= ``record_from``."""
+        start = time.perf_counter()
+        probes = self.probes(case)
+        return PreEdit(probes, self.predict(probes, record_from=record_from), time.perf_counter() - start)
+
+    def after(self, pre: PreEdit, replay: bool) -> dict[str, Any]:
+        """Result fields of the edited model: ``pre``, ``post``, ``detail`` metrics and ``eval_s``.
+
+        ``replay`` says the edits left every layer below the recorded one unchanged, so the recorded
+        inputs are still valid and only the upper layers run again.
+        """
+        start = time.perf_counter()
+        cache = pre.predictions.cache if replay else None
+        post = self.predict(pre.probes, replay=cache)
+        seconds = pre.seconds + time.perf_counter() - start
+        pre_scores = self.score(pre.probes, pre.predictions, reference=None)
+        post_scores = self.score(pre.probes, post, reference=pre.predictions)
+        return {
+            "pre": {m: v for m, v in pre_scores.as_dict().items() if m != "loc"},
+            "post": post_scores.as_dict(),
+            "detail": post_scores.detail,
+            "eval_s": seconds,
+        }
+
     def probes(self, case: EditCase) -> ProbeBatch:
-        groups: list[tuple[str, str]] = [("rel", "rewrite")]
-        pairs = [(case.prompt, case.target)]
+        groups: list[tuple[str, str]] = [("rel", "rewrite")] * len(case.requests)
+        pairs = [(edit.prompt, edit.target) for edit in case.requests]
         for text in case.rephrases:
             groups.append(("gen", "rephrase"))
             pairs.append((text, case.target))

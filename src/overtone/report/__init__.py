@@ -9,9 +9,12 @@ and statistics are imported here, so commands that print a table do not load mat
 from overtone.report.stats import PairedDifference, paired_difference, paired_differences
 from overtone.report.tables import (
     PaperTable,
+    dataset_tables,
     markdown_table,
     paired_markdown,
     paired_table,
+    metric_columns,
+    protocol_title,
     row_cells,
     summary_table,
     to_markdown,
@@ -21,11 +24,14 @@ from overtone.report.tables import (
 __all__ = [
     "PairedDifference",
     "PaperTable",
+    "dataset_tables",
     "markdown_table",
     "paired_difference",
     "paired_differences",
+    "metric_columns",
     "paired_markdown",
     "paired_table",
+    "protocol_title",
     "row_cells",
     "summary_table",
     "to_markdown",

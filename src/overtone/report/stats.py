@@ -2,7 +2,7 @@
 
 Each case is edited by both runs, so the per-case difference removes the variation between cases.
 We report its mean with a 95% t-interval and the counts of cases where the second run wins, ties and
-loses. A case's Avg. is the mean of the metrics it has.
+loses. A case's Avg. is the mean of the metrics it has (the metrics of its benchmark's table).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 
 from scipy import stats
 
-from overtone.evaluation.teacher_forced import METRICS
 
 TIE = 1e-9
 
@@ -42,7 +41,7 @@ class PairedDifference:
 def case_value(record: dict[str, Any], metric: str) -> float | None:
     post = record["post"]
     if metric == "avg":
-        present = [post[m] for m in METRICS if post.get(m) is not None]
+        present = [v for v in post.values() if v is not None]
         return sum(present) / len(present) if present else None
     return post.get(metric)
 
@@ -74,6 +73,9 @@ def paired_difference(
 
 
 def paired_differences(
-    base: Sequence[dict[str, Any]], other: Sequence[dict[str, Any]], metrics: Sequence[str] = (*METRICS, "avg")
+    base: Sequence[dict[str, Any]], other: Sequence[dict[str, Any]], metrics: Sequence[str] | None = None
 ) -> dict[str, PairedDifference]:
+    """Differences for ``metrics`` (default: every metric the records have, then Avg.)."""
+    if metrics is None:
+        metrics = [*dict.fromkeys(m for r in base for m in r["post"]), "avg"]
     return {m: paired_difference(base, other, m) for m in metrics}

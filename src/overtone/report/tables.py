@@ -1,5 +1,9 @@
 """Result tables in the paper's layouts (x100), rendered to the console, Markdown, CSV and HTML.
 
+Columns follow the paper's Table 4.2 and App. C: Rel. Gen. Por. Loc. Avg. for the teacher-forced
+benchmarks, Rel. Sng-Hop Mlt-Hop Avg. for MQuAKE. A metric column is shown only when some run of the
+table has a value for it, so WikiBio (no rephrases, no portability) gets Rel. Loc. Avg., as in the paper.
+
 A ``PaperTable`` is the one table model: column groups (a dataset or a sequence length) over metric
 columns, and row sections (a model or an editor) over method rows. The builders here turn run
 directories and traces into such tables; renderers for each output format take any of them.
@@ -19,13 +23,15 @@ if TYPE_CHECKING:
     from overtone.diagnostics import CaseTrace
     from overtone.report.runs import Pair, RunInfo
 
-COLUMNS = (("rel", "Rel."), ("gen", "Gen."), ("por", "Por."), ("loc", "Loc."), ("avg", "Avg."))
+COLUMNS = (("rel", "Rel."), ("gen", "Gen."), ("por", "Por."), ("loc", "Loc."), ("sng_hop", "Sng-Hop"),
+           ("mlt_hop", "Mlt-Hop"), ("avg", "Avg."))
 METRIC_HEADERS = dict(COLUMNS)
-HEADERS = ("run", *(h for _, h in COLUMNS), "cases", "steps", "s/edit")
+TAIL = ("cases", "steps", "s/edit")
+Row = tuple[str, dict[str, Any]]
 # Display names and the paper's order; anything else keeps its own name and sorts after these.
 EDITOR_NAMES = {"rome": "ROME", "memit": "MEMIT", "ft-m": "FT-M", "lora": "LoRA", "melo": "MELO", "wise": "WISE"}
-DATASET_NAMES = {"zsre": "ZsRE", "wiki_counterfact": "Wiki_cf", "wiki_recent": "Wiki_recent", "wikibio": "WikiBio",
-                 "mquake": "MQuAKE"}
+DATASET_NAMES = {"zsre": "ZsRE", "wikidata-counterfact": "Wiki_cf", "wikidata-recent": "Wiki_recent",
+                 "wikibio": "WikiBio", "mquake": "MQuAKE"}
 PROBE_NAMES = {"rel": "Reliability (edit prompt)", "gen": "Generality (rephrase)", "por": "Portability",
                "loc": "Locality"}
 
@@ -110,32 +116,56 @@ def write_csv(path: Path, table: PaperTable) -> None:
         writer.writerows(table.rows())
 
 
-def row_cells(label: str, summary: dict[str, Any]) -> list[str]:
-    """Label, the five metrics, number of cases, mean optimiser steps and seconds per edit (with eval)."""
+def metric_columns(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The (key, header) metric columns with a value in at least one summary; Avg. always."""
+    return [(k, h) for k, h in COLUMNS if k == "avg" or any(s.get(k) is not None for s in summaries)]
+
+
+def row_cells(label: str, summary: dict[str, Any], columns: Sequence[tuple[str, str]] | None = None) -> list[str]:
+    """Label, the metrics, number of cases, mean optimiser steps and seconds per edit (with eval)."""
+    columns = metric_columns([summary]) if columns is None else columns
     seconds = (summary.get("mean_edit_s") or 0) + (summary.get("mean_eval_s") or 0)
     return [
         label,
-        *(_fmt(summary.get(key)) for key, _ in COLUMNS),
+        *(_fmt(summary.get(key)) for key, _ in columns),
         str(summary.get("n_cases", "")),
         _fmt(summary.get("mean_steps"), 1),
         _fmt(seconds, 2),
     ]
 
 
-def _summary_layout(rows: Sequence[tuple[str, dict[str, Any]]], title: str = "", caption: str = "") -> PaperTable:
-    return PaperTable(title=title, groups=[("", list(HEADERS[1:]))], sections=[("", [row_cells(*r) for r in rows])],
-                      stub=HEADERS[0], caption=caption)
+def _summary_layout(rows: Sequence[Row], title: str = "", caption: str = "", stub: str = "run") -> PaperTable:
+    columns = metric_columns([s for _, s in rows])
+    return PaperTable(title=title, groups=[("", [*(h for _, h in columns), *TAIL])],
+                      sections=[("", [row_cells(label, s, columns) for label, s in rows])], stub=stub,
+                      caption=caption)
 
 
-def summary_table(
-    rows: Sequence[tuple[str, dict[str, Any]]], title: str | None = None, caption: str | None = None
-) -> Table:
+def summary_table(rows: Sequence[Row], title: str | None = None, caption: str | None = None) -> Table:
     return to_rich(_summary_layout(rows, title or "", caption or ""))
 
 
-def markdown_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
+def markdown_table(rows: Sequence[Row]) -> str:
     """The same table as GitHub Markdown, for READMEs and issue notes."""
     return to_markdown(_summary_layout(rows))
+
+
+def protocol_title(config: dict[str, Any]) -> str:
+    """E.g. ``zsre, single editing`` or ``wikibio, continual T=10`` (from a run's config)."""
+    dataset = (config.get("dataset") or {}).get("name", "?")
+    sequence = config.get("sequence", 1)
+    if sequence == 1:
+        return f"{dataset}, single editing"
+    timing = ", evaluated after each edit" if config.get("eval_timing") == "after-each" else ""
+    return f"{dataset}, continual T={sequence}{timing}"
+
+
+def dataset_tables(runs: Sequence[tuple[str, dict[str, Any], dict[str, Any]]]) -> list[tuple[str, list[Row]]]:
+    """Runs given as (label, config, summary), grouped into one table per dataset and protocol, in input order."""
+    groups: dict[str, list[Row]] = {}
+    for label, config, summary in runs:
+        groups.setdefault(protocol_title(config), []).append((label, summary))
+    return list(groups.items())
 
 
 # ---- tables of run directories -----------------------------------------------------------------------
@@ -255,11 +285,11 @@ def gain_table(pairs: Sequence[Pair]) -> PaperTable | None:
 
 def runs_table(runs: Sequence[RunInfo]) -> PaperTable:
     """Every input run with its configuration and cost, in the ``overtone table`` layout."""
-    rows = []
+    rows: list[Row] = []
     for run in runs:
         what = f"{run.path.name}: {method_label(run)}, {dataset_name(run.dataset)}, {run.model}, T={run.sequence}"
-        rows.append(row_cells(what, run.summary))
-    return PaperTable(title="Runs (x100)", groups=[("", list(HEADERS[1:]))], sections=[("", rows)], stub="run")
+        rows.append((what, run.summary))
+    return _summary_layout(rows, "Runs (x100)")
 
 
 # ---- tables of traces ------------------------------------------------------------------------------------
@@ -316,24 +346,27 @@ def _paired_rows(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str,
     from overtone.report.stats import paired_differences
 
     _, _, base_records = results[base]
+    columns = metric_columns([summary for _, summary, _ in results])
     for i, (label, _summary, records) in enumerate(results):
         if i == base:
             continue
-        diffs = paired_differences(base_records, records)
+        diffs = paired_differences(base_records, records, [key for key, _ in columns])
         avg = diffs["avg"]
-        cells = [str(diffs[key]) + ("*" if diffs[key].significant else "") for key, _ in COLUMNS]
+        cells = [str(diffs[key]) + ("*" if diffs[key].significant else "") for key, _ in columns]
         yield [label, *cells, f"{avg.wins}/{avg.ties}/{avg.losses}", str(avg.n)]
 
 
-PAIRED_HEADERS = ("run", *(f"Δ{h}" for _, h in COLUMNS), "W/T/L (Avg.)", "paired cases")
+def _paired_headers(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]]) -> list[str]:
+    columns = metric_columns([summary for _, summary, _ in results])
+    return [*(f"Δ{h}" for _, h in columns), "W/T/L (Avg.)", "paired cases"]
 PAIRED_CAPTION = ("Δ = mean per-case difference to the base row ± 95% t-interval; * = interval excludes 0; "
                   "W/T/L = cases won/tied/lost on Avg.")
 
 
 def _paired_layout(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]], base: int,
                    title: str = "", caption: str = "") -> PaperTable:
-    return PaperTable(title=title, groups=[("", list(PAIRED_HEADERS[1:]))],
-                      sections=[("", list(_paired_rows(results, base)))], stub=PAIRED_HEADERS[0], caption=caption)
+    return PaperTable(title=title, groups=[("", _paired_headers(results))],
+                      sections=[("", list(_paired_rows(results, base)))], stub="run", caption=caption)
 
 
 def paired_table(
