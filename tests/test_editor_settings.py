@@ -1,4 +1,4 @@
-"""Editor settings from the command line: ``--set KEY=VALUE`` typed by the editor's config."""
+"""WISE and MELO from the command line: ``overtone bench`` with ``--set`` settings."""
 
 from __future__ import annotations
 
@@ -8,28 +8,13 @@ import pytest
 from typer.testing import CliRunner
 
 from overtone.cli import app
-from overtone.editors import parse_settings
 
 runner = CliRunner()
 
 
-def test_values_are_typed_by_the_config_field():
-    assert parse_settings("melo", ["layers=[22, 23]", "init_radius=90", "roles=mlp_in", "lr=1e-3",
-                                   "key-layer=null", "preset=llama-2-7b"]) == {
-        "layers": (22, 23), "init_radius": 90.0, "roles": ("mlp_in",), "lr": 1e-3, "key_layer": None,
-        "preset": "llama-2-7b"}
-    assert parse_settings("wise", ["threshold_scale=0.6", "steps=40"]) == {"threshold_scale": 0.6, "steps": 40}
-    for bad, message in (("steps=1.5", "setting steps: expected int, got 1.5"),
-                         ("steps=true", "expected int, got True"),
-                         ("rank", "is not KEY=VALUE"),
-                         ("radius=3", "editor 'melo' has no setting 'radius'; known: preset, layers")):
-        with pytest.raises(ValueError, match=message):
-            parse_settings("melo", [bad])
-
-
 @pytest.mark.parametrize("editor, settings", [
     ("wise", ["layer=2", "threshold_scale=0.6", "alpha=0.5", "beta=2", "gamma=1"]),
-    ("melo", ["init_radius=0.001", "layers=[2, 3]"]),
+    ("melo", ["init_radius=0.001", "layers=2,3"]),
 ])
 def test_bench_runs_a_memory_editor(tmp_path, tiny_llama_dir, editor, settings):
     out = tmp_path / "run"
@@ -45,11 +30,20 @@ def test_bench_runs_a_memory_editor(tmp_path, tiny_llama_dir, editor, settings):
     assert ("threshold_scale: 0.6" in config) if editor == "wise" else ("init_radius: 0.001" in config)
 
 
+def test_bench_runs_a_sequence_with_a_memory_editor(tmp_path, tiny_llama_dir):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["bench", "--editor", "melo", "--objective", "ce", "--limit", "4", "--sequence", "2",
+                                 "--out", str(out), "--model", str(tiny_llama_dir), "--device", "cpu", "--steps", "3",
+                                 "--set", "init_radius=0.001", "--set", "layers=2,3"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["n_cases"] == 4
+
+
 def test_bench_explains_bad_settings(tmp_path, tiny_llama_dir):
     base = ["bench", "--limit", "1", "--out", str(tmp_path / "r"), "--device", "cpu", "--model", str(tiny_llama_dir)]
     result = runner.invoke(app, [*base, "--editor", "melo"])
     assert result.exit_code == 2 and "set init_radius" in result.output
     result = runner.invoke(app, [*base, "--editor", "melo", "--set", "radius=3"])
-    assert result.exit_code == 2 and "has no setting 'radius'" in result.output
+    assert result.exit_code == 2 and "KEY one of preset, layers" in result.output
     result = runner.invoke(app, [*base, "--editor", "melo", "--layer", "2", "--set", "init_radius=1"])
     assert result.exit_code == 2 and "has no setting(s) layer" in result.output

@@ -83,18 +83,19 @@ def test_ties_merge_trims_elects_signs_and_averages_the_agreeing_deltas():
 
 def test_irrelevant_sentences_come_from_the_zsre_train_split(tiny_llama, tmp_path):
     sentences = load_irrelevant()
-    assert len(sentences) == 1000
+    assert len(sentences) == 998  # the 1000 train records less the 2 with an empty target, as the loader skips
     assert sentences[0] == "nq question: john goodman's character in the big lebowski Walter Sobchak"
     ed = wise(tiny_llama)
     picked = ed._irrelevant_for([CASE, EditCase("t/1", "Q?", "A")])
     assert all(s in sentences for s in picked) and picked == ed._irrelevant_for([CASE, EditCase("t/1", "Q?", "A")])
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps([{"loc": "nq question: who?", "loc_ans": ""}]))
+    bad.write_text(json.dumps([{"src": "Who?", "alt": "Bob", "loc": "nq question: who?", "loc_ans": ""}]))
     with pytest.raises(DatasetError, match="record 0: field 'loc_ans': is empty"):
-        load_irrelevant(bad)
-    (tmp_path / "bad2.json").write_text(json.dumps([{"src": "x"}]))
-    with pytest.raises(DatasetError, match="record 0: field 'loc'"):
-        wise(tiny_llama, irrelevant_file=str(tmp_path / "bad2.json"))
+        wise(tiny_llama, irrelevant=str(bad))
+    none = tmp_path / "none.json"
+    none.write_text(json.dumps([{"src": "Who?", "alt": "Bob"}]))
+    with pytest.raises(DatasetError, match="no locality probes"):
+        wise(tiny_llama, irrelevant=str(none))
 
 
 def test_presets_and_validation(tiny_llama):

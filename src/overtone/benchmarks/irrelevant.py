@@ -2,27 +2,25 @@
 
 WISE's activation-margin loss pairs every edit with one sentence outside its scope. The WISE paper
 and the reference toolkit take these from the ZsRE *train* split in MEND format, as
-``loc + " " + loc_ans`` (a Natural Questions question and its answer); the shipped file is 1000
-records of that split, disjoint from the KnowEdit ZsRE test cases that are evaluated.
+``loc + " " + loc_ans`` (a Natural Questions question and its answer): here the locality probes of
+the ``zsre-mend`` benchmark (1000 train records, disjoint from the KnowEdit ZsRE test). Any dataset
+name or file with locality probes works the same way.
 """
 
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 
-from overtone.benchmarks.knowedit import DatasetError, RecordReader, read_json_records
+from overtone.benchmarks import DatasetError, load_benchmark
 
-ZSRE_TRAIN = Path(__file__).resolve().parent.parent / "data" / "zsre" / "zsre_mend_train-1k.json"
+DEFAULT_SOURCE = "zsre-mend"
 
 
 @cache
-def load_irrelevant(path: Path | str = ZSRE_TRAIN) -> tuple[str, ...]:
-    """Every record's ``loc + " " + loc_ans`` from a MEND-format ZsRE file."""
-    sentences = []
-    for i, record in enumerate(read_json_records(path)):
-        r = RecordReader(path, i, record)
-        sentences.append(f"{r.text('loc')} {r.text('loc_ans')}")
+def load_irrelevant(source: str = DEFAULT_SOURCE) -> tuple[str, ...]:
+    """``prompt + " " + answer`` of every locality probe of a benchmark name or dataset file."""
+    sentences = tuple(f"{p.prompt} {p.answer}" for case in load_benchmark(source)
+                      for probes in case.locality.values() for p in probes)
     if not sentences:
-        raise DatasetError(f"{path}: no records")
-    return tuple(sentences)
+        raise DatasetError(f"{source}: no locality probes to use as irrelevant sentences")
+    return sentences

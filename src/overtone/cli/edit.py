@@ -26,6 +26,7 @@ from overtone.cli.common import (
     VerboseOpt,
     build,
     console,
+    editor_settings,
     fail,
     overtone_config,
     setup,
@@ -50,8 +51,8 @@ def edit(
     layer: LayerOpt = None,
     lr: LrOpt = None,
     steps: StepsOpt = None,
+    settings: SetOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="greedy tokens to show")] = 12,
-    set_: SetOpt = None,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -60,9 +61,9 @@ def edit(
     from overtone.generation import greedy_complete
 
     setup(threads, seed, verbose)
-    cfg = overtone_config(lam, n_sigma, epsilon, False, False, False, False)
-    lm, ed = build(model, device, dtype, editor, objective, cfg, {"layer": layer, "lr": lr, "steps": steps},
-                   assignments=set_)
+    cfg = overtone_config(editor, lam, n_sigma, epsilon)
+    lm, ed = build(model, device, dtype, editor, objective, cfg,
+                   editor_settings(editor, settings, layer=layer, lr=lr, steps=steps))
     try:
         case = EditCase(case_id="cli", prompt=prompt, target=target)
     except ValueError as exc:

@@ -27,7 +27,6 @@ replays only those layers too.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -39,10 +38,11 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from torch import nn
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditError, EditHandle, Editor, EditStats, StepCallback, StepInfo
+from overtone.editors.base import EditHandle, Editor, StepCallback
 from overtone.editors.memory import Journal, edit_seed, missing_settings, resolve_preset
+from overtone.editors.training import TargetLogits, optimise
 from overtone.models.loading import LoadedModel
-from overtone.models.replay import forward_hidden, forward_suffix
+from overtone.models.replay import forward_hidden
 from overtone.models.routing import last_token_index, real_tokens
 from overtone.objectives import Objective
 from overtone.tokens import encode_pairs
@@ -236,7 +236,7 @@ class MELO(Editor):
         self._hooks: list[Any] = []
         self._route: list[str] = []
         self._training: str | None = None  # the block being trained: every row uses it
-        self._keys: torch.Tensor | None = None
+        self._filing: list[tuple[str, str]] = []  # (case id, label) of the keys the next training forward files
         self._created = 0
 
     @property
@@ -248,7 +248,12 @@ class MELO(Editor):
     def _key_hook(self, block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         keys = row_keys(block, args, kwargs)
         if self._training is not None:
-            self._keys = keys
+            if self._filing:
+                outcomes = [self.codebook.add(key, label, self._training)
+                            for key, (_, label) in zip(keys, self._filing, strict=True)]
+                log.debug("MELO %s: keys filed as %s (%d clusters)", ", ".join(i for i, _ in self._filing),
+                          outcomes, len(self.codebook.clusters))
+                self._filing = []
             self._route = [self._training] * keys.shape[0]
             return
         self.last_routes = self.codebook.route(keys)
@@ -310,58 +315,36 @@ class MELO(Editor):
 
     def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None) -> EditHandle:
         cfg: MELOConfig = self.config
-        objective = self.objective
-        assert objective is not None
-        adapter = self.lm.adapter
+        assert self.objective is not None
         start = time.perf_counter()
-        ids = ", ".join(c.case_id for c in cases)
         batch = encode_pairs(self.lm.tokenizer, [c.prompt for c in cases], [c.target for c in cases],
                              self.lm.device)
         before = _State(self.codebook.clusters, self.adapters)
         self._created += 1
         name = f"edit{self._created}"
-        stats = EditStats()
         try:
             params = self._add_adapter(name, edit_seed(cfg.seed, cases))
             self.adapters = (*self.adapters, name)
             optimiser = torch.optim.Adam(params, lr=cfg.lr)
             schedule = torch.optim.lr_scheduler.StepLR(optimiser, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-            self._training = name
-            cache = reference = None
-            for _ in range(cfg.steps):
-                if cache is None:
-                    hidden, cache = forward_hidden(adapter, batch.input_ids, batch.attention_mask, cfg.key_layer)
-                    assert self._keys is not None
-                    outcomes = [self.codebook.add(key, case.target.strip(), name)
-                                for key, case in zip(self._keys, cases, strict=True)]
-                    log.debug("MELO %s: keys filed as %s (%d clusters)", ids, outcomes, len(self.codebook.clusters))
-                else:
-                    hidden = forward_suffix(adapter, cache)
-                logits = adapter.logits(batch.gather(hidden))
-                if objective.needs_reference and reference is None:
-                    reference = logits.detach()  # the new block starts at zero (B = 0): the unedited logits
-                out = objective(logits, batch.labels, reference)
-                loss = out.loss.item()
-                if not math.isfinite(loss):
-                    raise EditError(f"case {ids}: the {objective.name} loss is {loss} at step {stats.steps}; "
-                                    "the edit was removed")
-                stats.losses.append(loss)
-                if on_step is not None:
-                    on_step(StepInfo(step=stats.steps, loss=loss, output=out, cases=cases))
-                if loss < cfg.stop_loss or out.active_tokens == 0:
-                    stats.stopped_early = True
-                    break
+
+            def update(loss: torch.Tensor) -> None:
                 optimiser.zero_grad(set_to_none=True)
-                out.loss.backward()
+                loss.backward()
                 optimiser.step()
                 schedule.step()
-                stats.steps += 1
+
+            # The first forward files the edit's keys (the key hook sees them); every row trains the new block,
+            # which starts at zero (B = 0), so the first logits are the unedited model's.
+            self._training, self._filing = name, [(case.case_id, case.target.strip()) for case in cases]
+            stats = optimise(cases, self.objective, TargetLogits(self.lm.adapter, batch, cfg.key_layer), update,
+                             cfg.steps, cfg.stop_loss, on_step)
         except BaseException:
             self._training = None
             self._restore(before)
             raise
         finally:
-            self._training, self._keys = None, None
+            self._training, self._filing = None, []
             for p in self.lm.model.parameters():
                 p.requires_grad_(False)
         serial = self.journal.push(before)

@@ -13,7 +13,7 @@ OverTone paper ran it (docs/protocol.md (e), paper Appendix B):
   sequence, where a_t is the FFN's inner activation and act the model's activation function (the
   reference toolkit's form; the paper writes it without act).
 * **Margin loss.** With d_in the distance on the edit and d_out on an irrelevant sentence (ZsRE train
-  ``loc + " " + loc_ans``): ``[d_out − d_in + γ]₊ + [d_out − α]₊ + [β − d_in]₊``.
+  ``loc + " " + loc_ans``, ``benchmarks.irrelevant``): ``[d_out − d_in + γ]₊ + [d_out − α]₊ + [β − d_in]₊``.
 * **Routing.** A shard's threshold is ``min over its edits of d_in`` (measured after each edit) ×
   ``act_ratio`` × ``threshold_scale``. At inference every sequence of a batch computes d for every
   shard; it takes the shard with the largest d among those above their thresholds, or the original
@@ -48,14 +48,15 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from overtone.benchmarks.cases import EditCase
-from overtone.benchmarks.irrelevant import ZSRE_TRAIN, load_irrelevant
-from overtone.editors.base import EditError, EditHandle, Editor, EditStats, StepCallback, StepInfo
+from overtone.benchmarks.irrelevant import DEFAULT_SOURCE, load_irrelevant
+from overtone.editors.base import EditHandle, Editor, StepCallback
 from overtone.editors.memory import Journal, resolve_preset
+from overtone.editors.training import TargetLogits, optimise
 from overtone.models.adapters import ArchitectureError
 from overtone.models.loading import LoadedModel
-from overtone.models.replay import forward_hidden, forward_suffix
+from overtone.models.replay import forward_hidden
 from overtone.models.routing import real_tokens
-from overtone.objectives import Objective
+from overtone.objectives import Objective, ObjectiveOutput
 from overtone.tokens import encode_pairs
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,9 @@ class WISEConfig:
     save_freq: int = field(default=500, metadata={"help": "edits per shard"})
     merge_freq: int = field(default=1000, metadata={"help": "edits between TIES merges (a multiple of save_freq)"})
     density: float = field(default=0.53, metadata={"help": "TIES: fraction of each shard's delta kept"})
-    irrelevant_file: str | None = field(
-        default=None, metadata={"help": "MEND-format JSON with loc/loc_ans (default: shipped ZsRE train)"})
+    irrelevant: str = field(
+        default=DEFAULT_SOURCE, metadata={"help": "dataset (name or file) whose locality probes are the irrelevant "
+                                                  "sentences (default: ZsRE train, MEND format)"})
     seed: int = field(default=0, metadata={"help": "seed of the gradient masks"})
 
     def __post_init__(self) -> None:
@@ -182,7 +184,7 @@ class WISE(Editor):
         self.block = lm.adapter.layers[config.layer]
         self.conv1d = lm.adapter.arch.conv1d
         self.act = _activation(lm.model.config)
-        self.irrelevant = load_irrelevant(config.irrelevant_file or ZSRE_TRAIN)
+        self.sentences = load_irrelevant(config.irrelevant)
         self.state = _State()
         self.journal: Journal[_State] = Journal()
         self.last_routes: torch.Tensor | None = None  # shard index per row of the last routed batch, -1 = none
@@ -190,7 +192,7 @@ class WISE(Editor):
         self._real: torch.Tensor | None = None  # real tokens of the batch now inside the block
         self._mode = "route"
         self._trained: torch.Tensor | None = None  # the weight being trained, in "train" mode
-        self._seen: list[torch.Tensor] = []  # FFN inputs met in "train"/"record" mode
+        self._inner: torch.Tensor | None = None  # the FFN input of the last pass in "train"/"record" mode
 
     @property
     def first_layer(self) -> int:
@@ -225,7 +227,7 @@ class WISE(Editor):
     def _module_hook(self, _module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         inner = inputs[0]
         if self._mode != "route":
-            self._seen.append(inner.detach())
+            self._inner = inner.detach()
             if self._mode == "record":
                 return output
             assert self._trained is not None
@@ -305,31 +307,30 @@ class WISE(Editor):
 
     def _irrelevant_for(self, cases: Sequence[EditCase]) -> list[str]:
         """One irrelevant sentence per case, chosen by the case id so that it never depends on run order."""
-        return [self.irrelevant[zlib.crc32(c.case_id.encode()) % len(self.irrelevant)] for c in cases]
+        return [self.sentences[zlib.crc32(c.case_id.encode()) % len(self.sentences)] for c in cases]
 
     def _inner_inputs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The FFN inputs [n, T, I] at the side-memory layer and the attention mask [n, T] of ``texts``."""
         enc = self.lm.tokenizer(texts, return_tensors="pt", padding=True, padding_side="right").to(self.lm.device)
-        self._mode, self._seen = "record", []
+        self._mode, self._inner = "record", None
         try:
             with torch.no_grad():
                 forward_hidden(self.lm.adapter, enc["input_ids"], enc["attention_mask"])
-            return self._seen[0], enc["attention_mask"].bool()
+            assert self._inner is not None
+            return self._inner, enc["attention_mask"].bool()
         finally:
-            self._mode, self._seen = "route", []
+            self._mode, self._inner = "route", None
 
     def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None) -> EditHandle:
         cfg: WISEConfig = self.config
         objective = self.objective
         assert objective is not None
-        adapter = self.lm.adapter
         start = time.perf_counter()
         ids = ", ".join(c.case_id for c in cases)
         batch = encode_pairs(self.lm.tokenizer, [c.prompt for c in cases], [c.target for c in cases],
                              self.lm.device)
         before = self.state
         self._install()
-        stats = EditStats()
         try:
             shard = self._open_shard()
             loc_inner, loc_real = self._inner_inputs(self._irrelevant_for(cases))
@@ -341,63 +342,53 @@ class WISE(Editor):
             weight = shard.weight.clone().requires_grad_(True)
             optimiser = torch.optim.SGD([weight], lr=cfg.lr, weight_decay=cfg.weight_decay)
             self._mode, self._trained = "train", weight
-            cache = reference = None
-            previous = math.inf
-            for _ in range(cfg.steps):
-                self._seen = []
-                if cache is None:
-                    hidden, cache = forward_hidden(adapter, batch.input_ids, batch.attention_mask, cfg.layer)
-                else:
-                    hidden = forward_suffix(adapter, cache)
-                logits = adapter.logits(batch.gather(hidden))
-                if objective.needs_reference and reference is None:
-                    reference = logits.detach()
-                out = objective(logits, batch.labels, reference)
-                edit_inner = self._seen[0]
-                d_in = self._distance(self._project(edit_inner, weight), self._project(edit_inner, original),
+            last: dict[str, Any] = {}
+
+            def margin_loss() -> torch.Tensor:
+                """WISE's activation margins, from the FFN input the forward pass just recorded."""
+                assert self._inner is not None
+                d_in = self._distance(self._project(self._inner, weight), self._project(self._inner, original),
                                       edit_real)
                 d_out = self._distance(self._project(loc_inner, weight), loc_original, loc_real)
                 margin = (F.relu(d_out - d_in + cfg.gamma) + F.relu(d_out - cfg.alpha)
                           + F.relu(cfg.beta - d_in)).mean()
-                total = out.loss + margin
-                loss = total.item()
-                parts = (out.loss.item(), d_in.tolist(), d_out.tolist())
-                if not math.isfinite(loss):
-                    raise EditError(f"case {ids}: the WISE loss ({objective.name} + margin) is {loss} at step "
-                                    f"{stats.steps}; the side memory was restored")
-                stats.losses.append(loss)
-                if on_step is not None:
-                    on_step(StepInfo(step=stats.steps, loss=loss, output=out, cases=cases))
-                no_gradient = out.active_tokens == 0 and margin.item() == 0
-                if no_gradient or (loss <= cfg.stop_loss and abs(previous - loss) <= 1e-4):
-                    stats.stopped_early = True
-                    break
-                previous = loss
+                last.update(margin=margin.item(), d_in=d_in.tolist(), d_out=d_out.tolist())
+                return margin
+
+            def stop(loss: float, out: ObjectiveOutput) -> bool:
+                """The toolkit's early stop (small and settled total loss), or no gradient left at all."""
+                settled = loss <= cfg.stop_loss and abs(last.get("previous", math.inf) - loss) <= 1e-4
+                last["previous"] = loss
+                return settled or (out.active_tokens == 0 and last["margin"] == 0)
+
+            def update(loss: torch.Tensor) -> None:
                 optimiser.zero_grad(set_to_none=True)
-                total.backward()
+                loss.backward()
                 assert weight.grad is not None
                 weight.grad.mul_(mask)
                 optimiser.step()
                 with torch.no_grad():
                     weight.copy_(torch.clamp(weight, original - cfg.norm_constraint, original + cfg.norm_constraint))
-                stats.steps += 1
+
+            stats = optimise(cases, objective, TargetLogits(self.lm.adapter, batch, cfg.layer), update, cfg.steps,
+                             cfg.stop_loss, on_step, extra_loss=margin_loss, stop=stop)
             weight = weight.detach()
+            assert self._inner is not None
             with torch.no_grad():
-                edit_inner = self._seen[0]
-                d_in = self._distance(self._project(edit_inner, weight), self._project(edit_inner, original),
+                d_in = self._distance(self._project(self._inner, weight), self._project(self._inner, original),
                                       edit_real)
             trained = replace(shard, weight=weight, min_act=min(shard.min_act, d_in.min().item()),
                               edits=shard.edits + len(cases))
             self.state = replace(self.state, shards=(*self.state.shards[:-1], trained))
-            log.debug("WISE %s: %d steps, last step: %s %.4f, d_in %s, d_out %s; final d_in %s, threshold %.3f",
-                      ids, stats.steps, objective.name, parts[0], _round(parts[1]), _round(parts[2]),
+            log.debug("WISE %s: %d steps, last step: margin %.4f, d_in %s, d_out %s; final d_in %s, threshold %.3f",
+                      ids, stats.steps, last["margin"], _round(last["d_in"]), _round(last["d_out"]),
                       _round(d_in.tolist()), self._threshold(trained))
             self._close_and_merge()
         except BaseException:
             self._restore(before)
             raise
         finally:
-            self._mode, self._trained, self._seen = "route", None, []
+            self._mode, self._trained, self._inner = "route", None, None
         serial = self.journal.push(before)
         stats.time_s = time.perf_counter() - start
         return EditHandle(lambda: self.journal.revert(serial, self._restore), first_layer=cfg.layer, stats=stats)
