@@ -14,7 +14,6 @@ from typing import Any
 
 from scipy import stats
 
-
 TIE = 1e-9
 
 
