@@ -9,7 +9,7 @@ import torch
 from helpers import assert_same_state, state, tiny_model
 
 from overtone.benchmarks import EditCase
-from overtone.editors import EditError, make_editor
+from overtone.editors import EditError, EditStack, make_editor
 from overtone.evaluation import Evaluator
 from overtone.models import forward_hidden, forward_suffix
 from overtone.objectives import CrossEntropy, Objective, OverTone, OverToneConfig
@@ -136,6 +136,21 @@ def test_a_sequence_of_edits_keeps_each_and_reverts_in_any_order(tiny_llama, nam
     handles[0].revert()
     assert_same_state(tiny_llama, before)
     assert structure(tiny_llama) == shape
+
+
+@pytest.mark.parametrize("name", EDITORS)
+def test_an_edit_stack_keeps_only_the_first_handle_and_reverts_bit_exactly(tiny_llama, name, zsre_cases):
+    before, shape = state(tiny_llama), structure(tiny_llama)
+    ed = editor(name, tiny_llama, steps=5)
+    stack = EditStack()
+    last = zsre_cases[2]
+    loss = target_loss(tiny_llama, last)
+    handles = [stack.push(ed.edit([c])) for c in zsre_cases[:3]]
+    assert stack.handles == handles[:1] and not any(h.active for h in handles[1:])
+    assert target_loss(tiny_llama, last) < loss and routed(ed) == [True]  # the later edits are in place
+    stack.revert()
+    assert_same_state(tiny_llama, before)
+    assert structure(tiny_llama) == shape and not hasattr(tiny_llama.model, "peft_config")
 
 
 class NaNObjective(Objective):

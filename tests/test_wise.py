@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from test_memory_editors import CASE, SETTINGS, routed
 
 from overtone.benchmarks import DatasetError, EditCase
 from overtone.benchmarks.irrelevant import load_irrelevant
-from overtone.editors import WISE, WISEConfig, make_editor
+from overtone.editors import WISE, EditStack, WISEConfig, make_editor
 from overtone.editors.wise import PRESETS, ties_merge
 from overtone.objectives import CrossEntropy
 
@@ -29,6 +31,17 @@ def test_only_the_shard_mask_changes_and_the_clamp_holds(tiny_llama):
     assert bool(delta[~shard.mask].eq(0).all()) and bool(delta[shard.mask].ne(0).any())
     assert delta.abs().max().item() <= 0.05 + 1e-6
     assert torch.equal(ed.module.weight, original)  # the model's own matrix never changes
+
+
+def test_a_sequence_in_an_edit_stack_holds_one_snapshot_of_the_side_memory(tiny_llama, zsre_cases):
+    ed, stack = wise(tiny_llama, steps=2), EditStack()
+    stack.push(ed.edit([zsre_cases[0]]))
+    after_first = weakref.ref(ed.state.shards[-1].weight)
+    stack.push(ed.edit([zsre_cases[1]]))  # its handle's snapshot (the first edit's memory) is dropped at once
+    gc.collect()
+    assert after_first() is None
+    stack.revert()
+    assert not ed.state.shards and not ed._hooks
 
 
 def edit_distance(ed, case) -> float:

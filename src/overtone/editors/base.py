@@ -69,13 +69,15 @@ class EditStats:
 class EditHandle:
     """Undo information of one ``edit`` call; ``revert`` restores the exact previous weights.
 
-    ``restores`` (optional) declares that reverting only copies saved values back into exactly these
-    tensors. ``EditStack`` uses it to drop the undo data of a later edit of tensors that an earlier
-    edit of the same sequence already saved, so a long sequence does not pile up weight copies.
+    ``restores`` (optional) declares that reverting only puts saved values back into exactly these
+    objects: weight tensors, or the state object of an editor that keeps its edits outside the
+    weights (``editors.memory.Journal``). ``EditStack`` uses it to drop the undo data of a later edit
+    of objects that an earlier edit of the same sequence already saved, so a long sequence does not
+    pile up copies.
     """
 
     def __init__(self, revert: Callable[[], None], first_layer: int, stats: EditStats,
-                 restores: Sequence[torch.Tensor] | None = None) -> None:
+                 restores: Sequence[object] | None = None) -> None:
         self._revert: Callable[[], None] | None = revert
         self.first_layer = first_layer
         self.stats = stats
@@ -101,13 +103,14 @@ class EditStack:
 
     ``revert`` undoes the whole sequence, newest edit first. A pushed handle whose ``restores`` are
     all saved by earlier copy-restoring handles of the stack is released at once: reverting those
-    earlier handles puts the same tensors back to their values before the sequence, so its own copy
-    is never needed. With FT-M, a sequence of T edits thus holds one copy of the edited matrix, not T.
+    earlier handles puts the same objects back to their values before the sequence, so its own copy
+    is never needed. With FT-M, a sequence of T edits thus holds one copy of the edited matrix, not T;
+    with WISE, one snapshot of its side memories.
     """
 
     def __init__(self) -> None:
         self.handles: list[EditHandle] = []
-        self._saved: set[int] = set()  # ids of tensors restored by a held copy-restoring handle
+        self._saved: set[int] = set()  # ids of objects restored by a held copy-restoring handle
         self.first_layer: int | None = None  # lowest layer any edit of the sequence can have changed
 
     def push(self, handle: EditHandle) -> EditHandle:

@@ -1,8 +1,8 @@
 """What the memory-based editors (WISE, MELO) share: presets, an undo journal, seeds.
 
 Both keep their edits outside the model's weights (a side copy of a matrix, LoRA blocks) and route
-each sequence to one of them at inference. Their state therefore lives in the editor: an edit pushes
-a snapshot of that state onto a journal, and reverting the edit restores it.
+each sequence to one of them at inference. Their state therefore lives in the editor: an edit's
+handle holds a snapshot of that state from before the edit, and reverting the edit restores it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import fields, replace
 from typing import Any, Generic, TypeVar
 
 from overtone.benchmarks.cases import EditCase
+from overtone.editors.base import EditHandle, EditStats
 from overtone.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -57,28 +58,30 @@ def edit_seed(seed: int, cases: Sequence[EditCase]) -> int:
 
 
 class Journal(Generic[S]):
-    """Snapshots of an editor's state, one per live edit, oldest first.
+    """The live edits of an editor whose state lives outside the model's weights, oldest first.
 
-    Reverting an edit restores the state from before it, which also undoes every later edit; the
-    handles of those later edits then do nothing (like restoring an earlier weight copy would).
+    Each edit's handle holds the snapshot of the state from before it; reverting the edit restores
+    that snapshot, which also undoes every later edit, whose handles then do nothing (like restoring
+    an earlier weight copy would). The handles declare the journal as what they restore, so in a
+    sequence of edits ``EditStack`` keeps only the first one and the later snapshots are freed.
     """
 
     def __init__(self) -> None:
-        self._entries: list[tuple[int, S]] = []
+        self._live: list[int] = []
         self._next = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._live)
 
-    def push(self, snapshot: S) -> int:
-        """Record the state before a new edit; returns the edit's serial number."""
+    def handle(self, snapshot: S, restore: Callable[[S], None], first_layer: int, stats: EditStats) -> EditHandle:
+        """The handle of a new edit, given the state before it and how to put a state back."""
         self._next += 1
-        self._entries.append((self._next, snapshot))
-        return self._next
+        serial = self._next
+        self._live.append(serial)
 
-    def revert(self, serial: int, restore: Callable[[S], None]) -> None:
-        for index, (entry, snapshot) in enumerate(self._entries):
-            if entry == serial:
+        def revert() -> None:
+            if serial in self._live:
                 restore(snapshot)
-                del self._entries[index:]
-                return
+                del self._live[self._live.index(serial):]
+
+        return EditHandle(revert, first_layer=first_layer, stats=stats, restores=(self,))
