@@ -150,6 +150,18 @@ def step_times(lm, case: EditCase, layer: int, objectives: dict[str, Objective],
     return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
+def print_units(u_full: float, u_ref: float, label: str, ours: list[float], steps: list[int],
+                reference: list[float]) -> None:
+    """The yardsticks, then seconds per edit in both units for ours and the reference-style procedure."""
+    mean_ours, mean_ref = statistics.mean(ours), statistics.mean(reference)
+    print(f"yardstick U_full (full fwd+bwd, all params)      {1000 * u_full:8.1f} ms")
+    print(f"yardstick U_ref  (reference FT-M step)          {1000 * u_ref:8.1f} ms")
+    print(f"{'':<34}{'s/edit':>8}{'U_full':>9}{'U_ref':>8}{'steps':>7}")
+    print(f"{label:<34}{mean_ours:8.2f}{mean_ours / u_full:9.2f}{mean_ours / u_ref:8.2f}{statistics.mean(steps):7.1f}")
+    print(f"{'reference-style edit + evaluation':<34}{mean_ref:8.2f}{mean_ref / u_full:9.2f}{mean_ref / u_ref:8.2f}")
+    print(f"speed-up over the reference-style procedure: {mean_ref / mean_ours:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -175,16 +187,9 @@ def main() -> None:
     per_step = step_times(lm, cases[typical], cfg.layer, {"ce": CrossEntropy(), "overtone": OverTone()},
                           args.reps * 4)
 
-    mean_ours, mean_ref = statistics.mean(ours), statistics.mean(reference)
     print(f"model {args.model}, FT-M layer {cfg.layer}, {len(cases)} ZsRE cases, {args.threads} thread(s), "
           f"typical sequence {length} tokens")
-    print(f"yardstick U_full (full fwd+bwd, all params)      {1000 * u_full:8.1f} ms")
-    print(f"yardstick U_ref  (reference FT-M step)          {1000 * u_ref:8.1f} ms")
-    print(f"{'':<34}{'s/edit':>8}{'U_full':>9}{'U_ref':>8}{'steps':>7}")
-    print(f"{'overtone FT-M edit + evaluation':<34}{mean_ours:8.2f}{mean_ours / u_full:9.2f}"
-          f"{mean_ours / u_ref:8.2f}{statistics.mean(steps):7.1f}")
-    print(f"{'reference-style edit + evaluation':<34}{mean_ref:8.2f}{mean_ref / u_full:9.2f}{mean_ref / u_ref:8.2f}")
-    print(f"speed-up over the reference-style procedure: {mean_ref / mean_ours:.2f}x")
+    print_units(u_full, u_ref, "overtone FT-M edit + evaluation", ours, steps, reference)
     ce, ot = per_step["ce"], per_step["overtone"]
     print(f"one optimisation step: CE {1000 * ce:.1f} ms, OverTone {1000 * ot:.1f} ms "
           f"(OverTone/CE = {ot / ce:.3f})")

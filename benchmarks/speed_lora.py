@@ -14,12 +14,11 @@ toolkit's FT-M step). Compared on the same cases:
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 from peft import get_peft_model
-from speed_ftm import reference_style_probes, target_labels, typical_case, yardsticks
+from speed_ftm import print_units, reference_style_probes, target_labels, typical_case, yardsticks
 
 from overtone import Evaluator, edit_and_score, load_benchmark, load_model, make_editor
 from overtone.benchmarks import EditCase
@@ -74,16 +73,9 @@ def main() -> None:
         steps.append(record["steps"])
     reference = [reference_style_edit(lm, editor, c) for c in cases]
 
-    mean_ours, mean_ref = statistics.mean(ours), statistics.mean(reference)
     print(f"model {args.model}, LoRA {editor.config.variant} on {len(editor.target_modules)} modules, "
           f"{len(cases)} ZsRE cases, {args.threads} thread(s), typical sequence {length} tokens")
-    print(f"yardstick U_full (full fwd+bwd, all params)      {1000 * u_full:8.1f} ms")
-    print(f"yardstick U_ref  (reference FT-M step)          {1000 * u_ref:8.1f} ms")
-    print(f"{'':<34}{'s/edit':>8}{'U_full':>9}{'U_ref':>8}{'steps':>7}")
-    print(f"{'overtone LoRA edit + evaluation':<34}{mean_ours:8.2f}{mean_ours / u_full:9.2f}"
-          f"{mean_ours / u_ref:8.2f}{statistics.mean(steps):7.1f}")
-    print(f"{'reference-style edit + evaluation':<34}{mean_ref:8.2f}{mean_ref / u_full:9.2f}{mean_ref / u_ref:8.2f}")
-    print(f"speed-up over the reference-style procedure: {mean_ref / mean_ours:.2f}x")
+    print_units(u_full, u_ref, "overtone LoRA edit + evaluation", ours, steps, reference)
 
 
 if __name__ == "__main__":
