@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 
 from overtone.benchmarks.cases import EditCase, Probe
+from overtone.benchmarks.counterfact import load_counterfact
 from overtone.benchmarks.knowedit import DatasetError, load_knowedit
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -39,6 +40,25 @@ register(
         loader=partial(load_knowedit, prefix="zsre"),
         description="KnowEdit ZsRE test (1301 records): rephrase, Reasoning/Subject_Aliasing/Logical_"
         "Generalization portability, Relation_Specificity locality",
+    )
+)
+
+register(
+    Benchmark(
+        name="counterfact",
+        file=DATA_DIR / "counterfact" / "counterfact_distracting_neighbor.json",
+        loader=partial(load_counterfact, prefix="counterfact"),
+        description="CounterFact, ROME format, the toolkit's distracting-neighbour release (804 records): "
+        "paraphrases, New_Question portability, Neighborhood and Distracting_Neighborhood locality",
+    )
+)
+register(
+    Benchmark(
+        name="counterfact-subject-replace",
+        file=DATA_DIR / "counterfact" / "counterfact_subject_replace.json",
+        loader=partial(load_counterfact, prefix="counterfact-sr"),
+        description="CounterFact, ROME format, the toolkit's subject-replace release (213 records): "
+        "paraphrases, Subject_Replace portability, Neighborhood locality",
     )
 )
 

@@ -26,6 +26,7 @@ from overtone.cli.common import (
     ObjectiveOpt,
     OffsetOpt,
     SeedOpt,
+    SetOpt,
     StaticOpt,
     StepsOpt,
     StopLossOpt,
@@ -33,6 +34,7 @@ from overtone.cli.common import (
     VerboseOpt,
     build,
     console,
+    editor_settings,
     fail,
     overtone_config,
     run_bench,
@@ -63,6 +65,7 @@ def bench(
     lr: LrOpt = None,
     steps: StepsOpt = None,
     stop_loss: StopLossOpt = None,
+    settings: SetOpt = None,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -71,8 +74,8 @@ def bench(
 
     setup(threads, seed, verbose)
     cfg = overtone_config(lam, n_sigma, epsilon, no_clip, static_target, no_mode_check, no_filter)
-    settings = {"layer": layer, "lr": lr, "steps": steps, "stop_loss": stop_loss}
-    lm, ed = build(model, device, dtype, editor, objective, cfg, settings)
+    named = {"layer": layer, "lr": lr, "steps": steps, "stop_loss": stop_loss}
+    lm, ed = build(model, device, dtype, editor, objective, cfg, editor_settings(named, settings))
     summary = run_bench(lm, ed, dataset, offset, limit, out, seed, threads, f"{editor}/{objective}")
     console.print(summary_table([(f"{editor} {objective}", summary)], title=f"{dataset}, {model}"))
     console.print(f"results in {out}")

@@ -37,6 +37,10 @@ LayerOpt = Annotated[int | None, typer.Option("--layer", help="edited layer (edi
 LrOpt = Annotated[float | None, typer.Option("--lr", help="learning rate (editor default when omitted)")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="max optimisation steps (editor default)")]
 StopLossOpt = Annotated[float | None, typer.Option("--stop-loss", help="early-stop loss threshold (editor default)")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="editor setting KEY=VALUE (repeatable), e.g. layers=3,4,5 or mom2_adjustment=false"),
+]
 DatasetOpt = Annotated[str, typer.Option("--dataset", help="benchmark name (zsre)")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", min=0, help="number of cases (all when omitted)")]
 OffsetOpt = Annotated[int, typer.Option("--offset", min=0, help="index of the first case")]
@@ -81,6 +85,31 @@ def overtone_config(lam: float | None, n_sigma: float | None, epsilon: float | N
         fail(str(exc))
 
 
+def editor_settings(named: dict[str, Any], assignments: list[str] | None) -> dict[str, Any]:
+    """The editor settings of dedicated options (``--layer`` ...) and of ``--set KEY=VALUE`` pairs.
+
+    Values are read as YAML ("false", "0.5", "[3, 4]"); a bare comma list ("3,4,5") is a list.
+    """
+    import yaml
+
+    settings = dict(named)
+    for item in assignments or []:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            fail(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(text)
+            if isinstance(value, str) and "," in value:
+                value = [yaml.safe_load(part) for part in value.split(",")]
+        except yaml.YAMLError as exc:
+            fail(f"--set {item!r}: cannot read the value: {exc}")
+        if settings.get(key) is not None:
+            fail(f"--set {key} repeats a setting already given")
+        settings[key] = value
+    return settings
+
+
 def build(model: str, device: str, dtype: str, editor: str, objective: str, overtone_cfg: Any,
            editor_settings: dict[str, Any], lm: Any = None) -> tuple[Any, Any]:
     """Load the model (unless given) and build the editor; user errors become clean exits."""
@@ -91,7 +120,7 @@ def build(model: str, device: str, dtype: str, editor: str, objective: str, over
     try:
         lm = lm or load_model(model, device=device, dtype=dtype)
         return lm, make_editor(editor, lm, make_objective(objective, overtone_cfg), **editor_settings)
-    except (ModelLoadError, ArchitectureError, ValueError, FileNotFoundError) as exc:
+    except (ModelLoadError, ArchitectureError, ValueError, TypeError, FileNotFoundError) as exc:
         fail(str(exc))
 
 

@@ -20,11 +20,13 @@ from overtone.cli.common import (
     NSigmaOpt,
     ObjectiveOpt,
     SeedOpt,
+    SetOpt,
     StepsOpt,
     ThreadsOpt,
     VerboseOpt,
     build,
     console,
+    editor_settings,
     fail,
     overtone_config,
     setup,
@@ -50,6 +52,8 @@ def edit(
     lr: LrOpt = None,
     steps: StepsOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="greedy tokens to show")] = 12,
+    subject: Annotated[str | None, typer.Option("--subject", help="the subject (ROME/MEMIT: its last token)")] = None,
+    settings: SetOpt = None,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -59,15 +63,21 @@ def edit(
 
     setup(threads, seed, verbose)
     cfg = overtone_config(lam, n_sigma, epsilon, False, False, False, False)
-    lm, ed = build(model, device, dtype, editor, objective, cfg, {"layer": layer, "lr": lr, "steps": steps})
+    named = {"layer": layer, "lr": lr, "steps": steps}
+    lm, ed = build(model, device, dtype, editor, objective, cfg, editor_settings(named, settings))
     try:
-        case = EditCase(case_id="cli", prompt=prompt, target=target)
+        case = EditCase(case_id="cli", prompt=prompt, target=target, subject=subject)
     except ValueError as exc:
         fail(str(exc))
     prompts = [("edit", prompt)] + [("paraphrase", p) for p in paraphrase or []] + [
         ("locality", p) for p in locality or []]
     before = greedy_complete(lm, [p for _, p in prompts], max_new_tokens)
-    handle = ed.edit([case])
+    from overtone.editors import EditError
+
+    try:
+        handle = ed.edit([case])
+    except (EditError, ValueError) as exc:
+        fail(str(exc))
     after = greedy_complete(lm, [p for _, p in prompts], max_new_tokens)
     stats = handle.stats
     out = Table(title=f"{editor} + {objective}: {prompt!r} -> {target!r} "

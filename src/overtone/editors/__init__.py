@@ -6,19 +6,25 @@ from typing import Any
 
 from overtone.editors.base import EditError, EditHandle, Editor, EditStats, StepCallback, StepInfo
 from overtone.editors.ft_m import FTM, FTMConfig
+from overtone.editors.memit import MEMIT, MEMITConfig
+from overtone.editors.rome import ROME, ROMEConfig
 from overtone.models.loading import LoadedModel
 from overtone.objectives import Objective
 
-EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (FTM,)}
+EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (FTM, ROME, MEMIT)}
 
 
 def make_editor(name: str, lm: LoadedModel, objective: Objective | None = None, **settings: Any) -> Editor:
-    """Build editor ``name`` with its config fields overridden by ``settings`` (None values are skipped)."""
+    """Build editor ``name`` with its config fields overridden by ``settings`` (None values are skipped).
+
+    A setting the editor does not have is an error unless its value is None, so callers such as the
+    CLI can pass every optional setting they know of.
+    """
     if name not in EDITORS:
         raise ValueError(f"unknown editor {name!r}; available: {', '.join(sorted(EDITORS))}")
     cls = EDITORS[name]
     fields = cls.config_class.__dataclass_fields__
-    unknown = sorted(set(settings) - set(fields))
+    unknown = sorted(k for k, v in settings.items() if v is not None and k not in fields)
     if unknown:
         raise ValueError(f"editor {name!r} has no setting(s) {', '.join(unknown)}; known: {', '.join(fields)}")
     config = cls.config_class(**{k: v for k, v in settings.items() if v is not None})
@@ -28,11 +34,15 @@ def make_editor(name: str, lm: LoadedModel, objective: Objective | None = None, 
 __all__ = [
     "EDITORS",
     "FTM",
+    "MEMIT",
+    "ROME",
     "EditError",
     "EditHandle",
     "EditStats",
     "Editor",
     "FTMConfig",
+    "MEMITConfig",
+    "ROMEConfig",
     "StepCallback",
     "StepInfo",
     "make_editor",
