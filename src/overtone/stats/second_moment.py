@@ -256,7 +256,7 @@ def _compute(
     device = lm.device
     width = adapter.in_features("mlp_out", layers[0])
     sums = {layer: torch.zeros(width, width, dtype=torch.float64, device=device) for layer in layers}
-    done_batches, tokens = 0, 0
+    done_batches, tokens, earlier_s = 0, 0, 0.0
     if partial.is_file():
         from safetensors import safe_open
 
@@ -266,13 +266,14 @@ def _compute(
             stored = load_file(str(partial))
             sums = {layer: stored[f"sum.{layer}"].to(device) for layer in layers}
             done_batches, tokens = int(meta["batches"]), int(meta["tokens"])
+            earlier_s = float(meta.get("seconds", 0.0))
             log.info("resuming the statistics from %s: %d of %d tokens done", partial.name, tokens, total)
     log.info("second moments of %s at layers %s on %s: %d samples, %d tokens", lm.name, layers, corpus.name,
              len(samples), total)
 
     def checkpoint() -> None:
         meta = {"layers": json.dumps(layers), "batches": str(done_batches), "batches_total": str(len(batches)),
-                "tokens": str(tokens)}
+                "tokens": str(tokens), "seconds": f"{earlier_s + time.perf_counter() - start:.1f}"}
         _atomic_save({f"sum.{layer}": sums[layer] for layer in layers}, meta, partial)
 
     current_mask: list[torch.Tensor] = []
@@ -318,7 +319,7 @@ def _compute(
     finally:
         for h in handles:
             h.remove()
-    seconds = time.perf_counter() - start
+    seconds = earlier_s + time.perf_counter() - start  # compute time over every resumed part
     for layer in layers:
         matrix = (sums[layer] / tokens).to(torch.float32)
         meta = {"key": json.dumps(keys[layer], sort_keys=True), "tokens": str(tokens), "samples": str(len(samples)),

@@ -145,11 +145,15 @@ def optimise_value(
     try:
         for step in range(cfg.steps):
             hidden = tail()
-            logits = adapter.logits(hidden[rows_index, positions])
+            # One pass through the vocabulary head for every scored position: on a CPU the head's
+            # cost is reading its weight, once forward and once backward, whatever the positions.
+            scored = torch.cat([hidden[rows_index, positions].flatten(0, 1), hidden[n_rewrite:, 0]])
+            all_logits = adapter.logits(scored)
+            logits = all_logits[: positions.numel()].view(*positions.shape, -1)
             if objective.needs_reference and reference is None:
                 reference = logits.detach()  # delta is still zero: the unedited model's logits
             out = objective(logits, labels, reference)
-            kl_logp = torch.log_softmax(adapter.logits(hidden[n_rewrite:, 0]).float(), dim=-1)
+            kl_logp = torch.log_softmax(all_logits[positions.numel():].float(), dim=-1)
             if kl_init is None:
                 kl_init = kl_logp.detach()
             kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(dim=-1).mean()
