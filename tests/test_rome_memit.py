@@ -189,7 +189,7 @@ def test_defaults_and_settings(tiny_llama, corpus):
     with pytest.raises(ValueError, match="kl_prompt must contain"):
         ROMEConfig(kl_prompt="is a")
     rome = make_editor("rome", tiny_llama, CrossEntropy(), mom2_adjustment=False)
-    assert rome.describe()["mom2"] is None and len(rome.prefixes) == 21  # the paper's 20 prefixes + bare
+    assert rome.describe()["mom2"] is None and len(rome.prefixes) == 6  # MEMIT's 5 prefixes + the bare prompt
 
 
 def test_counterfact_cases_edit_end_to_end(tiny_llama):

@@ -51,9 +51,6 @@ def default_layers(lm: LoadedModel) -> tuple[int, ...]:
 class MEMITConfig(LocateConfig):
     """MEMIT settings; defaults are the reference toolkit's for Llama-2-7B."""
 
-    context_lengths: tuple[tuple[int, int], ...] = field(
-        default=((10, 5),), metadata={"help": "(tokens, count) of sampled context prefixes, besides the bare prompt"}
-    )
     layers: tuple[int, ...] | None = field(default=None, metadata={"help": "edited layers (default: per model)"})
     mom2_update_weight: float = field(default=15000.0, metadata={"help": "lambda, the weight of C against new keys"})
 
