@@ -5,8 +5,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO_LIMIT ?= 40
+# The report's browser test loads the page in headless Chromium from Debian's packages (as root).
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: setup demo test test-fast test-slow bench-speed lint clean
+.PHONY: setup browser demo test test-fast test-slow bench-speed lint clean
 
 setup: $(VENV)/.installed
 
@@ -22,13 +24,19 @@ $(VENV)/.installed: requirements.txt requirements.lock pyproject.toml
 	$(BIN)/overtone prepare
 	touch $@
 
+browser: $(CHROMIUM)
+
+$(CHROMIUM):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
 demo: setup
 	$(BIN)/overtone demo --limit $(DEMO_LIMIT) --out runs/demo
 
 test: setup test-fast test-slow
 
-test-fast: setup
-	$(BIN)/python -m pytest -q
+test-fast: setup $(CHROMIUM)
+	OVERTONE_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

@@ -35,6 +35,13 @@ from overtone.objectives import CrossEntropy, Objective, OverTone
 from overtone.tokens import encode_pairs
 
 
+def typical_case(lm, cases: list[EditCase]) -> tuple[int, int]:
+    """Index and token length of the median-length edit sequence."""
+    lengths = [encode_pairs(lm.tokenizer, [c.prompt], [c.target]).input_ids.shape[1] for c in cases]
+    length, index = sorted(zip(lengths, range(len(cases)), strict=True))[len(cases) // 2]
+    return index, length
+
+
 def median_time(fn: Callable[[], object], reps: int) -> float:
     fn()  # warm-up
     times = []
@@ -48,9 +55,7 @@ def median_time(fn: Callable[[], object], reps: int) -> float:
 def yardsticks(lm, case: EditCase, layer: int, reps: int) -> tuple[float, float]:
     model = lm.model
     batch = encode_pairs(lm.tokenizer, [case.prompt], [case.target], lm.device)
-    labels = torch.full_like(batch.input_ids, -100)
-    mask = batch.label_mask
-    labels[0, batch.positions[0][mask[0]] + 1] = batch.labels[0][mask[0]]
+    labels = target_labels(batch)
 
     def full_step() -> None:
         model.requires_grad_(True)
@@ -69,24 +74,36 @@ def yardsticks(lm, case: EditCase, layer: int, reps: int) -> tuple[float, float]
     return median_time(full_step, reps), median_time(reference_step, reps)
 
 
+def reference_style_probes(lm, case: EditCase) -> Callable[[], None]:
+    """The reference toolkit's evaluation: one forward per probe kind, logits at every position."""
+    probes = [(case.prompt, case.target), (case.rephrases[0], case.target)]
+    probes += [(p.prompt, p.answer) for group in (case.portability, case.locality) for ps in group.values()
+               for p in ps[:1]]
+    batches = [encode_pairs(lm.tokenizer, [prompt], [answer], lm.device) for prompt, answer in probes]
+
+    def evaluate() -> None:
+        with torch.no_grad():
+            for b in batches:
+                lm.model(b.input_ids).logits.argmax(-1)
+
+    return evaluate
+
+
+def target_labels(batch) -> torch.Tensor:
+    """HF-style labels: the target token ids at their own positions, -100 elsewhere."""
+    labels = torch.full_like(batch.input_ids, -100)
+    labels[0, batch.positions[0] + 1] = batch.labels[0]
+    return labels
+
+
 def reference_style_edit(lm, case: EditCase, layer: int, steps: int, lr: float, stop: float) -> float:
     """The reference toolkit's FT-M procedure with separate full forwards: seconds for one case."""
     model = lm.model
     start = time.perf_counter()
-    probes = [(case.prompt, case.target), (case.rephrases[0], case.target)]
-    probes += [(p.prompt, p.answer) for group in (case.portability, case.locality) for ps in group.values()
-               for p in ps[:1]]
-
-    def evaluate() -> None:
-        with torch.no_grad():
-            for prompt, answer in probes:  # one forward per probe, full logits, as the reference does
-                b = encode_pairs(lm.tokenizer, [prompt], [answer], lm.device)
-                model(b.input_ids).logits.argmax(-1)
-
+    evaluate = reference_style_probes(lm, case)
     evaluate()
     batch = encode_pairs(lm.tokenizer, [case.prompt], [case.target], lm.device)
-    labels = torch.full_like(batch.input_ids, -100)
-    labels[0, batch.positions[0] + 1] = batch.labels[0]
+    labels = target_labels(batch)
     weight = lm.adapter.weight("mlp_out", layer)
     original = weight.detach().clone()
     weight.requires_grad_(True)
@@ -145,8 +162,7 @@ def main() -> None:
     cases = load_benchmark("zsre", limit=args.cases)
     editor = make_editor("ft-m", lm, CrossEntropy())
     cfg = editor.config
-    lengths = [encode_pairs(lm.tokenizer, [c.prompt], [c.target]).input_ids.shape[1] for c in cases]
-    typical = sorted(zip(lengths, range(len(cases)), strict=True))[len(cases) // 2][1]
+    typical, length = typical_case(lm, cases)
     u_full, u_ref = yardsticks(lm, cases[typical], cfg.layer, args.reps)
 
     evaluator = Evaluator(lm)
@@ -161,7 +177,7 @@ def main() -> None:
 
     mean_ours, mean_ref = statistics.mean(ours), statistics.mean(reference)
     print(f"model {args.model}, FT-M layer {cfg.layer}, {len(cases)} ZsRE cases, {args.threads} thread(s), "
-          f"typical sequence {lengths[typical]} tokens")
+          f"typical sequence {length} tokens")
     print(f"yardstick U_full (full fwd+bwd, all params)      {1000 * u_full:8.1f} ms")
     print(f"yardstick U_ref  (reference FT-M step)          {1000 * u_ref:8.1f} ms")
     print(f"{'':<34}{'s/edit':>8}{'U_full':>9}{'U_ref':>8}{'steps':>7}")

@@ -16,7 +16,7 @@ def tiny_config(arch: str, vocab_size: int):
                   initializer_range=0.3)
     if arch == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=4, n_head=4, n_positions=128,
-                          initializer_range=0.3)
+                          initializer_range=0.3, bos_token_id=1, eos_token_id=1)
     llama_like = dict(common, hidden_size=32, intermediate_size=64, num_key_value_heads=2,
                       max_position_embeddings=128)
     if arch == "llama":

@@ -27,7 +27,7 @@ def test_zsre_test_set_is_complete_and_typed():
 def test_offset_and_limit_select_a_slice():
     cases = load_benchmark("zsre", limit=3, offset=1000)
     assert [c.case_id for c in cases] == ["zsre/1000", "zsre/1001", "zsre/1002"]
-    with pytest.raises(DatasetError, match=r"unknown dataset 'zsre2'; available: .*zsre"):
+    with pytest.raises(DatasetError, match=r"unknown dataset 'zsre2': neither a benchmark name \(available: .*zsre"):
         load_benchmark("zsre2")
 
 

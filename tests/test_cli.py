@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import yaml
 from typer.testing import CliRunner
 
+from overtone.benchmarks import DATA_DIR
 from overtone.cli import app
 
 runner = CliRunner()
@@ -58,3 +60,57 @@ def test_edit_prints_completions_before_and_after(tiny_llama_dir):
     result = runner.invoke(app, ["edit", "--prompt", "The capital of Italy is", "--target", " ",
                                  "--model", str(tiny_llama_dir), "--device", "cpu"])
     assert result.exit_code == 2 and "empty target" in result.output
+
+
+def test_continual_bench_writes_its_protocol_and_tables_group_by_dataset(tmp_path, tiny_llama_dir):
+    base = ["--model", str(tiny_llama_dir), "--device", "cpu", "--layer", "2", "--steps", "2", "--objective", "ce"]
+    cont = tmp_path / "cont"
+    result = runner.invoke(app, ["bench", *base, "--dataset", "wikibio", "--limit", "4", "--sequence", "2",
+                                 "--eval-timing", "after-each", "--out", str(cont)])
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load((cont / "config.yaml").read_text())
+    assert (config["protocol"], config["sequence"], config["eval_timing"]) == ("continual", 2, "after-each")
+    assert "wikibio, continual T=2, evaluated after each edit" in result.output
+    summary = json.loads((cont / "summary.json").read_text())
+    assert summary["n_chunks"] == 2 and summary["gen"] is None and summary["por"] is None
+    single = tmp_path / "single"
+    assert runner.invoke(app, ["bench", *base, "--limit", "1", "--out", str(single)]).exit_code == 0
+    assert yaml.safe_load((single / "config.yaml").read_text())["protocol"] == "single"
+    result = runner.invoke(app, ["table", str(cont), str(single), "--markdown"])
+    assert result.exit_code == 0, result.output
+    assert "wikibio, continual T=2" in result.output and "zsre, single editing" in result.output
+    assert "| run | Rel. | Loc. | Avg. | cases |" in result.output  # WikiBio: no Gen. or Por. column
+    assert "| run | Rel. | Gen. | Por. | Loc. | Avg. | cases |" in result.output
+
+
+def test_dataset_files_mquake_options_and_their_errors(tmp_path, tiny_llama_dir):
+    base = ["bench", "--model", str(tiny_llama_dir), "--device", "cpu", "--layer", "2", "--steps", "1",
+            "--objective", "ce", "--limit", "1"]
+    records = json.loads((DATA_DIR / "mquake" / "MQuAKE-hard.json").read_text())[:1]
+    path = tmp_path / "hard.json"
+    path.write_text(json.dumps(records))
+    out = tmp_path / "mq"
+    result = runner.invoke(app, [*base, "--dataset", str(path), "--out", str(out), "--single-hop-tokens", "2",
+                                 "--multi-hop-tokens", "3", "--multi-hop-questions", "1"])
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["dataset"] == {"name": "hard", "offset": 0, "path": str(path.resolve()), "format": "mquake"}
+    assert config["evaluation"]["generation"]["multi_hop_tokens"] == 3
+    assert "Sng-Hop" in result.output and "Mlt-Hop" in result.output
+    (record,) = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
+    assert record["case_id"] == "hard/0" and len(record["generations"]) == 5
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "z"), "--multi-hop-tokens", "3"])
+    assert result.exit_code == 2 and "generation settings apply only to generation-based benchmarks" in result.output
+    unknown = tmp_path / "qa.json"
+    unknown.write_text(json.dumps([{"question": "q", "answer": "a"}]))
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "u"), "--dataset", str(unknown)])
+    assert result.exit_code == 2 and "unknown dataset format" in result.output
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "t"), "--eval-timing", "later", "--sequence", "2"])
+    assert result.exit_code == 2 and "unknown --eval-timing 'later'" in result.output
+
+
+def test_datasets_lists_benchmarks_and_formats():
+    result = runner.invoke(app, ["datasets"])
+    assert result.exit_code == 0
+    assert all(name in result.output for name in ("wikidata-recent", "wikibio", "zsre-mend", "mquake"))
+    assert "counterfact-mend" in result.output and "SOURCES.md" in result.output

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from overtone.cli import app
 
 runner = CliRunner()
-QUICK = ["--steps", "3", "--set", "context_lengths=[[4,2]]"]
+QUICK = ["--steps", "3", "--set", "context_lengths=4,2"]
 
 
 @pytest.fixture
@@ -44,6 +44,7 @@ def test_bench_runs_rome_and_memit(tmp_path, tiny_llama_dir, corpus):
     config = yaml.safe_load((tmp_path / "rome" / "config.yaml").read_text())
     assert config["editor"]["name"] == "rome" and config["editor"]["layer"] == 1
     assert config["editor"]["mom2_adjustment"] is False and len(config["editor"]["context_prefixes"]) == 3
+    assert config["editor"]["context_lengths"] == [[4, 2]]
     memit = runner.invoke(app, [*base, "--editor", "memit", "--objective", "overtone", "--set", "layers=1,2",
                                 "--set", f"mom2_corpus={corpus}", "--out", str(tmp_path / "memit")])
     assert memit.exit_code == 0, memit.output
@@ -51,6 +52,12 @@ def test_bench_runs_rome_and_memit(tmp_path, tiny_llama_dir, corpus):
     assert summary["n_cases"] == 2
     config = yaml.safe_load((tmp_path / "memit" / "config.yaml").read_text())
     assert config["editor"]["layers"] == [1, 2] and config["objective"]["name"] == "overtone"
+    sequence = runner.invoke(app, [*base[:-2], "--editor", "memit", "--objective", "ce", "--set", "layers=1,2",
+                                   "--set", f"mom2_corpus={corpus}", "--sequence", "2",
+                                   "--set", "context_lengths=4,1;3,1", "--out", str(tmp_path / "memit-seq")])
+    assert sequence.exit_code == 0, sequence.output
+    config = yaml.safe_load((tmp_path / "memit-seq" / "config.yaml").read_text())
+    assert config["protocol"] == "continual" and config["editor"]["context_lengths"] == [[4, 1], [3, 1]]
 
 
 def test_clear_errors_for_editor_settings(tmp_path, tiny_llama_dir):
@@ -58,9 +65,9 @@ def test_clear_errors_for_editor_settings(tmp_path, tiny_llama_dir):
     result = runner.invoke(app, [*base, "--editor", "memit", "--layer", "2"])
     assert result.exit_code == 2 and "editor 'memit' has no setting(s) layer" in result.output
     result = runner.invoke(app, [*base, "--editor", "rome", "--set", "mom2"])
-    assert result.exit_code == 2 and "--set expects KEY=VALUE" in result.output
+    assert result.exit_code == 2 and "expected KEY=VALUE with KEY one of" in result.output
     result = runner.invoke(app, [*base, "--editor", "rome", "--layer", "1", "--set", "layer=2"])
-    assert result.exit_code == 2 and "repeats a setting" in result.output
+    assert result.exit_code == 2 and "layer is already set" in result.output
     result = runner.invoke(app, [*base, "--editor", "rome", "--set", "missing_subject=guess"])
     assert result.exit_code == 2 and "missing_subject must be one of" in result.output
 

@@ -1,4 +1,4 @@
-"""The CounterFact loader (ROME format): typed cases from the two shipped releases, clear errors otherwise."""
+"""The CounterFact loader (ROME format): typed cases from the two shipped releases, format detection, clear errors."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from overtone.benchmarks import BENCHMARKS, DatasetError, load_benchmark
-from overtone.benchmarks.counterfact import load_counterfact
+from overtone.benchmarks import BENCHMARKS, DatasetError, detect_format, load_benchmark
+from overtone.benchmarks.counterfact import load_counterfact_rome
 
 SHARED = Path("/work/shared/data/counterfact")
 
@@ -17,13 +17,13 @@ def test_distracting_neighbor_release():
     cases = load_benchmark("counterfact")
     assert len(cases) == 804
     first = cases[0]
-    assert first.case_id == "counterfact/4482"
+    assert first.case_id == "counterfact/0" and first.raw["case_id"] == 4482
     assert first.prompt == "Spike Hughes originates from" and first.subject == "Spike Hughes"
     assert first.target == "Philadelphia" and first.ground_truth == "London"
     assert first.rephrases[1] == "Amateur Athletic Union (AAU). Spike Hughes was born in"
-    (question,) = first.portability["New_Question"]
+    (question,) = first.portability["One_Hop"]
     assert question.answer == "Cheesesteaks" and question.prompt.startswith("What famous food")
-    neighbours = first.locality["Neighborhood"]
+    neighbours = first.locality["neighborhood"]
     assert len(neighbours) == 10 and neighbours[0].prompt == "Max Mosley originates from"
     assert {p.answer for p in neighbours} == {"London"}  # the true attribute, teacher-forced
     distracting = first.locality["Distracting_Neighborhood"]
@@ -35,10 +35,10 @@ def test_subject_replace_release():
     cases = load_benchmark("counterfact-subject-replace")
     assert len(cases) == 213
     first = cases[0]
-    assert first.case_id == "counterfact-sr/4496" and first.prompt == "May Wright Sewall passed away in"
+    assert first.case_id == "counterfact-subject-replace/0" and first.prompt == "May Wright Sewall passed away in"
     (replaced,) = first.portability["Subject_Replace"]
     assert replaced.prompt == "Mary Eliza Wright passed away in" and replaced.answer == "Birmingham"
-    assert set(first.locality) == {"Neighborhood"}
+    assert set(first.locality) == {"neighborhood"}
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="the project's data folder is not on this machine")
@@ -61,17 +61,19 @@ RECORD = {"case_id": 7, "requested_rewrite": {"prompt": "{} plays", "subject": "
     ({"requested_rewrite": {**RECORD["requested_rewrite"], "target_new": {"str": " "}}},
      "requested_rewrite.target_new.str"),
     ({"neighborhood_prompts": "Y plays"}, "neighborhood_prompts"),
-    ({"portability": {"New Question": 3}}, "portability"),
+    ({"portability": {"New Question": 3, "New Answer": "a"}}, "portability.New Question"),
 ])
 def test_malformed_records_name_file_index_and_field(tmp_path, change, field):
     path = tmp_path / "cf.json"
     path.write_text(json.dumps([RECORD, {**RECORD, "case_id": 8, **change}]))
     with pytest.raises(DatasetError, match=rf"{path}: record 1: field '{field}'"):
-        load_counterfact(path, prefix="cf")
+        load_counterfact_rome(path, prefix="cf")
 
 
-def test_duplicate_case_ids_are_refused(tmp_path):
-    path = tmp_path / "cf.json"
-    path.write_text(json.dumps([RECORD, RECORD]))
-    with pytest.raises(DatasetError, match="record 1: duplicate case_id 7"):
-        load_counterfact(path, prefix="cf")
+def test_a_rome_format_file_is_detected_and_loaded_by_path(tmp_path):
+    path = tmp_path / "my_cf.json"
+    path.write_text(json.dumps([RECORD, {**RECORD, "case_id": 8}]))
+    assert detect_format(path).name == "counterfact-rome"
+    cases = load_benchmark(str(path), offset=1)
+    assert [c.case_id for c in cases] == ["my_cf/1"] and cases[0].prompt == "X plays" and cases[0].target == "jazz"
+    assert cases[0].locality["neighborhood"][0].answer == "rock"

@@ -189,7 +189,7 @@ def naive_value_losses(lm, case, module, prefixes, cfg, steps):
             if delta.norm() > limit:
                 delta.mul_(limit / delta.norm())
     handle.remove()
-    return losses
+    return losses, delta.detach()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -200,10 +200,11 @@ def test_value_optimisation_matches_the_plain_algorithm(tokenizer, arch):
     cfg = LocateConfig(lr=0.05, steps=6, stop_loss=0.0, clamp_norm_factor=0.5, weight_decay=0.3)
     module = lm.adapter.module("mlp_out", 1)
     result = optimise_value(lm, CASE, module, 1, PREFIXES, CrossEntropy(), cfg)
-    expected = naive_value_losses(lm, CASE, module, PREFIXES, cfg, 6)
-    assert result.steps == 5 and not result.stopped_early  # no update after the last forward pass
-    assert result.losses == pytest.approx(expected, rel=1e-4)
-    assert result.losses[-1] < result.losses[0]
+    expected, delta = naive_value_losses(lm, CASE, module, PREFIXES, cfg, 6)
+    assert result.stats.steps == 6 and not result.stats.stopped_early
+    assert result.stats.losses == pytest.approx(expected, rel=1e-4)
+    torch.testing.assert_close(result.delta, delta, rtol=1e-4, atol=1e-6)
+    assert result.stats.losses[-1] < result.stats.losses[0]
     assert result.delta.norm() <= 0.5 * result.init.norm() + 1e-5  # the clamp
     assert not any(p.requires_grad for p in lm.model.parameters()) and not module._forward_hooks
 
@@ -212,16 +213,16 @@ def test_value_optimisation_stops_early_and_takes_any_objective(tiny_llama):
     module = tiny_llama.adapter.module("mlp_out", 2)
     cfg = LocateConfig(steps=25, stop_loss=1e9)
     result = optimise_value(tiny_llama, CASE, module, 2, PREFIXES, CrossEntropy(), cfg)
-    assert result.stopped_early and result.steps == 0 and len(result.losses) == 1
+    assert result.stats.stopped_early and result.stats.steps == 0 and len(result.stats.losses) == 1
     assert torch.equal(result.delta, torch.zeros_like(result.delta))
     clipped = optimise_value(tiny_llama, CASE, module, 2, PREFIXES, OverTone(OverToneConfig(epsilon=1e6)),
                              LocateConfig(steps=25, stop_loss=0.0))
-    assert clipped.stopped_early and clipped.steps == 0  # every target token clipped: nothing to learn
+    assert clipped.stats.stopped_early and clipped.stats.steps == 0  # every target token clipped: nothing to learn
     seen = []
     static = optimise_value(tiny_llama, CASE, module, 2, PREFIXES,
                             OverTone(OverToneConfig(dynamic=False, epsilon=0.0)), LocateConfig(steps=4, lr=0.05),
                             on_step=lambda info: seen.append((info.step, info.cases[0].case_id)))
-    assert static.steps == 3 and seen == [(0, "t/0"), (1, "t/0"), (2, "t/0"), (3, "t/0")]
+    assert static.stats.steps == 4 and seen == [(0, "t/0"), (1, "t/0"), (2, "t/0"), (3, "t/0")]
 
 
 class NaNObjective(Objective):
@@ -234,7 +235,7 @@ class NaNObjective(Objective):
 
 def test_value_optimisation_names_the_case_on_a_nan_loss(tiny_llama):
     module = tiny_llama.adapter.module("mlp_out", 2)
-    with pytest.raises(EditError, match=r"case t/0: the value loss \(nan\) is nan at step 0"):
+    with pytest.raises(EditError, match=r"case t/0: the nan loss is nan at step 0"):
         optimise_value(tiny_llama, CASE, module, 2, PREFIXES, NaNObjective(), LocateConfig())
     assert not module._forward_hooks
     with pytest.raises(ValueError, match="first context prefix must be the empty one"):

@@ -20,7 +20,12 @@ class EditCase:
     """One fact to edit, with the probes that measure the edit.
 
     ``portability`` and ``locality`` map a probe kind (e.g. ``Reasoning``, ``Relation_Specificity``)
-    to its probes. ``raw`` keeps the source record for formats that carry more (e.g. MQuAKE hops).
+    to its probes. ``raw`` keeps the source record for formats that carry more.
+
+    A case may bundle several facts that are edited one after the other and measured together
+    (an MQuAKE record: four rewrites, then questions that chain them). Then ``edits`` holds those
+    facts in order, and ``prompt``/``target`` state the question they jointly change and its new answer.
+    Runners hand editors the ``requests``, never the bundle itself.
     """
 
     case_id: str
@@ -32,6 +37,12 @@ class EditCase:
     portability: dict[str, tuple[Probe, ...]] = field(default_factory=dict)
     locality: dict[str, tuple[Probe, ...]] = field(default_factory=dict)
     raw: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    edits: tuple[EditCase, ...] = ()
+
+    @property
+    def requests(self) -> tuple[EditCase, ...]:
+        """The facts an editor applies for this case, in order: ``edits``, or the case itself."""
+        return self.edits or (self,)
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():

@@ -1,10 +1,20 @@
-"""KnowEdit-format records (ZsRE test of the KnowEdit release) read into ``EditCase``s.
+"""KnowEdit-format records (ZsRE, WikiData_recent, WikiData_counterfact, WikiBio) read into ``EditCase``s.
 
-Schema of one ZsRE record: ``subject, prompt, target_new, ground_truth[list], rephrase_prompt, cond,
-locality{Relation_Specificity: [{prompt, ground_truth}]}, portability{Reasoning|Subject_Aliasing|
-Logical_Generalization: [{prompt, ground_truth}]}``. Probe answers come as a string, a list or a list
-of alias lists; the first non-empty string is the scored answer and the rest are aliases. Probes with
-no answer at all are dropped, as the reference toolkit's runner does.
+One loader serves the four KnowEdit datasets, as the reference toolkit's ``KnowEditDataset`` does:
+
+* ZsRE: ``subject, prompt, target_new, ground_truth[list], rephrase_prompt, cond, locality{...},
+  portability{...}``.
+* WikiData_recent: ``subject, prompt, target_new, portability{...}, locality{...}``; no ground truth
+  (the fact is new), no rephrase.
+* WikiData_counterfact: as WikiData_recent plus ``ground_truth`` (a string).
+* WikiBio: ``text`` (a passage prefix, the prompt), ``labels`` (the next sentence, the target),
+  ``concept`` (the subject), ``locality{Relation_Specificity}``; no portability.
+
+Portability kinds are ``Reasoning``, ``Subject_Aliasing``, ``Logical_Generalization``; locality kinds
+``Relation_Specificity``, ``Forgetfulness``; any other kind is kept under its own name. Probe answers
+come as a string, a list or a list of alias lists; the first non-empty string is the scored answer and
+the rest are aliases. Probes with no answer at all are dropped, as the reference toolkit's runner does.
+The helpers here (``RecordReader``, ``read_json_records``, ``DatasetError``) serve every loader.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from overtone.benchmarks.cases import EditCase, Probe
 
@@ -35,14 +45,42 @@ def _flatten(value: Any) -> Iterator[str]:
 class RecordReader:
     """Field access on one record that turns every problem into a ``DatasetError`` naming the place."""
 
-    def __init__(self, path: Path | str, index: int, record: Any) -> None:
+    def __init__(self, path: Path | str, index: int, record: Any, field_prefix: str = "") -> None:
         self.where = f"{path}: record {index}"
+        self.path, self.index, self.field_prefix = path, index, field_prefix
         if not isinstance(record, dict):
-            raise DatasetError(f"{self.where}: expected a JSON object, got {type(record).__name__}")
+            what = f"field {field_prefix.rstrip('.')!r}: " if field_prefix else ""
+            raise DatasetError(f"{self.where}: {what}expected a JSON object, got {type(record).__name__}")
         self.record = record
 
     def error(self, name: str, problem: str) -> DatasetError:
-        return DatasetError(f"{self.where}: field {name!r}: {problem}")
+        return DatasetError(f"{self.where}: field {self.field_prefix + name!r}: {problem}")
+
+    def nested(self, name: str) -> RecordReader:
+        """A reader of the object in field ``name``; its errors name the full field path."""
+        return RecordReader(self.path, self.index, self.record.get(name), f"{self.field_prefix}{name}.")
+
+    def items(self, name: str) -> list[RecordReader]:
+        """Readers of the objects in the non-empty list in field ``name``."""
+        value = self.record.get(name)
+        if not isinstance(value, list) or not value:
+            got = "an empty list" if isinstance(value, list) else type(value).__name__
+            raise self.error(name, f"expected a non-empty list of objects, got {got}")
+        return [RecordReader(self.path, self.index, item, f"{self.field_prefix}{name}[{j}].")
+                for j, item in enumerate(value)]
+
+    def text_of(self, *names: str) -> str:
+        """The first of ``names`` present in the record (a format with alternative field names)."""
+        for name in names:
+            if name in self.record:
+                return self.text(name)
+        raise self.error(names[0], f"missing (expected one of {', '.join(map(repr, names))})")
+
+    @overload
+    def text(self, name: str, required: Literal[True] = True) -> str: ...
+
+    @overload
+    def text(self, name: str, required: bool) -> str | None: ...
 
     def text(self, name: str, required: bool = True) -> str | None:
         value = self.record.get(name)
@@ -94,22 +132,29 @@ def read_json_records(path: Path | str) -> list[Any]:
     return data
 
 
+def is_knowedit(record: dict[str, Any]) -> bool:
+    """KnowEdit records carry ``prompt``/``target_new`` (``text``/``labels`` for WikiBio) and no field of
+    the MEND (``src``, ``locality_prompt``) or ROME/MQuAKE (``requested_rewrite``) formats."""
+    edit_fields = ("prompt" in record and "target_new" in record) or ("text" in record and "labels" in record)
+    return edit_fields and not {"src", "locality_prompt", "requested_rewrite"} & record.keys()
+
+
 def load_knowedit(path: Path | str, prefix: str) -> list[EditCase]:
     """Every record of a KnowEdit file as an ``EditCase`` with id ``<prefix>/<index>``."""
     cases = []
     for i, record in enumerate(read_json_records(path)):
         r = RecordReader(path, i, record)
-        prompt = r.text("prompt")
-        target = r.text("target_new")
+        prompt = r.text_of("prompt", "text")
+        target = r.text_of("target_new", "labels")
         rephrase = r.text("rephrase_prompt", required=False)
         old = r.answers("ground_truth", record.get("ground_truth"))
-        assert prompt is not None and target is not None
+        subject = r.text("subject", required=False) if "subject" in record else r.text("concept", required=False)
         cases.append(
             EditCase(
                 case_id=f"{prefix}/{i}",
                 prompt=prompt,
                 target=target,
-                subject=r.text("subject", required=False),
+                subject=subject,
                 ground_truth=old[0] if old else None,
                 rephrases=(rephrase,) if rephrase and rephrase.strip() else (),
                 portability=r.probes("portability"),

@@ -3,14 +3,17 @@
     overtone bench --editor ft-m --objective overtone --dataset zsre --limit 50 --out runs/ftm-ot
     overtone demo  --limit 40                       # CE vs OverTone side by side
     overtone table runs/ftm-ce runs/ftm-ot          # tables from run directories
+    overtone datasets                               # named benchmarks and readable file formats
     overtone edit  --prompt "The Eiffel Tower is in" --target "Rome" --locality "The capital of Japan is"
-    overtone stats --layers 5                        # second moments of MLP keys for ROME/MEMIT (cached)
+    overtone trace --limit 1 --out runs/trace       # per-token UD and probe losses, CE vs OverTone
+    overtone report runs/ --out report              # one self-contained HTML page + Markdown
+    overtone stats                                  # second moments of MLP keys for ROME/MEMIT (cached)
 
 Each command group is a module here that attaches its commands to ``app``; adding one is a new module
 plus one import line below.
 """
 
-from overtone.cli import bench, edit, stats  # noqa: F401  (registers the commands)
+from overtone.cli import bench, compare, datasets, edit, report, stats, trace  # noqa: F401  (registers the commands)
 from overtone.cli.app import app
 
 __all__ = ["app"]

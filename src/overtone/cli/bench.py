@@ -41,6 +41,20 @@ from overtone.cli.common import (
     setup,
 )
 
+SequenceOpt = Annotated[int, typer.Option(
+    "--sequence", min=1, help="continual editing: T edits in sequence per chunk, reverted between chunks (1: single)")]
+EvalTimingOpt = Annotated[str, typer.Option(
+    "--eval-timing", help="continual editing: evaluate a chunk's cases at its end, or each right after its edit "
+    "(end, after-each)")]
+SingleTokensOpt = Annotated[int | None, typer.Option(
+    "--single-hop-tokens", min=1, help="MQuAKE: max new tokens of a single-hop answer (paper: 30)")]
+MultiTokensOpt = Annotated[int | None, typer.Option(
+    "--multi-hop-tokens", min=1, help="MQuAKE: max new tokens of a multi-hop answer (paper: 200)")]
+MultiQuestionsOpt = Annotated[int | None, typer.Option(
+    "--multi-hop-questions", min=1, help="MQuAKE: ask the first k of the 3 multi-hop paraphrases (default all)")]
+TemperatureOpt = Annotated[float | None, typer.Option(
+    "--temperature", min=0.0, help="MQuAKE: sampling temperature, seeded by --seed (paper: 0.1)")]
+
 
 @app.command()
 def bench(
@@ -66,18 +80,36 @@ def bench(
     steps: StepsOpt = None,
     stop_loss: StopLossOpt = None,
     settings: SetOpt = None,
+    sequence: SequenceOpt = 1,
+    eval_timing: EvalTimingOpt = "end",
+    single_hop_tokens: SingleTokensOpt = None,
+    multi_hop_tokens: MultiTokensOpt = None,
+    multi_hop_questions: MultiQuestionsOpt = None,
+    temperature: TemperatureOpt = None,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Single editing over a benchmark: edit each case from the unedited model, evaluate, revert."""
+    """Edit a benchmark's cases and score them: single editing, or continual editing with --sequence T.
+
+    Single editing edits each case from the unedited model, evaluates it and reverts. With --sequence T,
+    chunks of T cases are edited one after the other without reverting, all T are evaluated on the final
+    model (or each after its edit, --eval-timing after-each), then the chunk is reverted; metrics are
+    averaged over chunks.
+    """
     from overtone.report import summary_table
+    from overtone.report.tables import protocol_title
+    from overtone.runner import read_run
 
     setup(threads, seed, verbose)
-    cfg = overtone_config(lam, n_sigma, epsilon, no_clip, static_target, no_mode_check, no_filter)
-    named = {"layer": layer, "lr": lr, "steps": steps, "stop_loss": stop_loss}
-    lm, ed = build(model, device, dtype, editor, objective, cfg, editor_settings(named, settings))
-    summary = run_bench(lm, ed, dataset, offset, limit, out, seed, threads, f"{editor}/{objective}")
-    console.print(summary_table([(f"{editor} {objective}", summary)], title=f"{dataset}, {model}"))
+    cfg = overtone_config(editor, lam, n_sigma, epsilon, no_clip, static_target, no_mode_check, no_filter)
+    lm, ed = build(model, device, dtype, editor, objective, cfg,
+                   editor_settings(editor, settings, layer=layer, lr=lr, steps=steps, stop_loss=stop_loss))
+    generation = {"single_hop_tokens": single_hop_tokens, "multi_hop_tokens": multi_hop_tokens,
+                  "multi_hop_questions": multi_hop_questions, "temperature": temperature}
+    summary = run_bench(lm, ed, dataset, offset, limit, out, seed, threads, f"{editor}/{objective}", sequence,
+                        eval_timing, generation)
+    config, _, _ = read_run(out)
+    console.print(summary_table([(f"{editor} {objective}", summary)], title=f"{protocol_title(config)}, {model}"))
     console.print(f"results in {out}")
 
 
@@ -101,7 +133,7 @@ def demo(
     from overtone.report import markdown_table, summary_table
 
     setup(threads, seed, verbose)
-    cfg = overtone_config(lam, n_sigma, epsilon, False, False, False, False)
+    cfg = overtone_config(editor, lam, n_sigma, epsilon)
     rows = []
     lm = None
     for objective in ("ce", "overtone"):
@@ -120,21 +152,20 @@ def table(
     runs: Annotated[list[Path], typer.Argument(help="run directories")],
     markdown: Annotated[bool, typer.Option("--markdown", help="print GitHub Markdown")] = False,
 ) -> None:
-    """Print the summary table of finished (or partial) runs."""
-    from overtone.report import markdown_table, summary_table
+    """Print the summary tables of finished (or partial) runs: one per dataset and protocol."""
+    from overtone.report import dataset_tables, markdown_table, summary_table
     from overtone.runner import StoreError, read_run, summarize
 
-    rows = []
+    loaded = []
     for run in runs:
         try:
             config, cases, summary = read_run(run)
         except StoreError as exc:
             fail(str(exc))
         objective = config.get("objective") or {}
-        rows.append((f"{run.name} ({objective.get('name', '-')})", summary or summarize(cases)))
-    if markdown:
-        console.print(markdown_table(rows), markup=False)
-    else:
-        console.print(summary_table(rows))
-
-
+        loaded.append((f"{run.name} ({objective.get('name', '-')})", config, summary or summarize(cases)))
+    for title, rows in dataset_tables(loaded):
+        if markdown:
+            console.print(f"{title}\n\n{markdown_table(rows)}\n", markup=False)
+        else:
+            console.print(summary_table(rows, title=title))

@@ -37,15 +37,15 @@ LayerOpt = Annotated[int | None, typer.Option("--layer", help="edited layer (edi
 LrOpt = Annotated[float | None, typer.Option("--lr", help="learning rate (editor default when omitted)")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="max optimisation steps (editor default)")]
 StopLossOpt = Annotated[float | None, typer.Option("--stop-loss", help="early-stop loss threshold (editor default)")]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="editor setting KEY=VALUE (repeatable), e.g. layers=3,4,5 or mom2_adjustment=false"),
-]
-DatasetOpt = Annotated[str, typer.Option("--dataset", help="benchmark name (zsre)")]
+DatasetOpt = Annotated[str, typer.Option("--dataset", help="benchmark name or dataset file (overtone datasets)")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", min=0, help="number of cases (all when omitted)")]
 OffsetOpt = Annotated[int, typer.Option("--offset", min=0, help="index of the first case")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="any editor setting, KEY=VALUE (repeatable), e.g. --set rank=4 --set layers=10,11"),
+]
 
 
 def setup(threads: int, seed: int, verbose: bool) -> None:
@@ -71,47 +71,81 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(code=2)
 
 
-def overtone_config(lam: float | None, n_sigma: float | None, epsilon: float | None, no_clip: bool,
-                     static_target: bool, no_mode_check: bool, no_filter: bool) -> Any:
+def overtone_config(editor: str, lam: float | None = None, n_sigma: float | None = None,
+                    epsilon: float | None = None, no_clip: bool = False, static_target: bool = False,
+                    no_mode_check: bool = False, no_filter: bool = False) -> Any:
+    """OverTone settings: the editor's tuned defaults, overridden by what the user gave."""
+    from dataclasses import replace
+
+    from overtone.editors import EDITORS
     from overtone.objectives import OverToneConfig
 
+    base = EDITORS[editor].overtone_defaults if editor in EDITORS else OverToneConfig()
     given = {"lam": lam, "n_sigma": n_sigma, "epsilon": epsilon}
     try:
-        return OverToneConfig(
-            **{k: v for k, v in given.items() if v is not None},
+        return replace(
+            base, **{k: v for k, v in given.items() if v is not None},
             clip=not no_clip, dynamic=not static_target, mode_check=not no_mode_check, filter=not no_filter,
         )
     except ValueError as exc:
         fail(str(exc))
 
 
-def editor_settings(named: dict[str, Any], assignments: list[str] | None) -> dict[str, Any]:
-    """The editor settings of dedicated options (``--layer`` ...) and of ``--set KEY=VALUE`` pairs.
+def _parse_value(text: str, kind: Any) -> Any:
+    import types
+    import typing
 
-    Values are read as YAML ("false", "0.5", "[3, 4]"); a bare comma list ("3,4,5") is a list.
-    """
-    import yaml
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() == "none" and type(None) in args:
+            return None
+        return _parse_value(text, next(a for a in args if a is not type(None)))
+    if origin is tuple:
+        # "3,4,5" for tuple[int, ...]; pairs for tuple[tuple[int, int], ...] are separated by ";": "5,10;10,10"
+        parts = [part for part in text.split(";" if typing.get_origin(args[0]) is tuple else ",") if part.strip()]
+        if args[-1] is Ellipsis:
+            return tuple(_parse_value(part, args[0]) for part in parts)
+        if len(parts) != len(args):
+            raise ValueError(f"expected {len(args)} comma-separated values, got {text!r}")
+        return tuple(_parse_value(part, kind) for part, kind in zip(parts, args, strict=True))
+    if origin is typing.Literal:
+        if text not in args:
+            raise ValueError(f"choose one of {', '.join(map(str, args))}")
+        return text
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError("expected true or false")
+        return text.lower() in ("true", "1")
+    return kind(text)
 
-    settings = dict(named)
-    for item in assignments or []:
-        key, sep, text = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            fail(f"--set expects KEY=VALUE, got {item!r}")
+
+def editor_settings(editor: str, items: list[str] | None, **given: Any) -> dict[str, Any]:
+    """Editor config overrides from named options (None = not given) and ``--set KEY=VALUE`` items."""
+    import typing
+
+    from overtone.editors import EDITORS
+
+    settings = {k: v for k, v in given.items() if v is not None}
+    if not items:
+        return settings
+    if editor not in EDITORS:
+        fail(f"unknown editor {editor!r}; available: {', '.join(sorted(EDITORS))}")
+    hints = typing.get_type_hints(EDITORS[editor].config_class)
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in hints:
+            fail(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(hints)} ({editor})")
+        if key in settings:
+            fail(f"--set {item!r}: {key} is already set (by its own option or an earlier --set)")
         try:
-            value = yaml.safe_load(text)
-            if isinstance(value, str) and "," in value:
-                value = [yaml.safe_load(part) for part in value.split(",")]
-        except yaml.YAMLError as exc:
-            fail(f"--set {item!r}: cannot read the value: {exc}")
-        if settings.get(key) is not None:
-            fail(f"--set {key} repeats a setting already given")
-        settings[key] = value
+            settings[key] = _parse_value(value, hints[key])
+        except (ValueError, TypeError) as exc:
+            fail(f"--set {item!r}: {exc}")
     return settings
 
 
 def build(model: str, device: str, dtype: str, editor: str, objective: str, overtone_cfg: Any,
-           editor_settings: dict[str, Any], lm: Any = None) -> tuple[Any, Any]:
+          settings: dict[str, Any], lm: Any = None) -> tuple[Any, Any]:
     """Load the model (unless given) and build the editor; user errors become clean exits."""
     from overtone.editors import make_editor
     from overtone.models import ArchitectureError, ModelLoadError, load_model
@@ -119,8 +153,8 @@ def build(model: str, device: str, dtype: str, editor: str, objective: str, over
 
     try:
         lm = lm or load_model(model, device=device, dtype=dtype)
-        return lm, make_editor(editor, lm, make_objective(objective, overtone_cfg), **editor_settings)
-    except (ModelLoadError, ArchitectureError, ValueError, TypeError, FileNotFoundError) as exc:
+        return lm, make_editor(editor, lm, make_objective(objective, overtone_cfg), **settings)
+    except (ModelLoadError, ArchitectureError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
 
 
@@ -133,26 +167,44 @@ def progress_bar() -> Progress:
 
 
 def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None, out: Path,
-               seed: int, threads: int, label: str) -> dict[str, Any]:
-    from overtone.benchmarks import DatasetError, load_benchmark
-    from overtone.evaluation import Evaluator
-    from overtone.runner import ResultStore, RunError, StoreError, run_single_editing
+               seed: int, threads: int, label: str, sequence: int = 1, eval_timing: str = "end",
+               generation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run ``editor`` over a dataset into ``out``: single editing (``sequence`` 1) or continual editing.
 
+    ``generation`` overrides the settings of generation-based evaluation (MQuAKE); None values are skipped.
+    """
+    from overtone.benchmarks import BENCHMARKS, TEACHER_FORCED, DatasetError, load_benchmark, resolve_dataset
+    from overtone.evaluation import GenerationSettings, make_evaluator
+    from overtone.runner import EVAL_TIMINGS, ResultStore, RunError, StoreError, run_continual
+
+    generation = {k: v for k, v in (generation or {}).items() if v is not None}
     try:
+        bench = resolve_dataset(dataset)
+        if eval_timing not in EVAL_TIMINGS:
+            raise ValueError(f"unknown --eval-timing {eval_timing!r}; choose one of {', '.join(EVAL_TIMINGS)}")
+        if generation and bench.evaluation == TEACHER_FORCED:
+            raise ValueError(f"{', '.join(sorted(generation))}: generation settings apply only to generation-based "
+                             f"benchmarks (mquake), not to {bench.name}")
+        evaluator = make_evaluator(bench.evaluation, lm, GenerationSettings(seed=seed, **generation))
         cases = load_benchmark(dataset, limit=limit, offset=offset)
-        config = {
+        source = {"name": bench.name, "offset": offset}
+        if dataset not in BENCHMARKS:
+            source.update(path=str(bench.file), format=bench.format)
+        config: dict[str, Any] = {
             "overtone_version": __version__,
-            "protocol": "single",
+            "protocol": "single" if sequence == 1 else "continual",
+            **({"sequence": sequence, "eval_timing": eval_timing} if sequence > 1 else {}),
             "model": lm.identity,
             "editor": editor.describe(),
             "objective": editor.objective.config() if editor.objective else None,
-            "dataset": {"name": dataset, "offset": offset},
+            "dataset": source,
+            **({"evaluation": evaluator.describe()} if evaluator.describe() else {}),
             "limit": limit,
             "seed": seed,
             "threads": threads,
         }
         store = ResultStore(out, config)
-    except (DatasetError, StoreError) as exc:
+    except (DatasetError, StoreError, ValueError) as exc:
         fail(str(exc))
     if store.done:
         log.info("%s: resuming, %d cases already done", out, len(store.done & {c.case_id for c in cases}))
@@ -166,8 +218,6 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
             progress.update(task, advance=1, status=status)
 
         try:
-            return run_single_editing(editor, Evaluator(lm), cases, store, on_case)
+            return run_continual(editor, evaluator, cases, store, sequence, eval_timing, on_case)
         except RunError as exc:
             fail(str(exc))
-
-

@@ -51,20 +51,21 @@ def edit(
     layer: LayerOpt = None,
     lr: LrOpt = None,
     steps: StepsOpt = None,
+    settings: SetOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="greedy tokens to show")] = 12,
     subject: Annotated[str | None, typer.Option("--subject", help="the subject (ROME/MEMIT: its last token)")] = None,
-    settings: SetOpt = None,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
     """Edit one fact and print greedy completions before and after the edit."""
     from overtone.benchmarks import EditCase
+    from overtone.editors import EditError
     from overtone.generation import greedy_complete
 
     setup(threads, seed, verbose)
-    cfg = overtone_config(lam, n_sigma, epsilon, False, False, False, False)
-    named = {"layer": layer, "lr": lr, "steps": steps}
-    lm, ed = build(model, device, dtype, editor, objective, cfg, editor_settings(named, settings))
+    cfg = overtone_config(editor, lam, n_sigma, epsilon)
+    lm, ed = build(model, device, dtype, editor, objective, cfg,
+                   editor_settings(editor, settings, layer=layer, lr=lr, steps=steps))
     try:
         case = EditCase(case_id="cli", prompt=prompt, target=target, subject=subject)
     except ValueError as exc:
@@ -72,8 +73,6 @@ def edit(
     prompts = [("edit", prompt)] + [("paraphrase", p) for p in paraphrase or []] + [
         ("locality", p) for p in locality or []]
     before = greedy_complete(lm, [p for _, p in prompts], max_new_tokens)
-    from overtone.editors import EditError
-
     try:
         handle = ed.edit([case])
     except (EditError, ValueError) as exc:

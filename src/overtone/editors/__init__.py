@@ -4,22 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from overtone.editors.base import EditError, EditHandle, Editor, EditStats, StepCallback, StepInfo
+from overtone.editors.base import EditError, EditHandle, Editor, EditStack, EditStats, StepCallback, StepInfo
 from overtone.editors.ft_m import FTM, FTMConfig
+from overtone.editors.lora import LoRA, LoRAConfig
 from overtone.editors.memit import MEMIT, MEMITConfig
 from overtone.editors.rome import ROME, ROMEConfig
 from overtone.models.loading import LoadedModel
 from overtone.objectives import Objective
 
-EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (FTM, ROME, MEMIT)}
+EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (FTM, LoRA, ROME, MEMIT)}
 
 
 def make_editor(name: str, lm: LoadedModel, objective: Objective | None = None, **settings: Any) -> Editor:
-    """Build editor ``name`` with its config fields overridden by ``settings`` (None values are skipped).
-
-    A setting the editor does not have is an error unless its value is None, so callers such as the
-    CLI can pass every optional setting they know of.
-    """
+    """Build editor ``name`` with its config fields overridden by ``settings`` (None values are skipped)."""
     if name not in EDITORS:
         raise ValueError(f"unknown editor {name!r}; available: {', '.join(sorted(EDITORS))}")
     cls = EDITORS[name]
@@ -38,9 +35,12 @@ __all__ = [
     "ROME",
     "EditError",
     "EditHandle",
+    "EditStack",
     "EditStats",
     "Editor",
     "FTMConfig",
+    "LoRA",
+    "LoRAConfig",
     "MEMITConfig",
     "ROMEConfig",
     "StepCallback",

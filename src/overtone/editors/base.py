@@ -13,9 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+import torch
+
 from overtone.benchmarks.cases import EditCase
 from overtone.models.loading import LoadedModel
-from overtone.objectives import Objective, ObjectiveOutput
+from overtone.objectives import IGNORE_INDEX, Objective, ObjectiveOutput, OverToneConfig
 
 
 class EditError(RuntimeError):
@@ -27,13 +29,29 @@ class StepInfo:
     """What a gradient-based editor saw at one forward pass, before its update.
 
     Passed to the ``on_step`` callback of ``edit``; the model holds the weights of this step while
-    the callback runs, so it may run extra (no-grad) forwards, e.g. to record probe losses.
+    the callback runs, so it may run extra (no-grad) forwards, e.g. to record probe losses. Row ``i``
+    of ``logits``, ``labels`` and the per-token tensors of ``output`` belongs to ``cases[i]``.
+    ROME and MEMIT optimise a value vector, not weights: their weights change only after the last
+    step, and their rows are one case's prompt variants, the bare prompt first (``editors/locate``).
     """
 
-    step: int
+    step: int  # optimiser updates taken before this forward pass
     loss: float
     output: ObjectiveOutput  # per-token losses and clipped / mixed / kept-set statistics
     cases: Sequence[EditCase]
+    logits: torch.Tensor  # [B, T, V] the objective's input at the target positions, detached
+    labels: torch.Tensor  # [B, T] target token ids, IGNORE_INDEX where padded
+
+    def label_log_probs(self) -> torch.Tensor:
+        """[B, T] log-likelihood of each target token under this step's weights (fp32; 0 where padded).
+
+        Objectives report their own per-token loss (a KL for OverTone), so the running likelihood of
+        the label itself, which the underfitting degree needs, is computed here from the logits.
+        """
+        mask = self.labels.ne(IGNORE_INDEX)
+        log_probs = torch.log_softmax(self.logits.float(), dim=-1)
+        picked = log_probs.gather(-1, self.labels.clamp_min(0)[..., None]).squeeze(-1)
+        return picked.masked_fill(~mask, 0.0)
 
 
 StepCallback = Callable[[StepInfo], None]
@@ -51,12 +69,19 @@ class EditStats:
 
 
 class EditHandle:
-    """Undo information of one ``edit`` call; ``revert`` restores the exact previous weights."""
+    """Undo information of one ``edit`` call; ``revert`` restores the exact previous weights.
 
-    def __init__(self, revert: Callable[[], None], first_layer: int, stats: EditStats) -> None:
+    ``restores`` (optional) declares that reverting only copies saved values back into exactly these
+    tensors. ``EditStack`` uses it to drop the undo data of a later edit of tensors that an earlier
+    edit of the same sequence already saved, so a long sequence does not pile up weight copies.
+    """
+
+    def __init__(self, revert: Callable[[], None], first_layer: int, stats: EditStats,
+                 restores: Sequence[torch.Tensor] | None = None) -> None:
         self._revert: Callable[[], None] | None = revert
         self.first_layer = first_layer
         self.stats = stats
+        self.restores = tuple(restores) if restores is not None else None
 
     @property
     def active(self) -> bool:
@@ -68,12 +93,51 @@ class EditHandle:
             self._revert()
             self._revert = None
 
+    def release(self) -> None:
+        """Drop the undo data without reverting: the caller has another way back (see ``EditStack``)."""
+        self._revert = None
+
+
+class EditStack:
+    """The handles of a sequence of edits applied without reverting (continual editing).
+
+    ``revert`` undoes the whole sequence, newest edit first. A pushed handle whose ``restores`` are
+    all saved by earlier copy-restoring handles of the stack is released at once: reverting those
+    earlier handles puts the same tensors back to their values before the sequence, so its own copy
+    is never needed. With FT-M, a sequence of T edits thus holds one copy of the edited matrix, not T.
+    """
+
+    def __init__(self) -> None:
+        self.handles: list[EditHandle] = []
+        self._saved: set[int] = set()  # ids of tensors restored by a held copy-restoring handle
+        self.first_layer: int | None = None  # lowest layer any edit of the sequence can have changed
+
+    def push(self, handle: EditHandle) -> EditHandle:
+        layer = handle.first_layer
+        self.first_layer = layer if self.first_layer is None else min(self.first_layer, layer)
+        if handle.restores is not None and all(id(t) in self._saved for t in handle.restores):
+            handle.release()
+        else:
+            self.handles.append(handle)
+            if handle.restores is not None:
+                self._saved.update(id(t) for t in handle.restores)
+        return handle
+
+    def revert(self) -> None:
+        """Undo every edit of the sequence, newest first; the stack is empty afterwards."""
+        while self.handles:
+            self.handles.pop().revert()
+        self._saved.clear()
+        self.first_layer = None
+
 
 class Editor(ABC):
     """Base class of all editors; subclasses set ``name`` and ``config_class`` and register themselves."""
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    # OverTone's lambda, n and epsilon when this editor hosts it and the user sets none (tuned per editor).
+    overtone_defaults: ClassVar[OverToneConfig] = OverToneConfig()
 
     def __init__(self, lm: LoadedModel, config: Any, objective: Objective | None = None) -> None:
         self.lm = lm

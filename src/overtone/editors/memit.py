@@ -117,9 +117,9 @@ class MEMIT(Editor):
                 value = optimise_value(self.lm, case, adapter.layers[top], top, self.prefixes, self.objective, cfg,
                                        on_step)
                 targets.append(value.target)
-                stats.steps += value.steps
-                stats.losses += value.losses
-                stops.append(value.stopped_early)
+                stats.steps += value.stats.steps
+                stats.losses += value.stats.losses
+                stops.append(value.stats.stopped_early)
             z = torch.stack(targets).double()  # [n, H]
             rows = [row for case in cases
                     for row in encode_rows(self.lm.tokenizer, case, self.prefixes, False, cfg.missing_subject)]
@@ -137,4 +137,5 @@ class MEMIT(Editor):
             raise
         stats.stopped_early = all(stops)
         stats.time_s = time.perf_counter() - start
-        return EditHandle(revert, first_layer=cfg.layers[0], stats=stats)
+        return EditHandle(revert, first_layer=cfg.layers[0], stats=stats,
+                          restores=tuple(m.weight for m in modules.values()))

@@ -103,7 +103,7 @@ class ROME(Editor):
             raise
         stats.stopped_early = all(stops)
         stats.time_s = time.perf_counter() - start
-        return EditHandle(revert, first_layer=self.config.layer, stats=stats)
+        return EditHandle(revert, first_layer=self.config.layer, stats=stats, restores=(module.weight,))
 
     def _edit_one(self, case: EditCase, module: torch.nn.Module, stats: EditStats,
                   on_step: StepCallback | None) -> bool:
@@ -115,9 +115,9 @@ class ROME(Editor):
         u = (self.inverse_mom2 @ k_star.double()).float() if self.inverse_mom2 is not None else k_star
         u = u / u.norm()
         value = optimise_value(self.lm, case, module, cfg.layer, self.prefixes, self.objective, cfg, on_step)
-        stats.steps += value.steps
-        stats.losses += value.losses
+        stats.steps += value.stats.steps
+        stats.losses += value.stats.losses
         # v0 was read as this module's output at the bare prompt's key, so v* - W k (- bias) = delta.
         right = value.delta / torch.dot(keys[0], u)
         add_update(self.lm.adapter, module.weight, torch.outer(right, u))
-        return value.stopped_early
+        return value.stats.stopped_early

@@ -5,6 +5,7 @@
 * Loc.: fraction of a locality probe's answer positions where the edited model's argmax equals the
   unedited model's; agreement, not correctness.
 * Per case, portability and locality average over the probes of a kind, then over kinds.
+* A case that bundles several edits (``EditCase.edits``) has one Rel. probe per edit, averaged.
 
 All probes of a case go through the model in one right-padded batch. The unedited pass records the
 inputs of the layers an editor may touch, so the edited pass only runs those layers again.
@@ -12,7 +13,9 @@ inputs of the layers an editor may touch, so the edited pass only runs those lay
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -42,6 +45,18 @@ class Predictions:
 
 
 @dataclass
+class AnswerLogits:
+    """Logits at every scored answer position of a ``ProbeBatch``, the rows' positions concatenated."""
+
+    logits: torch.Tensor  # [N, V], N = sum(counts)
+    counts: list[int]  # answer tokens of each row
+    cache: SuffixCache | None = None
+
+    def rows(self) -> list[torch.Tensor]:
+        return list(self.logits.split(self.counts))
+
+
+@dataclass
 class CaseScores:
     """Metrics of one case in [0, 1]; None where the case has no probe of that metric."""
 
@@ -55,19 +70,75 @@ class CaseScores:
         return {m: getattr(self, m) for m in METRICS}
 
 
+@dataclass
+class PreEdit:
+    """A case evaluated on the unedited model, waiting for its evaluation after the edit."""
+
+    probes: ProbeBatch
+    predictions: Predictions  # the locality reference; its cache lets the edited pass skip lower layers
+    seconds: float
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _by_metric(
+    groups: list[tuple[str, str]], values: list[float | None]
+) -> tuple[dict[str, float | None], dict[str, dict[str, float]]]:
+    """Per-metric means of per-row ``values`` (None rows skipped): over a kind's probes, then over kinds."""
+    per_kind: dict[str, dict[str, list[float]]] = {}
+    for (metric, kind), value in zip(groups, values, strict=True):
+        if value is not None:
+            per_kind.setdefault(metric, {}).setdefault(kind, []).append(value)
+    detail = {m: {k: sum(v) / len(v) for k, v in kinds.items()} for m, kinds in per_kind.items()}
+    return {m: _mean(list(detail.get(m, {}).values())) for m in METRICS}, detail
+
+
 class Evaluator:
-    """Teacher-forced Rel./Gen./Por./Loc. of edit cases on one model."""
+    """Teacher-forced Rel./Gen./Por./Loc. of edit cases on one model.
+
+    The runners use ``before`` (on the unedited model) and ``after`` (on the edited one); ``probes``,
+    ``predict`` and ``score`` are the steps in between, for callers that need them.
+    """
+
+    metrics: ClassVar[tuple[str, ...]] = METRICS  # the columns of this evaluation's tables, Avg. is their mean
 
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
 
+    def describe(self) -> dict[str, Any] | None:
+        """Settings to write into a run's configuration (None: nothing beyond the model)."""
+        return None
+
+    def before(self, case: EditCase, record_from: int | None) -> PreEdit:
+        """Predictions of the unedited model, recording the inputs of layers >= ``record_from``."""
+        start = time.perf_counter()
+        probes = self.probes(case)
+        return PreEdit(probes, self.predict(probes, record_from=record_from), time.perf_counter() - start)
+
+    def after(self, pre: PreEdit, replay: bool) -> dict[str, Any]:
+        """Result fields of the edited model: ``pre``, ``post``, ``detail`` metrics and ``eval_s``.
+
+        ``replay`` says the edits left every layer below the recorded one unchanged, so the recorded
+        inputs are still valid and only the upper layers run again.
+        """
+        start = time.perf_counter()
+        cache = pre.predictions.cache if replay else None
+        post = self.predict(pre.probes, replay=cache)
+        seconds = pre.seconds + time.perf_counter() - start
+        pre_scores = self.score(pre.probes, pre.predictions, reference=None)
+        post_scores = self.score(pre.probes, post, reference=pre.predictions)
+        return {
+            "pre": {m: v for m, v in pre_scores.as_dict().items() if m != "loc"},
+            "post": post_scores.as_dict(),
+            "detail": post_scores.detail,
+            "eval_s": seconds,
+        }
+
     def probes(self, case: EditCase) -> ProbeBatch:
-        groups: list[tuple[str, str]] = [("rel", "rewrite")]
-        pairs = [(case.prompt, case.target)]
+        groups: list[tuple[str, str]] = [("rel", "rewrite")] * len(case.requests)
+        pairs = [(edit.prompt, edit.target) for edit in case.requests]
         for text in case.rephrases:
             groups.append(("gen", "rephrase"))
             pairs.append((text, case.target))
@@ -83,10 +154,10 @@ class Evaluator:
         return ProbeBatch(case=case, groups=groups, batch=batch)
 
     @torch.no_grad()
-    def predict(
+    def answer_logits(
         self, probes: ProbeBatch, record_from: int | None = None, replay: SuffixCache | None = None
-    ) -> Predictions:
-        """Argmax predictions; ``record_from`` keeps a suffix cache, ``replay`` reuses one."""
+    ) -> AnswerLogits:
+        """Logits at the answer positions; ``record_from`` keeps a suffix cache, ``replay`` reuses one."""
         adapter = self.lm.adapter
         batch = probes.batch
         if replay is not None:
@@ -94,23 +165,40 @@ class Evaluator:
         else:
             hidden, cache = forward_hidden(adapter, batch.input_ids, batch.attention_mask, record_from)
         mask = batch.label_mask
-        argmax = adapter.logits(batch.gather(hidden)[mask]).argmax(dim=-1)
-        counts = mask.sum(dim=-1).tolist()
-        return Predictions(tokens=list(argmax.split(counts)), cache=cache)
+        return AnswerLogits(adapter.logits(batch.gather(hidden)[mask]), mask.sum(dim=-1).tolist(), cache)
+
+    def predict(
+        self, probes: ProbeBatch, record_from: int | None = None, replay: SuffixCache | None = None
+    ) -> Predictions:
+        """Argmax predictions; ``record_from`` keeps a suffix cache, ``replay`` reuses one."""
+        out = self.answer_logits(probes, record_from, replay)
+        return Predictions(tokens=list(out.logits.argmax(dim=-1).split(out.counts)), cache=out.cache)
+
+    def losses(self, probes: ProbeBatch, answer: AnswerLogits) -> dict[str, float | None]:
+        """Per metric, the mean negative log-likelihood per answer token (nats) of the probes' answers.
+
+        The paper's Fig. 1 loss ("the perplexity loss of the ground truth answer to a question"):
+        the log-perplexity of each probe's answer given its prompt, averaged like the metrics (over a
+        kind's probes, then over kinds). Locality uses the probe's own answer, as the dataset gives it.
+        """
+        labels = probes.batch.labels[probes.batch.label_mask]
+        nll = -torch.log_softmax(answer.logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)
+        per_row = [row.mean().item() for row in nll.split(answer.counts)]
+        return _by_metric(probes.groups, per_row)[0]
 
     def score(self, probes: ProbeBatch, predicted: Predictions, reference: Predictions | None) -> CaseScores:
         """Metrics of ``predicted``; Loc. compares with ``reference`` (the unedited model's predictions)."""
         labels = probes.batch.labels
-        per_kind: dict[str, dict[str, list[float]]] = {m: {} for m in METRICS}
-        for i, (metric, kind) in enumerate(probes.groups):
+        per_row: list[float | None] = []
+        for i, (metric, _kind) in enumerate(probes.groups):
             tokens = predicted.tokens[i]
             if metric == "loc":
                 if reference is None:
+                    per_row.append(None)
                     continue
                 gold = reference.tokens[i]
             else:
                 gold = labels[i, : tokens.numel()]
-            per_kind[metric].setdefault(kind, []).append(tokens.eq(gold).float().mean().item())
-        detail = {m: {k: sum(v) / len(v) for k, v in kinds.items()} for m, kinds in per_kind.items() if kinds}
-        values = {m: _mean(list(detail.get(m, {}).values())) for m in METRICS}
+            per_row.append(tokens.eq(gold).float().mean().item())
+        values, detail = _by_metric(probes.groups, per_row)
         return CaseScores(**values, detail=detail)

@@ -7,6 +7,8 @@ from overtone.objectives.ce import CrossEntropy
 from overtone.objectives.overtone import OverTone, OverToneConfig, top_n_sigma_mask
 
 OBJECTIVES = ("ce", "overtone")
+# OverTone's components and the paper's names for the runs without them (Table 4.4, docs/method.md).
+ABLATIONS = {"clip": "w/o clip", "dynamic": "w/o dyn-", "mode_check": "w/o chk-", "filter": "w/o flt-"}
 
 
 def make_objective(name: str, overtone: OverToneConfig | None = None) -> Objective:
@@ -18,7 +20,25 @@ def make_objective(name: str, overtone: OverToneConfig | None = None) -> Objecti
     raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
 
 
+def objective_label(config: dict[str, object] | None) -> str:
+    """The name tables and plots give an objective's resolved config: CE, OverTone, or its ablation.
+
+    OverTone with a component switched off is named after the paper's ablation ("w/o clip", ...);
+    hyper-parameters (lam, n, epsilon) do not change the label.
+    """
+    if not config:
+        return "-"
+    name = str(config.get("name", "-"))
+    if name == "ce":
+        return "CE"
+    if name == "overtone":
+        off = [label for key, label in ABLATIONS.items() if config.get(key) is False]
+        return ", ".join(off) if off else "OverTone"
+    return name
+
+
 __all__ = [
+    "ABLATIONS",
     "IGNORE_INDEX",
     "OBJECTIVES",
     "CrossEntropy",
@@ -27,5 +47,6 @@ __all__ = [
     "OverTone",
     "OverToneConfig",
     "make_objective",
+    "objective_label",
     "top_n_sigma_mask",
 ]

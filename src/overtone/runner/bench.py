@@ -1,107 +1,154 @@
-"""Single editing over a benchmark: for each case, evaluate, edit, evaluate, revert, store.
+"""Editing and scoring cases: one case from the unedited model, or a chunk of cases edited in sequence.
 
-Every edit starts from the unedited weights and is reverted after its evaluation (bit-exact), so the
-cases are independent and a run can stop and resume anywhere.
+``edit_chunk`` is the protocol step every run is made of (runner/continual.py strings chunks together):
+
+1. evaluate every case of the chunk on the unedited model: the pre metrics and the locality reference;
+2. apply the cases' edits in order, never reverting in between;
+3. evaluate the cases: all on the final model (``eval_timing="end"``, the protocol of WISE and the
+   paper's App. C) or each right after its own edits (``"after-each"``);
+4. revert every edit of the chunk, newest first (bit-exact).
+
+A chunk of one case is single editing: every edit starts from the unedited weights, so cases are
+independent. The edited pass reuses the unedited pass's activations below the recorded layer only
+when no edit of the chunk (so far) changed a layer below it.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditError, Editor
-from overtone.evaluation.teacher_forced import METRICS, Evaluator
-from overtone.runner.store import ResultStore
+from overtone.editors.base import EditError, Editor, EditStack, EditStats
+from overtone.evaluation.teacher_forced import METRICS, Evaluator, PreEdit
 
-log = logging.getLogger(__name__)
+EVAL_TIMINGS = ("end", "after-each")
+# Column order of summaries and tables; an evaluator's metrics come in this order.
+METRIC_ORDER = (*METRICS, "sng_hop", "mlt_hop")
 
 
 class RunError(RuntimeError):
     """A case failed; results of the cases before it are on disk and a restart resumes after them."""
 
 
-def edit_and_score(editor: Editor, evaluator: Evaluator, case: EditCase) -> dict[str, Any]:
-    """Result record of one independent edit: pre/post metrics, edit statistics and timings."""
-    start = time.perf_counter()
-    probes = evaluator.probes(case)
-    pre = evaluator.predict(probes, record_from=editor.first_layer)
-    eval_s = time.perf_counter() - start
-    handle = editor.edit([case])
-    try:
-        start = time.perf_counter()
-        replay = pre.cache if pre.cache is not None and handle.first_layer >= pre.cache.start else None
-        post = evaluator.predict(probes, replay=replay)
-        eval_s += time.perf_counter() - start
-    finally:
-        handle.revert()
-    pre_scores = evaluator.score(probes, pre, reference=None)
-    post_scores = evaluator.score(probes, post, reference=pre)
-    stats = handle.stats
+class CaseError(RuntimeError):
+    """Editing or evaluating one case failed; the message names the case. The model is left unedited."""
+
+    def __init__(self, case_id: str, cause: Exception) -> None:
+        super().__init__(f"case {case_id} failed: {cause}")
+        self.case_id = case_id
+
+
+def _edit_fields(stats: Sequence[EditStats]) -> dict[str, Any]:
+    """Edit statistics of a case: its one edit's, or sums (and per-edit losses) over a bundle's edits."""
+    if len(stats) == 1:
+        s = stats[0]
+        losses: list[Any] = [round(x, 6) for x in s.losses]
+        final = s.losses[-1] if s.losses else None
+    else:
+        losses = [[round(x, 6) for x in s.losses] for s in stats]
+        final = stats[-1].losses[-1] if stats[-1].losses else None
     return {
-        "case_id": case.case_id,
-        "pre": {m: v for m, v in pre_scores.as_dict().items() if m != "loc"},
-        "post": post_scores.as_dict(),
-        "detail": post_scores.detail,
-        "steps": stats.steps,
-        "stopped_early": stats.stopped_early,
-        "final_loss": stats.losses[-1] if stats.losses else None,
-        "losses": [round(x, 6) for x in stats.losses],
-        "edit_s": round(stats.time_s, 4),
-        "eval_s": round(eval_s, 4),
+        "steps": sum(s.steps for s in stats),
+        "stopped_early": all(s.stopped_early for s in stats),
+        "final_loss": final,
+        "losses": losses,
+        "edit_s": round(sum(s.time_s for s in stats), 4),
     }
 
 
-def run_single_editing(
-    editor: Editor,
-    evaluator: Evaluator,
-    cases: Sequence[EditCase],
-    store: ResultStore,
-    on_case: Callable[[dict[str, Any] | None], None] | None = None,
-) -> dict[str, Any]:
-    """Edit every case not yet in ``store``; returns the summary of all stored cases."""
-    done = store.done
+def _evaluate(evaluator: Evaluator, pre: PreEdit, stack: EditStack) -> dict[str, Any]:
+    cache = pre.predictions.cache
+    replay = cache is not None and stack.first_layer is not None and stack.first_layer >= cache.start
+    return evaluator.after(pre, replay)
+
+
+def edit_chunk(
+    editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase], eval_timing: str = "end"
+) -> list[dict[str, Any]]:
+    """Result records of ``cases`` edited in sequence and evaluated at ``eval_timing`` (module docstring)."""
+    if eval_timing not in EVAL_TIMINGS:
+        raise ValueError(f"unknown eval timing {eval_timing!r}; choose one of {', '.join(EVAL_TIMINGS)}")
+    pending: list[PreEdit | None] = []
     for case in cases:
-        if case.case_id in done:
-            if on_case:
-                on_case(None)
-            continue
         try:
-            record = edit_and_score(editor, evaluator, case)
-        except (EditError, ValueError) as exc:
-            raise RunError(
-                f"case {case.case_id} failed: {exc}. The {len(store.records)} finished cases are saved in "
-                f"{store.dir}; rerun the same command to resume after fixing the cause."
-            ) from exc
-        store.append(record)
-        if on_case:
-            on_case(record)
-    wanted = {c.case_id for c in cases}
-    summary = summarize([r for r in store.records if r["case_id"] in wanted])
-    store.write_summary(summary)
-    return summary
+            pending.append(evaluator.before(case, record_from=editor.first_layer))
+        except ValueError as exc:
+            raise CaseError(case.case_id, exc) from exc
+    stack = EditStack()
+    stats: list[list[EditStats]] = []
+    results: list[dict[str, Any] | None] = [None] * len(cases)
+
+    def evaluate(i: int) -> None:
+        pre = pending[i]
+        assert pre is not None
+        pending[i] = None  # its recorded activations are not needed any more
+        try:
+            results[i] = _evaluate(evaluator, pre, stack)
+        except ValueError as exc:
+            raise CaseError(cases[i].case_id, exc) from exc
+
+    try:
+        for i, case in enumerate(cases):
+            try:
+                stats.append([stack.push(editor.edit([request])).stats for request in case.requests])
+            except (EditError, ValueError) as exc:
+                raise CaseError(case.case_id, exc) from exc
+            if eval_timing == "after-each":
+                evaluate(i)
+        if eval_timing == "end":
+            for i in range(len(cases)):
+                evaluate(i)
+    finally:
+        stack.revert()
+    records = []
+    for case, result, case_stats in zip(cases, results, stats, strict=True):
+        assert result is not None
+        seconds = result.pop("eval_s")
+        records.append({"case_id": case.case_id, **result, **_edit_fields(case_stats), "eval_s": round(seconds, 4)})
+    return records
 
 
-def _mean(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(values) / len(values) if values else None
+def edit_and_score(editor: Editor, evaluator: Evaluator, case: EditCase) -> dict[str, Any]:
+    """Result record of one independent edit: pre/post metrics, edit statistics and timings."""
+    return edit_chunk(editor, evaluator, [case])[0]
 
 
-def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Means over cases, x100 as in the paper's tables; Avg. is the mean of the four metrics.
+def _mean(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else None
 
-    A metric is averaged over the cases that have probes for it (every ZsRE case has all four).
+
+def _ordered(keys: set[str]) -> list[str]:
+    return [m for m in METRIC_ORDER if m in keys] + sorted(keys - set(METRIC_ORDER))
+
+
+def summarize(records: Sequence[dict[str, Any]], metrics: Sequence[str] | None = None) -> dict[str, Any]:
+    """Means x100 as in the paper's tables; Avg. is the mean of the metrics that have a value.
+
+    A metric is averaged over the cases of a chunk that have probes for it (every ZsRE case has all
+    four; WikiBio has no Gen. and Por.), then over the chunks (records without a ``chunk`` are chunks
+    of one: single editing). ``metrics`` defaults to the keys of the records' post metrics.
     """
-    post = {m: _mean([r["post"].get(m) for r in records]) for m in METRICS}
-    pre = {m: _mean([r["pre"].get(m) for r in records]) for m in ("rel", "gen", "por")}
+    if metrics is None:
+        metrics = _ordered({m for r in records for m in r["post"]})
+    chunks: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for i, r in enumerate(records):
+        chunks[r.get("chunk", f"case {i}")].append(r)
+
+    def over_chunks(part: str, metric: str) -> float | None:
+        return _mean([_mean([r[part].get(metric) for r in chunk]) for chunk in chunks.values()])
+
+    post = {m: over_chunks("post", m) for m in metrics}
+    pre = {m: over_chunks("pre", m) for m in _ordered({m for r in records for m in r["pre"]})}
     present = [v for v in post.values() if v is not None]
     summary: dict[str, Any] = {m: None if v is None else round(100 * v, 2) for m, v in post.items()}
     summary["avg"] = round(100 * sum(present) / len(present), 2) if present else None
     summary["pre"] = {m: None if v is None else round(100 * v, 2) for m, v in pre.items()}
     summary["n_cases"] = len(records)
+    summary["n_chunks"] = len(chunks)
     summary["mean_steps"] = _mean([r["steps"] for r in records])
     summary["mean_edit_s"] = _mean([r["edit_s"] for r in records])
     summary["mean_eval_s"] = _mean([r["eval_s"] for r in records])

@@ -85,12 +85,16 @@ class ResultStore:
         return {r["case_id"] for r in self.records}
 
     def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False)
+        self.append_many([record])
+
+    def append_many(self, records: list[dict[str, Any]]) -> None:
+        """Append records in one write and sync, so a continual-editing chunk lands on disk together."""
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         with open(self.dir / CASES_FILE, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        self.records.append(record)
+        self.records.extend(records)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         tmp = self.dir / (SUMMARY_FILE + ".tmp")

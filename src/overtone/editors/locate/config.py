@@ -19,7 +19,9 @@ class LocateConfig:
     """
 
     lr: float = field(default=0.5, metadata={"help": "Adam learning rate of the value optimisation (v_lr)"})
-    steps: int = field(default=25, metadata={"help": "at most this many value forward passes (v_num_grad_steps)"})
+    # The reference code's v_num_grad_steps = 25 forward passes make at most 24 updates: it never steps
+    # after its last pass, which therefore changes nothing and is skipped here.
+    steps: int = field(default=24, metadata={"help": "value updates at most (v_num_grad_steps - 1)"})
     stop_loss: float = field(default=5e-2, metadata={"help": "stop the value optimisation when its loss is below"})
     kl_factor: float = field(default=0.0625, metadata={"help": "weight of the KL term on the kl_prompt"})
     weight_decay: float = field(default=1e-3, metadata={"help": "weight of |delta| / |v0|^2 (v_weight_decay)"})

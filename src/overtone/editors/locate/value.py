@@ -15,7 +15,6 @@ the scored positions.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,9 +22,17 @@ import torch
 from torch import nn
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditError, StepCallback, StepInfo
+from overtone.editors.base import EditStats, StepCallback
 from overtone.editors.locate.config import LocateConfig
-from overtone.editors.locate.subject import LookupRow, align_rows, drop_last_token, encode_rows, encode_subject_row
+from overtone.editors.locate.subject import (
+    AlignedRows,
+    LookupRow,
+    align_rows,
+    drop_last_token,
+    encode_rows,
+    encode_subject_row,
+)
+from overtone.editors.training import optimise
 from overtone.models.loading import LoadedModel
 from overtone.models.tail import TailPass
 from overtone.objectives import Objective
@@ -93,13 +100,61 @@ class ValueResult:
 
     init: torch.Tensor  # [H] fp32 the module's output at the subject's last token of the bare prompt, unedited
     delta: torch.Tensor  # [H] fp32
-    losses: list[float]  # total loss at every forward pass
-    steps: int  # optimiser updates
-    stopped_early: bool
+    stats: EditStats  # value updates, the total loss at every forward pass, early stop
 
     @property
     def target(self) -> torch.Tensor:
         return self.init + self.delta
+
+
+class ValueLogits:
+    """The logits of one value-optimisation forward pass, with ``delta`` added at the subject's last token.
+
+    A ``LogitSource`` for the shared loop (``editors/training.optimise``): a call returns the logits at
+    the target tokens of every prompt variant ([variants, A, V], the bare prompt first) and keeps the
+    log-probabilities after the KL prompt for ``extra_loss``. The first call's values are the unedited
+    model's (``delta`` is still zero): ``reference``, ``kl_reference`` and ``init``. The hook that adds
+    ``delta`` is in place only during a call, so an ``on_step`` callback sees the unedited model.
+    """
+
+    def __init__(self, lm: LoadedModel, batch: AlignedRows, module: nn.Module, block: int) -> None:
+        self.adapter = lm.adapter
+        self.module = module
+        self.n_rewrite = batch.input_ids.size(0) - 1  # the last row is the KL prompt
+        self.positions = batch.positions[: self.n_rewrite]
+        self.labels = batch.labels[: self.n_rewrite]
+        self.tail = TailPass(lm.adapter, batch.input_ids, batch.attention_mask, batch.position_ids, batch.cut, block)
+        self.delta = torch.zeros(lm.model.get_input_embeddings().embedding_dim, device=lm.device, requires_grad=True)
+        self.reference: torch.Tensor | None = None
+        self.init: torch.Tensor | None = None
+        self.kl_log_probs: torch.Tensor | None = None
+        self.kl_reference: torch.Tensor | None = None
+
+    def _inject(self, _module: nn.Module, _args: object, output: object) -> object:
+        hidden = _output_tensor(output)
+        if self.init is None:
+            self.init = hidden[0, 0].detach().float().clone()
+        # Column 0 of the tail is the subject's last token in every row.
+        hidden = torch.cat([hidden[:, :1] + self.delta.to(hidden.dtype), hidden[:, 1:]], dim=1)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def __call__(self) -> torch.Tensor:
+        handle = self.module.register_forward_hook(self._inject)
+        try:
+            hidden = self.tail()
+        finally:
+            handle.remove()
+        # One pass through the vocabulary head for every scored position: on a CPU the head's cost is
+        # reading its weight, once forward and once backward, whatever the number of positions.
+        rows = torch.arange(self.n_rewrite, device=hidden.device)[:, None]
+        scored = torch.cat([hidden[rows, self.positions].flatten(0, 1), hidden[self.n_rewrite:, 0]])
+        all_logits = self.adapter.logits(scored)
+        logits = all_logits[: self.positions.numel()].view(*self.positions.shape, -1)
+        self.kl_log_probs = torch.log_softmax(all_logits[self.positions.numel():].float(), dim=-1)
+        if self.reference is None:
+            self.reference = logits.detach()
+            self.kl_reference = self.kl_log_probs.detach()
+        return logits
 
 
 def optimise_value(
@@ -114,74 +169,36 @@ def optimise_value(
 ) -> ValueResult:
     """Optimise the change of ``module``'s output (inside decoder block ``block``) at the subject's last token.
 
-    ``prefixes[0]`` must be "" (the bare prompt), whose unedited output is ``init``.
+    ``prefixes[0]`` must be "" (the bare prompt), whose unedited output is ``init``. The loop is the one
+    every gradient editor shares: ``cfg.steps`` updates at most, a step skipped and the optimisation
+    stopped once the loss is below ``cfg.stop_loss`` or every target token is clipped.
     """
     if not prefixes or prefixes[0] != "":
         raise ValueError("the first context prefix must be the empty one (the bare prompt)")
-    adapter = lm.adapter
     rows = [drop_last_token(r) for r in encode_rows(lm.tokenizer, case, prefixes, True, cfg.missing_subject)]
     rows.append(encode_subject_row(lm.tokenizer, case, cfg.kl_prompt))
-    batch = align_rows(rows, pad_id(lm), lm.device)
-    n_rewrite = len(rows) - 1
-    tail = TailPass(adapter, batch.input_ids, batch.attention_mask, batch.position_ids, batch.cut, block)
-
-    delta = torch.zeros(lm.model.get_input_embeddings().embedding_dim, device=lm.device, requires_grad=True)
-    init: list[torch.Tensor] = []
-
-    def inject(_module, _args, output):
-        hidden = _output_tensor(output)
-        if not init:
-            init.append(hidden[0, 0].detach().float().clone())
-        # Column 0 of the tail is the subject's last token in every row.
-        hidden = torch.cat([hidden[:, :1] + delta.to(hidden.dtype), hidden[:, 1:]], dim=1)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    rows_index = torch.arange(n_rewrite, device=lm.device)[:, None]
-    positions, labels = batch.positions[:n_rewrite], batch.labels[:n_rewrite]
+    source = ValueLogits(lm, align_rows(rows, pad_id(lm), lm.device), module, block)
+    delta = source.delta
     optimiser = torch.optim.Adam([delta], lr=cfg.lr)
-    result = ValueResult(init=torch.empty(0), delta=delta, losses=[], steps=0, stopped_early=False)
-    reference = kl_init = None
-    handle = module.register_forward_hook(inject)
-    try:
-        for step in range(cfg.steps):
-            hidden = tail()
-            # One pass through the vocabulary head for every scored position: on a CPU the head's
-            # cost is reading its weight, once forward and once backward, whatever the positions.
-            scored = torch.cat([hidden[rows_index, positions].flatten(0, 1), hidden[n_rewrite:, 0]])
-            all_logits = adapter.logits(scored)
-            logits = all_logits[: positions.numel()].view(*positions.shape, -1)
-            if objective.needs_reference and reference is None:
-                reference = logits.detach()  # delta is still zero: the unedited model's logits
-            out = objective(logits, labels, reference)
-            kl_logp = torch.log_softmax(all_logits[positions.numel():].float(), dim=-1)
-            if kl_init is None:
-                kl_init = kl_logp.detach()
-            kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(dim=-1).mean()
-            v0 = init[0]
-            decay = cfg.weight_decay * torch.linalg.vector_norm(delta) / v0.norm() ** 2
-            loss = out.loss + cfg.kl_factor * kl + decay
-            value = loss.item()
-            if not math.isfinite(value):
-                raise EditError(f"case {case.case_id}: the value loss ({objective.name}) is {value} at step {step}")
-            result.losses.append(value)
-            if on_step is not None:
-                on_step(StepInfo(step=step, loss=value, output=out, cases=[case]))
-            if value < cfg.stop_loss or out.active_tokens == 0:
-                result.stopped_early = True
-                break
-            if step == cfg.steps - 1:
-                break  # the reference code never steps after its last forward pass
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            with torch.no_grad():
-                limit = cfg.clamp_norm_factor * v0.norm()
-                norm = delta.norm()
-                if norm > limit:
-                    delta.mul_(limit / norm)
-            result.steps += 1
-    finally:
-        handle.remove()
-    result.init = init[0]
-    result.delta = delta.detach()
-    return result
+
+    def regularisers() -> torch.Tensor:
+        """KL(edited || unedited) after the KL prompt, and the weight decay of delta (the reference code's form)."""
+        assert source.kl_log_probs is not None and source.kl_reference is not None and source.init is not None
+        logp = source.kl_log_probs
+        kl = (logp.exp() * (logp - source.kl_reference)).sum(dim=-1).mean()
+        return cfg.kl_factor * kl + cfg.weight_decay * torch.linalg.vector_norm(delta) / source.init.norm() ** 2
+
+    def update(loss: torch.Tensor) -> None:
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        assert source.init is not None
+        with torch.no_grad():
+            limit = cfg.clamp_norm_factor * source.init.norm()
+            norm = delta.norm()
+            if norm > limit:
+                delta.mul_(limit / norm)
+
+    stats = optimise([case], objective, source, update, cfg.steps, cfg.stop_loss, on_step, regularisers)
+    assert source.init is not None
+    return ValueResult(init=source.init, delta=delta.detach(), stats=stats)

@@ -1,0 +1,13 @@
+"""Diagnostics of edits: per-token, per-step traces of heterogeneous token overfitting (paper Sec. 2.3)."""
+
+from overtone.diagnostics.trace import (
+    TRACE_FILE,
+    CaseTrace,
+    TraceError,
+    TraceRecorder,
+    load_traces,
+    save_traces,
+    trace_edit,
+)
+
+__all__ = ["TRACE_FILE", "CaseTrace", "TraceError", "TraceRecorder", "load_traces", "save_traces", "trace_edit"]
