@@ -6,7 +6,7 @@ FT-M. The reference toolkit's ROME takes about 88 s per edit on the embedded mod
 about 440 ``U_ref``. Then, on the first N ZsRE cases:
 
 * ``overtone``: the editor's edit with its evaluation (pre pass, edit, post pass, revert), CE objective,
-  broken down into the value optimisation and the rest;
+  with the share of the edit itself (key, value optimisation, update);
 * one-time costs: building the editor (sampling the context prefixes once per model, reading the
   cached statistics and inverting C);
 * ``reference-style``: one value-optimisation step the way the reference code runs it (every row
@@ -23,7 +23,7 @@ import statistics
 import time
 
 import torch
-from speed_ftm import median_time, yardsticks
+from speed_ftm import median_time, typical_case, yardsticks
 
 from overtone import Evaluator, edit_and_score, load_benchmark, load_model, make_editor
 from overtone.editors import ft_m
@@ -79,7 +79,7 @@ def main() -> None:
     start = time.perf_counter()
     editor = make_editor(args.editor, lm, CrossEntropy())
     build_s = time.perf_counter() - start
-    typical = cases[len(cases) // 2]
+    typical = cases[typical_case(lm, cases)[0]]
     u_full, u_ref = yardsticks(lm, typical, ft_m.default_layer(lm.adapter.num_layers), args.reps)
 
     evaluator = Evaluator(lm)

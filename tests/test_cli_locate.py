@@ -53,11 +53,16 @@ def test_bench_runs_rome_and_memit(tmp_path, tiny_llama_dir, corpus):
     config = yaml.safe_load((tmp_path / "memit" / "config.yaml").read_text())
     assert config["editor"]["layers"] == [1, 2] and config["objective"]["name"] == "overtone"
     sequence = runner.invoke(app, [*base[:-2], "--editor", "memit", "--objective", "ce", "--set", "layers=1,2",
-                                   "--set", f"mom2_corpus={corpus}", "--sequence", "2",
-                                   "--set", "context_lengths=4,1;3,1", "--out", str(tmp_path / "memit-seq")])
+                                   "--set", f"mom2_corpus={corpus}", "--sequence", "2", "--batch", "2",
+                                   "--set", "context_lengths=4,1;3,1", "--out", str(tmp_path / "memit-batch")])
     assert sequence.exit_code == 0, sequence.output
-    config = yaml.safe_load((tmp_path / "memit-seq" / "config.yaml").read_text())
-    assert config["protocol"] == "continual" and config["editor"]["context_lengths"] == [[4, 1], [3, 1]]
+    assert "batch editing B=2, T=2" in sequence.output
+    config = yaml.safe_load((tmp_path / "memit-batch" / "config.yaml").read_text())
+    assert config["protocol"] == "batch" and config["batch"] == 2
+    assert config["editor"]["context_lengths"] == [[4, 1], [3, 1]]
+    too_big = runner.invoke(app, [*base, "--editor", "memit", "--sequence", "2", "--batch", "3",
+                                  "--out", str(tmp_path / "memit-big")])
+    assert too_big.exit_code == 2 and "--batch 3 needs --sequence >= 3" in too_big.output
 
 
 def test_clear_errors_for_editor_settings(tmp_path, tiny_llama_dir):

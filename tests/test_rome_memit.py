@@ -176,7 +176,7 @@ def test_memit_sequence_of_batches_reverts_in_order(tiny_llama, corpus):
 def test_defaults_and_settings(tiny_llama, corpus):
     assert default_layer(tiny_llama) == 1 and default_layers(tiny_llama) == (0, 1)  # relative depths 5/32, 4..8/32
     editor = make_editor("memit", tiny_llama, CrossEntropy(), layers=[3, 2], mom2_corpus=corpus, layer=None)
-    assert editor.config.layers == (2, 3) and editor.first_layer == 2
+    assert editor.config.layers == (2, 3) and editor.first_layer == 2 and editor.config.mom2_update_weight == 15000
     described = editor.describe()
     assert described["context_prefixes"][0] == "" and len(described["context_prefixes"]) == 6
     assert set(described["mom2"]) == {2, 3}
@@ -220,4 +220,20 @@ def test_sequences_through_the_runner_keep_one_copy_and_revert_bit_exact(tiny_ll
     records = edit_chunk(editor, Evaluator(tiny_llama), zsre_cases[:3])
     assert [r["case_id"] for r in records] == [c.case_id for c in zsre_cases[:3]]
     assert all(r["steps"] >= 1 and 0 <= r["post"]["rel"] <= 1 for r in records)
+    assert_same_state(tiny_llama, before)
+
+
+def test_memit_batches_through_the_runner_share_one_update_per_batch(tiny_llama, corpus, zsre_cases):
+    from overtone import Evaluator
+    from overtone.runner import edit_chunk
+
+    editor = make_editor("memit", tiny_llama, CrossEntropy(), mom2_corpus=corpus, layers=(1, 2), **FAST)
+    before = state(tiny_llama)
+    calls = []
+    edit = editor.edit
+    editor.edit = lambda cases, on_step=None: calls.append(len(cases)) or edit(cases, on_step)
+    records = edit_chunk(editor, Evaluator(tiny_llama), zsre_cases[:5], batch=2)
+    assert calls == [2, 2, 1]  # two batches of two and the rest, in sequence
+    assert records[0]["edit_s"] == records[1]["edit_s"] and records[0]["losses"] == records[1]["losses"]
+    assert [r["steps"] for r in records] == [6] * 5  # a batch's 2 x 6 value updates, shared by its two cases
     assert_same_state(tiny_llama, before)

