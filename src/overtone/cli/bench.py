@@ -46,6 +46,8 @@ SequenceOpt = Annotated[int, typer.Option(
 EvalTimingOpt = Annotated[str, typer.Option(
     "--eval-timing", help="continual editing: evaluate a chunk's cases at its end, or each right after its edit "
     "(end, after-each)")]
+BatchOpt = Annotated[int, typer.Option(
+    "--batch", min=1, help="batch editing: B cases per edit call within each chunk of --sequence T (MEMIT)")]
 SingleTokensOpt = Annotated[int | None, typer.Option(
     "--single-hop-tokens", min=1, help="MQuAKE: max new tokens of a single-hop answer (paper: 30)")]
 MultiTokensOpt = Annotated[int | None, typer.Option(
@@ -82,6 +84,7 @@ def bench(
     settings: SetOpt = None,
     sequence: SequenceOpt = 1,
     eval_timing: EvalTimingOpt = "end",
+    batch: BatchOpt = 1,
     single_hop_tokens: SingleTokensOpt = None,
     multi_hop_tokens: MultiTokensOpt = None,
     multi_hop_questions: MultiQuestionsOpt = None,
@@ -94,7 +97,8 @@ def bench(
     Single editing edits each case from the unedited model, evaluates it and reverts. With --sequence T,
     chunks of T cases are edited one after the other without reverting, all T are evaluated on the final
     model (or each after its edit, --eval-timing after-each), then the chunk is reverted; metrics are
-    averaged over chunks.
+    averaged over chunks. With --batch B, each chunk's edits are made B cases per edit call (batch
+    editing: --sequence 100 --batch 100 edits 100 facts in one MEMIT update).
     """
     from overtone.report import summary_table
     from overtone.report.tables import protocol_title
@@ -107,7 +111,7 @@ def bench(
     generation = {"single_hop_tokens": single_hop_tokens, "multi_hop_tokens": multi_hop_tokens,
                   "multi_hop_questions": multi_hop_questions, "temperature": temperature}
     summary = run_bench(lm, ed, dataset, offset, limit, out, seed, threads, f"{editor}/{objective}", sequence,
-                        eval_timing, generation)
+                        eval_timing, generation, batch)
     config, _, _ = read_run(out)
     console.print(summary_table([(f"{editor} {objective}", summary)], title=f"{protocol_title(config)}, {model}"))
     console.print(f"results in {out}")

@@ -101,7 +101,13 @@ def _parse_value(text: str, kind: Any) -> Any:
             return None
         return _parse_value(text, next(a for a in args if a is not type(None)))
     if origin is tuple:
-        return tuple(_parse_value(part, args[0]) for part in text.split(",") if part.strip())
+        # "3,4,5" for tuple[int, ...]; pairs for tuple[tuple[int, int], ...] are separated by ";": "5,10;10,10"
+        parts = [part for part in text.split(";" if typing.get_origin(args[0]) is tuple else ",") if part.strip()]
+        if args[-1] is Ellipsis:
+            return tuple(_parse_value(part, args[0]) for part in parts)
+        if len(parts) != len(args):
+            raise ValueError(f"expected {len(args)} comma-separated values, got {text!r}")
+        return tuple(_parse_value(part, kind) for part, kind in zip(parts, args, strict=True))
     if origin is typing.Literal:
         if text not in args:
             raise ValueError(f"choose one of {', '.join(map(str, args))}")
@@ -129,6 +135,8 @@ def editor_settings(editor: str, items: list[str] | None, **given: Any) -> dict[
         key, sep, value = item.partition("=")
         if not sep or key not in hints:
             fail(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(hints)} ({editor})")
+        if key in settings:
+            fail(f"--set {item!r}: {key} is already set (by its own option or an earlier --set)")
         try:
             settings[key] = _parse_value(value, hints[key])
         except (ValueError, TypeError) as exc:
@@ -160,8 +168,9 @@ def progress_bar() -> Progress:
 
 def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None, out: Path,
                seed: int, threads: int, label: str, sequence: int = 1, eval_timing: str = "end",
-               generation: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run ``editor`` over a dataset into ``out``: single editing (``sequence`` 1) or continual editing.
+               generation: dict[str, Any] | None = None, batch: int = 1) -> dict[str, Any]:
+    """Run ``editor`` over a dataset into ``out``: single editing (``sequence`` 1), continual editing, or
+    batch editing (``batch`` cases per edit call, within chunks of ``sequence``).
 
     ``generation`` overrides the settings of generation-based evaluation (MQuAKE); None values are skipped.
     """
@@ -174,6 +183,8 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
         bench = resolve_dataset(dataset)
         if eval_timing not in EVAL_TIMINGS:
             raise ValueError(f"unknown --eval-timing {eval_timing!r}; choose one of {', '.join(EVAL_TIMINGS)}")
+        if batch > sequence:
+            raise ValueError(f"--batch {batch} needs --sequence >= {batch} (a chunk of T cases holds the batches)")
         if generation and bench.evaluation == TEACHER_FORCED:
             raise ValueError(f"{', '.join(sorted(generation))}: generation settings apply only to generation-based "
                              f"benchmarks (mquake), not to {bench.name}")
@@ -184,8 +195,9 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
             source.update(path=str(bench.file), format=bench.format)
         config: dict[str, Any] = {
             "overtone_version": __version__,
-            "protocol": "single" if sequence == 1 else "continual",
+            "protocol": "single" if sequence == 1 else "continual" if batch == 1 else "batch",
             **({"sequence": sequence, "eval_timing": eval_timing} if sequence > 1 else {}),
+            **({"batch": batch} if batch > 1 else {}),
             "model": lm.identity,
             "editor": editor.describe(),
             "objective": editor.objective.config() if editor.objective else None,
@@ -210,6 +222,6 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
             progress.update(task, advance=1, status=status)
 
         try:
-            return run_continual(editor, evaluator, cases, store, sequence, eval_timing, on_case)
+            return run_continual(editor, evaluator, cases, store, sequence, eval_timing, on_case, batch)
         except RunError as exc:
             fail(str(exc))

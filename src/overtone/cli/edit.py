@@ -53,11 +53,13 @@ def edit(
     steps: StepsOpt = None,
     settings: SetOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="greedy tokens to show")] = 12,
+    subject: Annotated[str | None, typer.Option("--subject", help="the subject (ROME/MEMIT: its last token)")] = None,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
     """Edit one fact and print greedy completions before and after the edit."""
     from overtone.benchmarks import EditCase
+    from overtone.editors import EditError
     from overtone.generation import greedy_complete
 
     setup(threads, seed, verbose)
@@ -65,13 +67,16 @@ def edit(
     lm, ed = build(model, device, dtype, editor, objective, cfg,
                    editor_settings(editor, settings, layer=layer, lr=lr, steps=steps))
     try:
-        case = EditCase(case_id="cli", prompt=prompt, target=target)
+        case = EditCase(case_id="cli", prompt=prompt, target=target, subject=subject)
     except ValueError as exc:
         fail(str(exc))
     prompts = [("edit", prompt)] + [("paraphrase", p) for p in paraphrase or []] + [
         ("locality", p) for p in locality or []]
     before = greedy_complete(lm, [p for _, p in prompts], max_new_tokens)
-    handle = ed.edit([case])
+    try:
+        handle = ed.edit([case])
+    except (EditError, ValueError) as exc:
+        fail(str(exc))
     after = greedy_complete(lm, [p for _, p in prompts], max_new_tokens)
     stats = handle.stats
     out = Table(title=f"{editor} + {objective}: {prompt!r} -> {target!r} "

@@ -8,11 +8,13 @@ from overtone.editors.base import EditError, EditHandle, Editor, EditStack, Edit
 from overtone.editors.ft_m import FTM, FTMConfig
 from overtone.editors.lora import LoRA, LoRAConfig
 from overtone.editors.melo import MELO, MELOConfig
+from overtone.editors.memit import MEMIT, MEMITConfig
+from overtone.editors.rome import ROME, ROMEConfig
 from overtone.editors.wise import WISE, WISEConfig
 from overtone.models.loading import LoadedModel
 from overtone.objectives import Objective
 
-EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (FTM, LoRA, WISE, MELO)}
+EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (FTM, LoRA, WISE, MELO, ROME, MEMIT)}
 
 
 def make_editor(name: str, lm: LoadedModel, objective: Objective | None = None, **settings: Any) -> Editor:
@@ -21,7 +23,7 @@ def make_editor(name: str, lm: LoadedModel, objective: Objective | None = None, 
         raise ValueError(f"unknown editor {name!r}; available: {', '.join(sorted(EDITORS))}")
     cls = EDITORS[name]
     fields = cls.config_class.__dataclass_fields__
-    unknown = sorted(set(settings) - set(fields))
+    unknown = sorted(k for k, v in settings.items() if v is not None and k not in fields)
     if unknown:
         raise ValueError(f"editor {name!r} has no setting(s) {', '.join(unknown)}; known: {', '.join(fields)}")
     config = cls.config_class(**{k: v for k, v in settings.items() if v is not None})
@@ -32,6 +34,8 @@ __all__ = [
     "EDITORS",
     "FTM",
     "MELO",
+    "MEMIT",
+    "ROME",
     "WISE",
     "EditError",
     "EditHandle",
@@ -42,6 +46,8 @@ __all__ = [
     "LoRA",
     "LoRAConfig",
     "MELOConfig",
+    "MEMITConfig",
+    "ROMEConfig",
     "StepCallback",
     "StepInfo",
     "WISEConfig",

@@ -31,6 +31,8 @@ class StepInfo:
     Passed to the ``on_step`` callback of ``edit``; the model holds the weights of this step while
     the callback runs, so it may run extra (no-grad) forwards, e.g. to record probe losses. Row ``i``
     of ``logits``, ``labels`` and the per-token tensors of ``output`` belongs to ``cases[i]``.
+    ROME and MEMIT optimise a value vector, not weights: their weights change only after the last
+    step, and their rows are one case's prompt variants, the bare prompt first (``editors/locate``).
     """
 
     step: int  # optimiser updates taken before this forward pass

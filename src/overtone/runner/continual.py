@@ -5,7 +5,8 @@ cases are split into consecutive chunks of ``sequence`` = T; in each chunk the T
 order without reverting, every case of the chunk is evaluated on the final model (or right after its
 own edit, ``eval_timing="after-each"``), then the chunk is reverted bit-exactly, so the next chunk
 starts from the unedited model. Metrics are averaged over the cases of a chunk, then over chunks.
-T = 1 is single editing.
+T = 1 is single editing. With a batch size B (<= T), the T edits of a chunk are T/B edit calls of B
+cases each (batch editing; B = T is one joint edit of the chunk, MEMIT's mass editing).
 
 The model is loaded once; edits and reverts happen in place. The revert handles of a chunk hold one
 copy of each edited tensor, not one per edit (``EditStack``), and are dropped after the revert, so
@@ -43,8 +44,10 @@ def run_continual(
     sequence: int = 1,
     eval_timing: str = "end",
     on_case: Callable[[dict[str, Any] | None], None] | None = None,
+    batch: int = 1,
 ) -> dict[str, Any]:
-    """Edit every chunk of ``cases`` not yet in ``store``; returns the summary of all stored cases."""
+    """Edit every chunk of ``cases`` not yet in ``store`` (``batch`` cases per edit call); returns the summary
+    of all stored cases."""
     done = store.done
     for index, chunk in enumerate(chunked(cases, sequence)):
         ids = [c.case_id for c in chunk]
@@ -61,7 +64,7 @@ def run_continual(
                 "while writing it. Use another --out directory."
             )
         try:
-            records = edit_chunk(editor, evaluator, chunk, eval_timing)
+            records = edit_chunk(editor, evaluator, chunk, eval_timing, batch)
         except CaseError as exc:
             raise RunError(
                 f"{exc}. The {len(store.records)} finished cases are saved in {store.dir}; rerun the same "

