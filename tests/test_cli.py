@@ -28,6 +28,21 @@ def test_bench_writes_a_run_and_table_reads_it(tmp_path, tiny_llama_dir):
     assert result.exit_code == 0 and "| run (overtone) |" in result.output
 
 
+def test_table_pairs_runs_with_the_first_run_of_their_table(tmp_path, tiny_llama_dir):
+    base = ["bench", "--dataset", "zsre", "--limit", "3", "--model", str(tiny_llama_dir), "--device", "cpu",
+            "--layer", "2", "--steps", "2"]
+    ce, ot = tmp_path / "ce", tmp_path / "ot"
+    assert runner.invoke(app, [*base, "--objective", "ce", "--out", str(ce)]).exit_code == 0
+    assert runner.invoke(app, [*base, "--objective", "overtone", "--out", str(ot)]).exit_code == 0
+    result = runner.invoke(app, ["table", str(ce), str(ot), "--markdown", "--paired"])
+    assert result.exit_code == 0, result.output
+    assert "Paired differences to ce (ce)" in result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("| ot (overtone) |") and "±" in line)
+    assert row.rstrip().endswith("| 3 |")  # the three cases were paired, on one line
+    alone = runner.invoke(app, ["table", str(ce), "--markdown", "--paired"])
+    assert alone.exit_code == 0 and "Paired" not in alone.output
+
+
 def test_bench_rejects_a_mismatched_restart(tmp_path, tiny_llama_dir):
     out = tmp_path / "run"
     base = ["bench", "--limit", "1", "--out", str(out), "--model", str(tiny_llama_dir), "--device", "cpu",

@@ -155,21 +155,32 @@ def demo(
 def table(
     runs: Annotated[list[Path], typer.Argument(help="run directories")],
     markdown: Annotated[bool, typer.Option("--markdown", help="print GitHub Markdown")] = False,
+    paired: Annotated[bool, typer.Option(
+        "--paired", help="also print each run's paired per-case differences to the first run of its table")] = False,
 ) -> None:
     """Print the summary tables of finished (or partial) runs: one per dataset and protocol."""
-    from overtone.report import dataset_tables, markdown_table, summary_table
+    from overtone.report import dataset_tables, markdown_table, paired_markdown, paired_table, summary_table
     from overtone.runner import StoreError, read_run, summarize
 
-    loaded = []
+    loaded, records = [], {}
     for run in runs:
         try:
             config, cases, summary = read_run(run)
         except StoreError as exc:
             fail(str(exc))
         objective = config.get("objective") or {}
-        loaded.append((f"{run.name} ({objective.get('name', '-')})", config, summary or summarize(cases)))
+        label = f"{run.name} ({objective.get('name', '-')})"
+        loaded.append((label, config, summary or summarize(cases)))
+        records[label] = cases
     for title, rows in dataset_tables(loaded):
         if markdown:
-            console.print(f"{title}\n\n{markdown_table(rows)}\n", markup=False)
+            console.print(f"{title}\n\n{markdown_table(rows)}\n", markup=False, soft_wrap=True)
         else:
             console.print(summary_table(rows, title=title))
+        if paired and len(rows) > 1:
+            results = [(label, summary, records[label]) for label, summary in rows]
+            if markdown:
+                console.print(f"Paired differences to {rows[0][0]} (x100):\n\n{paired_markdown(results)}\n",
+                              markup=False, soft_wrap=True)
+            else:
+                console.print(paired_table(results, title=f"paired differences to {rows[0][0]}"))
