@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
 from overtone.models.loading import LoadedModel, prepare_model
+from overtone.objectives import Objective
 
 ARCHS = ("llama", "qwen2", "mistral", "gemma3_text", "gpt2")
 
@@ -46,3 +47,13 @@ def assert_same_state(lm: LoadedModel, before: dict[str, torch.Tensor]) -> None:
     after = lm.model.state_dict()
     changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
     assert not changed, f"weights differ: {changed}"
+
+
+class NaNObjective(Objective):
+    """An objective whose loss is NaN, to check that editors name the case and restore the weights."""
+
+    name = "nan"
+
+    def token_losses(self, logits, labels, reference):
+        false = torch.zeros_like(labels, dtype=torch.bool)
+        return logits.sum(-1) * float("nan"), false, false, torch.zeros_like(labels)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_same_state, state, tiny_model
+from helpers import NaNObjective, assert_same_state, state, tiny_model
 
 from overtone.benchmarks import EditCase
 from overtone.editors import FTM, EditError, FTMConfig, make_editor
 from overtone.editors.ft_m import default_layer
 from overtone.models import forward_hidden
-from overtone.objectives import CrossEntropy, Objective, OverTone, OverToneConfig
+from overtone.objectives import CrossEntropy, OverTone, OverToneConfig
 from overtone.tokens import encode_pairs
 
 CASE = EditCase(case_id="t/0", prompt="Which family does Epaspidoceras belong to?", target="Noctuidae")
@@ -82,14 +82,6 @@ def test_static_target_gets_the_unedited_logits(tiny_llama):
     assert handle.stats.steps == 5
     handle.revert()
 
-
-class NaNObjective(Objective):
-    name = "nan"
-
-    def token_losses(self, logits, labels, reference):
-        loss = logits.sum(-1) * float("nan")
-        false = torch.zeros_like(labels, dtype=torch.bool)
-        return loss, false, false, torch.zeros_like(labels)
 
 
 def test_nan_loss_is_a_clear_error_and_restores_weights(tiny_llama):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import NaNObjective
 
 from overtone.benchmarks import EditCase
 from overtone.editors.base import EditError
@@ -21,7 +22,7 @@ from overtone.editors.locate import (
 from overtone.editors.locate.subject import align_rows, drop_last_token
 from overtone.models import forward_hidden
 from overtone.models.tail import TailPass
-from overtone.objectives import CrossEntropy, Objective, OverTone, OverToneConfig
+from overtone.objectives import CrossEntropy, OverTone, OverToneConfig
 
 CASE = EditCase(case_id="t/0", prompt="Which family does Epaspidoceras belong to?", target="Noctuidae",
                 subject="Epaspidoceras")
@@ -224,13 +225,6 @@ def test_value_optimisation_stops_early_and_takes_any_objective(tiny_llama):
                             on_step=lambda info: seen.append((info.step, info.cases[0].case_id)))
     assert static.stats.steps == 4 and seen == [(0, "t/0"), (1, "t/0"), (2, "t/0"), (3, "t/0")]
 
-
-class NaNObjective(Objective):
-    name = "nan"
-
-    def token_losses(self, logits, labels, reference):
-        false = torch.zeros_like(labels, dtype=torch.bool)
-        return logits.sum(-1) * float("nan"), false, false, torch.zeros_like(labels)
 
 
 def test_value_optimisation_names_the_case_on_a_nan_loss(tiny_llama):

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_same_state, state, tiny_model
+from helpers import NaNObjective, assert_same_state, state, tiny_model
 
 from overtone.benchmarks import EditCase
 from overtone.editors import EditError, EditStack, make_editor
 from overtone.evaluation import Evaluator
 from overtone.models import forward_hidden, forward_suffix
-from overtone.objectives import CrossEntropy, Objective, OverTone, OverToneConfig
+from overtone.objectives import CrossEntropy, OverTone, OverToneConfig
 from overtone.tokens import encode_pairs
 
 SETTINGS = {
@@ -152,14 +152,6 @@ def test_an_edit_stack_keeps_only_the_first_handle_and_reverts_bit_exactly(tiny_
     assert_same_state(tiny_llama, before)
     assert structure(tiny_llama) == shape and not hasattr(tiny_llama.model, "peft_config")
 
-
-class NaNObjective(Objective):
-    name = "nan"
-
-    def token_losses(self, logits, labels, reference):
-        loss = logits.sum(-1) * float("nan")
-        false = torch.zeros_like(labels, dtype=torch.bool)
-        return loss, false, false, torch.zeros_like(labels)
 
 
 @pytest.mark.parametrize("name", EDITORS)
