@@ -78,12 +78,17 @@ class PreEdit:
     predictions: Predictions  # the locality reference; its cache lets the edited pass skip lower layers
     seconds: float
 
+    @property
+    def cache(self) -> SuffixCache | None:
+        """Recorded inputs of the upper layers, valid for the edited pass while no lower layer changed."""
+        return self.predictions.cache
+
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _by_metric(
+def by_metric(
     groups: list[tuple[str, str]], values: list[float | None]
 ) -> tuple[dict[str, float | None], dict[str, dict[str, float]]]:
     """Per-metric means of per-row ``values`` (None rows skipped): over a kind's probes, then over kinds."""
@@ -184,7 +189,7 @@ class Evaluator:
         labels = probes.batch.labels[probes.batch.label_mask]
         nll = -torch.log_softmax(answer.logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)
         per_row = [row.mean().item() for row in nll.split(answer.counts)]
-        return _by_metric(probes.groups, per_row)[0]
+        return by_metric(probes.groups, per_row)[0]
 
     def score(self, probes: ProbeBatch, predicted: Predictions, reference: Predictions | None) -> CaseScores:
         """Metrics of ``predicted``; Loc. compares with ``reference`` (the unedited model's predictions)."""
@@ -200,5 +205,5 @@ class Evaluator:
             else:
                 gold = labels[i, : tokens.numel()]
             per_row.append(tokens.eq(gold).float().mean().item())
-        values, detail = _by_metric(probes.groups, per_row)
+        values, detail = by_metric(probes.groups, per_row)
         return CaseScores(**values, detail=detail)

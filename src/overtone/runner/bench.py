@@ -69,7 +69,7 @@ def _edit_fields(stats: Sequence[EditStats], batch: int = 1) -> dict[str, Any]:
 
 
 def _evaluate(evaluator: Evaluator, pre: PreEdit, stack: EditStack) -> dict[str, Any]:
-    cache = pre.predictions.cache
+    cache = pre.cache
     replay = cache is not None and stack.first_layer is not None and stack.first_layer >= cache.start
     return evaluator.after(pre, replay)
 

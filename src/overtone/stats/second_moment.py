@@ -5,15 +5,17 @@ already serves, summarised by the uncentred second moment of the ``mlp_out`` inp
 input: the gated activation) over ordinary text. Here it is estimated on an offline corpus
 (``stats.corpus``):
 
-* every document is tokenised as the prompts are, and split into samples of at most ``max_tokens``;
+* every document but the corpus's held-out last ones (``Corpus.held_out``, kept for the perplexity
+  check of continual editing) is tokenised as the prompts are, and split into samples of at most
+  ``max_tokens``;
 * samples are batched by length and run through blocks ``0..max(layers)`` only; every real token's
   key is counted; products are formed in fp32 and summed in fp64; the stored C is fp32;
 * one pass serves any number of layers; partial sums are checkpointed, so an interrupted
   computation resumes where it stopped;
 * the result is cached as safetensors under ``<cache>/stats/<model>/``, keyed by the model's name,
   the sha256 of every weight the key depends on (the embeddings, the blocks below the layer and
-  the layer's own block except its ``mlp_out``), the layer, the corpus and its sha256, the sample
-  length and count, and the dtypes. A cache hit reads the file and computes nothing.
+  the layer's own block except its ``mlp_out``), the layer, the corpus, its sha256 and held-out
+  count, the sample length and count, and the dtypes. A cache hit reads the file and computes nothing.
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ def _key(lm: LoadedModel, layer: int, whash: str, corpus: Corpus, corpus_sha: st
         "weights_sha256": whash,
         "corpus": corpus.name,
         "corpus_sha256": corpus_sha,
+        "held_out": corpus.held_out,
         **{k: v for k, v in asdict(spec).items() if k != "corpus"},
         "stat_dtype": STAT_DTYPE,
     }
@@ -144,7 +147,8 @@ def _key(lm: LoadedModel, layer: int, whash: str, corpus: Corpus, corpus_sha: st
 
 def _file_name(key: dict[str, Any]) -> str:
     samples = key["samples"] or "all"
-    return (f"L{key['layer']}-{_slug(key['corpus'])}-{key['corpus_sha256'][:12]}-t{key['max_tokens']}-n{samples}"
+    return (f"L{key['layer']}-{_slug(key['corpus'])}-{key['corpus_sha256'][:12]}-h{key['held_out']}"
+            f"-t{key['max_tokens']}-n{samples}"
             f"-{key['model_dtype']}-w{key['weights_sha256'][:16]}.safetensors")
 
 
@@ -152,8 +156,8 @@ def _file_name(key: dict[str, Any]) -> str:
 
 
 def corpus_samples(lm: LoadedModel, corpus: Corpus, spec: MomentSpec) -> list[list[int]]:
-    """Token samples of the corpus, in document order, each at most ``max_tokens`` long."""
-    encoded = lm.tokenizer(corpus.documents(), verbose=False)["input_ids"]
+    """Token samples of the corpus but its held-out documents, in document order, each at most ``max_tokens``."""
+    encoded = lm.tokenizer(corpus.statistics_documents(), verbose=False)["input_ids"]
     samples = [ids[s:s + spec.max_tokens] for ids in encoded for s in range(0, len(ids), spec.max_tokens)]
     samples = [s for s in samples if len(s) >= 2]
     return samples[: spec.samples] if spec.samples is not None else samples
