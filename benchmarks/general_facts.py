@@ -4,7 +4,10 @@ The facts are MQuAKE-hard's single-hop facts of the unedited world (``single_hop
 cloze prompt, answer, Wikidata aliases), one per distinct cloze, in file order. The embedded model
 answers each cloze greedily with the ability check's rule (wild stop rule, at most 16 new tokens);
 a fact is kept when the answer or an alias occurs in the reply as whole words, and at most ``--per-answer``
-facts share one answer (otherwise "citizen of the United States of America" would dominate).
+facts share one answer (otherwise "citizen of the United States of America" would dominate). Aliases
+that occur in the prompt itself are dropped ("Obama" for "Michelle Obama is married to"), so repeating
+the prompt never counts as knowing the fact, and so are aliases of one or two characters ("it" for
+Italian, "NA" for North America), which common words would match.
 
     python benchmarks/general_facts.py --out src/overtone/data/ability/general_facts.json
 """
@@ -20,7 +23,7 @@ import torch
 from overtone import load_model
 from overtone.benchmarks import DATA_DIR
 from overtone.evaluation.ability import AbilityMonitor, AbilitySettings, Fact
-from overtone.evaluation.wild import normalize_answer
+from overtone.evaluation.wild import contains, normalize_answer
 
 SOURCE = "mquake/MQuAKE-hard.json"
 
@@ -28,7 +31,7 @@ SOURCE = "mquake/MQuAKE-hard.json"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--per-answer", type=int, default=2)
+    parser.add_argument("--per-answer", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -37,8 +40,9 @@ def main() -> None:
     candidates: dict[str, dict] = {}
     for i, record in enumerate(records):
         for j, hop in enumerate(record["single_hops"]):
-            candidates.setdefault(hop["cloze"], {"prompt": hop["cloze"], "answer": hop["answer"],
-                                                 "aliases": hop["answer_alias"],
+            aliases = [a for a in hop["answer_alias"]
+                       if len(normalize_answer(a)) > 2 and not contains(hop["cloze"], [a])]
+            candidates.setdefault(hop["cloze"], {"prompt": hop["cloze"], "answer": hop["answer"], "aliases": aliases,
                                                  "source": f"{SOURCE} record {i} single_hops[{j}]"})
     facts = list(candidates.values())
     monitor = AbilityMonitor(load_model(args.model, device="cpu"), AbilitySettings(),
