@@ -9,11 +9,14 @@ import typer
 
 from overtone.cli.app import app
 from overtone.cli.common import (
+    AbilityOpt,
     DatasetOpt,
     DeviceOpt,
     DtypeOpt,
     EditorOpt,
     EpsilonOpt,
+    EvalContextOpt,
+    EvalOpt,
     LambdaOpt,
     LayerOpt,
     LimitOpt,
@@ -89,6 +92,9 @@ def bench(
     multi_hop_tokens: MultiTokensOpt = None,
     multi_hop_questions: MultiQuestionsOpt = None,
     temperature: TemperatureOpt = None,
+    evaluation: EvalOpt = "teacher-forced",
+    eval_context: EvalContextOpt = "bare",
+    ability: AbilityOpt = False,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -98,9 +104,10 @@ def bench(
     chunks of T cases are edited one after the other without reverting, all T are evaluated on the final
     model (or each after its edit, --eval-timing after-each), then the chunk is reverted; metrics are
     averaged over chunks. With --batch B, each chunk's edits are made B cases per edit call (batch
-    editing: --sequence 100 --batch 100 edits 100 facts in one MEMIT update).
+    editing: --sequence 100 --batch 100 edits 100 facts in one MEMIT update). --eval wild or both scores
+    generated answers too (docs/wild.md); --ability tracks perplexity and general facts after each chunk.
     """
-    from overtone.report import summary_table
+    from overtone.report import extra_tables, summary_table, to_rich
     from overtone.report.tables import protocol_title
     from overtone.runner import read_run
 
@@ -111,9 +118,12 @@ def bench(
     generation = {"single_hop_tokens": single_hop_tokens, "multi_hop_tokens": multi_hop_tokens,
                   "multi_hop_questions": multi_hop_questions, "temperature": temperature}
     summary = run_bench(lm, ed, dataset, offset, limit, out, seed, threads, f"{editor}/{objective}", sequence,
-                        eval_timing, generation, batch)
+                        eval_timing, generation, batch, evaluation, eval_context, ability)
     config, _, _ = read_run(out)
-    console.print(summary_table([(f"{editor} {objective}", summary)], title=f"{protocol_title(config)}, {model}"))
+    rows = [(f"{editor} {objective}", summary)]
+    console.print(summary_table(rows, title=f"{protocol_title(config)}, {model}"))
+    for extra in extra_tables(rows):
+        console.print(to_rich(extra))
     console.print(f"results in {out}")
 
 
@@ -159,7 +169,16 @@ def table(
         "--paired", help="also print each run's paired per-case differences to the first run of its table")] = False,
 ) -> None:
     """Print the summary tables of finished (or partial) runs: one per dataset and protocol."""
-    from overtone.report import dataset_tables, markdown_table, paired_markdown, paired_table, summary_table
+    from overtone.report import (
+        dataset_tables,
+        extra_tables,
+        markdown_table,
+        paired_markdown,
+        paired_table,
+        summary_table,
+        to_markdown,
+        to_rich,
+    )
     from overtone.runner import StoreError, read_run, summarize
 
     loaded, records = [], {}
@@ -177,6 +196,11 @@ def table(
             console.print(f"{title}\n\n{markdown_table(rows)}\n", markup=False, soft_wrap=True)
         else:
             console.print(summary_table(rows, title=title))
+        for extra in extra_tables(rows):
+            if markdown:
+                console.print(f"{to_markdown(extra)}\n", markup=False, soft_wrap=True)
+            else:
+                console.print(to_rich(extra))
         if paired and len(rows) > 1:
             results = [(label, summary, records[label]) for label, summary in rows]
             if markdown:

@@ -42,6 +42,27 @@ LimitOpt = Annotated[int | None, typer.Option("--limit", min=0, help="number of 
 OffsetOpt = Annotated[int, typer.Option("--offset", min=0, help="index of the first case")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
+EVAL_CHOICES = ("teacher-forced", "wild", "both")  # evaluation.wild.EVAL_MODES, without importing torch here
+EVAL_CONTEXTS = ("bare", "qa")
+
+
+def _one_of(option: str, choices: tuple[str, ...]) -> Any:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise typer.BadParameter(f"{value!r}: choose one of {', '.join(choices)}", param_hint=option)
+        return value
+
+    return check
+
+
+EvalOpt = Annotated[str, typer.Option(
+    "--eval", callback=_one_of("--eval", EVAL_CHOICES),
+    help="teacher-forced (the benchmark's own protocol), wild (generated answers, exact match) or both")]
+EvalContextOpt = Annotated[str, typer.Option(
+    "--eval-context", callback=_one_of("--eval-context", EVAL_CONTEXTS),
+    help="wild: the bare probe prompt, or qa (the study's QA instruction in the chat template)")]
+AbilityOpt = Annotated[bool, typer.Option(
+    "--ability", help="measure held-out perplexity and general facts at the end of each chunk (continual editing)")]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="any editor setting, KEY=VALUE (repeatable), e.g. --set rank=4 --set layers=10,11"),
@@ -168,15 +189,20 @@ def progress_bar() -> Progress:
 
 def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None, out: Path,
                seed: int, threads: int, label: str, sequence: int = 1, eval_timing: str = "end",
-               generation: dict[str, Any] | None = None, batch: int = 1) -> dict[str, Any]:
+               generation: dict[str, Any] | None = None, batch: int = 1, evaluation: str = "teacher-forced",
+               eval_context: str = "bare", ability: bool = False) -> dict[str, Any]:
     """Run ``editor`` over a dataset into ``out``: single editing (``sequence`` 1), continual editing, or
     batch editing (``batch`` cases per edit call, within chunks of ``sequence``).
 
     ``generation`` overrides the settings of generation-based evaluation (MQuAKE); None values are skipped.
+    ``evaluation`` is ``--eval`` (the benchmark's own protocol, wild, or both) with the wild ``eval_context``;
+    ``ability`` measures the general ability at the end of each chunk.
     """
     from overtone.benchmarks import BENCHMARKS, TEACHER_FORCED, DatasetError, load_benchmark, resolve_dataset
-    from overtone.evaluation import GenerationSettings, make_evaluator
+    from overtone.evaluation import GenerationSettings, WildSettings, make_evaluator
+    from overtone.evaluation.ability import AbilityMonitor
     from overtone.runner import EVAL_TIMINGS, ResultStore, RunError, StoreError, run_continual
+    from overtone.stats import CorpusError
 
     generation = {k: v for k, v in (generation or {}).items() if v is not None}
     try:
@@ -188,7 +214,14 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
         if generation and bench.evaluation == TEACHER_FORCED:
             raise ValueError(f"{', '.join(sorted(generation))}: generation settings apply only to generation-based "
                              f"benchmarks (mquake), not to {bench.name}")
-        evaluator = make_evaluator(bench.evaluation, lm, GenerationSettings(seed=seed, **generation))
+        if generation and evaluation == "wild":
+            raise ValueError(f"{', '.join(sorted(generation))}: MQuAKE's generation settings need --eval "
+                             "teacher-forced or both")
+        if eval_context != "bare" and evaluation == "teacher-forced":
+            raise ValueError(f"--eval-context {eval_context} applies to the wild evaluation: add --eval wild or both")
+        evaluator = make_evaluator(bench.evaluation, lm, GenerationSettings(seed=seed, **generation), evaluation,
+                                   WildSettings(context=eval_context))
+        monitor = AbilityMonitor(lm) if ability else None
         cases = load_benchmark(dataset, limit=limit, offset=offset)
         source = {"name": bench.name, "offset": offset}
         if dataset not in BENCHMARKS:
@@ -203,12 +236,13 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
             "objective": editor.objective.config() if editor.objective else None,
             "dataset": source,
             **({"evaluation": evaluator.describe()} if evaluator.describe() else {}),
+            **({"ability": monitor.describe()} if monitor else {}),
             "limit": limit,
             "seed": seed,
             "threads": threads,
         }
         store = ResultStore(out, config)
-    except (DatasetError, StoreError, ValueError) as exc:
+    except (DatasetError, StoreError, CorpusError, ValueError) as exc:
         fail(str(exc))
     if store.done:
         log.info("%s: resuming, %d cases already done", out, len(store.done & {c.case_id for c in cases}))
@@ -216,12 +250,14 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
         task = progress.add_task(label, total=len(cases), status="")
 
         def on_case(record: dict[str, Any] | None) -> None:
-            status = "" if record is None else (
-                f"rel {100 * record['post']['rel']:.0f} steps {record['steps']} "
-                f"{record['edit_s'] + record['eval_s']:.1f}s")
+            status = ""
+            if record is not None:
+                scores = [f"{name} {100 * part['post']['rel']:.0f}" for name, part in
+                          (("rel", record), ("wild rel", record.get("wild"))) if part and "post" in part]
+                status = f"{' '.join(scores)} steps {record['steps']} {record['edit_s'] + record['eval_s']:.1f}s"
             progress.update(task, advance=1, status=status)
 
         try:
-            return run_continual(editor, evaluator, cases, store, sequence, eval_timing, on_case, batch)
+            return run_continual(editor, evaluator, cases, store, sequence, eval_timing, on_case, batch, monitor)
         except RunError as exc:
             fail(str(exc))

@@ -14,6 +14,8 @@ from overtone.cli.common import (
     DtypeOpt,
     EditorOpt,
     EpsilonOpt,
+    EvalContextOpt,
+    EvalOpt,
     LambdaOpt,
     LayerOpt,
     LimitOpt,
@@ -48,26 +50,32 @@ def _floats(text: str, option: str) -> list[float]:
 
 def _run_variants(variants: list[Any], out: Path, model: str, device: str, dtype: str, editor: str,
                   dataset: str, offset: int, limit: int | None, settings: dict[str, Any], seed: int,
-                  threads: int) -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
+                  threads: int, evaluation: str = "teacher-forced",
+                  eval_context: str = "bare") -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
     from overtone.runner import read_run
 
     results = []
     lm = None
     for v in variants:
         lm, ed = build(model, device, dtype, editor, v.objective, v.overtone, {**settings, **v.editor_settings}, lm)
-        summary = run_bench(lm, ed, dataset, offset, limit, out / v.slug, seed, threads, f"{editor} {v.label}")
+        summary = run_bench(lm, ed, dataset, offset, limit, out / v.slug, seed, threads, f"{editor} {v.label}",
+                            evaluation=evaluation, eval_context=eval_context)
         results.append((v.label, summary, read_run(out / v.slug)[1]))
     return results
 
 
 def _report(results: list[tuple[str, dict[str, Any], list[dict[str, Any]]]], out: Path, title: str) -> None:
-    from overtone.report import markdown_table, paired_markdown, paired_table, summary_table
+    from overtone.report import extra_tables, markdown_table, paired_markdown, paired_table, summary_table, to_markdown
+    from overtone.report.tables import to_rich
 
     rows = [(label, summary) for label, summary, _ in results]
     console.print(summary_table(rows, title=title))
     console.print(paired_table(results, base=0, title="paired differences to CE (x100)"))
+    extras = extra_tables(rows)
+    for extra in extras:
+        console.print(to_rich(extra))
     (out / "table.md").write_text(f"{title}\n\n{markdown_table(rows)}\n\nPaired differences to CE (x100):\n\n"
-                                  f"{paired_markdown(results)}\n")
+                                  f"{paired_markdown(results)}\n" + "".join(f"\n{to_markdown(t)}\n" for t in extras))
     console.print(f"runs in {out}/, tables in {out / 'table.md'}")
 
 
@@ -91,6 +99,8 @@ def ablate(
     lr: LrOpt = None,
     steps: StepsOpt = None,
     settings: SetOpt = None,
+    evaluation: EvalOpt = "teacher-forced",
+    eval_context: EvalContextOpt = "bare",
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -107,7 +117,7 @@ def ablate(
     variants = ablation_variants(overtone_config(editor, lam, n_sigma, epsilon), grid)
     overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps)
     results = _run_variants(variants, out, model, device, dtype, editor, dataset, offset, limit, overrides, seed,
-                            threads)
+                            threads, evaluation, eval_context)
     first = results[0][1]
     _report(results, out, f"Ablation: {editor} on {dataset} cases {offset}..{offset + first['n_cases'] - 1}, "
                           f"{model}, single editing (x100)")
@@ -132,6 +142,8 @@ def sweep(
     lr: LrOpt = None,
     steps: StepsOpt = None,
     settings: SetOpt = None,
+    evaluation: EvalOpt = "teacher-forced",
+    eval_context: EvalContextOpt = "bare",
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -146,7 +158,7 @@ def sweep(
                               _floats(n_sigmas, "--n-sigmas"), _floats(epsilons, "--epsilons"))
     overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps)
     results = _run_variants(variants, out, model, device, dtype, editor, dataset, offset, limit, overrides, seed,
-                            threads)
+                            threads, evaluation, eval_context)
     ranked = [results[0], *sorted(results[1:], key=lambda r: -(r[1].get("avg") or 0.0))]
     _report(ranked, out, f"Sweep: {editor} on {dataset} cases from {offset} ({results[0][1]['n_cases']} cases), "
                          f"{model} (x100), best Avg. first")

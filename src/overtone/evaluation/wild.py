@@ -47,10 +47,12 @@ CONTEXTS = ("bare", "qa")
 QA_INSTRUCTION = "Please answer the question:\n\nQ: {question}\nA:"  # the study's "qa_inst" context
 SCORED = ("rel", "gen", "por")  # metrics scored against an answer; Loc. compares with the unedited model
 # Words that end in "." without ending a sentence (lower case, without the dot).
-ABBREVIATIONS = frozenset(
-    "st mt ft dr mr mrs ms jr sr prof rev gen col lt sgt capt gov sen rep no vol vs etc inc ltd co corp bros ave "
-    "blvd rd jan feb mar apr jun jul aug sep sept oct nov dec e.g i.e approx est dept univ fig ca".split()
-)
+ABBREVIATIONS = frozenset((
+    "st", "mt", "ft", "dr", "mr", "mrs", "ms", "jr", "sr", "prof", "rev", "gen", "col", "lt", "sgt", "capt", "gov",
+    "sen", "rep", "no", "vol", "vs", "etc", "inc", "ltd", "co", "corp", "bros", "ave", "blvd", "rd", "jan", "feb",
+    "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "approx", "est", "dept", "univ", "fig",
+    "ca",
+))
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
 

@@ -12,6 +12,10 @@ A chunk of one case is single editing: every edit starts from the unedited weigh
 independent. The edited pass reuses the unedited pass's activations below the recorded layer only
 when no edit of the chunk (so far) changed a layer below it.
 
+With an ``AbilityMonitor``, the edited model's general ability (held-out perplexity, general facts) is
+measured after step 3, before the revert, and stored in every record of the chunk under ``ability``
+next to the unedited model's (measured once, before the first edit of the run).
+
 With ``batch`` B > 1, step 2 edits B consecutive cases at a time in one ``edit`` call (batch editing,
 e.g. MEMIT's joint update); their records share that call's statistics: ``steps`` and ``edit_s`` are
 the batch's divided by its size (so means over cases stay per case), ``losses`` and ``final_loss`` are
@@ -27,7 +31,9 @@ from typing import Any
 
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import EditError, Editor, EditStack, EditStats
+from overtone.evaluation.ability import AbilityMonitor
 from overtone.evaluation.teacher_forced import METRICS, Evaluator, PreEdit
+from overtone.evaluation.wild import WILD, protocol_records
 
 EVAL_TIMINGS = ("end", "after-each")
 # Column order of summaries and tables; an evaluator's metrics come in this order.
@@ -75,9 +81,11 @@ def _evaluate(evaluator: Evaluator, pre: PreEdit, stack: EditStack) -> dict[str,
 
 
 def edit_chunk(
-    editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase], eval_timing: str = "end", batch: int = 1
+    editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase], eval_timing: str = "end", batch: int = 1,
+    ability: AbilityMonitor | None = None,
 ) -> list[dict[str, Any]]:
-    """Result records of ``cases`` edited in sequence (``batch`` cases per edit) and evaluated at ``eval_timing``."""
+    """Result records of ``cases`` edited in sequence (``batch`` cases per edit) and evaluated at ``eval_timing``;
+    with ``ability``, the general ability of the model with every edit of the chunk applied."""
     if eval_timing not in EVAL_TIMINGS:
         raise ValueError(f"unknown eval timing {eval_timing!r}; choose one of {', '.join(EVAL_TIMINGS)}")
     if batch < 1:
@@ -88,6 +96,8 @@ def edit_chunk(
             pending.append(evaluator.before(case, record_from=editor.first_layer))
         except ValueError as exc:
             raise CaseError(case.case_id, exc) from exc
+    if ability:
+        ability.measure_reference()  # the model is unedited here
     stack = EditStack()
     stats: list[list[EditStats]] = []
     sizes = [1] * len(cases)  # how many cases shared each case's edit call
@@ -120,6 +130,7 @@ def edit_chunk(
         if eval_timing == "end":
             for i in range(len(cases)):
                 evaluate(i)
+        measured = {"ability": ability.measure()} if ability else {}
     finally:
         stack.revert()
     records = []
@@ -127,7 +138,7 @@ def edit_chunk(
         assert result is not None
         seconds = result.pop("eval_s")
         records.append({"case_id": case.case_id, **result, **_edit_fields(case_stats, size),
-                        "eval_s": round(seconds, 4)})
+                        "eval_s": round(seconds, 4), **measured})
     return records
 
 
@@ -145,31 +156,85 @@ def _ordered(keys: set[str]) -> list[str]:
     return [m for m in METRIC_ORDER if m in keys] + sorted(keys - set(METRIC_ORDER))
 
 
+def _chunks(records: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Records grouped by chunk; records without a ``chunk`` are chunks of one (single editing)."""
+    chunks: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for i, r in enumerate(records):
+        chunks[r.get("chunk", f"case {i}")].append(r)
+    return list(chunks.values())
+
+
+def _x100(value: float | None) -> float | None:
+    return None if value is None else round(100 * value, 2)
+
+
+def _summarize_metrics(records: Sequence[dict[str, Any]], metrics: Sequence[str] | None) -> dict[str, Any]:
+    if metrics is None:
+        metrics = _ordered({m for r in records for m in r.get("post", {})})
+    chunks = _chunks(records)
+
+    def over_chunks(part: str, metric: str) -> float | None:
+        return _mean([_mean([r.get(part, {}).get(metric) for r in chunk]) for chunk in chunks])
+
+    post = {m: over_chunks("post", m) for m in metrics}
+    pre = {m: over_chunks("pre", m) for m in _ordered({m for r in records for m in r.get("pre", {})})}
+    present = [v for v in post.values() if v is not None]
+    summary: dict[str, Any] = {m: _x100(v) for m, v in post.items()}
+    summary["avg"] = round(100 * sum(present) / len(present), 2) if present else None
+    summary["pre"] = {m: _x100(v) for m, v in pre.items()}
+    for part in ("f1", "contains"):  # the wild protocol's other scores
+        if any(part in r for r in records):
+            summary[part] = {m: _x100(over_chunks(part, m))
+                             for m in _ordered({m for r in records for m in r.get(part, {})})}
+    summary["n_cases"] = len(records)
+    summary["n_chunks"] = len(chunks)
+    summary["mean_steps"] = _mean([r["steps"] for r in records])
+    summary["mean_edit_s"] = _mean([r["edit_s"] for r in records])
+    summary["mean_eval_s"] = _mean([r["eval_s"] for r in records])
+    return summary
+
+
+def _summarize_ability(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per chunk the ability after its edits (shared by its records), averaged over chunks; drift vs unedited."""
+    measured = [chunk[0]["ability"] for chunk in _chunks([r for r in records if "ability" in r])]
+    ppl, base = _mean([m["ppl"] for m in measured]), _mean([m["ppl_unedited"] for m in measured])
+    return {
+        "ppl": None if ppl is None else round(ppl, 3),
+        "ppl_unedited": None if base is None else round(base, 3),
+        "ppl_drift_pct": _x100(_mean([m["ppl"] / m["ppl_unedited"] - 1 for m in measured])),
+        "facts_right": _x100(_mean([m["facts_right"] for m in measured])),
+        "facts_same": _x100(_mean([m["facts_same"] for m in measured])),
+        "facts": measured[0]["facts"] if measured else None,
+        "n_measured": len(measured),
+        "mean_s": _mean([m["seconds"] for m in measured]),
+    }
+
+
 def summarize(records: Sequence[dict[str, Any]], metrics: Sequence[str] | None = None) -> dict[str, Any]:
     """Means x100 as in the paper's tables; Avg. is the mean of the metrics that have a value.
 
     A metric is averaged over the cases of a chunk that have probes for it (every ZsRE case has all
     four; WikiBio has no Gen. and Por.), then over the chunks (records without a ``chunk`` are chunks
     of one: single editing). ``metrics`` defaults to the keys of the records' post metrics.
+
+    The top-level metrics are the teacher-forced ones (``pre``/``post`` of the records); wild metrics
+    (``wild`` of the records) are summarised the same way under ``wild``; ``protocols`` names the
+    protocols present. The general ability after each chunk, when measured, is under ``ability``.
     """
-    if metrics is None:
-        metrics = _ordered({m for r in records for m in r["post"]})
-    chunks: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    for i, r in enumerate(records):
-        chunks[r.get("chunk", f"case {i}")].append(r)
-
-    def over_chunks(part: str, metric: str) -> float | None:
-        return _mean([_mean([r[part].get(metric) for r in chunk]) for chunk in chunks.values()])
-
-    post = {m: over_chunks("post", m) for m in metrics}
-    pre = {m: over_chunks("pre", m) for m in _ordered({m for r in records for m in r["pre"]})}
-    present = [v for v in post.values() if v is not None]
-    summary: dict[str, Any] = {m: None if v is None else round(100 * v, 2) for m, v in post.items()}
-    summary["avg"] = round(100 * sum(present) / len(present), 2) if present else None
-    summary["pre"] = {m: None if v is None else round(100 * v, 2) for m, v in pre.items()}
-    summary["n_cases"] = len(records)
-    summary["n_chunks"] = len(chunks)
-    summary["mean_steps"] = _mean([r["steps"] for r in records])
-    summary["mean_edit_s"] = _mean([r["edit_s"] for r in records])
-    summary["mean_eval_s"] = _mean([r["eval_s"] for r in records])
+    summary = _summarize_metrics(records, metrics)
+    protocols = ["teacher-forced"] if any("post" in r for r in records) or not records else []
+    wild = protocol_records(records, WILD)
+    if wild:
+        protocols.append(WILD)
+        block = _summarize_metrics(wild, None)
+        rule = [r["study_rule"] for r in wild]
+        replies = sum(x["replies"] for x in rule)
+        block["study_rule"] = {"replies": replies,
+                               "differs_pct": _x100(sum(x["differs"] for x in rule) / replies) if replies else None,
+                               "em_changes_pct": _x100(sum(x["em_changes"] for x in rule) / replies)
+                               if replies else None}
+        summary[WILD] = block
+    summary["protocols"] = protocols
+    if any("ability" in r for r in records):
+        summary["ability"] = _summarize_ability(records)
     return summary

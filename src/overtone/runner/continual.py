@@ -24,6 +24,7 @@ from typing import Any
 
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import Editor
+from overtone.evaluation.ability import AbilityMonitor
 from overtone.evaluation.teacher_forced import Evaluator
 from overtone.runner.bench import CaseError, RunError, edit_chunk, summarize
 from overtone.runner.store import ResultStore
@@ -45,9 +46,10 @@ def run_continual(
     eval_timing: str = "end",
     on_case: Callable[[dict[str, Any] | None], None] | None = None,
     batch: int = 1,
+    ability: AbilityMonitor | None = None,
 ) -> dict[str, Any]:
-    """Edit every chunk of ``cases`` not yet in ``store`` (``batch`` cases per edit call); returns the summary
-    of all stored cases."""
+    """Edit every chunk of ``cases`` not yet in ``store`` (``batch`` cases per edit call, the general ability
+    measured at each chunk's end with ``ability``); returns the summary of all stored cases."""
     done = store.done
     for index, chunk in enumerate(chunked(cases, sequence)):
         ids = [c.case_id for c in chunk]
@@ -64,7 +66,7 @@ def run_continual(
                 "while writing it. Use another --out directory."
             )
         try:
-            records = edit_chunk(editor, evaluator, chunk, eval_timing, batch)
+            records = edit_chunk(editor, evaluator, chunk, eval_timing, batch, ability)
         except CaseError as exc:
             raise RunError(
                 f"{exc}. The {len(store.records)} finished cases are saved in {store.dir}; rerun the same "
