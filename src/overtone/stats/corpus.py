@@ -10,7 +10,7 @@ other files into paragraphs at blank lines.
 
 A packaged corpus may hold out its last documents: the statistics never read them, and the
 general-ability check of continual editing (``evaluation/ability.py``) measures perplexity on them.
-``wikipedia`` holds out its last 64 articles (4,346 SmolLM2 tokens); a local file holds out nothing.
+``wikipedia`` holds out its last 64 articles (4,305 SmolLM2 tokens); a local file holds out nothing.
 """
 
 from __future__ import annotations
