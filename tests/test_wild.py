@@ -12,8 +12,8 @@ from overtone.evaluation.generation import generate_ids
 from overtone.evaluation.wild import (
     _reply,
     answer,
-    context_text,
     contains,
+    context_text,
     exact_match,
     find_stop,
     normalize_answer,
@@ -118,11 +118,31 @@ def test_rows_that_stop_early_keep_their_reply_in_a_batch(any_tiny, zsre_cases):
                      if len(tok.decode(row[:n], skip_special_tokens=True)) >= limit), "")
 
     for limit in (3, 7):
-        done = (lambda reply, limit=limit: len(reply) >= limit)
+        def done(reply: str, limit: int = limit) -> bool:
+            return len(reply) >= limit
+
         batched = [until_done(row, limit) for row in generate_ids(any_tiny, texts, 12, done=done).tolist()]
         alone = [until_done(generate_ids(any_tiny, [t], 12, done=done)[0].tolist(), limit) for t in texts]
         assert batched == alone
         assert sum(len(r) >= limit for r in batched) >= 2
+
+
+def test_a_chunk_is_answered_in_shared_batches_with_the_same_replies(tiny_llama, zsre_cases, monkeypatch):
+    from overtone.evaluation import wild
+
+    cases = zsre_cases[:3]
+    evaluator = WildEvaluator(tiny_llama, SHORT)
+    alone = [evaluator.before(case, record_from=None) for case in cases]
+    monkeypatch.setattr(wild, "MAX_ROWS", 4)  # several generate calls, cutting across cases
+    together = evaluator.before_many(cases, record_from=None)
+    assert [p.replies for p in together] == [p.replies for p in alone]
+    assert sum(len(p.probes) for p in together) > 4
+
+    def wild_fields(fields: dict) -> dict:
+        return {k: v for k, v in fields["wild"].items() if k != "eval_s"}
+
+    one_by_one = [wild_fields(evaluator.after(p, replay=False)) for p in alone]
+    assert [wild_fields(f) for f in evaluator.after_many(together, [False] * 3)] == one_by_one
 
 
 def test_locality_is_kept_only_while_the_generated_tokens_are_identical(tiny_llama, zsre_cases):

@@ -14,6 +14,7 @@ inputs of the layers an editor may touch, so the edited pass only runs those lay
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -140,6 +141,14 @@ class Evaluator:
             "detail": post_scores.detail,
             "eval_s": seconds,
         }
+
+    def before_many(self, cases: Sequence[EditCase], record_from: int | None) -> list[PreEdit]:
+        """``before`` for the cases of a chunk; an evaluator that batches across cases overrides it."""
+        return [self.before(case, record_from) for case in cases]
+
+    def after_many(self, pres: Sequence[PreEdit], replays: Sequence[bool]) -> list[dict[str, Any]]:
+        """``after`` for cases evaluated on the same edited model; overridden to batch across cases."""
+        return [self.after(pre, replay) for pre, replay in zip(pres, replays, strict=True)]
 
     def probes(self, case: EditCase) -> ProbeBatch:
         groups: list[tuple[str, str]] = [("rel", "rewrite")] * len(case.requests)

@@ -19,9 +19,10 @@ Teacher forcing feeds the model the target's own tokens and length; here nothing
 Per case, metrics average over the probes of a kind, then over kinds, as the teacher-forced ones. A
 record keeps the teacher-forced ``pre``/``post`` (when that protocol runs too) and adds ``wild``.
 
-All probes of a case are answered in one left-padded batch (``generation.generate_ids``); a row's reply
-does not depend on the other rows, so rows of several cases (or, later, of several edited models) can
-share a batch: ``answer`` takes any list of prompts, and scoring only reads the replies.
+All probes of a case, and of every case evaluated on the same model (a chunk of continual editing at
+its end), are answered in left-padded batches (``generation.generate_ids``); a row's reply does not
+depend on the other rows, so rows of several cases (or, later, of several edited models) share a batch:
+``answer`` takes any list of prompts, and scoring only reads the replies.
 """
 
 from __future__ import annotations
@@ -258,11 +259,16 @@ def _score(probes: Sequence[WildProbe], replies: Sequence[Reply], reference: Seq
     return out, scores
 
 
+MAX_ROWS = 64  # probes per generate call: bounds the key/value cache when a chunk of 100 cases is evaluated
+
+
 class WildEvaluator(Evaluator):
     """Generated answers to every probe, scored by exact match; beside another protocol's metrics or alone.
 
     ``inner`` is the benchmark's own evaluator (teacher-forced, or MQuAKE's) when ``--eval both``;
-    its fields stay where they are and the wild metrics go under ``wild``.
+    its fields stay where they are and the wild metrics go under ``wild``. The probes of every case
+    handed to ``before_many``/``after_many`` (a chunk evaluated at its end) are answered together, in
+    generate calls of up to ``MAX_ROWS`` rows; each case is charged an equal share of the time.
     """
 
     wild_metrics: ClassVar[tuple[str, ...]] = METRICS
@@ -278,18 +284,46 @@ class WildEvaluator(Evaluator):
         protocols = [TEACHER_FORCED, WILD] if self.inner else [WILD]
         return {**inner, "protocols": protocols, WILD: asdict(self.settings)}
 
-    def before(self, case: EditCase, record_from: int | None) -> WildPreEdit:  # type: ignore[override]
-        inner = self.inner.before(case, record_from) if self.inner else None
+    def _answer(self, groups: Sequence[Sequence[WildProbe]]) -> tuple[list[list[Reply]], float]:
+        """Replies to every group's probes (rows of all groups batched together), and seconds per group."""
         start = time.perf_counter()
-        probes = wild_probes(case)
-        replies = answer(self.lm, [p.prompt for p in probes], self.settings)
-        return WildPreEdit(inner, probes, replies, time.perf_counter() - start)
+        prompts = [p.prompt for group in groups for p in group]
+        replies: list[Reply] = []
+        for first in range(0, len(prompts), MAX_ROWS):
+            replies += answer(self.lm, prompts[first: first + MAX_ROWS], self.settings)
+        out, at = [], 0
+        for group in groups:
+            out.append(replies[at: at + len(group)])
+            at += len(group)
+        return out, (time.perf_counter() - start) / max(1, len(groups))
+
+    def before(self, case: EditCase, record_from: int | None) -> WildPreEdit:  # type: ignore[override]
+        return self.before_many([case], record_from)[0]
+
+    def before_many(self, cases: Sequence[EditCase], record_from: int | None,  # type: ignore[override]
+                    ) -> list[WildPreEdit]:
+        inner: list[PreEdit | None] = (list(self.inner.before_many(cases, record_from)) if self.inner
+                                       else [None] * len(cases))
+        probes = [wild_probes(case) for case in cases]
+        replies, seconds = self._answer(probes)
+        return [WildPreEdit(i, p, r, seconds) for i, p, r in zip(inner, probes, replies, strict=True)]
 
     def after(self, pre: WildPreEdit, replay: bool) -> dict[str, Any]:  # type: ignore[override]
-        fields = self.inner.after(pre.inner, replay) if self.inner and pre.inner else {"eval_s": 0.0}
-        start = time.perf_counter()
-        replies = answer(self.lm, [p.prompt for p in pre.probes], self.settings)
-        seconds = pre.seconds + time.perf_counter() - start
+        return self.after_many([pre], [replay])[0]
+
+    def after_many(self, pres: Sequence[WildPreEdit], replays: Sequence[bool],  # type: ignore[override]
+                   ) -> list[dict[str, Any]]:
+        out = (self.inner.after_many([p.inner for p in pres], replays) if self.inner  # type: ignore[misc]
+               else [{"eval_s": 0.0} for _ in pres])
+        replies, seconds = self._answer([p.probes for p in pres])
+        for fields, pre, now in zip(out, pres, replies, strict=True):
+            fields["wild"] = self._fields(pre, now, pre.seconds + seconds)
+            fields["eval_s"] += pre.seconds + seconds
+        return out
+
+    @staticmethod
+    def _fields(pre: WildPreEdit, replies: Sequence[Reply], seconds: float) -> dict[str, Any]:
+        """The ``wild`` entry of a record: scores of the edited model's replies against the unedited ones."""
         post, scores = _score(pre.probes, replies, reference=pre.replies)
         before, _ = _score(pre.probes, pre.replies, reference=None)
         generations = []
@@ -306,7 +340,7 @@ class WildEvaluator(Evaluator):
                     entry["study"] = new.study_text
                     em_changes += exact_match(new.study_text, probe.answers) != bool(score["em"])
             generations.append(entry)
-        fields["wild"] = {
+        return {
             "post": post["em"],
             "pre": {m: v for m, v in before["em"].items() if m in SCORED},
             "f1": post["f1"],
@@ -317,8 +351,6 @@ class WildEvaluator(Evaluator):
             "generations": generations,
             "eval_s": round(seconds, 4),
         }
-        fields["eval_s"] += seconds
-        return fields
 
 
 def wild_view(record: dict[str, Any]) -> dict[str, Any]:

@@ -74,10 +74,10 @@ def _edit_fields(stats: Sequence[EditStats], batch: int = 1) -> dict[str, Any]:
     }
 
 
-def _evaluate(evaluator: Evaluator, pre: PreEdit, stack: EditStack) -> dict[str, Any]:
-    cache = pre.cache
-    replay = cache is not None and stack.first_layer is not None and stack.first_layer >= cache.start
-    return evaluator.after(pre, replay)
+def _replay(pre: PreEdit | None, stack: EditStack) -> bool:
+    """Whether the edits so far left every layer below the recorded one unchanged (the cheaper edited pass)."""
+    cache = pre.cache if pre is not None else None
+    return cache is not None and stack.first_layer is not None and stack.first_layer >= cache.start
 
 
 def edit_chunk(
@@ -90,12 +90,10 @@ def edit_chunk(
         raise ValueError(f"unknown eval timing {eval_timing!r}; choose one of {', '.join(EVAL_TIMINGS)}")
     if batch < 1:
         raise ValueError(f"the batch size must be >= 1, got {batch}")
-    pending: list[PreEdit | None] = []
-    for case in cases:
-        try:
-            pending.append(evaluator.before(case, record_from=editor.first_layer))
-        except ValueError as exc:
-            raise CaseError(case.case_id, exc) from exc
+    try:  # one call, so an evaluator may batch the chunk's cases (the wild evaluator generates for all at once)
+        pending: list[PreEdit | None] = list(evaluator.before_many(cases, record_from=editor.first_layer))
+    except ValueError as exc:
+        raise CaseError(", ".join(c.case_id for c in cases), exc) from exc
     if ability:
         ability.measure_reference()  # the model is unedited here
     stack = EditStack()
@@ -103,14 +101,17 @@ def edit_chunk(
     sizes = [1] * len(cases)  # how many cases shared each case's edit call
     results: list[dict[str, Any] | None] = [None] * len(cases)
 
-    def evaluate(i: int) -> None:
-        pre = pending[i]
-        assert pre is not None
-        pending[i] = None  # its recorded activations are not needed any more
+    def evaluate(indices: range) -> None:
+        """Evaluate these cases on the model as it is now, in one ``after_many`` call."""
+        pres = [pending[i] for i in indices]
+        for i in indices:
+            pending[i] = None  # their recorded activations are not needed any more
         try:
-            results[i] = _evaluate(evaluator, pre, stack)
+            out = evaluator.after_many(pres, [_replay(pre, stack) for pre in pres])
         except ValueError as exc:
-            raise CaseError(cases[i].case_id, exc) from exc
+            raise CaseError(", ".join(cases[i].case_id for i in indices), exc) from exc
+        for i, result in zip(indices, out, strict=True):
+            results[i] = result
 
     try:
         for first in range(0, len(cases), batch):
@@ -125,11 +126,9 @@ def edit_chunk(
             except (EditError, ValueError) as exc:
                 raise CaseError(", ".join(c.case_id for c in group), exc) from exc
             if eval_timing == "after-each":
-                for i in range(first, first + len(group)):
-                    evaluate(i)
+                evaluate(range(first, first + len(group)))
         if eval_timing == "end":
-            for i in range(len(cases)):
-                evaluate(i)
+            evaluate(range(len(cases)))
         measured = {"ability": ability.measure()} if ability else {}
     finally:
         stack.revert()
