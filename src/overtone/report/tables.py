@@ -224,16 +224,17 @@ def ability_table(rows: Sequence[Row], title: str = "") -> PaperTable | None:
         a = summary["ability"]
         body.append([label, _fmt(a.get("ppl_unedited"), 3), _fmt(a.get("ppl"), 3), _signed(a.get("ppl_drift_pct")),
                      _fmt(a.get("facts_right")), _fmt(a.get("facts_same")), str(a.get("facts", "–")),
-                     str(a.get("n_measured", "–"))])
+                     str(a.get("n_measured", "–")), _fmt(a.get("mean_s"), 1)])
     return PaperTable(
         title=title or "General ability after each chunk of edits",
         groups=[("perplexity", ["unedited", "edited", "drift %"]),
-                ("general facts", ["right %", "same %", "n"]), ("", ["chunks"])],
+                ("general facts", ["right %", "same %", "n"]), ("", ["chunks", "s/check"])],
         sections=[("", body)], stub="run",
         caption="Measured with every edit of a chunk applied, before its revert; means over chunks. Perplexity: "
                 "the last 64 articles of the offline Wikipedia text (never read by the ROME/MEMIT statistics); "
                 "drift = edited / unedited - 1. General facts: the n shipped facts the unedited model answers "
-                "right; right % still answered right, same %: the same generated tokens as the unedited model.",
+                "right; right % still answered right, same %: the same generated tokens as the unedited model. "
+                "s/check: seconds per measurement.",
     )
 
 
