@@ -47,7 +47,7 @@ def test_bench_records_both_protocols_and_names_them(runs):
     wild_only = json.loads((runs / "ot-T2" / "summary.json").read_text())
     assert wild_only["protocols"] == ["wild"] and wild_only["ability"]["n_measured"] == 1
     config = yaml.safe_load((runs / "ot-T2" / "config.yaml").read_text())
-    assert config["ability"]["windows"] >= 64 and config["ability"]["facts"] == 35
+    assert config["ability"]["documents"] == 64 and config["ability"]["facts"] == 35
 
 
 def test_tables_put_the_protocols_side_by_side_with_paired_differences(runs):

@@ -231,7 +231,8 @@ def ability_table(rows: Sequence[Row], title: str = "") -> PaperTable | None:
                 ("general facts", ["right %", "same %", "n"]), ("", ["chunks", "s/check"])],
         sections=[("", body)], stub="run",
         caption="Measured with every edit of a chunk applied, before its revert; means over chunks. Perplexity: "
-                "the last 64 articles of the offline Wikipedia text (never read by the ROME/MEMIT statistics); "
+                "64 tokens of each of 64 held-out articles of the offline Wikipedia (never read by the ROME/MEMIT "
+                "statistics); "
                 "drift = edited / unedited - 1. General facts: the n shipped facts the unedited model answers "
                 "right; right % still answered right, same %: the same generated tokens as the unedited model. "
                 "s/check: seconds per measurement.",

@@ -5,8 +5,8 @@ already serves, summarised by the uncentred second moment of the ``mlp_out`` inp
 input: the gated activation) over ordinary text. Here it is estimated on an offline corpus
 (``stats.corpus``):
 
-* every document but the corpus's held-out last ones (``Corpus.held_out``, kept for the perplexity
-  check of continual editing) is tokenised as the prompts are, and split into samples of at most
+* every document but the corpus's held-out ones (``Corpus.held_out``, kept for the perplexity check
+  of continual editing) is tokenised as the prompts are, and split into samples of at most
   ``max_tokens``;
 * samples are batched by length and run through blocks ``0..max(layers)`` only; every real token's
   key is counted; products are formed in fp32 and summed in fp64; the stored C is fp32;
