@@ -118,7 +118,8 @@ def bench(
     generation = {"single_hop_tokens": single_hop_tokens, "multi_hop_tokens": multi_hop_tokens,
                   "multi_hop_questions": multi_hop_questions, "temperature": temperature}
     summary = run_bench(lm, ed, dataset, offset, limit, out, seed, threads, f"{editor}/{objective}", sequence,
-                        eval_timing, generation, batch, evaluation, eval_context, ability)
+                        eval_timing, generation, batch, evaluation=evaluation, eval_context=eval_context,
+                        ability=ability)
     config, _, _ = read_run(out)
     rows = [(f"{editor} {objective}", summary)]
     console.print(summary_table(rows, title=f"{protocol_title(config)}, {model}"))

@@ -436,14 +436,14 @@ def gain_table(pairs: Sequence[Pair]) -> PaperTable | None:
             "–" if paired is None else f"{paired.wins}/{paired.ties}/{paired.losses}", verdict,
         ])
     columns = ["cases", "CE Avg.", "OverTone Avg.", "ΔRel.", "ΔGen.", "ΔPor.", "ΔLoc.", "ΔAvg.",
-               "per-case ΔAvg. ± 95%", "W/T/L", "verdict"]
+               "ΔAvg. ± 95%", "W/T/L", "verdict"]
     return PaperTable(
         title="OverTone minus CE, paired (x100 points)", groups=[("", columns)], sections=list(sections.items()),
         stub="editor, dataset, T",
         caption="Runs whose configurations differ only in the objective, compared on the cases both finished. "
-                "Δ: difference of the tables' means. Per-case ΔAvg.: mean of the per-case differences of each "
-                "case's Avg. with its 95% t-interval (report.stats); 'within noise' when the interval covers 0. "
-                "W/T/L: cases where OverTone wins, ties, loses on Avg.",
+                "Δ: difference of the tables' means. ΔAvg. ± 95%: the same difference with its 95% t-interval "
+                "over cases (continual: over chunks; report.stats); 'within noise' when the interval covers 0. "
+                "W/T/L: cases (chunks) where OverTone wins, ties, loses on Avg.",
     )
 
 
@@ -519,15 +519,15 @@ def _paired_layout(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[st
     for i, (label, _summary, records) in enumerate(results):
         if i == base:
             continue
-        cells, n = [label], 0
+        cells, paired = [label], ""
         for protocol, _ in blocks:
             diffs = paired_differences(base_records[protocol], protocol_records(records, protocol),
                                        [key for key, _ in columns[protocol]])
             avg = diffs["avg"]
             cells += [str(diffs[key]) + ("*" if diffs[key].significant else "") for key, _ in columns[protocol]]
             cells.append(f"{avg.wins}/{avg.ties}/{avg.losses}")
-            n = max(n, avg.n)
-        body.append([*cells, str(n)])
+            paired = paired or (str(avg.cases) if avg.unit == "case" else f"{avg.cases} in {avg.n} chunks")
+        body.append([*cells, paired])
     single = len(blocks) == 1 and blocks[0][0] == TEACHER_FORCED
     groups = [("" if single else PROTOCOL_SHORT[p], [*(f"Δ{h}" for _, h in columns[p]), "W/T/L (Avg.)"])
               for p, _ in blocks]
@@ -539,8 +539,9 @@ def _paired_layout(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[st
     return PaperTable(title=title, groups=groups, sections=[("", body)], stub="run", caption=caption)
 
 
-PAIRED_CAPTION = ("Δ = mean per-case difference to the base row ± 95% t-interval; * = interval excludes 0; "
-                  "W/T/L = cases won/tied/lost on Avg.")
+PAIRED_CAPTION = ("Δ = difference to the base row on the paired cases (ΔAvg. = difference of the rows' Avg.) "
+                  "± 95% t-interval over cases (continual: over chunks); * = interval excludes 0; "
+                  "W/T/L = cases (chunks) won/tied/lost on Avg.")
 
 
 def paired_table(
