@@ -351,8 +351,8 @@ def _with_protocol(key: Callable[[RunInfo], Any], label: Callable[[Any], str], r
     return (lambda r: (key(r), r.evaluation)), (lambda k: f"{label(k[0])}, {PROTOCOL_NAMES[k[1]]}")
 
 
-DELTA_NOTE = ("Δ rows: OverTone minus CE, mean of the per-case differences ± 95% t-interval (* = excludes 0), "
-              "on the cases both runs finished.")
+DELTA_NOTE = ("Δ rows: OverTone minus CE on the cases both runs finished, paired (report.stats), ± 95% "
+              "t-interval over cases (continual: over chunks); * = the interval excludes 0.")
 
 
 def _cases_note(runs: Sequence[RunInfo]) -> str:
@@ -361,10 +361,11 @@ def _cases_note(runs: Sequence[RunInfo]) -> str:
 
 
 def _protocol_note(runs: Sequence[RunInfo]) -> str:
-    names = [PROTOCOL_NAMES[p] for p in PROTOCOL_NAMES if any(r.evaluation == p for r in runs)]
-    notes = {"teacher-forced": "teacher-forced token accuracy", "wild (EM)": "wild: generated answers, exact match "
-             "(Loc.: identical generated tokens)"}
-    return "; ".join(notes[n] for n in names)
+    """E.g. "Teacher-forced token accuracy; wild: generated answers, ..." for the protocols of ``runs``."""
+    notes = {TEACHER_FORCED: "teacher-forced token accuracy",
+             WILD: "wild: generated answers, exact match (Loc.: identical generated tokens)"}
+    text = "; ".join(notes[p] for p in PROTOCOL_NAMES if any(r.evaluation == p for r in runs))
+    return text[:1].upper() + text[1:]
 
 
 def single_editing_table(runs: Sequence[RunInfo]) -> PaperTable | None:
@@ -374,7 +375,7 @@ def single_editing_table(runs: Sequence[RunInfo]) -> PaperTable | None:
         return None
     column, label = _with_protocol(lambda r: r.dataset, dataset_name, chosen)
     return _grid("Single editing (x100)", chosen, column, label, lambda r: r.model,
-                 f"{_protocol_note(chosen).capitalize()} x100; Avg. is the mean of the metrics shown. "
+                 f"{_protocol_note(chosen)} x100; Avg. is the mean of the metrics shown. "
                  f"{DELTA_NOTE} {_cases_note(chosen)}.")
 
 
@@ -387,7 +388,7 @@ def continual_tables(runs: Sequence[RunInfo]) -> list[PaperTable]:
         members = [r for r in chosen if (r.model, r.dataset, r.eval_timing) == (model, dataset, timing)]
         column, label = _with_protocol(lambda r: r.sequence, lambda t: f"T={t}", members)
         tables.append(_grid(f"Continual editing, {dataset_name(dataset)}, {model} (x100)", members, column, label,
-                            lambda r: "", f"{_protocol_note(members).capitalize()}. Evaluation timing: "
+                            lambda r: "", f"{_protocol_note(members)}. Evaluation timing: "
                             f"{timing or 'not recorded'}. {DELTA_NOTE} {_cases_note(members)}."))
     return tables
 
