@@ -159,7 +159,7 @@ def _summary_layout(rows: Sequence[Row], title: str = "", caption: str = "", stu
         columns = metric_columns([s for _, s in rows])
         return PaperTable(title=title, groups=[("", [*(h for _, h in columns), *TAIL])],
                           sections=[("", [row_cells(label, s, columns) for label, s in rows])], stub=stub,
-                          caption=caption)
+                          caption=f"{caption} Teacher-forced token accuracy.".strip())
     columns = {p: metric_columns(b) for p, b in blocks}
     groups = [(PROTOCOL_SHORT[p], [h for _, h in columns[p]]) for p, _ in blocks] + [("", list(TAIL))]
     body = []
