@@ -92,11 +92,13 @@ def _replay(pre: PreEdit | None, stack: EditStack) -> bool:
 def edit_chunk(
     editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase], eval_timing: str = "end", batch: int = 1,
     step_budgets: Mapping[str, int] | None = None, ability: AbilityMonitor | None = None,
+    pending: Sequence[PreEdit] | None = None,
 ) -> list[dict[str, Any]]:
     """Result records of ``cases`` edited in sequence (``batch`` cases per edit) and evaluated at ``eval_timing``.
 
     ``step_budgets``: exact updates per case id (every case of the chunk must have one). ``ability``: the
-    general ability of the model with every edit of the chunk applied.
+    general ability of the model with every edit of the chunk applied. ``pending``: the cases' evaluation
+    on the unedited model when the caller already made it (``Evaluator.before_many``).
     """
     if eval_timing not in EVAL_TIMINGS:
         raise ValueError(f"unknown eval timing {eval_timing!r}; choose one of {', '.join(EVAL_TIMINGS)}")
@@ -108,10 +110,15 @@ def edit_chunk(
         missing = [c.case_id for c in cases if c.case_id not in step_budgets]
         if missing:
             raise ValueError(f"no step budget for case(s) {', '.join(missing)}")
-    try:  # one call, so an evaluator may batch the chunk's cases (the wild evaluator generates for all at once)
-        pending: list[PreEdit | None] = list(evaluator.before_many(cases, record_from=editor.first_layer))
-    except ValueError as exc:
-        raise CaseError(", ".join(c.case_id for c in cases), exc) from exc
+    if pending is None:
+        try:  # one call, so an evaluator may batch the chunk's cases (the wild evaluator generates for all at once)
+            pending = evaluator.before_many(cases, record_from=editor.first_layer)
+        except ValueError as exc:
+            raise CaseError(", ".join(c.case_id for c in cases), exc) from exc
+    if len(pending) != len(cases):
+        raise ValueError(f"{len(pending)} unedited-model evaluations for {len(cases)} cases")
+    waiting: list[PreEdit | None] = list(pending)
+    del pending  # each case's recorded activations are freed as soon as it is evaluated
     if ability:
         ability.measure_reference()  # the model is unedited here
     stack = EditStack()
@@ -121,9 +128,9 @@ def edit_chunk(
 
     def evaluate(indices: range) -> None:
         """Evaluate these cases on the model as it is now, in one ``after_many`` call."""
-        pres = [pending[i] for i in indices]
+        pres = [waiting[i] for i in indices]
         for i in indices:
-            pending[i] = None  # their recorded activations are not needed any more
+            waiting[i] = None  # their recorded activations are not needed any more
         try:
             out = evaluator.after_many(pres, [_replay(pre, stack) for pre in pres])
         except ValueError as exc:

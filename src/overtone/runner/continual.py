@@ -15,6 +15,11 @@ are kept for the cheaper edited pass (a few MB per case for a 7B model).
 
 A chunk's records are written together once it is done. The model inside a chunk is not saved, so a
 restart skips finished chunks and runs an interrupted chunk again from its start.
+
+In single editing every case starts from the unedited model, so the unedited-model evaluation
+(``Evaluator.before_many``) of the next ``PREFETCH`` cases is done together: an evaluator that batches
+across cases (the wild one generates the probes' answers) then does so in single editing too, as it
+does within a chunk of continual editing. Memory then holds those cases' pending evaluations.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from overtone.evaluation.ability import AbilityMonitor
 from overtone.evaluation.teacher_forced import Evaluator
 from overtone.runner.bench import CaseError, RunError, edit_chunk, summarize
 from overtone.runner.store import ResultStore
+
+PREFETCH = 16  # cases evaluated on the unedited model together, ahead of their chunks
 
 
 def chunked(cases: Sequence[EditCase], size: int) -> list[Sequence[EditCase]]:
@@ -53,7 +60,10 @@ def run_continual(
     measured at each chunk's end with ``ability``); returns the summary of all stored cases. ``step_budgets``
     gives each case an exact number of updates (matched steps)."""
     done = store.done
-    for index, chunk in enumerate(chunked(cases, sequence)):
+    chunks = chunked(cases, sequence)
+    todo = [not any(c.case_id in done for c in chunk) for chunk in chunks]  # no case of the chunk stored yet
+    prefetched: dict[str, Any] = {}
+    for index, chunk in enumerate(chunks):
         ids = [c.case_id for c in chunk]
         stored = sum(i in done for i in ids)
         if stored == len(chunk):
@@ -68,7 +78,20 @@ def run_continual(
                 "while writing it. Use another --out directory."
             )
         try:
-            records = edit_chunk(editor, evaluator, chunk, eval_timing, batch, step_budgets, ability)
+            if ids[0] not in prefetched:
+                window: list[EditCase] = []
+                for later, waiting in zip(chunks[index:], todo[index:], strict=True):
+                    if not waiting or (window and (sequence > 1 or len(window) >= PREFETCH)):
+                        break
+                    window += later
+                try:
+                    prefetched.update(zip((c.case_id for c in window),
+                                          evaluator.before_many(window, record_from=editor.first_layer), strict=True))
+                except ValueError as exc:
+                    raise CaseError(", ".join(c.case_id for c in window), exc) from exc
+            # handed over without a name here, so edit_chunk can free each case's pending state once used
+            records = edit_chunk(editor, evaluator, chunk, eval_timing, batch, step_budgets, ability,
+                                 [prefetched.pop(i) for i in ids])
         except CaseError as exc:
             raise RunError(
                 f"{exc}. The {len(store.records)} finished cases are saved in {store.dir}; rerun the same "
