@@ -19,6 +19,7 @@ from pathlib import Path
 
 from overtone.benchmarks.cases import EditCase, Probe
 from overtone.benchmarks.counterfact import is_counterfact_rome, load_counterfact_rome
+from overtone.benchmarks.facts import is_facts, load_facts
 from overtone.benchmarks.knowedit import DatasetError, is_knowedit, load_knowedit, read_json_records
 from overtone.benchmarks.mend import is_counterfact_mend, is_zsre_mend, load_counterfact_mend, load_zsre_mend
 from overtone.benchmarks.mquake import is_mquake, load_mquake
@@ -89,6 +90,9 @@ register_format(DatasetFormat(
 register_format(DatasetFormat(
     "mquake", is_mquake, load_mquake, "MQuAKE: requested_rewrite[...], questions, new_answer, new_single_hops",
     evaluation=MQUAKE_GENERATION))
+register_format(DatasetFormat(
+    "facts", is_facts, load_facts,
+    "hand-written facts (JSON, JSON Lines or CSV): prompt, target, optional subject, paraphrases, locality, id"))
 
 for _name, _file, _format, _description in (
     ("zsre", "knowedit/ZsRE/ZsRE-test-all.json", "knowedit",

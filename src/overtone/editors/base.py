@@ -9,7 +9,7 @@ so evaluation can reuse the unedited model's activations below it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -134,11 +134,67 @@ class EditStack:
         self.first_layer = None
 
 
+@dataclass
+class SavedEdit:
+    """An editor's live edits as data: what an edit artifact stores (``overtone.artifacts``).
+
+    ``tensors`` are written as safetensors and ``state`` as JSON. ``base`` holds the values, from
+    before the edits, of the model parameters the edits change or build on: an artifact stores their
+    hashes, never the values, and refuses a model whose values differ. When ``peft_config`` is set,
+    ``tensors`` are a peft adapter's state dict and the artifact is also a peft adapter folder.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    state: dict[str, Any] = field(default_factory=dict)
+    base: dict[str, torch.Tensor] = field(default_factory=dict)
+    peft_config: Any = None
+
+
+class UpdateLog:
+    """The live edits of an editor that changes weights in place, oldest first, so they can be saved.
+
+    ``begin`` opens an edit's record; when no edit is live it first copies the present values of the
+    weights the editor changes (the ``base`` of a saved edit). Closed-form updates go into the open
+    record with ``add``. ``revert_to(mark)`` drops the record of an edit and every later one, as
+    restoring that edit's weight copy undoes them all (in a sequence ``EditStack`` only reverts the
+    first edit's handle).
+    """
+
+    def __init__(self) -> None:
+        self.base: dict[str, torch.Tensor] = {}
+        self.edits: list[list[Any]] = []
+
+    def begin(self, weights: Mapping[str, torch.Tensor]) -> int:
+        if not self.edits:
+            self.base = {}
+        for name, weight in weights.items():
+            if name not in self.base:
+                self.base[name] = weight.detach().clone()
+        self.edits.append([])
+        return len(self.edits) - 1
+
+    def add(self, update: Any) -> None:
+        self.edits[-1].append(update)
+
+    def revert_to(self, mark: int) -> None:
+        del self.edits[mark:]
+
+    @property
+    def updates(self) -> list[Any]:
+        return [update for edit in self.edits for update in edit]
+
+
 class Editor(ABC):
-    """Base class of all editors; subclasses set ``name`` and ``config_class`` and register themselves."""
+    """Base class of all editors; subclasses set ``name`` and ``config_class`` and register themselves.
+
+    Saving edits is one method pair: ``saved_edit`` describes the edits applied so far and not
+    reverted, ``apply_saved`` applies such a description to a model and returns its handle.
+    """
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    # True when the edits need the editor's routing at inference (no plain weight change to export).
+    needs_routing: ClassVar[bool] = False
     # OverTone's lambda, n and epsilon when this editor hosts it and the user sets none (tuned per editor).
     overtone_defaults: ClassVar[OverToneConfig] = OverToneConfig()
 
@@ -162,3 +218,25 @@ class Editor(ABC):
     def describe(self) -> dict[str, Any]:
         """Resolved settings, as written into a run's configuration."""
         return {"name": self.name, **asdict(self.config)}
+
+    def saved_edit(self) -> SavedEdit:
+        """The edits this editor has applied and not reverted, as tensors, JSON state and their base."""
+        raise NotImplementedError(f"the {self.name} editor cannot save its edits")
+
+    @classmethod
+    def apply_saved(cls, lm: LoadedModel, config: Any, saved: SavedEdit,
+                    objective: Objective | None = None) -> EditHandle:
+        """Apply ``saved`` (made by this editor with ``config``) to ``lm``; the handle reverts it bit for bit.
+
+        The caller has checked that ``lm`` holds the saved edit's base values.
+        """
+        raise NotImplementedError(f"the {cls.name} editor cannot apply saved edits")
+
+
+def refuse_second_peft(lm: LoadedModel, editor: str) -> None:
+    """Peft-based edits (LoRA, MELO) own the peft wrapping of a model: one at a time."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if any(isinstance(m, BaseTunerLayer) for m in lm.model.modules()):
+        raise ValueError(f"cannot apply a saved {editor} edit: the model already carries peft adapters (a LoRA or "
+                         "MELO edit); apply one peft-based edit per model, or export the first and edit the export")

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditHandle, Editor, EditStats, StepCallback
+from overtone.editors.base import EditHandle, Editor, EditStats, SavedEdit, StepCallback, UpdateLog
 from overtone.editors.locate import LocateConfig, context_prefixes, encode_rows, lookup_activations, optimise_value
-from overtone.editors.locate.update import add_update, snapshot
+from overtone.editors.locate.update import add_update, apply_factors, factor_product, saved_factors, snapshot
 from overtone.models.loading import LoadedModel
 from overtone.objectives import Objective
 from overtone.stats import log_progress, second_moments
@@ -81,6 +81,7 @@ class ROME(Editor):
             self.inverse_mom2 = torch.linalg.inv(moment.matrix.double()).to(lm.device)
             self.mom2_info = {"tokens": moment.tokens, "weights_sha256": moment.key["weights_sha256"],
                               "corpus_sha256": moment.key["corpus_sha256"]}
+        self.log = UpdateLog()
 
     @property
     def first_layer(self) -> int:
@@ -92,7 +93,13 @@ class ROME(Editor):
     def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None) -> EditHandle:
         start = time.perf_counter()
         module = self.lm.adapter.module("mlp_out", self.config.layer)
-        revert = snapshot([module.weight])
+        restore = snapshot([module.weight])
+        mark = self.log.begin({self._weight_name: module.weight})
+
+        def revert() -> None:
+            restore()
+            self.log.revert_to(mark)
+
         stats = EditStats()
         stops = []
         try:
@@ -119,5 +126,19 @@ class ROME(Editor):
         stats.losses += value.stats.losses
         # v0 was read as this module's output at the bare prompt's key, so v* - W k (- bias) = delta.
         right = value.delta / torch.dot(keys[0], u)
-        add_update(self.lm.adapter, module.weight, torch.outer(right, u))
+        add_update(self.lm.adapter, module.weight, factor_product(right, u))
+        self.log.add((self._weight_name, right, u))
         return value.stats.stopped_early
+
+    @property
+    def _weight_name(self) -> str:
+        return f"{self.lm.adapter.path('mlp_out', self.config.layer)}.weight"
+
+    def saved_edit(self) -> SavedEdit:
+        """The rank-one updates of the live edits, in order: each one's factors (value change, key direction)."""
+        return saved_factors(self.log)
+
+    @classmethod
+    def apply_saved(cls, lm: LoadedModel, config: ROMEConfig, saved: SavedEdit,
+                    objective: Objective | None = None) -> EditHandle:
+        return apply_factors(lm, saved, first_layer=config.layer)

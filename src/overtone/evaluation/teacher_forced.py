@@ -3,7 +3,8 @@
 * Rel., Gen., Por.: token accuracy of the argmax prediction on ``prompt + " " + answer`` over the
   answer's tokens (partial credit), for the edit prompt, its rephrases and the portability probes.
 * Loc.: fraction of a locality probe's answer positions where the edited model's argmax equals the
-  unedited model's; agreement, not correctness.
+  unedited model's; agreement, not correctness. A locality probe without an answer (hand-written
+  facts) is scored on the unedited model's own greedy continuation.
 * Per case, portability and locality average over the probes of a kind, then over kinds.
 * A case that bundles several edits (``EditCase.edits``) has one Rel. probe per edit, averaged.
 
@@ -20,11 +21,13 @@ from typing import Any, ClassVar
 import torch
 
 from overtone.benchmarks.cases import EditCase
+from overtone.generation import greedy_complete
 from overtone.models.loading import LoadedModel
 from overtone.models.replay import SuffixCache, forward_hidden, forward_suffix
 from overtone.tokens import PairBatch, encode_pairs
 
 METRICS = ("rel", "gen", "por", "loc")
+OWN_ANSWER_TOKENS = 8  # tokens of the unedited model's continuation that a prompt-only locality probe scores
 
 
 @dataclass
@@ -145,13 +148,24 @@ class Evaluator:
         for metric, probe_groups in (("por", case.portability), ("loc", case.locality)):
             for kind, probes in probe_groups.items():
                 for probe in probes:
-                    groups.append((metric, kind))
-                    pairs.append((probe.prompt, probe.answer))
+                    answer = probe.answer if probe.answer or metric != "loc" else self.own_answer(probe.prompt)
+                    if answer:
+                        groups.append((metric, kind))
+                        pairs.append((probe.prompt, answer))
         try:
             batch = encode_pairs(self.lm.tokenizer, [p for p, _ in pairs], [a for _, a in pairs], self.lm.device)
         except ValueError as exc:
             raise ValueError(f"case {case.case_id}: {exc}") from exc
         return ProbeBatch(case=case, groups=groups, batch=batch)
+
+    def own_answer(self, prompt: str) -> str:
+        """The model's greedy continuation of ``prompt``: the answer of a locality probe that gives none.
+
+        Loc. compares the edited model's predictions with the unedited one's, so a prompt alone is a
+        probe: ``probes`` runs on the unedited model (``before``) and scores its own continuation.
+        An empty continuation drops the probe.
+        """
+        return greedy_complete(self.lm, [prompt], OWN_ANSWER_TOKENS)[0].strip()
 
     @torch.no_grad()
     def answer_logits(

@@ -75,9 +75,14 @@ def _evaluate(evaluator: Evaluator, pre: PreEdit, stack: EditStack) -> dict[str,
 
 
 def edit_chunk(
-    editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase], eval_timing: str = "end", batch: int = 1
+    editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase], eval_timing: str = "end", batch: int = 1,
+    keep: EditStack | None = None,
 ) -> list[dict[str, Any]]:
-    """Result records of ``cases`` edited in sequence (``batch`` cases per edit) and evaluated at ``eval_timing``."""
+    """Result records of ``cases`` edited in sequence (``batch`` cases per edit) and evaluated at ``eval_timing``.
+
+    With ``keep`` the edits stay applied, their handles on that (empty) stack, instead of being reverted
+    at the end (step 4): ``overtone edit`` saves them. They are reverted when an error interrupts the chunk.
+    """
     if eval_timing not in EVAL_TIMINGS:
         raise ValueError(f"unknown eval timing {eval_timing!r}; choose one of {', '.join(EVAL_TIMINGS)}")
     if batch < 1:
@@ -88,7 +93,7 @@ def edit_chunk(
             pending.append(evaluator.before(case, record_from=editor.first_layer))
         except ValueError as exc:
             raise CaseError(case.case_id, exc) from exc
-    stack = EditStack()
+    stack = keep if keep is not None else EditStack()
     stats: list[list[EditStats]] = []
     sizes = [1] * len(cases)  # how many cases shared each case's edit call
     results: list[dict[str, Any] | None] = [None] * len(cases)
@@ -120,7 +125,10 @@ def edit_chunk(
         if eval_timing == "end":
             for i in range(len(cases)):
                 evaluate(i)
-    finally:
+    except BaseException:
+        stack.revert()
+        raise
+    if keep is None:
         stack.revert()
     records = []
     for case, result, case_stats, size in zip(cases, results, stats, sizes, strict=True):
