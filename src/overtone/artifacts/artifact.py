@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -99,7 +100,10 @@ def write_folder(path: Path, write: Any) -> None:
     """Run ``write(tmp)`` in a temporary sibling folder and rename it to ``path``: no half-written folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the folder is meant to be shared like any other
         write(tmp)
         if path.exists():
             path.rmdir()

@@ -9,6 +9,7 @@ import typer
 
 from overtone.cli.app import app
 from overtone.cli.common import (
+    BatchOpt,
     DatasetOpt,
     DeviceOpt,
     DtypeOpt,
@@ -46,8 +47,6 @@ SequenceOpt = Annotated[int, typer.Option(
 EvalTimingOpt = Annotated[str, typer.Option(
     "--eval-timing", help="continual editing: evaluate a chunk's cases at its end, or each right after its edit "
     "(end, after-each)")]
-BatchOpt = Annotated[int, typer.Option(
-    "--batch", min=1, help="batch editing: B cases per edit call within each chunk of --sequence T (MEMIT)")]
 SingleTokensOpt = Annotated[int | None, typer.Option(
     "--single-hop-tokens", min=1, help="MQuAKE: max new tokens of a single-hop answer (paper: 30)")]
 MultiTokensOpt = Annotated[int | None, typer.Option(

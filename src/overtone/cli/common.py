@@ -42,6 +42,18 @@ LimitOpt = Annotated[int | None, typer.Option("--limit", min=0, help="number of 
 OffsetOpt = Annotated[int, typer.Option("--offset", min=0, help="index of the first case")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
+BatchOpt = Annotated[int, typer.Option(
+    "--batch", min=1, help="batch editing: B cases per edit call within each chunk of --sequence T (MEMIT)")]
+FactsOpt = Annotated[Path | None, typer.Option(
+    "--facts", help="facts to edit: JSON, JSON Lines or CSV with prompt, target and optional subject, paraphrases, "
+    "locality (or any dataset file in a known format, see overtone datasets)")]
+SaveOpt = Annotated[Path | None, typer.Option("--save", help="save the edit as an artifact folder (a new folder)")]
+EditDirsArg = Annotated[list[Path], typer.Argument(help="edit artifact folders (overtone edit --save), applied in order")]
+BaseModelOpt = Annotated[str | None, typer.Option(
+    "--model", help="base model: embedded name, local folder or hub id (default: the one the edit was made on)")]
+BaseDtypeOpt = Annotated[str | None, typer.Option("--dtype", help="fp32 or bf16 (default: the edit's)")]
+MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens to generate")]
+ShowOpt = Annotated[int, typer.Option("--show", min=0, help="cases whose completions are printed")]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="any editor setting, KEY=VALUE (repeatable), e.g. --set rank=4 --set layers=10,11"),
@@ -225,3 +237,28 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
             return run_continual(editor, evaluator, cases, store, sequence, eval_timing, on_case, batch)
         except RunError as exc:
             fail(str(exc))
+
+
+def load_artifacts(paths: list[Path]) -> list[Any]:
+    """The edit artifacts at ``paths``; a bad folder is a clean exit naming it."""
+    from overtone.artifacts import ArtifactError, load_edit
+
+    try:
+        return [load_edit(path) for path in paths]
+    except ArtifactError as exc:
+        fail(str(exc))
+
+
+def load_base(artifacts: list[Any], model: str | None, device: str, dtype: str | None) -> Any:
+    """The model to apply ``artifacts`` to: ``model``, else the one the first edit was made on, in its dtype."""
+    from overtone.models import DEFAULT_MODEL, ModelLoadError, load_model
+    from overtone.models.loading import DTYPES
+
+    if dtype is None and artifacts:
+        saved = artifacts[0].manifest["model"]["dtype"]
+        dtype = next((name for name, value in DTYPES.items() if str(value) == f"torch.{saved}"), "fp32")
+    source = model or (artifacts[0].model_source if artifacts else DEFAULT_MODEL)
+    try:
+        return load_model(source, device=device, dtype=dtype or "fp32")
+    except (ModelLoadError, ValueError) as exc:
+        fail(str(exc))

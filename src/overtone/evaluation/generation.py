@@ -133,7 +133,6 @@ def render(tokenizer: Any, conversation: Conversation) -> str:
     return "\n\n".join(turn["content"] for turn in conversation) + "\n"
 
 
-@torch.no_grad()
 def generate(lm: LoadedModel, conversations: Sequence[Conversation], max_new_tokens: int, temperature: float,
              seed: int, stop_at_answer: bool = True) -> list[str]:
     """Replies to ``conversations`` in one left-padded batch, sampled with ``seed`` (greedy at temperature 0).
@@ -141,10 +140,18 @@ def generate(lm: LoadedModel, conversations: Sequence[Conversation], max_new_tok
     Left padding with the attention mask gives every row its unpadded positions, so a row's reply does
     not depend on the other rows (tested against one-at-a-time generation).
     """
+    texts = [render(lm.tokenizer, c) for c in conversations]
+    return complete(lm, texts, max_new_tokens, temperature, seed, stop_at_answer,
+                    add_special_tokens=not lm.tokenizer.chat_template)
+
+
+@torch.no_grad()
+def complete(lm: LoadedModel, texts: Sequence[str], max_new_tokens: int, temperature: float, seed: int,
+             stop_at_answer: bool = False, add_special_tokens: bool = True) -> list[str]:
+    """Continuations of ``texts`` (already rendered) in one left-padded batch; ``generate`` without the template."""
     tokenizer = lm.tokenizer
-    texts = [render(tokenizer, c) for c in conversations]
-    enc = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt",
-                    add_special_tokens=not tokenizer.chat_template).to(lm.device)
+    enc = tokenizer(list(texts), padding=True, padding_side="left", return_tensors="pt",
+                    add_special_tokens=add_special_tokens).to(lm.device)
     length = enc["input_ids"].shape[1]
     sampling: dict[str, Any] = (
         {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0
