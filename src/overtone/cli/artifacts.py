@@ -164,7 +164,8 @@ def generate(
     raw: Annotated[bool, typer.Option("--raw", help="complete the prompt as plain text, without the chat "
                                                     "template")] = False,
     max_new_tokens: MaxNewTokensOpt = 64,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="sampling temperature (0: greedy)")] = 0.0,
+    temperature: Annotated[float, typer.Option(
+        "--temperature", min=0.0, help="sampling temperature (0: greedy)")] = 0.0,
     device: DeviceOpt = "auto",
     dtype: BaseDtypeOpt = None,
     threads: ThreadsOpt = 1,

@@ -48,7 +48,8 @@ FactsOpt = Annotated[Path | None, typer.Option(
     "--facts", help="facts to edit: JSON, JSON Lines or CSV with prompt, target and optional subject, paraphrases, "
     "locality (or any dataset file in a known format, see overtone datasets)")]
 SaveOpt = Annotated[Path | None, typer.Option("--save", help="save the edit as an artifact folder (a new folder)")]
-EditDirsArg = Annotated[list[Path], typer.Argument(help="edit artifact folders (overtone edit --save), applied in order")]
+EditDirsArg = Annotated[list[Path], typer.Argument(
+    help="edit artifact folders (overtone edit --save), applied in order")]
 BaseModelOpt = Annotated[str | None, typer.Option(
     "--model", help="base model: embedded name, local folder or hub id (default: the one the edit was made on)")]
 BaseDtypeOpt = Annotated[str | None, typer.Option("--dtype", help="fp32 or bf16 (default: the edit's)")]

@@ -116,8 +116,8 @@ def _read_cases(facts: Any, prompt: str | None, target: str | None, subject: str
         fail("--limit and --offset select facts of a --facts file")
     try:
         probes = tuple(Probe(p, "") for p in locality or [])  # "": scored on the unedited model's continuation
-        return [EditCase(case_id="cli", prompt=prompt, target=target, subject=subject, rephrases=tuple(paraphrase or []),
-                         locality={LOCALITY_KIND: probes} if probes else {})]
+        return [EditCase(case_id="cli", prompt=prompt, target=target, subject=subject,
+                         rephrases=tuple(paraphrase or []), locality={LOCALITY_KIND: probes} if probes else {})]
     except ValueError as exc:
         fail(str(exc))
 

@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import (
+    AdaLoraConfig,
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from torch import nn
 
 from overtone.benchmarks.cases import EditCase
@@ -213,8 +220,9 @@ class LoRA(Editor):
         loaded = set_peft_model_state_dict(model, saved.tensors, adapter_name=ADAPTER)
         if loaded.unexpected_keys or any("lora_" in key for key in loaded.missing_keys):
             model.unload()
-            raise ValueError(f"the saved LoRA adapter does not fit this model (unexpected: {loaded.unexpected_keys[:3]},"
-                             f" missing: {[k for k in loaded.missing_keys if 'lora_' in k][:3]})")
+            missing = [k for k in loaded.missing_keys if "lora_" in k]
+            raise ValueError(f"the saved LoRA adapter does not fit this model (unexpected keys: "
+                             f"{loaded.unexpected_keys[:3]}, missing: {missing[:3]})")
 
         def revert() -> None:
             model.unload()
