@@ -65,9 +65,10 @@ def max_difference(a, b) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: Conv1D weights, stored [in, out]
 @pytest.mark.parametrize("kind", EDITS)
-def test_save_apply_revert_round_trip_is_bit_exact(tokenizer, corpus, tmp_path, kind):
-    lm = tiny_model("llama", tokenizer)
+def test_save_apply_revert_round_trip_is_bit_exact(tokenizer, corpus, tmp_path, kind, arch):
+    lm = tiny_model(arch, tokenizer)
     base, shape, base_logits = state(lm), structure(lm), logits_of(lm, PAIRS)
     editor, stack = edit(kind, lm, corpus, OverTone())
     edited = logits_of(lm, PAIRS)
