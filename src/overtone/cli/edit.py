@@ -75,12 +75,12 @@ def print_metrics(title: str, cases: Sequence[Any], records: list[dict[str, Any]
     from overtone.runner import summarize
 
     table = Table(title=title)
-    for column in ("case", "target", "Rel.", "Gen.", "Por.", "Loc.", "steps"):
+    edited = any(r.get("steps") is not None for r in records)  # made by this run, not applied from a file
+    for column in ("case", "target", "Rel.", "Gen.", "Por.", "Loc.", *(("steps",) if edited else ())):
         table.add_column(column, justify="left" if column in ("case", "target") else "right")
     for case, record in zip(cases, records, strict=True):
-        steps = record.get("steps")
-        table.add_row(case.case_id, case.target, *(_cell(record, m) for m in METRICS),
-                      "–" if steps is None else f"{steps:g}")
+        steps = (f"{record['steps']:g}",) if edited else ()
+        table.add_row(case.case_id, case.target, *(_cell(record, m) for m in METRICS), *steps)
     console.print(table)
     summary = summarize(records, METRICS)
     parts = []
