@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from functools import cached_property
@@ -33,7 +33,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from overtone import __version__
-from overtone.artifacts.identity import EditMismatchError, base_identity, differences
+from overtone.artifacts.identity import EditMismatchError, base_identity, differences, dtype_name
 from overtone.benchmarks.cases import EditCase, Probe
 from overtone.editors import EDITORS, EditHandle, Editor
 from overtone.editors.base import SavedEdit
@@ -96,15 +96,18 @@ def new_folder(path: Path | str) -> Path:
     return path
 
 
-def write_folder(path: Path, write: Any) -> None:
+def write_folder(path: Path, write: Callable[[Path], None]) -> None:
     """Run ``write(tmp)`` in a temporary sibling folder and rename it to ``path``: no half-written folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     umask = os.umask(0)
     os.umask(umask)
     try:
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the folder is meant to be shared like any other
         write(tmp)
+        # mkdtemp (and safetensors) make private files; the folder is meant to be shared like any other
+        tmp.chmod(0o777 & ~umask)
+        for file in tmp.iterdir():
+            file.chmod(0o666 & ~umask)
         if path.exists():
             path.rmdir()
         tmp.rename(path)
@@ -216,8 +219,8 @@ def save_edit(editor: Editor, path: Path | str, facts: Sequence[EditCase] = (), 
         "editor": editor.describe(),
         "objective": editor.objective.config() if editor.objective else None,
         "protocol": protocol or {},
-        "edit": {"state": saved.state, "tensors": {n: {"shape": list(t.shape), "dtype": str(t.dtype)[6:]}
-                                                   for n, t in tensors.items()}},
+        "edit": {"state": saved.state,
+                 "tensors": {n: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for n, t in tensors.items()}},
         "facts": [fact_record(c) for c in facts],
         "metrics": metrics,
     }

@@ -37,9 +37,12 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(memoryview(data)).hexdigest()
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def tensor_record(tensor: torch.Tensor) -> dict[str, Any]:
-    return {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch."),
-            "sha256": tensor_sha256(tensor)}
+    return {"shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "sha256": tensor_sha256(tensor)}
 
 
 def model_config(lm: LoadedModel) -> dict[str, Any]:
@@ -59,7 +62,7 @@ def base_identity(lm: LoadedModel, base: dict[str, torch.Tensor]) -> dict[str, A
         "name": lm.name,
         "identity": lm.identity,
         "model_type": lm.adapter.model_type,
-        "dtype": str(lm.dtype).removeprefix("torch."),
+        "dtype": dtype_name(lm.dtype),
         "config_sha256": config_sha256(config),
         "config": config,
         "tensors": {name: tensor_record(value) for name, value in sorted(base.items())},
