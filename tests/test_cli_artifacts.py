@@ -6,6 +6,7 @@ import json
 
 import pytest
 from helpers import tiny_model
+from test_memory_editors import SETTINGS as MEMORY_SETTINGS
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -70,8 +71,9 @@ def test_apply_refuses_another_model_and_export_refuses_routed_edits(tmp_path, t
     assert refused.exit_code == 2 and "model.layers.2.mlp.down_proj.weight: values differ" in said(refused)
 
     wise = tmp_path / "wise"
+    settings = [f"--set={k}={v}" for k, v in MEMORY_SETTINGS["wise"].items() if k != "steps"]
     run_wise = run("edit", "--facts", str(facts), "--model", str(tiny_llama_dir), "--editor", "wise", "--steps", "2",
-                   "--save", str(wise))
+                   *settings, "--save", str(wise))
     assert run_wise.exit_code == 0, run_wise.output
     export = run("export", str(wise), "--out", str(tmp_path / "model"))
     assert export.exit_code == 2 and f"overtone generate --edit {wise}" in said(export)

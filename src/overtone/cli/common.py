@@ -181,11 +181,14 @@ def progress_bar() -> Progress:
 
 def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None, out: Path,
                seed: int, threads: int, label: str, sequence: int = 1, eval_timing: str = "end",
-               generation: dict[str, Any] | None = None, batch: int = 1) -> dict[str, Any]:
+               generation: dict[str, Any] | None = None, batch: int = 1,
+               step_budgets: dict[str, int] | None = None, matched: str | None = None) -> dict[str, Any]:
     """Run ``editor`` over a dataset into ``out``: single editing (``sequence`` 1), continual editing, or
     batch editing (``batch`` cases per edit call, within chunks of ``sequence``).
 
     ``generation`` overrides the settings of generation-based evaluation (MQuAKE); None values are skipped.
+    ``step_budgets`` trains each case for exactly its number of updates, taken from run ``matched``
+    (recorded in the config); only the cases it has a budget for are run.
     """
     from overtone.benchmarks import BENCHMARKS, TEACHER_FORCED, DatasetError, load_benchmark, resolve_dataset
     from overtone.evaluation import GenerationSettings, make_evaluator
@@ -203,6 +206,8 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
                              f"benchmarks (mquake), not to {bench.name}")
         evaluator = make_evaluator(bench.evaluation, lm, GenerationSettings(seed=seed, **generation))
         cases = load_benchmark(dataset, limit=limit, offset=offset)
+        if step_budgets is not None:
+            cases = [c for c in cases if c.case_id in step_budgets]
         source = {"name": bench.name, "offset": offset}
         if dataset not in BENCHMARKS:
             source.update(path=str(bench.file), format=bench.format)
@@ -211,6 +216,7 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
             "protocol": "single" if sequence == 1 else "continual" if batch == 1 else "batch",
             **({"sequence": sequence, "eval_timing": eval_timing} if sequence > 1 else {}),
             **({"batch": batch} if batch > 1 else {}),
+            **({"matched_steps": matched} if matched else {}),
             "model": lm.identity,
             "editor": editor.describe(),
             "objective": editor.objective.config() if editor.objective else None,
@@ -235,7 +241,8 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
             progress.update(task, advance=1, status=status)
 
         try:
-            return run_continual(editor, evaluator, cases, store, sequence, eval_timing, on_case, batch)
+            return run_continual(editor, evaluator, cases, store, sequence, eval_timing, on_case, batch,
+                                 step_budgets)
         except RunError as exc:
             fail(str(exc))
 

@@ -19,7 +19,7 @@ restart skips finished chunks and runs an interrupted chunk again from its start
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from overtone.benchmarks.cases import EditCase
@@ -45,9 +45,10 @@ def run_continual(
     eval_timing: str = "end",
     on_case: Callable[[dict[str, Any] | None], None] | None = None,
     batch: int = 1,
+    step_budgets: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Edit every chunk of ``cases`` not yet in ``store`` (``batch`` cases per edit call); returns the summary
-    of all stored cases."""
+    of all stored cases. ``step_budgets`` gives each case an exact number of updates (matched steps)."""
     done = store.done
     for index, chunk in enumerate(chunked(cases, sequence)):
         ids = [c.case_id for c in chunk]
@@ -64,7 +65,7 @@ def run_continual(
                 "while writing it. Use another --out directory."
             )
         try:
-            records = edit_chunk(editor, evaluator, chunk, eval_timing, batch)
+            records = edit_chunk(editor, evaluator, chunk, eval_timing, batch, step_budgets)
         except CaseError as exc:
             raise RunError(
                 f"{exc}. The {len(store.records)} finished cases are saved in {store.dir}; rerun the same "
