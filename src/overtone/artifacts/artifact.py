@@ -168,7 +168,11 @@ class EditArtifact:
         """The editor's resolved config, rebuilt from the manifest."""
         cls = self.editor_class.config_class
         names = {f.name for f in fields(cls)}
-        return cls(**{k: _tuples(v) for k, v in self.manifest["editor"].items() if k in names})
+        try:
+            return cls(**{k: _tuples(v) for k, v in self.manifest["editor"].items() if k in names})
+        except (TypeError, ValueError) as exc:
+            raise ArtifactError(f"{self.path}: its {self.editor} settings are not valid in this overtone "
+                                f"({__version__}): {exc}") from exc
 
     def objective(self) -> Objective | None:
         settings = self.manifest.get("objective")

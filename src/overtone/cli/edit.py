@@ -88,7 +88,7 @@ def print_metrics(title: str, cases: Sequence[Any], records: list[dict[str, Any]
         post, pre = summary[metric], summary["pre"].get(metric)
         parts.append(f"{label} –" if post is None else
                      f"{label} {post:.1f}" if pre is None else f"{label} {pre:.1f} → {post:.1f}")
-    console.print(f"{len(records)} facts: " + ", ".join(parts))
+    console.print(f"{len(records)} fact{'' if len(records) == 1 else 's'}: " + ", ".join(parts))
     return summary
 
 
