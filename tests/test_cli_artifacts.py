@@ -118,3 +118,25 @@ def test_edit_options_are_checked_before_the_model_loads(tmp_path, facts):
     bad.write_text('{"prompt": "Q?", "target": "A", "paraphrase": "x"}\n')
     unknown = run("edit", "--facts", str(bad), "--model", "no-such-model")
     assert unknown.exit_code == 2 and "record 0: field 'paraphrase': unknown field" in said(unknown)
+
+
+def test_generate_uses_the_chat_template_and_keeps_the_conversation(tmp_path, tiny_llama_dir, monkeypatch):
+    import shutil
+
+    from overtone.evaluation import generation
+
+    chat = tmp_path / "chat"
+    shutil.copytree(tiny_llama_dir, chat)
+    config = json.loads((chat / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    (chat / "tokenizer_config.json").write_text(json.dumps(config))
+    seen = []
+    complete = generation.complete
+    monkeypatch.setattr(generation, "complete", lambda lm, texts, *a, **k: seen.append(texts[0]) or complete(
+        lm, texts, *a, **k))
+    result = runner.invoke(app, ["generate", "--model", str(chat), "-i", "--max-new-tokens", "2", "--device", "cpu"],
+                           input="first\nsecond\n")
+    assert result.exit_code == 0, result.output
+    assert "0 edit(s) applied, chat template" in said(result)
+    assert seen[0] == "user: first\nassistant:"
+    assert seen[1].startswith("user: first\nassistant: ") and seen[1].endswith("user: second\nassistant:")
