@@ -32,6 +32,7 @@ from overtone.cli.common import (
     fail,
     log,
     overtone_config,
+    precheck,
     run_bench,
     setup,
 )
@@ -51,11 +52,13 @@ def _run_variants(variants: list[Any], out: Path, model: str, device: str, dtype
                   threads: int) -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
     from overtone.runner import read_run
 
+    inputs = precheck(model, editor, settings, dataset, offset, limit, seed=seed)  # before the model is loaded
     results = []
     lm = None
     for v in variants:
         lm, ed = build(model, device, dtype, editor, v.objective, v.overtone, {**settings, **v.editor_settings}, lm)
-        summary = run_bench(lm, ed, dataset, offset, limit, out / v.slug, seed, threads, f"{editor} {v.label}")
+        summary = run_bench(lm, ed, dataset, offset, limit, out / v.slug, seed, threads, f"{editor} {v.label}",
+                            inputs=inputs)
         results.append((v.label, summary, read_run(out / v.slug)[1]))
     return results
 

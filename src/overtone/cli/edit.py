@@ -29,6 +29,7 @@ from overtone.cli.common import (
     editor_settings,
     fail,
     overtone_config,
+    precheck_cases,
     setup,
 )
 
@@ -64,12 +65,13 @@ def edit(
 
     setup(threads, seed, verbose)
     cfg = overtone_config(editor, lam, n_sigma, epsilon)
-    lm, ed = build(model, device, dtype, editor, objective, cfg,
-                   editor_settings(editor, settings, layer=layer, lr=lr, steps=steps))
+    overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps)
     try:
         case = EditCase(case_id="cli", prompt=prompt, target=target, subject=subject)
     except ValueError as exc:
         fail(str(exc))
+    precheck_cases(model, editor, overrides, [case])  # before the model (and ROME/MEMIT's statistics)
+    lm, ed = build(model, device, dtype, editor, objective, cfg, overrides)
     prompts = [("edit", prompt)] + [("paraphrase", p) for p in paraphrase or []] + [
         ("locality", p) for p in locality or []]
     before = greedy_complete(lm, [p for _, p in prompts], max_new_tokens)

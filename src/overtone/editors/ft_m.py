@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditHandle, Editor, StepCallback
+from overtone.editors.base import EditHandle, Editor, StepCallback, max_length_field
 from overtone.editors.training import TargetLogits, optimise
 from overtone.models.loading import LoadedModel
 from overtone.objectives import Objective, OverToneConfig
@@ -48,6 +48,7 @@ class FTMConfig:
     norm_constraint: float | None = field(
         default=None, metadata={"help": "clamp each weight to within this distance of its original value"}
     )
+    max_length: int | None = max_length_field()
 
     def __post_init__(self) -> None:
         if self.steps < 1:

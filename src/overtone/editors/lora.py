@@ -30,7 +30,7 @@ from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditHandle, Editor, StepCallback
+from overtone.editors.base import EditHandle, Editor, StepCallback, max_length_field
 from overtone.editors.training import TargetLogits, optimise
 from overtone.models.loading import LoadedModel
 from overtone.objectives import Objective, OverToneConfig
@@ -62,6 +62,7 @@ class LoRAConfig:
         default=False, metadata={"help": "AdaLoRA: run peft's rank allocation after each step (reference: never)"}
     )
     seed: int = field(default=0, metadata={"help": "seed of adapter init and dropout (mixed with the case ids)"})
+    max_length: int | None = max_length_field()
 
     def __post_init__(self) -> None:
         if self.variant not in ("lora", "adalora"):

@@ -38,7 +38,7 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from torch import nn
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditHandle, Editor, StepCallback
+from overtone.editors.base import EditHandle, Editor, StepCallback, max_length_field
 from overtone.editors.memory import Journal, edit_seed, missing_settings, resolve_preset
 from overtone.editors.training import TargetLogits, optimise
 from overtone.models.loading import LoadedModel
@@ -83,6 +83,7 @@ class MELOConfig:
     lr_gamma: float = field(default=0.5, metadata={"help": "learning-rate decay factor"})
     stop_loss: float = field(default=0.0, metadata={"help": "stop once the loss is below this"})
     seed: int = field(default=0, metadata={"help": "seed of the LoRA initialisation"})
+    max_length: int | None = max_length_field()
 
     def __post_init__(self) -> None:
         problems = []
