@@ -133,9 +133,9 @@ def test_identical_duplicates_count_once_and_different_ones_are_refused(tmp_path
 def test_a_damaged_config_is_named(tmp_path):
     ResultStore(tmp_path, CONFIG).close()
     (tmp_path / "config.yaml").write_text("editor: {name: [")
-    with pytest.raises(StoreError, match="config.yaml: not valid YAML"):
+    with pytest.raises(StoreError, match=r"config\.yaml: not valid YAML"):
         ResultStore(tmp_path, CONFIG)
-    with pytest.raises(StoreError, match="config.yaml: not valid YAML"):
+    with pytest.raises(StoreError, match=r"config\.yaml: not valid YAML"):
         read_run(tmp_path)
 
 

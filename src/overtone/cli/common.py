@@ -78,7 +78,7 @@ def setup(threads: int, seed: int, verbose: bool) -> None:
 
 
 def fail(message: str) -> NoReturn:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # one line, however long
     raise typer.Exit(code=2)
 
 
