@@ -79,32 +79,29 @@ def _lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
-def test_sigint_and_sigterm_end_a_bench_process_with_one_line_and_the_run_resumes(tmp_path, tiny_llama_dir):
-    rng = random.Random(6)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_a_signalled_bench_process_ends_with_one_line_and_the_same_command_resumes(tmp_path, tiny_llama_dir, signum):
+    # SIGINT (Ctrl-C) runs in the slow suite: another Python start-up, and Python raises KeyboardInterrupt for it
+    # even without our handler; SIGTERM would kill the process outright without it.
+    rng = random.Random(signum)
     out = tmp_path / "run"
-    args = ["bench", "--model", str(tiny_llama_dir), "--device", "cpu", "--layer", "2", "--steps", "60",
-            "--stop-loss", "0", "--objective", "ce", "--limit", "5", "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        done = _lines(out / CASES_FILE)
-        proc = subprocess.Popen([sys.executable, "-m", "overtone", *args], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        while _lines(out / CASES_FILE) <= done and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)  # until this process has finished a case of its own
-        time.sleep(rng.uniform(0.05, 0.3))  # then into the next edit
-        proc.send_signal(signum)
-        output, _ = proc.communicate(timeout=60)
-        name = signal.Signals(signum).name
-        assert proc.returncode == 128 + signum, output
-        assert "Traceback" not in output
-        message = [x for x in output.splitlines() if x.startswith("interrupted")]
-        assert len(message) == 1 and message[0].startswith(f"interrupted by {name}: ")
-        assert message[0].endswith("finished cases are saved in " + str(out) + "; rerun the same command to resume")
-        scan = scan_cases(out / CASES_FILE)
-        assert not scan.partial_tail and not scan.corrupt and not scan.duplicates
-        assert f"{len(scan.records)} finished cases" in message[0]
-    assert len(scan_cases(out / CASES_FILE).records) < 5
+    args = ["bench", "--model", str(tiny_llama_dir), "--device", "cpu", "--layer", "2", "--steps", "40",
+            "--stop-loss", "0", "--objective", "ce", "--limit", "4", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "overtone", *args], env={**os.environ, "PYTHONPATH": str(SRC)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while _lines(out / CASES_FILE) == 0 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # until a case is finished
+    time.sleep(rng.uniform(0.05, 0.2))  # then into the next edit
+    proc.send_signal(signum)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, output
+    assert "Traceback" not in output
+    message = [x for x in output.splitlines() if x.startswith("interrupted")]
+    scan = scan_cases(out / CASES_FILE)
+    assert not scan.partial_tail and not scan.corrupt and 1 <= len(scan.records) < 4
+    assert message == [f"interrupted by {signal.Signals(signum).name}: {len(scan.records)} finished cases are saved "
+                       f"in {out}; rerun the same command to resume"]
     result = CliRunner().invoke(app, args)  # the same command resumes
     assert result.exit_code == 0, result.output
-    assert [r["case_id"] for r in read_run(out)[1]] == [f"zsre/{i}" for i in range(5)]
+    assert [r["case_id"] for r in read_run(out)[1]] == [f"zsre/{i}" for i in range(4)]

@@ -119,12 +119,13 @@ def bench(
     overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps, stop_loss=stop_loss)
     generation = {"single_hop_tokens": single_hop_tokens, "multi_hop_tokens": multi_hop_tokens,
                   "multi_hop_questions": multi_hop_questions, "temperature": temperature}
-    inputs = precheck(model, editor, overrides, dataset, offset, limit, seed=seed, sequence=sequence,
-                      eval_timing=eval_timing, generation=generation, batch=batch, truncate=truncate)
-    with exit_on_interrupt(out), hold_run_dir(out) as lock:
-        lm, ed = build(model, device, dtype, editor, objective, cfg, overrides)
-        summary = run_bench(lm, ed, dataset, offset, limit, out, seed, threads, f"{editor}/{objective}", sequence,
-                            eval_timing, generation, batch, inputs=inputs, lock=lock, strict=strict)
+    with exit_on_interrupt(out):
+        inputs = precheck(model, editor, overrides, dataset, offset, limit, seed=seed, sequence=sequence,
+                          eval_timing=eval_timing, generation=generation, batch=batch, truncate=truncate)
+        with hold_run_dir(out) as lock:
+            lm, ed = build(model, device, dtype, editor, objective, cfg, overrides)
+            summary = run_bench(lm, ed, dataset, offset, limit, out, seed, threads, f"{editor}/{objective}",
+                                sequence, eval_timing, generation, batch, inputs=inputs, lock=lock, strict=strict)
     config, _, _ = read_run(out)
     console.print(summary_table([(f"{editor} {objective}", summary)], title=f"{protocol_title(config)}, {model}"))
     console.print(f"results in {out}")
