@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 from overtone.benchmarks import DATA_DIR, load_benchmark
 from overtone.cli import app
 from overtone.editors.base import fit_length
+from overtone.report.runs import RunInfo
+from overtone.report.tables import runs_table, single_editing_table, to_markdown
 from overtone.runner.bench import FLAT, divergence
 from overtone.stats import MomentSpec, second_moments
 
@@ -137,3 +139,14 @@ def test_a_diverged_edit_is_flagged_counted_in_tables_and_strict_stops(tmp_path,
     calm = runner.invoke(app, [*base, "--strict", "--out", str(tmp_path / "calm")])
     assert calm.exit_code == 0, calm.output
     assert json.loads((tmp_path / "calm" / "summary.json").read_text())["n_diverged"] == 0
+
+
+def test_report_tables_name_the_diverged_edits(tmp_path):
+    config = {"model": {"name": "m"}, "dataset": {"name": "zsre"}, "editor": {"name": "ft-m"},
+              "objective": {"name": "ce"}, "protocol": "single"}
+    summary = {"rel": 50.0, "avg": 50.0, "n_cases": 25, "n_diverged": 2}
+    run = RunInfo(path=tmp_path / "wild", config=config, records=[], summary=summary)
+    assert "diverged edits: FT-M 2" in single_editing_table([run]).caption
+    assert "| 25 (2 diverged) |" in to_markdown(runs_table([run]))
+    calm = RunInfo(path=tmp_path / "calm", config=config, records=[], summary={**summary, "n_diverged": 0})
+    assert "diverged" not in single_editing_table([calm]).caption + to_markdown(runs_table([calm]))
