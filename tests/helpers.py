@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
+from overtone.editors import FTM, FTMConfig
 from overtone.models.loading import LoadedModel, prepare_model
-from overtone.objectives import Objective
+from overtone.objectives import CrossEntropy, Objective
 
 ARCHS = ("llama", "qwen2", "mistral", "gemma3_text", "gpt2")
 
@@ -57,3 +58,23 @@ class NaNObjective(Objective):
     def token_losses(self, logits, labels, reference):
         false = torch.zeros_like(labels, dtype=torch.bool)
         return logits.sum(-1) * float("nan"), false, false, torch.zeros_like(labels)
+
+
+class CountingFTM(FTM):
+    """FT-M that records the order of its edits and can be told to fail on one case."""
+
+    fail_on: str | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.edited: list[str] = []
+
+    def edit(self, cases, on_step=None, steps=None):
+        self.edited += [c.case_id for c in cases]
+        if cases[0].case_id == self.fail_on:
+            raise ValueError("synthetic failure")
+        return super().edit(cases, on_step, steps)
+
+
+def counting_ftm(lm, layer=2, lr=0.1, steps=3) -> CountingFTM:
+    return CountingFTM(lm, FTMConfig(layer=layer, lr=lr, steps=steps), CrossEntropy())

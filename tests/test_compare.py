@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 from scipy import stats
 from typer.testing import CliRunner
 
+from overtone.benchmarks import load_benchmark
 from overtone.cli import app
 from overtone.objectives import OverToneConfig
-from overtone.report import paired_difference
-from overtone.runner.variants import ablation_variants, sweep_variants
+from overtone.report import paired_difference, paired_differences
+from overtone.runner import read_run, summarize
+from overtone.runner.variants import ablation_variants, matched_steps_variants, mode_check_can_act, sweep_variants
 
 
 def rec(case_id: str, **post) -> dict:
@@ -36,29 +39,87 @@ def test_case_avg_uses_the_metrics_a_case_has():
     assert paired_difference(base, other, "avg").mean == pytest.approx(25.0)
 
 
+def fake_records(cases, seed, chunk=None):
+    """Records with random metrics where each real case has probes (Rel. always; Por./Loc. only with probes)."""
+    rng = random.Random(seed)
+    records = []
+    for i, case in enumerate(cases):
+        post = {"rel": rng.random(), "gen": rng.random() if case.rephrases else None,
+                "por": rng.random() if case.portability else None, "loc": rng.random() if case.locality else None}
+        records.append({"case_id": case.case_id, "pre": {}, "post": post, "steps": 1, "edit_s": 0.0, "eval_s": 0.0,
+                        **({"chunk": i // chunk} if chunk else {})})
+    return records
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_paired_avg_is_the_difference_of_the_rows_avg_when_cases_lack_metrics(chunk):
+    """WikiData_recent records 6-11 have either portability or locality probes, never both: the mean of each
+    case's own Avg. would differ from the table's Avg. (the mean of the metric columns). ΔAvg. must not."""
+    cases = load_benchmark("wikidata-recent", limit=6, offset=6)
+    assert {bool(c.portability) for c in cases} == {True, False} and not any(c.portability and c.locality
+                                                                             for c in cases)
+    base, other = fake_records(cases, 1, chunk), fake_records(cases, 2, chunk)
+    diff = paired_differences(base, other, ["rel", "por", "loc", "avg"])
+    rows = summarize(base), summarize(other)
+    for metric in ("rel", "por", "loc", "avg"):
+        assert diff[metric].mean == pytest.approx(rows[1][metric] - rows[0][metric], abs=0.0101)  # rounded rows
+    naive = sum(case_avg(o) - case_avg(b) for b, o in zip(base, other, strict=True)) / len(cases)
+    assert abs(100 * naive - diff["avg"].mean) > 1.0  # the definition the tables used to disagree with
+    assert (diff["avg"].n, diff["avg"].cases, diff["avg"].unit) == ((2, 6, "chunk") if chunk else (6, 6, "case"))
+
+
+def case_avg(record):
+    present = [v for v in record["post"].values() if v is not None]
+    return sum(present) / len(present)
+
+
 def test_ablation_variants_switch_one_component_each():
     base = OverToneConfig(lam=0.3, n_sigma=1.0, epsilon=0.02)
     variants = {v.slug: v for v in ablation_variants(base, (0.03,))}
-    assert list(variants) == ["ce", "overtone", "no-clip", "no-dyn", "no-chk", "no-flt", "ce-stop-0.03"]
+    assert list(variants) == ["ce", "overtone", "no-clip", "no-dyn", "no-chk", "no-flt", "overtone-clip-stop",
+                              "ce-stop-0.03"]
+    assert variants["overtone-clip-stop"].editor_settings == {"stop_when_clipped": True}
     assert variants["no-clip"].overtone == OverToneConfig(lam=0.3, n_sigma=1.0, epsilon=0.02, clip=False)
     assert not variants["no-dyn"].overtone.dynamic and not variants["no-chk"].overtone.mode_check
     assert not variants["no-flt"].overtone.filter
     assert variants["ce-stop-0.03"].objective == "ce"
     assert variants["ce-stop-0.03"].editor_settings == {"stop_loss": 0.03}
+    # at lambda >= 0.5 the mode check cannot fail: the study adds OverTone and w/o chk where it can
+    high = [v.slug for v in ablation_variants(OverToneConfig(lam=0.5), chk_lambda=0.1)]
+    assert high[-2:] == ["overtone-l0.1", "no-chk-l0.1"]
+    assert not mode_check_can_act(0.5) and mode_check_can_act(0.49)
     grid = sweep_variants(base, [0.1, 0.5], [1.0], [0.0, 0.01])
     assert len(grid) == 5 and grid[0].objective == "ce" and grid[-1].overtone.lam == 0.5
+
+
+def test_matched_steps_controls_follow_only_full_overtone_rows_that_stopped_early():
+    base = OverToneConfig(lam=0.5)
+    variants = ablation_variants(base)
+    records = {v.slug: [{"case_id": "a", "steps": 3, "stopped_early": v.slug in ("overtone-clip-stop", "no-clip")}]
+               for v in variants}
+    (control,) = matched_steps_variants(variants, records)  # w/o clip stopped early too, but is an ablation
+    assert (control.slug, control.objective, control.match_steps) == (
+        "ce-steps-of-overtone-clip-stop", "ce", "overtone-clip-stop")
 
 
 def test_ablate_runs_every_variant_and_prints_paired_tables(tmp_path, tiny_llama_dir):
     out = tmp_path / "ablation"
     result = CliRunner().invoke(app, [
         "ablate", "--editor", "ft-m", "--limit", "2", "--out", str(out), "--model", str(tiny_llama_dir),
-        "--device", "cpu", "--steps", "2", "--stop-grid", "0.03"])
+        "--device", "cpu", "--steps", "3", "--stop-grid", "0.03", "--lambda", "0.3", "--epsilon", "1e6"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(
-        ["ce", "overtone", "no-clip", "no-dyn", "no-chk", "no-flt", "ce-stop-0.03"])
+        ["ce", "overtone", "no-clip", "no-dyn", "no-chk", "no-flt", "overtone-clip-stop", "ce-stop-0.03",
+         "ce-steps-of-overtone-clip-stop"])
     table = (out / "table.md").read_text()
     assert "| w/o flt |" in table and "W/T/L (Avg.)" in table and "CE stop<0.03" in table
+    assert "CE, steps of OverTone, stop when clipped" in table
+    # epsilon 1e6 clips every token: the host loop runs all 3 steps, the clipped stop none, its control none
+    steps = {slug: [r["steps"] for r in read_run(out / slug)[1]]
+             for slug in ("overtone", "overtone-clip-stop", "ce-steps-of-overtone-clip-stop")}
+    assert steps == {"overtone": [3, 3], "overtone-clip-stop": [0, 0], "ce-steps-of-overtone-clip-stop": [0, 0]}
+    config = read_run(out / "ce-steps-of-overtone-clip-stop")[0]
+    assert config["matched_steps"] == "overtone-clip-stop" and config["objective"]["name"] == "ce"
 
 
 def test_sweep_warns_when_tuning_on_reported_cases(tmp_path, tiny_llama_dir, caplog):

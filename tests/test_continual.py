@@ -6,10 +6,10 @@ import gc
 
 import pytest
 import torch
-from helpers import assert_same_state, state
+from helpers import assert_same_state, counting_ftm, state
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors import FTM, EditHandle, Editor, EditStack, EditStats, FTMConfig
+from overtone.editors import EditHandle, Editor, EditStack, EditStats, FTMConfig
 from overtone.evaluation import Evaluator
 from overtone.models import replay
 from overtone.objectives import CrossEntropy
@@ -18,24 +18,7 @@ from overtone.runner import ResultStore, RunError, edit_and_score, edit_chunk, r
 CONFIG = {"editor": {"name": "ft-m"}, "protocol": "continual", "sequence": 3, "eval_timing": "end"}
 
 
-class CountingFTM(FTM):
-    """FT-M that records the order of its edits and can be told to fail on one case."""
-
-    fail_on: str | None = None
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.edited: list[str] = []
-
-    def edit(self, cases, on_step=None):
-        self.edited += [c.case_id for c in cases]
-        if cases[0].case_id == self.fail_on:
-            raise ValueError("synthetic failure")
-        return super().edit(cases, on_step)
-
-
-def ftm(lm, layer=2, lr=0.1, steps=3):
-    return CountingFTM(lm, FTMConfig(layer=layer, lr=lr, steps=steps), CrossEntropy())
+ftm = counting_ftm
 
 
 def live_tensor_bytes() -> int:
@@ -125,9 +108,9 @@ class TwoLayerEditor(Editor):
     def first_layer(self) -> int:
         return 2  # what it declares for recording; its second edit goes lower
 
-    def edit(self, cases, on_step=None) -> EditHandle:
+    def edit(self, cases, on_step=None, steps=None) -> EditHandle:
         self.calls += 1
-        return self.editors[(self.calls - 1) % 2].edit(cases)
+        return self.editors[(self.calls - 1) % 2].edit(cases, on_step, steps)
 
 
 def test_suffix_replay_is_used_only_when_every_edit_of_the_chunk_is_above_the_recorded_layer(

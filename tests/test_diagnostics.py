@@ -104,8 +104,8 @@ def test_ud_starts_at_zero_exactly_where_the_label_is_the_greedy_token(tiny_llam
 
 def test_clipped_tokens_and_early_stop_leave_no_extra_row(tiny_llama, zsre_cases):
     case = zsre_cases[4]
-    (trace,) = trace_edit(FTM(tiny_llama, FTMConfig(layer=2), OverTone(OverToneConfig(epsilon=1e6))),
-                          Evaluator(tiny_llama), [case])
+    editor = FTM(tiny_llama, FTMConfig(layer=2, stop_when_clipped=True), OverTone(OverToneConfig(epsilon=1e6)))
+    (trace,) = trace_edit(editor, Evaluator(tiny_llama), [case])
     assert trace.steps == [0] and not trace.final_extra and all(trace.clipped[0])
 
 

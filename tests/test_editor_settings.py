@@ -13,7 +13,7 @@ runner = CliRunner()
 
 
 @pytest.mark.parametrize("editor, settings", [
-    ("wise", ["layer=2", "threshold_scale=0.6", "alpha=0.5", "beta=2", "gamma=1"]),
+    ("wise", ["preset=llama-2-7b", "layer=2", "threshold_scale=0.6", "alpha=0.5", "beta=2", "gamma=1"]),
     ("melo", ["init_radius=0.001", "layers=2,3"]),
 ])
 def test_bench_runs_a_memory_editor(tmp_path, tiny_llama_dir, editor, settings):

@@ -70,10 +70,13 @@ def test_step_skipped_and_stopped_below_threshold(tiny_llama):
     assert_same_state(tiny_llama, before)
 
 
-def test_overtone_stops_once_every_token_is_clipped(tiny_llama):
-    handle = FTM(tiny_llama, FTMConfig(layer=1, steps=25, stop_loss=0.0),
-                 OverTone(OverToneConfig(epsilon=1e6))).edit([CASE])
-    assert handle.stats.steps == 0 and handle.stats.stopped_early
+def test_overtone_runs_the_host_loop_unless_told_to_stop_when_clipped(tiny_llama):
+    clipped = OverTone(OverToneConfig(epsilon=1e6))  # every token clipped from the start
+    host = FTM(tiny_llama, FTMConfig(layer=1, steps=4), clipped).edit([CASE])
+    assert host.stats.steps == 4 and not host.stats.stopped_early  # epsilon floors the loss above 0.01
+    host.revert()
+    handle = FTM(tiny_llama, FTMConfig(layer=1, steps=25, stop_when_clipped=True), clipped).edit([CASE])
+    assert handle.stats.steps == 0 and handle.stats.stopped_early and handle.stats.stop_reason == "clipped"
 
 
 def test_static_target_gets_the_unedited_logits(tiny_llama):

@@ -46,12 +46,12 @@ class SignalledFTM(FTM):
         super().__init__(*args, **kwargs)
         self.at, self.signum = at, signum
 
-    def edit(self, cases, on_step=None):
+    def edit(self, cases, on_step=None, steps=None):
         def step(info):
             if (cases[0].case_id, info.step) == self.at:
                 signal.raise_signal(self.signum)
 
-        return super().edit(cases, on_step=step)
+        return super().edit(cases, on_step=step, steps=steps)
 
 
 @pytest.mark.parametrize("signum, sequence", [(signal.SIGINT, 1), (signal.SIGTERM, 2)])

@@ -167,7 +167,7 @@ def naive_value_losses(lm, case, module, prefixes, cfg, steps):
         return out
 
     handle = module.register_forward_hook(inject)
-    losses, kl_init = [], None
+    losses, extras, kl_init = [], [], None
     for _ in range(steps):
         nll = []
         for row in rows:
@@ -180,8 +180,10 @@ def naive_value_losses(lm, case, module, prefixes, cfg, steps):
         kl_init = kl_logp.detach() if kl_init is None else kl_init
         kl = (kl_logp.exp() * (kl_logp - kl_init)).sum()
         decay = cfg.weight_decay * delta.norm() / where["init"].norm() ** 2
-        loss = torch.stack(nll).mean() + cfg.kl_factor * kl + decay
-        losses.append(loss.item())
+        objective = torch.stack(nll).mean()
+        loss = objective + cfg.kl_factor * kl + decay
+        losses.append(objective.item())
+        extras.append((cfg.kl_factor * kl + decay).item())
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -190,7 +192,7 @@ def naive_value_losses(lm, case, module, prefixes, cfg, steps):
             if delta.norm() > limit:
                 delta.mul_(limit / delta.norm())
     handle.remove()
-    return losses, delta.detach()
+    return losses, extras, delta.detach()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -201,9 +203,10 @@ def test_value_optimisation_matches_the_plain_algorithm(tokenizer, arch):
     cfg = LocateConfig(lr=0.05, steps=6, stop_loss=0.0, clamp_norm_factor=0.5, weight_decay=0.3)
     module = lm.adapter.module("mlp_out", 1)
     result = optimise_value(lm, CASE, module, 1, PREFIXES, CrossEntropy(), cfg)
-    expected, delta = naive_value_losses(lm, CASE, module, PREFIXES, cfg, 6)
+    expected, extras, delta = naive_value_losses(lm, CASE, module, PREFIXES, cfg, 6)
     assert result.stats.steps == 6 and not result.stats.stopped_early
-    assert result.stats.losses == pytest.approx(expected, rel=1e-4)
+    assert result.stats.losses == pytest.approx(expected, rel=1e-4)  # the objective's loss alone
+    assert result.stats.extra_losses == pytest.approx(extras, rel=1e-4, abs=1e-7)  # KL and weight decay apart
     torch.testing.assert_close(result.delta, delta, rtol=1e-4, atol=1e-6)
     assert result.stats.losses[-1] < result.stats.losses[0]
     assert result.delta.norm() <= 0.5 * result.init.norm() + 1e-5  # the clamp
@@ -217,8 +220,14 @@ def test_value_optimisation_stops_early_and_takes_any_objective(tiny_llama):
     assert result.stats.stopped_early and result.stats.steps == 0 and len(result.stats.losses) == 1
     assert torch.equal(result.delta, torch.zeros_like(result.delta))
     clipped = optimise_value(tiny_llama, CASE, module, 2, PREFIXES, OverTone(OverToneConfig(epsilon=1e6)),
-                             LocateConfig(steps=25, stop_loss=0.0))
+                             LocateConfig(steps=25, stop_loss=0.0, stop_when_clipped=True))
     assert clipped.stats.stopped_early and clipped.stats.steps == 0  # every target token clipped: nothing to learn
+    assert clipped.stats.stop_reason == "clipped"
+    host = optimise_value(tiny_llama, CASE, module, 2, PREFIXES, OverTone(OverToneConfig(epsilon=1e6)),
+                          LocateConfig(steps=3, stop_loss=0.0))
+    assert not host.stats.stopped_early and host.stats.steps == 3  # the host loop runs its budget
+    exact = optimise_value(tiny_llama, CASE, module, 2, PREFIXES, CrossEntropy(), cfg, steps=2)
+    assert exact.stats.steps == 2 and not exact.stats.stopped_early  # matched steps ignore the stop rule
     seen = []
     static = optimise_value(tiny_llama, CASE, module, 2, PREFIXES,
                             OverTone(OverToneConfig(dynamic=False, epsilon=0.0)), LocateConfig(steps=4, lr=0.05),

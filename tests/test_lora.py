@@ -84,10 +84,55 @@ def test_sequential_edits_share_the_adapter_and_revert_in_reverse(tiny_llama):
     assert lora_layers(tiny_llama) == []
 
 
-def test_overtone_stops_when_every_token_is_clipped(tiny_llama):
-    handle = LoRA(tiny_llama, LoRAConfig(**FAST), OverTone(OverToneConfig(epsilon=1e6))).edit([CASE])
-    assert handle.stats.steps == 0 and handle.stats.stopped_early
+def test_overtone_runs_every_step_unless_told_to_stop_when_clipped(tiny_llama):
+    clipped = OverTone(OverToneConfig(epsilon=1e6))  # every token clipped from the start
+    host = LoRA(tiny_llama, LoRAConfig(**{**FAST, "steps": 3}), clipped).edit([CASE])
+    assert host.stats.steps == 3 and not host.stats.stopped_early  # the reference's loop: its whole budget
+    host.revert()
+    handle = LoRA(tiny_llama, LoRAConfig(**FAST, stop_when_clipped=True), clipped).edit([CASE])
+    assert handle.stats.steps == 0 and handle.stats.stopped_early and handle.stats.stop_reason == "clipped"
     handle.revert()
+
+
+class RecordingCE(CrossEntropy):
+    """Cross-entropy that notes every call's loss and whether it was a training pass (with gradient) or the
+    loop's stop decision (run without gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __call__(self, logits, labels, reference=None):
+        out = super().__call__(logits, labels, reference)
+        self.calls.append((out.loss.item(), torch.is_grad_enabled()))
+        return out
+
+
+def test_a_stop_decision_is_judged_without_dropout(tiny_llama):
+    """With dropout, the loss of a training pass is noisy; the stop rule reads an extra pass without it."""
+    objective = RecordingCE()
+    threshold = 3.0
+    handle = LoRA(tiny_llama, LoRAConfig(variant="lora", lr=0.03, steps=40, dropout=0.05, stop_loss=threshold),
+                  objective).edit([CASE])
+    training = [loss for loss, grad in objective.calls if grad]
+    decisions = [loss for loss, grad in objective.calls if not grad]
+    assert len(training) == len(decisions) == handle.stats.steps + 1  # one decision per training pass
+    assert handle.stats.stopped_early and decisions[-1] < threshold <= min(decisions[:-1])
+    assert handle.stats.losses == pytest.approx(training)  # the record keeps the training passes' losses
+    clean = target_loss(tiny_llama, CASE)  # the final adapters in eval mode: what the last decision read
+    assert decisions[-1] == pytest.approx(clean, rel=1e-5) and training[-1] != pytest.approx(clean, rel=1e-3)
+    handle.revert()
+    objective.calls.clear()
+    LoRA(tiny_llama, LoRAConfig(variant="lora", lr=0.03, steps=3, dropout=0.5), objective).edit([CASE]).revert()
+    assert all(grad for _, grad in objective.calls)  # no stop rule, no extra pass
+
+
+def test_adalora_refuses_a_rank_it_would_ignore():
+    with pytest.raises(ValueError, match="rank=4 has no effect on AdaLoRA without rank allocation"):
+        LoRAConfig(rank=4)
+    assert LoRAConfig(rank=4, variant="lora").rank_value == 4
+    assert LoRAConfig(rank=4, rank_allocation=True).rank_value == 4
+    assert LoRAConfig().rank_value == 8
 
 
 def test_errors_leave_no_adapters(tiny_llama):

@@ -97,3 +97,18 @@ def test_missing_embedded_package_is_a_clear_error(monkeypatch):
 def test_tiny_models_are_deterministic(tokenizer):
     a, b = tiny_model("qwen2", tokenizer, seed=3), tiny_model("qwen2", tokenizer, seed=3)
     assert all(torch.equal(x, y) for x, y in zip(a.model.parameters(), b.model.parameters(), strict=True))
+
+
+def test_objective_logits_come_from_a_float32_head_in_bf16(tokenizer):
+    """In bf16 the head's rounding moves log p(y) by about OverTone's epsilon; objectives get float32 logits."""
+    from helpers import tiny_model
+
+    lm = tiny_model("llama", tokenizer, dtype=torch.bfloat16)
+    hidden = torch.randn(2, 3, lm.model.config.hidden_size, dtype=torch.bfloat16)
+    exact = hidden.float() @ lm.adapter.lm_head.weight.float().T
+    logits = lm.adapter.logits(hidden, fp32=True)
+    assert logits.dtype == torch.float32 and torch.equal(logits, exact)
+    assert lm.adapter.logits(hidden).dtype == torch.bfloat16  # evaluation keeps the model's own head
+    with torch.no_grad():
+        lm.adapter.lm_head.weight.mul_(2)  # an in-place change must not leave a stale float32 copy behind
+    assert torch.equal(lm.adapter.logits(hidden, fp32=True), hidden.float() @ lm.adapter.lm_head.weight.float().T)

@@ -6,35 +6,17 @@ import json
 
 import pytest
 import yaml
-from helpers import assert_same_state, state
+from helpers import assert_same_state, counting_ftm, state
 
-from overtone.editors import FTM, FTMConfig
 from overtone.evaluation import Evaluator
-from overtone.objectives import CrossEntropy
 from overtone.runner import ResultStore, RunError, StoreError, read_run, run_single_editing, summarize
 from overtone.runner.bench import edit_and_score
 
 CONFIG = {"editor": {"name": "ft-m"}, "objective": {"name": "ce"}, "limit": 3, "threads": 1}
 
 
-class CountingFTM(FTM):
-    """FT-M that counts its edits and can be told to fail on one case."""
-
-    fail_on: str | None = None
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.edited: list[str] = []
-
-    def edit(self, cases):
-        self.edited += [c.case_id for c in cases]
-        if cases[0].case_id == self.fail_on:
-            raise ValueError("synthetic failure")
-        return super().edit(cases)
-
-
 def editor_for(lm):
-    return CountingFTM(lm, FTMConfig(layer=2, lr=0.1, steps=3), CrossEntropy())
+    return counting_ftm(lm)
 
 
 def test_each_case_is_independent_and_reverted(tiny_llama, zsre_cases):

@@ -115,10 +115,30 @@ def test_presets_and_validation(tiny_llama):
     assert PRESETS["llama-2-7b"]["layer"] == 27 and PRESETS["llama-3-8b"]["act_ratio"] == 0.5
     ed = make_editor("wise", tiny_llama, CrossEntropy(), preset="llama-3-8b", layer=1)
     assert ed.config.layer == 1 and ed.config.lr == 0.9 and ed.config.steps == 30  # explicit fields win
-    assert make_editor("wise", tiny_llama, CrossEntropy()).config.layer == 3  # 27/32 of 4 layers
+    # a model of no preset's shape gets no borrowed preset: its activation scale may differ
+    with pytest.raises(ValueError, match=r"WISE has no preset for model 'tiny-llama'; choose one with --set preset="):
+        make_editor("wise", tiny_llama, CrossEntropy())
+    given = dict(lr=1.0, steps=3, alpha=1.0, beta=2.0, gamma=1.0, act_ratio=0.5)
+    assert make_editor("wise", tiny_llama, CrossEntropy(), **given).config.layer == 3  # 27/32 of 4 layers
     with pytest.raises(ValueError, match="unknown preset 'gpt-5'"):
         make_editor("wise", tiny_llama, CrossEntropy(), preset="gpt-5")
     with pytest.raises(ValueError, match=r"merge_freq .* multiple of save_freq"):
         WISEConfig(save_freq=3, merge_freq=4)
     with pytest.raises(ValueError, match="out of range"):
-        make_editor("wise", tiny_llama, CrossEntropy(), layer=4)
+        make_editor("wise", tiny_llama, CrossEntropy(), layer=4, **given)
+
+
+def test_presets_match_the_model_shape_not_its_name(tokenizer):
+    """A Llama-3-8B-shaped model gets the llama-3-8b preset whatever it is called (e.g. an Instruct hub id)."""
+    from overtone.editors.memory import PRESET_SHAPES, matching_preset
+    from overtone.models.loading import LoadedModel
+
+    class Shaped:  # only the config is read
+        def __init__(self, **shape):
+            self.model = type("M", (), {"config": type("C", (), shape)()})()
+            self.name = "meta-llama/Meta-Llama-3-8B-Instruct"
+
+    lm: LoadedModel = Shaped(**PRESET_SHAPES["llama-3-8b"])  # type: ignore[assignment]
+    assert matching_preset(lm, PRESETS) == "llama-3-8b"
+    other = Shaped(**{**PRESET_SHAPES["llama-3-8b"], "num_hidden_layers": 80})
+    assert matching_preset(other, PRESETS) is None

@@ -278,12 +278,15 @@ def progress_bar() -> Progress:
 
 def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None, out: Path,
               seed: int, threads: int, label: str, sequence: int = 1, eval_timing: str = "end",
-              generation: dict[str, Any] | None = None, batch: int = 1, *, inputs: RunInputs | None = None,
-              lock: Any = None, strict: bool = False) -> dict[str, Any]:
+              generation: dict[str, Any] | None = None, batch: int = 1,
+              step_budgets: dict[str, int] | None = None, matched: str | None = None, *,
+              inputs: RunInputs | None = None, lock: Any = None, strict: bool = False) -> dict[str, Any]:
     """Run ``editor`` over a dataset into ``out``: single editing (``sequence`` 1), continual editing, or
     batch editing (``batch`` cases per edit call, within chunks of ``sequence``).
 
     ``generation`` overrides the settings of generation-based evaluation (MQuAKE); None values are skipped.
+    ``step_budgets`` trains each case for exactly its number of updates, taken from run ``matched``
+    (recorded in the config); only the cases it has a budget for are run.
     ``inputs``: the result of ``precheck`` (else the inputs are checked here, with the loaded model's
     tokenizer); ``lock``: the directory's ``RunLock`` when the caller took it before loading the model;
     ``strict``: a diverged edit stops the run.
@@ -296,6 +299,8 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
         inputs = check_inputs(lm.tokenizer, editor.name, editor.config, dataset, offset, limit, seed, sequence,
                               eval_timing, generation, batch)
     bench, cases = inputs.bench, inputs.cases
+    if step_budgets is not None:
+        cases = [c for c in cases if c.case_id in step_budgets]
     evaluator = make_evaluator(bench.evaluation, lm, inputs.generation)
     source = {"name": bench.name, "offset": offset}
     if dataset not in BENCHMARKS:
@@ -305,6 +310,7 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
         "protocol": "single" if sequence == 1 else "continual" if batch == 1 else "batch",
         **({"sequence": sequence, "eval_timing": eval_timing} if sequence > 1 else {}),
         **({"batch": batch} if batch > 1 else {}),
+        **({"matched_steps": matched} if matched else {}),
         "model": lm.identity,
         "editor": editor.describe(),
         "objective": editor.objective.config() if editor.objective else None,
@@ -332,6 +338,7 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
                 progress.update(task, advance=1, status=status)
 
             try:
-                return run_continual(editor, evaluator, cases, store, sequence, eval_timing, on_case, batch, strict)
+                return run_continual(editor, evaluator, cases, store, sequence, eval_timing, on_case, batch,
+                                     step_budgets, strict)
             except RunError as exc:
                 fail(str(exc))

@@ -47,30 +47,41 @@ def _floats(text: str, option: str) -> list[float]:
         fail(f"{option} takes comma-separated numbers, got {text!r}")
 
 
+Result = tuple[str, dict[str, Any], list[dict[str, Any]]]
+
+
 def _run_variants(variants: list[Any], out: Path, model: str, device: str, dtype: str, editor: str,
                   dataset: str, offset: int, limit: int | None, settings: dict[str, Any], seed: int,
-                  threads: int) -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
+                  threads: int, lm: Any = None) -> tuple[list[Result], Any]:
+    """Run every variant into ``out/<slug>``; a matched-steps variant reads its budgets from its source's run."""
     from overtone.runner import read_run
+    from overtone.runner.variants import step_budgets
 
     inputs = precheck(model, editor, settings, dataset, offset, limit, seed=seed)  # before the model is loaded
     results = []
-    lm = None
     for v in variants:
         lm, ed = build(model, device, dtype, editor, v.objective, v.overtone, {**settings, **v.editor_settings}, lm)
+        budgets = step_budgets(read_run(out / v.match_steps)[1]) if v.match_steps else None
         summary = run_bench(lm, ed, dataset, offset, limit, out / v.slug, seed, threads, f"{editor} {v.label}",
-                            inputs=inputs)
+                            step_budgets=budgets, matched=v.match_steps, inputs=inputs)
         results.append((v.label, summary, read_run(out / v.slug)[1]))
-    return results
+    return results, lm
 
 
-def _report(results: list[tuple[str, dict[str, Any], list[dict[str, Any]]]], out: Path, title: str) -> None:
+def _report(results: list[Result], out: Path, title: str, matched: list[tuple[Result, Result]] = ()) -> None:
+    """The summary table, the paired differences to CE, and each early-stopping OverTone row against CE
+    trained for the same number of updates on every case."""
     from overtone.report import markdown_table, paired_markdown, paired_table, summary_table
 
     rows = [(label, summary) for label, summary, _ in results]
     console.print(summary_table(rows, title=title))
     console.print(paired_table(results, base=0, title="paired differences to CE (x100)"))
-    (out / "table.md").write_text(f"{title}\n\n{markdown_table(rows)}\n\nPaired differences to CE (x100):\n\n"
-                                  f"{paired_markdown(results)}\n")
+    text = f"{title}\n\n{markdown_table(rows)}\n\nPaired differences to CE (x100):\n\n{paired_markdown(results)}\n"
+    for control, source in matched:
+        heading = f"paired differences of {source[0]} to {control[0]} (x100)"
+        console.print(paired_table([control, source], base=0, title=heading))
+        text += f"\n{heading[0].upper()}{heading[1:]}:\n\n{paired_markdown([control, source])}\n"
+    (out / "table.md").write_text(text)
     console.print(f"runs in {out}/, tables in {out / 'table.md'}")
 
 
@@ -81,8 +92,12 @@ def ablate(
     dataset: DatasetOpt = "zsre",
     limit: LimitOpt = 50,
     offset: OffsetOpt = 0,
-    stop_grid: Annotated[str, typer.Option("--stop-grid", help="CE early-stop thresholds of the control rows")]
-    = "0.01,0.03,0.1",
+    stop_grid: Annotated[str, typer.Option(
+        "--stop-grid", help="also CE stopped early at these loss thresholds (judged on the objective's loss)")] = "",
+    chk_lambda: Annotated[float, typer.Option(
+        "--chk-lambda", min=0.0, max=1.0,
+        help="when the editor's lambda leaves the mode check nothing to do (>= 0.5), also run OverTone and "
+             "w/o chk at this lambda")] = 0.1,
     model: ModelOpt = "smollm2-135m",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "fp32",
@@ -97,9 +112,16 @@ def ablate(
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
-    """The paper's ablation (Table 4.4) plus CE with looser early stops, with paired statistics."""
+    """The paper's ablation (Table 4.4) in the host editor's loop, with this project's controls.
+
+    Rows: CE, OverTone, w/o clip, w/o dyn, w/o chk, w/o flt; OverTone stopped once every token is
+    clipped; OverTone and w/o chk at --chk-lambda when the mode check cannot act at the editor's lambda;
+    CE with the loss thresholds of --stop-grid; and "CE, steps of <row>" (CE trained on each case for
+    exactly as many updates as that row) for every OverTone row that stopped early. Paired statistics
+    to CE, and of each early-stopping row to its matched-steps CE.
+    """
     from overtone.editors import EDITORS
-    from overtone.runner.variants import ablation_variants
+    from overtone.runner.variants import ablation_variants, matched_steps_variants
 
     setup(threads, seed, verbose)
     if editor not in EDITORS:
@@ -107,13 +129,19 @@ def ablate(
     # a control equal to the editor's own stop rule would repeat the CE row
     default_stop = getattr(EDITORS[editor].config_class(), "stop_loss", None)
     grid = [t for t in _floats(stop_grid, "--stop-grid") if t != default_stop]
-    variants = ablation_variants(overtone_config(editor, lam, n_sigma, epsilon), grid)
+    variants = ablation_variants(overtone_config(editor, lam, n_sigma, epsilon), grid, chk_lambda)
     overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps)
-    results = _run_variants(variants, out, model, device, dtype, editor, dataset, offset, limit, overrides, seed,
-                            threads)
+    results, lm = _run_variants(variants, out, model, device, dtype, editor, dataset, offset, limit, overrides,
+                                seed, threads)
+    by_slug = {v.slug: r for v, r in zip(variants, results, strict=True)}
+    controls = matched_steps_variants(variants, {slug: r[2] for slug, r in by_slug.items()})
+    matched_results, _ = _run_variants(controls, out, model, device, dtype, editor, dataset, offset, limit,
+                                       overrides, seed, threads, lm)
+    matched = [(r, by_slug[v.match_steps]) for v, r in zip(controls, matched_results, strict=True)]
     first = results[0][1]
-    _report(results, out, f"Ablation: {editor} on {dataset} cases {offset}..{offset + first['n_cases'] - 1}, "
-                          f"{model}, single editing (x100)")
+    _report(results + matched_results, out,
+            f"Ablation: {editor} on {dataset} cases {offset}..{offset + first['n_cases'] - 1}, {model}, "
+            "single editing (x100)", matched)
 
 
 @app.command()
@@ -148,8 +176,8 @@ def sweep(
     variants = sweep_variants(overtone_config(editor), _floats(lambdas, "--lambdas"),
                               _floats(n_sigmas, "--n-sigmas"), _floats(epsilons, "--epsilons"))
     overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps)
-    results = _run_variants(variants, out, model, device, dtype, editor, dataset, offset, limit, overrides, seed,
-                            threads)
+    results, _ = _run_variants(variants, out, model, device, dtype, editor, dataset, offset, limit, overrides,
+                               seed, threads)
     ranked = [results[0], *sorted(results[1:], key=lambda r: -(r[1].get("avg") or 0.0))]
     _report(ranked, out, f"Sweep: {editor} on {dataset} cases from {offset} ({results[0][1]['n_cases']} cases), "
                          f"{model} (x100), best Avg. first")

@@ -90,11 +90,12 @@ class StepInfo:
     """
 
     step: int  # optimiser updates taken before this forward pass
-    loss: float
+    loss: float  # the objective's loss (without the editor's regularisers)
     output: ObjectiveOutput  # per-token losses and clipped / mixed / kept-set statistics
     cases: Sequence[EditCase]
     logits: torch.Tensor  # [B, T, V] the objective's input at the target positions, detached
     labels: torch.Tensor  # [B, T] target token ids, IGNORE_INDEX where padded
+    extra_loss: float | None = None  # the editor's other terms at this pass (regularisers, margins)
 
     def label_log_probs(self) -> torch.Tensor:
         """[B, T] log-likelihood of each target token under this step's weights (fp32; 0 where padded).
@@ -113,9 +114,18 @@ StepCallback = Callable[[StepInfo], None]
 
 @dataclass
 class EditStats:
+    """What an edit's optimisation did.
+
+    ``losses`` holds the objective's own loss only; an editor's further terms (AdaLoRA's orthogonality
+    regulariser, ROME's KL and weight decay, WISE's activation margins) are kept apart in
+    ``extra_losses``, so that a stop rule, a trace or a table never reads a regulariser as the loss.
+    """
+
     steps: int = 0  # optimiser updates taken
-    losses: list[float] = field(default_factory=list)  # objective value at every forward pass
-    stopped_early: bool = False
+    losses: list[float] = field(default_factory=list)  # the objective's loss at every forward pass
+    extra_losses: list[float] = field(default_factory=list)  # the editor's other terms, per pass (empty: none)
+    stopped_early: bool = False  # a stop rule ended the optimisation before its step budget
+    stop_reason: str | None = None  # "loss", "clipped" or the editor's own rule ("settled"); None: ran its budget
     time_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -207,10 +217,13 @@ class Editor(ABC):
         """Lowest decoder block whose output an edit by this editor can change."""
 
     @abstractmethod
-    def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None) -> EditHandle:
+    def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None,
+             steps: int | None = None) -> EditHandle:
         """Apply the edits of ``cases`` (jointly) to the model in place.
 
         Gradient-based editors call ``on_step`` after every forward pass of their optimisation.
+        ``steps``, when given, makes them take exactly that many updates, with no early stop: the
+        matched-steps control, which trains one objective for as long as another one trained.
         """
 
     def describe(self) -> dict[str, Any]:

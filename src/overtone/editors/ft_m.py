@@ -2,9 +2,12 @@
 
 The reference toolkit's ``FT`` with ``objective_optimization: target_new`` (docs/protocol.md (c)):
 the loss covers the target tokens of ``prompt + " " + target``, one ``down_proj`` matrix is trained
-with Adam, a step is skipped and training stops once the loss falls below ``stop_loss``. The
-objective is pluggable; the loop and its early stop are shared with every gradient editor
-(``editors/training.py``).
+with Adam, a step is skipped and training stops once the objective's loss falls below ``stop_loss``.
+The objective is pluggable; the loop and its early stop are shared with every gradient editor
+(``editors/training.py``). OverTone's per-token loss is floored at epsilon, so with epsilon >= 0.01
+its loss never falls below the 0.01 threshold and an OverTone edit runs all its steps, as it did
+inside the reference toolkit's FT-M in the paper; ``stop_when_clipped`` stops it once every token is
+clipped instead.
 
 Speed: the block input of the edited layer cannot change, so the first step records it during a full
 pass and every later step runs only the blocks from the edited one up (``models.replay``), and the
@@ -21,7 +24,7 @@ import torch
 
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import EditHandle, Editor, StepCallback, max_length_field
-from overtone.editors.training import TargetLogits, optimise
+from overtone.editors.training import TargetLogits, default_stop, optimise, stop_when_clipped_field
 from overtone.models.loading import LoadedModel
 from overtone.objectives import Objective, OverToneConfig
 from overtone.tokens import encode_pairs
@@ -43,7 +46,9 @@ class FTMConfig:
     layer: int | None = field(default=None, metadata={"help": "edited layer (default: round(21/32 * layers))"})
     lr: float = field(default=5e-4, metadata={"help": "Adam learning rate"})
     steps: int = field(default=25, metadata={"help": "maximum optimisation steps"})
-    stop_loss: float = field(default=1e-2, metadata={"help": "skip the step and stop when the loss is below"})
+    stop_loss: float = field(
+        default=1e-2, metadata={"help": "skip the step and stop when the objective's loss is below"})
+    stop_when_clipped: bool = stop_when_clipped_field()
     weight_decay: float = 0.0
     norm_constraint: float | None = field(
         default=None, metadata={"help": "clamp each weight to within this distance of its original value"}
@@ -79,7 +84,8 @@ class FTM(Editor):
     def first_layer(self) -> int:
         return self.config.layer
 
-    def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None) -> EditHandle:
+    def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None,
+             steps: int | None = None) -> EditHandle:
         cfg: FTMConfig = self.config
         assert self.objective is not None and cfg.layer is not None
         start = time.perf_counter()
@@ -111,7 +117,8 @@ class FTM(Editor):
         weight.requires_grad_(True)
         try:
             stats = optimise(cases, self.objective, TargetLogits(self.lm.adapter, batch, cfg.layer), update,
-                             cfg.steps, cfg.stop_loss, on_step)
+                             cfg.steps, default_stop(cfg.stop_loss, cfg.stop_when_clipped), on_step,
+                             exact_steps=steps)
         except BaseException:
             revert()
             raise

@@ -7,10 +7,13 @@ layer, rank 8, alpha 32, dropout 0.1, Adam lr 5e-3, 70 steps, loss on the target
 * evaluation runs in eval mode (the reference evaluates with dropout on, so its post-edit metrics are
   random); adapter dropout is active only while training;
 * AdaLoRA's orthogonality regulariser is added to the objective explicitly (the reference gets it
-  implicitly from peft's forward); like the reference we do not run its rank allocation unless
-  ``rank_allocation`` is set, so AdaLoRA here is the SVD-parametrised adapter at its initial rank;
-* the objective is pluggable and the shared loop's early stop applies (``stop_loss`` 0 = never on the
-  loss, as in the reference; OverTone still stops when every token is clipped).
+  implicitly from peft's forward) and recorded apart from the objective's loss; like the reference we
+  do not run its rank allocation unless ``rank_allocation`` is set, so AdaLoRA here is the
+  SVD-parametrised adapter at its initial rank (``init_rank``; ``rank``, its target, then has no
+  effect and is refused);
+* the objective is pluggable. The loop is the reference's: all ``steps`` updates (``stop_loss`` 0
+  never stops on the loss). A stop rule, when one is set (``stop_loss`` > 0, ``stop_when_clipped``),
+  is judged on an extra forward pass without dropout, so a lucky dropout mask cannot end training.
 
 Single editing injects fresh adapters and removes them on revert, leaving the base weights bit-exact.
 Continual editing keeps training the same adapters; reverting a later edit restores their values.
@@ -31,7 +34,7 @@ from torch import nn
 
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import EditHandle, Editor, StepCallback, max_length_field
-from overtone.editors.training import TargetLogits, optimise
+from overtone.editors.training import TargetLogits, default_stop, optimise, stop_when_clipped_field
 from overtone.models.loading import LoadedModel
 from overtone.objectives import Objective, OverToneConfig
 from overtone.tokens import encode_pairs
@@ -45,7 +48,8 @@ class LoRAConfig:
 
     # The reference toolkit's LoRA config selects AdaLoRA (init rank 12), and the paper used its defaults.
     variant: Literal["lora", "adalora"] = field(default="adalora", metadata={"help": "adalora or lora"})
-    rank: int = field(default=8, metadata={"help": "LoRA rank (AdaLoRA: target rank)"})
+    rank: int | None = field(
+        default=None, metadata={"help": "LoRA rank (default 8); AdaLoRA: target rank of rank_allocation"})
     init_rank: int = field(default=12, metadata={"help": "AdaLoRA: initial rank"})
     alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator (scale = alpha / rank)"})
     dropout: float = field(default=0.1, metadata={"help": "adapter dropout while training"})
@@ -55,7 +59,8 @@ class LoRAConfig:
     layers: tuple[int, ...] | None = field(default=None, metadata={"help": "adapted layers (default: all)"})
     lr: float = field(default=5e-3, metadata={"help": "Adam learning rate"})
     steps: int = field(default=70, metadata={"help": "maximum optimisation steps"})
-    stop_loss: float = field(default=0.0, metadata={"help": "stop when the loss is below (0: never)"})
+    stop_loss: float = field(default=0.0, metadata={"help": "stop when the objective's loss is below (0: never)"})
+    stop_when_clipped: bool = stop_when_clipped_field()
     weight_decay: float = 0.0
     orth_reg_weight: float = field(default=0.5, metadata={"help": "AdaLoRA orthogonality regulariser weight"})
     rank_allocation: bool = field(
@@ -67,8 +72,19 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         if self.variant not in ("lora", "adalora"):
             raise ValueError(f"LoRA variant must be 'lora' or 'adalora', got {self.variant!r}")
-        if self.rank < 1 or self.steps < 1 or self.lr <= 0:
-            raise ValueError(f"LoRA needs rank >= 1, steps >= 1 and lr > 0 (got {self.rank}, {self.steps}, {self.lr})")
+        if self.variant == "adalora" and self.rank is not None and not self.rank_allocation:
+            raise ValueError(
+                f"LoRA: rank={self.rank} has no effect on AdaLoRA without rank allocation (its adapters keep "
+                "init_rank); set init_rank, or rank_allocation=true to allocate down to rank, or variant=lora"
+            )
+        if self.rank_value < 1 or self.init_rank < 1 or self.steps < 1 or self.lr <= 0:
+            raise ValueError(f"LoRA needs rank >= 1, init_rank >= 1, steps >= 1 and lr > 0 "
+                             f"(got {self.rank_value}, {self.init_rank}, {self.steps}, {self.lr})")
+
+    @property
+    def rank_value(self) -> int:
+        """The LoRA rank, or AdaLoRA's target rank: 8 unless set."""
+        return 8 if self.rank is None else self.rank
 
 
 def _orthogonality(model: nn.Module) -> torch.Tensor:
@@ -116,11 +132,11 @@ class LoRA(Editor):
 
     def _peft_config(self) -> LoraConfig:
         cfg: LoRAConfig = self.config
-        common = dict(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        common = dict(r=cfg.rank_value, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                       target_modules=self.target_modules, bias="none")
         if cfg.variant == "adalora":
             del common["r"]  # AdaLoRA sizes its adapters by init_r
-            return AdaLoraConfig(**common, init_r=cfg.init_rank, target_r=cfg.rank,
+            return AdaLoraConfig(**common, init_r=cfg.init_rank, target_r=cfg.rank_value,
                                  total_step=cfg.steps, orth_reg_weight=cfg.orth_reg_weight)
         return LoraConfig(**common)
 
@@ -128,7 +144,8 @@ class LoRA(Editor):
         assert self._peft is not None
         return [p for n, p in self._peft.named_parameters() if "lora_" in n and ADAPTER in n]
 
-    def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None) -> EditHandle:
+    def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None,
+             steps: int | None = None) -> EditHandle:
         cfg: LoRAConfig = self.config
         assert self.objective is not None
         start = time.perf_counter()
@@ -158,13 +175,28 @@ class LoRA(Editor):
                     tuner.update_and_allocate(step)  # uses this step's gradients, so before zero_grad
                 step += 1
 
+            source = TargetLogits(self.lm.adapter, batch, self._first_layer)
+
+            def without_dropout() -> torch.Tensor:
+                """The logits of the current adapters with dropout off: what a stop decision reads."""
+                for m in dropouts:
+                    m.eval()
+                try:
+                    return source()
+                finally:
+                    for m in dropouts:
+                        m.train()
+
+            stops = cfg.stop_loss > 0 or cfg.stop_when_clipped
+            check = without_dropout if stops and cfg.dropout > 0 else None
             for p in params:
                 p.requires_grad_(True)
             for m in dropouts:
                 m.train()
             try:
-                stats = optimise(cases, self.objective, TargetLogits(self.lm.adapter, batch, self._first_layer),
-                                 update, cfg.steps, cfg.stop_loss, on_step, extra_loss=extra)
+                stats = optimise(cases, self.objective, source, update, cfg.steps,
+                                 default_stop(cfg.stop_loss, cfg.stop_when_clipped), on_step, extra_loss=extra,
+                                 check=check, exact_steps=steps)
             except BaseException:
                 self._restore(created, params, snapshot)
                 raise

@@ -39,8 +39,8 @@ from torch import nn
 
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import EditHandle, Editor, StepCallback, max_length_field
-from overtone.editors.memory import Journal, edit_seed, missing_settings, resolve_preset
-from overtone.editors.training import TargetLogits, optimise
+from overtone.editors.memory import Journal, edit_seed, resolve_preset
+from overtone.editors.training import TargetLogits, default_stop, optimise, stop_when_clipped_field
 from overtone.models.loading import LoadedModel
 from overtone.models.replay import forward_hidden
 from overtone.models.routing import last_token_index, real_tokens
@@ -81,7 +81,8 @@ class MELOConfig:
     steps: int | None = field(default=None, metadata={"help": "optimisation steps per edit"})
     lr_step: int = field(default=20, metadata={"help": "decay the learning rate every this many steps"})
     lr_gamma: float = field(default=0.5, metadata={"help": "learning-rate decay factor"})
-    stop_loss: float = field(default=0.0, metadata={"help": "stop once the loss is below this"})
+    stop_loss: float = field(default=0.0, metadata={"help": "stop once the objective's loss is below (0: never)"})
+    stop_when_clipped: bool = stop_when_clipped_field()
     seed: int = field(default=0, metadata={"help": "seed of the LoRA initialisation"})
     max_length: int | None = max_length_field()
 
@@ -212,10 +213,9 @@ class MELO(Editor):
     overtone_defaults = OverToneConfig(lam=0.1, n_sigma=1.0, epsilon=0.01)
 
     def __init__(self, lm: LoadedModel, config: MELOConfig | None = None, objective: Objective | None = None):
-        config = resolve_preset(config or MELOConfig(), PRESETS, lm, "MELO")
-        missing_settings(config, ["init_radius"], "MELO", lm,
-                         "The radius depends on the scale of the model's keys: measure it with "
-                         "benchmarks/melo_key_distances.py.")
+        config = resolve_preset(config or MELOConfig(), PRESETS, lm, "MELO", required=("init_radius",),
+                                hint="The radius depends on the scale of the model's keys: measure it with "
+                                     "benchmarks/melo_key_distances.py.")
         n = lm.adapter.num_layers
         if config.layers is None:
             first = min(n - 2, round(DEFAULT_RELATIVE_DEPTH * n)) if n > 1 else 0
@@ -319,7 +319,8 @@ class MELO(Editor):
 
     # --- editing -----------------------------------------------------------------------------------
 
-    def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None) -> EditHandle:
+    def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None,
+             steps: int | None = None) -> EditHandle:
         cfg: MELOConfig = self.config
         assert self.objective is not None
         start = time.perf_counter()
@@ -344,7 +345,8 @@ class MELO(Editor):
             # which starts at zero (B = 0), so the first logits are the unedited model's.
             self._training, self._filing = name, [(case.case_id, case.target.strip()) for case in cases]
             stats = optimise(cases, self.objective, TargetLogits(self.lm.adapter, batch, cfg.key_layer), update,
-                             cfg.steps, cfg.stop_loss, on_step)
+                             cfg.steps, default_stop(cfg.stop_loss, cfg.stop_when_clipped), on_step,
+                             exact_steps=steps)
         except BaseException:
             self._training = None
             self._restore(before)

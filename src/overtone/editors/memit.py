@@ -115,7 +115,8 @@ class MEMIT(LocateEditor):
         means = [chunk.mean(dim=1) for chunk in per_case.split(self.groups, dim=1)]
         return torch.stack(means).mean(dim=0)
 
-    def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None) -> EditHandle:
+    def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None,
+             steps: int | None = None) -> EditHandle:
         cfg: MEMITConfig = self.config
         assert self.objective is not None and cfg.layers is not None
         start = time.perf_counter()
@@ -129,11 +130,12 @@ class MEMIT(LocateEditor):
             stops = []
             for case in cases:
                 value = optimise_value(self.lm, case, adapter.layers[top], top, self.prefixes, self.objective, cfg,
-                                       on_step)
+                                       on_step, steps)
                 targets.append(value.target)
                 stats.steps += value.stats.steps
                 stats.losses += value.stats.losses
-                stops.append(value.stats.stopped_early)
+                stats.extra_losses += value.stats.extra_losses
+                stops.append(value.stats.stop_reason)
             z = torch.stack(targets).double()  # [n, H]
             rows = [row for case in cases
                     for row in encode_rows(self.lm.tokenizer, case, self.prefixes, False, cfg.missing_subject)]
@@ -149,7 +151,8 @@ class MEMIT(LocateEditor):
         except BaseException:
             revert()
             raise
-        stats.stopped_early = all(stops)
+        stats.stopped_early = all(r is not None for r in stops)
+        stats.stop_reason = stops[0] if stats.stopped_early and len(set(stops)) == 1 else None
         stats.time_s = time.perf_counter() - start
         return EditHandle(revert, first_layer=cfg.layers[0], stats=stats,
                           restores=tuple(m.weight for m in modules.values()))

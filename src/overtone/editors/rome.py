@@ -90,7 +90,8 @@ class ROME(LocateEditor):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "context_prefixes": list(self.prefixes), "mom2": self.mom2_info}
 
-    def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None) -> EditHandle:
+    def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None,
+             steps: int | None = None) -> EditHandle:
         start = time.perf_counter()
         module = self.lm.adapter.module("mlp_out", self.config.layer)
         revert = snapshot([module.weight])
@@ -98,16 +99,18 @@ class ROME(LocateEditor):
         stops = []
         try:
             for case in cases:
-                stops.append(self._edit_one(case, module, stats, on_step))
+                stops.append(self._edit_one(case, module, stats, on_step, steps))
         except BaseException:
             revert()
             raise
-        stats.stopped_early = all(stops)
+        stats.stopped_early = all(r is not None for r in stops)
+        stats.stop_reason = stops[0] if stats.stopped_early and len(set(stops)) == 1 else None
         stats.time_s = time.perf_counter() - start
         return EditHandle(revert, first_layer=self.config.layer, stats=stats, restores=(module.weight,))
 
     def _edit_one(self, case: EditCase, module: torch.nn.Module, stats: EditStats,
-                  on_step: StepCallback | None) -> bool:
+                  on_step: StepCallback | None, steps: int | None) -> str | None:
+        """Edit one case into ``module``; returns why its value optimisation stopped early (None: it did not)."""
         cfg: ROMEConfig = self.config
         assert self.objective is not None and cfg.layer is not None
         rows = encode_rows(self.lm.tokenizer, case, self.prefixes, with_answer=False, missing=cfg.missing_subject)
@@ -115,10 +118,11 @@ class ROME(LocateEditor):
         k_star = keys.mean(dim=0)
         u = (self.inverse_mom2 @ k_star.double()).float() if self.inverse_mom2 is not None else k_star
         u = u / u.norm()
-        value = optimise_value(self.lm, case, module, cfg.layer, self.prefixes, self.objective, cfg, on_step)
+        value = optimise_value(self.lm, case, module, cfg.layer, self.prefixes, self.objective, cfg, on_step, steps)
         stats.steps += value.stats.steps
         stats.losses += value.stats.losses
+        stats.extra_losses += value.stats.extra_losses
         # v0 was read as this module's output at the bare prompt's key, so v* - W k (- bias) = delta.
         right = value.delta / torch.dot(keys[0], u)
         add_update(self.lm.adapter, module.weight, torch.outer(right, u))
-        return value.stats.stopped_early
+        return value.stats.stop_reason

@@ -51,7 +51,7 @@ from overtone.benchmarks.cases import EditCase
 from overtone.benchmarks.irrelevant import DEFAULT_SOURCE, load_irrelevant
 from overtone.editors.base import EditHandle, Editor, StepCallback, max_length_field
 from overtone.editors.memory import Journal, resolve_preset
-from overtone.editors.training import TargetLogits, optimise
+from overtone.editors.training import TargetLogits, optimise, stop_when_clipped_field
 from overtone.models.adapters import ArchitectureError
 from overtone.models.loading import LoadedModel
 from overtone.models.replay import forward_hidden
@@ -68,7 +68,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-3-8b": dict(layer=29, lr=0.9, steps=30, alpha=2.0, beta=20.0, gamma=10.0, act_ratio=0.5),
     "smollm2-135m": dict(layer=25, lr=2.0, steps=35, alpha=5.0, beta=20.0, gamma=10.0, act_ratio=0.88),
 }
-FALLBACK = "llama-2-7b"
 DEFAULT_RELATIVE_DEPTH = 27 / 32
 
 
@@ -90,7 +89,9 @@ class WISEConfig:
     norm_constraint: float = field(default=1.0, metadata={"help": "element-wise clamp of W' around W"})
     weight_decay: float = field(default=1e-5, metadata={"help": "SGD weight decay"})
     stop_loss: float = field(
-        default=0.02, metadata={"help": "stop once the total loss is below this and changed by <= 1e-4"})
+        default=0.02, metadata={"help": "stop once objective + margin loss is below this and changed by <= 1e-4 "
+                                        "(the reference's rule)"})
+    stop_when_clipped: bool = stop_when_clipped_field()
     save_freq: int = field(default=500, metadata={"help": "edits per shard"})
     merge_freq: int = field(default=1000, metadata={"help": "edits between TIES merges (a multiple of save_freq)"})
     density: float = field(default=0.53, metadata={"help": "TIES: fraction of each shard's delta kept"})
@@ -172,15 +173,13 @@ class WISE(Editor):
     overtone_defaults = OverToneConfig(lam=0.1, n_sigma=1.0, epsilon=0.01)
 
     def __init__(self, lm: LoadedModel, config: WISEConfig | None = None, objective: Objective | None = None):
-        config = resolve_preset(config or WISEConfig(), PRESETS, lm, "WISE")
+        # The margins and thresholds are in units of the model's activations: a preset of another model
+        # size would be wrong silently, so without a matching preset they must be given.
+        config = resolve_preset(config or WISEConfig(), PRESETS, lm, "WISE",
+                                required=("lr", "steps", "alpha", "beta", "gamma", "act_ratio"))
         if config.layer is None:
             n = lm.adapter.num_layers
             config = replace(config, layer=min(n - 1, round(DEFAULT_RELATIVE_DEPTH * n)))
-        fallback = {k: v for k, v in PRESETS[FALLBACK].items() if getattr(config, k) is None}
-        if fallback:
-            log.warning("WISE has no preset for %s: %s taken from %s, whose activation scale may differ",
-                        lm.name, ", ".join(fallback), FALLBACK)
-            config = replace(config, **fallback)
         assert config.layer is not None
         lm.adapter.check_layer(config.layer)
         if objective is None:
@@ -327,7 +326,8 @@ class WISE(Editor):
         finally:
             self._mode, self._inner = "route", None
 
-    def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None) -> EditHandle:
+    def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None,
+             steps: int | None = None) -> EditHandle:
         cfg: WISEConfig = self.config
         objective = self.objective
         assert objective is not None
@@ -361,11 +361,18 @@ class WISE(Editor):
                 last.update(margin=margin.item(), d_in=d_in.tolist(), d_out=d_out.tolist())
                 return margin
 
-            def stop(loss: float, out: ObjectiveOutput) -> bool:
-                """The toolkit's early stop (small and settled total loss), or no gradient left at all."""
-                settled = loss <= cfg.stop_loss and abs(last.get("previous", math.inf) - loss) <= 1e-4
-                last["previous"] = loss
-                return settled or (out.active_tokens == 0 and last["margin"] == 0)
+            def stop(loss: float, margin: float | None, out: ObjectiveOutput) -> str | None:
+                """The reference's early stop: objective + margin loss small and settled. It reads the sum on
+                purpose (the margins are WISE's routing condition, and the reference decides on the sum);
+                optionally also stop once no gradient is left (every token clipped, every margin met)."""
+                total = loss + (margin or 0.0)
+                settled = total <= cfg.stop_loss and abs(last.get("previous", math.inf) - total) <= 1e-4
+                last["previous"] = total
+                if settled:
+                    return "settled"
+                if cfg.stop_when_clipped and out.active_tokens == 0 and margin == 0:
+                    return "clipped"
+                return None
 
             def update(loss: torch.Tensor) -> None:
                 optimiser.zero_grad(set_to_none=True)
@@ -377,7 +384,7 @@ class WISE(Editor):
                     weight.copy_(torch.clamp(weight, original - cfg.norm_constraint, original + cfg.norm_constraint))
 
             stats = optimise(cases, objective, TargetLogits(self.lm.adapter, batch, cfg.layer), update, cfg.steps,
-                             cfg.stop_loss, on_step, extra_loss=margin_loss, stop=stop)
+                             stop, on_step, extra_loss=margin_loss, exact_steps=steps)
             weight = weight.detach()
             assert self._inner is not None
             with torch.no_grad():

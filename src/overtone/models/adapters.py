@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ROLES = ("mlp_out", "mlp_in", "mlp_gate", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_out")
@@ -81,6 +82,8 @@ class ModelAdapter:
         self.final_norm: nn.Module = model.get_submodule(self.arch.final_norm)
         self.lm_head: nn.Module = model.get_output_embeddings()
         self.softcap: float | None = getattr(model.config, "final_logit_softcapping", None)
+        self._head_key: tuple[int, int] | None = None  # which head weight ``_head`` is a float32 copy of
+        self._head: torch.Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -119,9 +122,26 @@ class ModelAdapter:
         self.module(role, layer)
         return f"{self.arch.layers}.{layer}.{self.arch.roles[role]}"
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits from final-normed hidden states (applies Gemma's soft-capping)."""
-        logits = self.lm_head(hidden)
+    def logits(self, hidden: torch.Tensor, fp32: bool = False) -> torch.Tensor:
+        """Vocabulary logits from final-normed hidden states (applies Gemma's soft-capping).
+
+        ``fp32`` runs the head in float32 whatever the model's dtype. Training objectives ask for it:
+        in bf16 the rounding of the head's output moves log p(y) by about 0.01 nats, the size of
+        OverTone's clip threshold, so the clip decision would be noise. The float32 copy of the head's
+        weight is made once and reused while the weight is unchanged (one vocabulary x hidden matrix).
+        """
+        if fp32 and self.lm_head.weight.dtype != torch.float32:
+            bias = self.lm_head.bias
+            logits = F.linear(hidden.float(), self._head_fp32(), None if bias is None else bias.float())
+        else:
+            logits = self.lm_head(hidden)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def _head_fp32(self) -> torch.Tensor:
+        weight = self.lm_head.weight
+        key = (weight.data_ptr(), weight._version)
+        if self._head is None or self._head_key != key:
+            self._head_key, self._head = key, weight.detach().float()
+        return self._head

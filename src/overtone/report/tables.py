@@ -284,14 +284,14 @@ def gain_table(pairs: Sequence[Pair]) -> PaperTable | None:
             "–" if paired is None else f"{paired.wins}/{paired.ties}/{paired.losses}", verdict,
         ])
     columns = ["cases", "CE Avg.", "OverTone Avg.", "ΔRel.", "ΔGen.", "ΔPor.", "ΔLoc.", "ΔAvg.",
-               "per-case ΔAvg. ± 95%", "W/T/L", "verdict"]
+               "ΔAvg. ± 95%", "W/T/L", "verdict"]
     return PaperTable(
         title="OverTone minus CE, paired (x100 points)", groups=[("", columns)], sections=list(sections.items()),
         stub="editor, dataset, T",
         caption="Runs whose configurations differ only in the objective, compared on the cases both finished. "
-                "Δ: difference of the tables' means. Per-case ΔAvg.: mean of the per-case differences of each "
-                "case's Avg. with its 95% t-interval (report.stats); 'within noise' when the interval covers 0. "
-                "W/T/L: cases where OverTone wins, ties, loses on Avg.",
+                "Δ: difference of the tables' means. ΔAvg. ± 95%: the same difference with its 95% t-interval "
+                "over cases (continual: over chunks; report.stats); 'within noise' when the interval covers 0. "
+                "W/T/L: cases (chunks) where OverTone wins, ties, loses on Avg.",
     )
 
 
@@ -365,14 +365,16 @@ def _paired_rows(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str,
         diffs = paired_differences(base_records, records, [key for key, _ in columns])
         avg = diffs["avg"]
         cells = [str(diffs[key]) + ("*" if diffs[key].significant else "") for key, _ in columns]
-        yield [label, *cells, f"{avg.wins}/{avg.ties}/{avg.losses}", str(avg.n)]
+        paired = str(avg.cases) if avg.unit == "case" else f"{avg.cases} in {avg.n} chunks"
+        yield [label, *cells, f"{avg.wins}/{avg.ties}/{avg.losses}", paired]
 
 
 def _paired_headers(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]]) -> list[str]:
     columns = metric_columns([summary for _, summary, _ in results])
     return [*(f"Δ{h}" for _, h in columns), "W/T/L (Avg.)", "paired cases"]
-PAIRED_CAPTION = ("Δ = mean per-case difference to the base row ± 95% t-interval; * = interval excludes 0; "
-                  "W/T/L = cases won/tied/lost on Avg.")
+PAIRED_CAPTION = ("Δ = difference to the base row on the paired cases (ΔAvg. = difference of the rows' Avg.) "
+                  "± 95% t-interval over cases (continual: over chunks); * = interval excludes 0; "
+                  "W/T/L = cases (chunks) won/tied/lost on Avg.")
 
 
 def _paired_layout(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]], base: int,

@@ -17,6 +17,10 @@ e.g. MEMIT's joint update); their records share that call's statistics: ``steps`
 the batch's divided by its size (so means over cases stay per case), ``losses`` and ``final_loss`` are
 the batch's.
 
+A record's ``losses`` are the objective's loss at every forward pass, ``extra_losses`` (when the
+editor has any) its regularisers', kept apart so that neither a stop rule nor a reader mixes them.
+``step_budgets`` maps case ids to an exact number of updates: the matched-steps control.
+
 A record is flagged ``diverged`` when an edit's objective loss ended above where it started (or is
 not finite), or when the edited model's prediction at the rewrite's answer tokens is a flat
 distribution (``flatness``, the entropy as a fraction of ln |V|, above ``FLAT``): such an edit
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from overtone.benchmarks.cases import EditCase
@@ -59,19 +63,24 @@ def _edit_fields(stats: Sequence[EditStats], batch: int = 1) -> dict[str, Any]:
 
     A case edited in a batch of ``batch`` cases gets that share of the batch's steps and time.
     """
+    def rounded(values: list[float]) -> list[float]:
+        return [round(x, 6) for x in values]
+
     if len(stats) == 1:
-        s = stats[0]
-        losses: list[Any] = [round(x, 6) for x in s.losses]
-        final = s.losses[-1] if s.losses else None
+        losses: list[Any] = rounded(stats[0].losses)
+        extra: list[Any] = rounded(stats[0].extra_losses)
     else:
-        losses = [[round(x, 6) for x in s.losses] for s in stats]
-        final = stats[-1].losses[-1] if stats[-1].losses else None
+        losses = [rounded(s.losses) for s in stats]
+        extra = [rounded(s.extra_losses) for s in stats] if any(s.extra_losses for s in stats) else []
     steps = sum(s.steps for s in stats)
+    reasons = {s.stop_reason for s in stats}
     return {
         "steps": steps if batch == 1 else steps / batch,
         "stopped_early": all(s.stopped_early for s in stats),
-        "final_loss": final,
+        "stop_reason": reasons.pop() if len(reasons) == 1 else None,
+        "final_loss": stats[-1].losses[-1] if stats[-1].losses else None,
         "losses": losses,
+        **({"extra_losses": extra} if extra else {}),
         "edit_s": round(sum(s.time_s for s in stats) / batch, 4),
     }
 
@@ -103,13 +112,23 @@ def _evaluate(evaluator: Evaluator, pre: PreEdit, stack: EditStack) -> dict[str,
 
 
 def edit_chunk(
-    editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase], eval_timing: str = "end", batch: int = 1
+    editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase], eval_timing: str = "end", batch: int = 1,
+    step_budgets: Mapping[str, int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Result records of ``cases`` edited in sequence (``batch`` cases per edit) and evaluated at ``eval_timing``."""
+    """Result records of ``cases`` edited in sequence (``batch`` cases per edit) and evaluated at ``eval_timing``.
+
+    ``step_budgets``: exact updates per case id (every case of the chunk must have one).
+    """
     if eval_timing not in EVAL_TIMINGS:
         raise ValueError(f"unknown eval timing {eval_timing!r}; choose one of {', '.join(EVAL_TIMINGS)}")
     if batch < 1:
         raise ValueError(f"the batch size must be >= 1, got {batch}")
+    if step_budgets is not None:
+        if batch > 1 or any(len(c.requests) > 1 for c in cases):
+            raise ValueError("matched steps need one edit per case and edit call (no --batch, no bundled cases)")
+        missing = [c.case_id for c in cases if c.case_id not in step_budgets]
+        if missing:
+            raise ValueError(f"no step budget for case(s) {', '.join(missing)}")
     pending: list[PreEdit | None] = []
     for case in cases:
         try:
@@ -135,7 +154,9 @@ def edit_chunk(
             group = cases[first: first + batch]
             try:
                 if batch == 1:
-                    stats.append([stack.push(editor.edit([request])).stats for request in group[0].requests])
+                    budget = None if step_budgets is None else step_budgets[group[0].case_id]
+                    stats.append([stack.push(editor.edit([request], steps=budget)).stats
+                                  for request in group[0].requests])
                 else:
                     shared = stack.push(editor.edit([r for case in group for r in case.requests])).stats
                     stats += [[shared]] * len(group)

@@ -26,7 +26,7 @@ case and the likely setting; with ``strict`` it stops the run instead.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from overtone.benchmarks.cases import EditCase
@@ -55,10 +55,12 @@ def run_continual(
     eval_timing: str = "end",
     on_case: Callable[[dict[str, Any] | None], None] | None = None,
     batch: int = 1,
+    step_budgets: Mapping[str, int] | None = None,
     strict: bool = False,
 ) -> dict[str, Any]:
     """Edit every chunk of ``cases`` not yet in ``store`` (``batch`` cases per edit call); returns the summary
-    of all stored cases. ``strict``: a diverged edit is an error (default: flagged with a warning)."""
+    of all stored cases. ``step_budgets`` gives each case an exact number of updates (matched steps);
+    ``strict``: a diverged edit is an error (default: flagged with a warning)."""
     try:
         prepare_cases(cases, editor.lm.tokenizer, type(editor), editor.config)
     except ValueError as exc:
@@ -82,7 +84,7 @@ def run_continual(
             log.warning("chunk %d (%s .. %s): a killed run wrote %d of its %d records; editing the chunk again and "
                         "adding the missing ones", index, ids[0], ids[-1], len(stored), len(chunk))
         try:
-            records = edit_chunk(editor, evaluator, chunk, eval_timing, batch)
+            records = edit_chunk(editor, evaluator, chunk, eval_timing, batch, step_budgets)
         except CaseError as exc:
             raise RunError(
                 f"{exc}. The {len(store.records)} finished cases are saved in {store.dir}; rerun the same "

@@ -22,17 +22,28 @@ class Variant:
     objective: str  # "ce" or "overtone"
     overtone: OverToneConfig
     settings: tuple[tuple[str, Any], ...] = ()  # editor setting overrides
+    match_steps: str | None = None  # slug of the variant whose per-case update counts this one trains for
 
     @property
     def editor_settings(self) -> dict[str, Any]:
         return dict(self.settings)
 
 
-def ablation_variants(base: OverToneConfig, stop_grid: Sequence[float] = (0.01, 0.03, 0.1)) -> list[Variant]:
-    """The paper's Table 4.4 rows plus CE stopped early at each loss threshold of ``stop_grid``.
+def mode_check_can_act(lam: float) -> bool:
+    """Whether OverTone's mode check can ever fail: with lam >= 0.5 the label holds at least half of the
+    mixture's mass, so it is always the mode (at 0.5 it can only tie), and "w/o chk" equals OverTone."""
+    return lam < 0.5
 
-    The CE rows with a looser early stop are the control the paper lacks: if OverTone's gain comes
-    from stopping earlier, CE stopped as early should match it at equal cost.
+
+def ablation_variants(base: OverToneConfig, stop_grid: Sequence[float] = (), chk_lambda: float = 0.1) -> list[Variant]:
+    """The paper's Table 4.4 rows in the host editor's own loop, plus this project's controls.
+
+    * "OverTone, stop when clipped": the token-level early stop carried to the whole edit (stop once
+      every target token is clipped), this project's addition; its per-case update counts are what the
+      matched-steps CE control (``matched_steps_variants``) trains for.
+    * When ``base.lam`` is too large for the mode check to act, OverTone and "w/o chk" again at
+      ``chk_lambda``, where it can.
+    * CE stopped early at each loss threshold of ``stop_grid`` (judged on the objective's loss).
     """
     variants = [
         Variant("ce", "CE", "ce", base),
@@ -41,9 +52,44 @@ def ablation_variants(base: OverToneConfig, stop_grid: Sequence[float] = (0.01, 
         Variant("no-dyn", "w/o dyn", "overtone", replace(base, dynamic=False)),
         Variant("no-chk", "w/o chk", "overtone", replace(base, mode_check=False)),
         Variant("no-flt", "w/o flt", "overtone", replace(base, filter=False)),
+        Variant("overtone-clip-stop", "OverTone, stop when clipped", "overtone", base,
+                (("stop_when_clipped", True),)),
     ]
+    if not mode_check_can_act(base.lam) and mode_check_can_act(chk_lambda):
+        low = replace(base, lam=chk_lambda)
+        variants += [
+            Variant(f"overtone-l{chk_lambda:g}", f"OverTone λ={chk_lambda:g}", "overtone", low),
+            Variant(f"no-chk-l{chk_lambda:g}", f"w/o chk λ={chk_lambda:g}", "overtone", replace(low, mode_check=False)),
+        ]
     variants += [Variant(f"ce-stop-{t:g}", f"CE stop<{t:g}", "ce", base, (("stop_loss", t),)) for t in stop_grid]
     return variants
+
+
+def stopped_early(records: Sequence[dict[str, Any]]) -> bool:
+    return any(r.get("stopped_early") for r in records)
+
+
+def matched_steps_variants(
+    variants: Sequence[Variant], records: dict[str, Sequence[dict[str, Any]]]
+) -> list[Variant]:
+    """"CE, matched steps" for every full-OverTone variant that stopped early on some case.
+
+    The control answers "is it OverTone, or just fewer updates?": CE trained on each case for exactly
+    the number of updates the OverTone variant took on it (``records`` by variant slug).
+    """
+    out = []
+    for v in variants:
+        full = v.objective == "overtone" and all(
+            getattr(v.overtone, c) for c in ("clip", "dynamic", "mode_check", "filter"))
+        if full and stopped_early(records.get(v.slug, ())):
+            out.append(Variant(f"ce-steps-of-{v.slug}", f"CE, steps of {v.label}", "ce", v.overtone,
+                               match_steps=v.slug))
+    return out
+
+
+def step_budgets(records: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """The update count of every case of a run, for a matched-steps run."""
+    return {r["case_id"]: int(r["steps"]) for r in records}
 
 
 def sweep_variants(

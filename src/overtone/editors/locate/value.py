@@ -8,9 +8,9 @@ that the model predicts the new target (ROME's and MEMIT's "value"): a change ``
 the module's output at that token in the bare prompt, in every context-prefixed copy of it, and in
 the KL prompt, and optimised with Adam. The target term is an ``Objective`` (cross-entropy gives the
 papers' mean NLL exactly; OverTone is a drop-in alternative), to which the KL term and the weight
-decay of ``LocateConfig`` are added. Each step runs only the blocks from the edited one up and only
-the token columns from the subject's last token on (``models.tail``), and the vocabulary head only at
-the scored positions.
+decay of ``LocateConfig`` are added (recorded apart from the objective's loss). Each step runs only
+the blocks from the edited one up and only the token columns from the subject's last token on
+(``models.tail``), and the vocabulary head only at the scored positions.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from overtone.editors.locate.subject import (
     encode_rows,
     encode_subject_row,
 )
-from overtone.editors.training import optimise
+from overtone.editors.training import default_stop, optimise
 from overtone.models.loading import LoadedModel
 from overtone.models.tail import TailPass
 from overtone.objectives import Objective
@@ -100,7 +100,7 @@ class ValueResult:
 
     init: torch.Tensor  # [H] fp32 the module's output at the subject's last token of the bare prompt, unedited
     delta: torch.Tensor  # [H] fp32
-    stats: EditStats  # value updates, the total loss at every forward pass, early stop
+    stats: EditStats  # value updates, the objective's loss and the regularisers at every forward pass, early stop
 
     @property
     def target(self) -> torch.Tensor:
@@ -148,7 +148,7 @@ class ValueLogits:
         # reading its weight, once forward and once backward, whatever the number of positions.
         rows = torch.arange(self.n_rewrite, device=hidden.device)[:, None]
         scored = torch.cat([hidden[rows, self.positions].flatten(0, 1), hidden[self.n_rewrite:, 0]])
-        all_logits = self.adapter.logits(scored)
+        all_logits = self.adapter.logits(scored, fp32=True)
         logits = all_logits[: self.positions.numel()].view(*self.positions.shape, -1)
         self.kl_log_probs = torch.log_softmax(all_logits[self.positions.numel():].float(), dim=-1)
         if self.reference is None:
@@ -166,12 +166,14 @@ def optimise_value(
     objective: Objective,
     cfg: LocateConfig,
     on_step: StepCallback | None = None,
+    steps: int | None = None,
 ) -> ValueResult:
     """Optimise the change of ``module``'s output (inside decoder block ``block``) at the subject's last token.
 
     ``prefixes[0]`` must be "" (the bare prompt), whose unedited output is ``init``. The loop is the one
-    every gradient editor shares: ``cfg.steps`` updates at most, a step skipped and the optimisation
-    stopped once the loss is below ``cfg.stop_loss`` or every target token is clipped.
+    every gradient editor shares: ``cfg.steps`` updates at most (exactly ``steps`` when given), a step
+    skipped and the optimisation stopped once the objective's loss is below ``cfg.stop_loss`` (or, with
+    ``cfg.stop_when_clipped``, once every target token is clipped).
     """
     if not prefixes or prefixes[0] != "":
         raise ValueError("the first context prefix must be the empty one (the bare prompt)")
@@ -199,6 +201,7 @@ def optimise_value(
             if norm > limit:
                 delta.mul_(limit / norm)
 
-    stats = optimise([case], objective, source, update, cfg.steps, cfg.stop_loss, on_step, regularisers)
+    stats = optimise([case], objective, source, update, cfg.steps, default_stop(cfg.stop_loss, cfg.stop_when_clipped),
+                     on_step, regularisers, exact_steps=steps)
     assert source.init is not None
     return ValueResult(init=source.init, delta=delta.detach(), stats=stats)
