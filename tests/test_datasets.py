@@ -186,7 +186,7 @@ def test_a_file_path_is_loaded_in_its_detected_format(tmp_path):
 
 def test_unknown_format_lists_the_fields_and_the_known_formats(tmp_path):
     path = write(tmp_path, [{"question": "q", "answer": "a"}])
-    with pytest.raises(DatasetError, match=r"unknown dataset format; the first record has the fields answer, "
+    with pytest.raises(DatasetError, match=r"unknown dataset format; record 0 has the fields answer, "
                                            r"question\. Known formats: knowedit .*mquake"):
         load_benchmark(str(path))
     with pytest.raises(DatasetError, match="holds no records"):

@@ -143,7 +143,7 @@ def detect_format(path: Path | str) -> DatasetFormat:
         raise DatasetError(f"{path}: record 0 matches several formats ({', '.join(m.name for m in matches)})")
     known = "; ".join(f"{fmt.name} ({fmt.description})" for fmt in FORMATS.values())
     raise DatasetError(
-        f"{path}: unknown dataset format; the first record has the fields {', '.join(sorted(first))}. "
+        f"{path}: unknown dataset format; record 0 has the fields {', '.join(sorted(first))}. "
         f"Known formats: {known}"
     )
 

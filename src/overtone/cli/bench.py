@@ -31,13 +31,18 @@ from overtone.cli.common import (
     StaticOpt,
     StepsOpt,
     StopLossOpt,
+    StrictOpt,
     ThreadsOpt,
+    TruncateOpt,
     VerboseOpt,
     build,
     console,
     editor_settings,
+    exit_on_interrupt,
     fail,
+    hold_run_dir,
     overtone_config,
+    precheck,
     run_bench,
     setup,
 )
@@ -88,6 +93,8 @@ def bench(
     multi_hop_tokens: MultiTokensOpt = None,
     multi_hop_questions: MultiQuestionsOpt = None,
     temperature: TemperatureOpt = None,
+    strict: StrictOpt = False,
+    truncate: TruncateOpt = False,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -98,6 +105,9 @@ def bench(
     model (or each after its edit, --eval-timing after-each), then the chunk is reverted; metrics are
     averaged over chunks. With --batch B, each chunk's edits are made B cases per edit call (batch
     editing: --sequence 100 --batch 100 edits 100 facts in one MEMIT update).
+
+    The dataset slice and every case are checked before the model is loaded; one process at a time may
+    write --out; Ctrl-C or SIGTERM keeps the finished cases, and the same command resumes.
     """
     from overtone.report import summary_table
     from overtone.report.tables import protocol_title
@@ -105,12 +115,16 @@ def bench(
 
     setup(threads, seed, verbose)
     cfg = overtone_config(editor, lam, n_sigma, epsilon, no_clip, static_target, no_mode_check, no_filter)
-    lm, ed = build(model, device, dtype, editor, objective, cfg,
-                   editor_settings(editor, settings, layer=layer, lr=lr, steps=steps, stop_loss=stop_loss))
+    overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps, stop_loss=stop_loss)
     generation = {"single_hop_tokens": single_hop_tokens, "multi_hop_tokens": multi_hop_tokens,
                   "multi_hop_questions": multi_hop_questions, "temperature": temperature}
-    summary = run_bench(lm, ed, dataset, offset, limit, out, seed, threads, f"{editor}/{objective}", sequence,
-                        eval_timing, generation, batch)
+    with exit_on_interrupt(out):
+        inputs = precheck(model, editor, overrides, dataset, offset, limit, seed=seed, sequence=sequence,
+                          eval_timing=eval_timing, generation=generation, batch=batch, truncate=truncate)
+        with hold_run_dir(out) as lock:
+            lm, ed = build(model, device, dtype, editor, objective, cfg, overrides)
+            summary = run_bench(lm, ed, dataset, offset, limit, out, seed, threads, f"{editor}/{objective}",
+                                sequence, eval_timing, generation, batch, inputs=inputs, lock=lock, strict=strict)
     config, _, _ = read_run(out)
     console.print(summary_table([(f"{editor} {objective}", summary)], title=f"{protocol_title(config)}, {model}"))
     console.print(f"results in {out}")
@@ -137,12 +151,14 @@ def demo(
 
     setup(threads, seed, verbose)
     cfg = overtone_config(editor, lam, n_sigma, epsilon)
+    inputs = precheck(model, editor, {}, dataset, 0, limit, seed=seed)
     rows = []
     lm = None
     for objective in ("ce", "overtone"):
-        lm, ed = build(model, device, dtype, editor, objective, cfg, {}, lm)
-        summary = run_bench(lm, ed, dataset, 0, limit, out / f"{editor}-{objective}", seed, threads,
-                             f"{editor}/{objective}")
+        run = out / f"{editor}-{objective}"
+        with exit_on_interrupt(run):
+            lm, ed = build(model, device, dtype, editor, objective, cfg, {}, lm)
+            summary = run_bench(lm, ed, dataset, 0, limit, run, seed, threads, f"{editor}/{objective}", inputs=inputs)
         rows.append((f"{editor} + {'CE' if objective == 'ce' else 'OverTone'}", summary))
     console.print(summary_table(rows, title=f"{dataset}, first {limit} cases, {model}, single editing (x100)",
                                 caption=f"OverTone λ={cfg.lam} n={cfg.n_sigma} ε={cfg.epsilon}"))

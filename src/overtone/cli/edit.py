@@ -38,6 +38,7 @@ from overtone.cli.common import (
     editor_settings,
     fail,
     overtone_config,
+    precheck_cases,
     setup,
 )
 
@@ -169,8 +170,9 @@ def edit(
             fail(str(exc))
     setup(threads, seed, verbose)
     cfg = overtone_config(editor, lam, n_sigma, epsilon)
-    lm, ed = build(model, device, dtype, editor, objective, cfg,
-                   editor_settings(editor, settings, layer=layer, lr=lr, steps=steps))
+    overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps)
+    cases = precheck_cases(model, editor, overrides, cases)  # before the model (and ROME/MEMIT's statistics)
+    lm, ed = build(model, device, dtype, editor, objective, cfg, overrides)
     rows = probe_prompts(cases[:show])
     before = greedy_complete(lm, [text for *_, text in rows], max_new_tokens)
     stack = EditStack()

@@ -8,20 +8,74 @@ so evaluation can reuse the unedited model's activations below it.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from overtone.benchmarks.cases import EditCase
 from overtone.models.loading import LoadedModel
 from overtone.objectives import IGNORE_INDEX, Objective, ObjectiveOutput, OverToneConfig
 
+log = logging.getLogger(__name__)
+
 
 class EditError(RuntimeError):
     """An edit could not be carried out; the model is left as it was before the edit."""
+
+
+# Tokens of ``prompt + " " + target`` an editor accepts by default. The reference toolkit bounds FT at 40
+# and LoRA at 30 (a truncation bound there); 512 admits every shipped benchmark with room for tokenizers
+# less thrifty than SmolLM2's (WikiBio's longest edit: 226 SmolLM2 tokens, 295 with the tests' 400-token
+# vocabulary) and refuses the pathological (a 6,000-character target: ~1,500 tokens) in seconds.
+DEFAULT_MAX_LENGTH = 512
+
+
+def max_length_field() -> Any:
+    """The ``max_length`` setting every editor config carries."""
+    return field(default=DEFAULT_MAX_LENGTH, metadata={
+        "help": "max tokens of prompt + target per edit; longer inputs are refused (or cut with --truncate)"})
+
+
+def fit_length(tokenizer: PreTrainedTokenizerBase, case: EditCase, max_length: int | None, truncate: bool,
+               editor: str) -> EditCase:
+    """``case`` if each request's ``prompt + " " + target`` has at most ``max_length`` tokens.
+
+    Longer requests raise ``ValueError`` naming the case and its length, or with ``truncate`` keep
+    their first ``max_length`` tokens (the target is cut, as a tokenizer's right truncation would);
+    a prompt that alone fills ``max_length`` cannot be cut that way and is refused.
+    """
+    if max_length is None:
+        return case
+    fitted = []
+    for request in case.requests:
+        text = f"{request.prompt} {request.target}"
+        enc = tokenizer(text, return_offsets_mapping=True)
+        length = len(enc["input_ids"])
+        if length <= max_length:
+            fitted.append(request)
+            continue
+        where = f"case {request.case_id}: prompt + target has {length} tokens, more than {editor}'s max_length " \
+                f"{max_length}"
+        if not truncate:
+            raise ValueError(f"{where}; raise it (--set max_length=N) or cut the input with --truncate")
+        keep = max_length
+        while True:  # a cut text can tokenise into more tokens than the cut made; then cut one more
+            target = text[len(request.prompt) + 1: enc["offset_mapping"][keep - 1][1]]
+            if not target.strip():
+                raise ValueError(f"{where}, and the prompt alone fills it: --truncate would leave no target")
+            if len(tokenizer(f"{request.prompt} {target}")["input_ids"]) <= max_length:
+                break
+            keep -= 1
+        log.warning("%s: cut to its first %d tokens (--truncate)", where, max_length)
+        fitted.append(replace(request, target=target))
+    if not case.edits:
+        return fitted[0]
+    return replace(case, edits=tuple(fitted))
 
 
 @dataclass
@@ -231,6 +285,28 @@ class Editor(ABC):
     def describe(self) -> dict[str, Any]:
         """Resolved settings, as written into a run's configuration."""
         return {"name": self.name, **asdict(self.config)}
+
+    @classmethod
+    def check_cases(cls, config: Any, tokenizer: PreTrainedTokenizerBase, cases: Sequence[EditCase],
+                    truncate: bool = False) -> list[EditCase]:
+        """The cases as this editor will edit them, checked with the tokenizer alone (before any model work).
+
+        Raises ``ValueError`` naming the case for an input the editor refuses: longer than ``max_length``
+        (unless ``truncate``), or what ``check_request`` rejects.
+        """
+        max_length = getattr(config, "max_length", None)
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"max_length must be >= 2 tokens, got {max_length}")
+        fitted = [fit_length(tokenizer, case, max_length, truncate, cls.name) for case in cases]
+        for case in fitted:
+            for request in case.requests:
+                cls.check_request(config, tokenizer, request)
+        return fitted
+
+    @classmethod
+    def check_request(cls, config: Any, tokenizer: PreTrainedTokenizerBase, request: EditCase) -> None:
+        """Raise ``ValueError`` naming the case if this editor cannot edit ``request`` (nothing to check here)."""
+        return None
 
     def saved_edit(self) -> SavedEdit:
         """The edits this editor has applied and not reverted, as tensors, JSON state and their base."""

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditHandle, Editor, EditStats, SavedEdit, StepCallback, UpdateLog
+from overtone.editors.base import EditHandle, Editor, EditStats, SavedEdit, StepCallback, UpdateLog, max_length_field
 from overtone.editors.locate.update import snapshot
 from overtone.editors.training import TargetLogits, default_stop, optimise, stop_when_clipped_field
 from overtone.models.loading import LoadedModel
@@ -55,6 +55,7 @@ class FTMConfig:
     norm_constraint: float | None = field(
         default=None, metadata={"help": "clamp each weight to within this distance of its original value"}
     )
+    max_length: int | None = max_length_field()
 
     def __post_init__(self) -> None:
         if self.steps < 1:

@@ -41,7 +41,15 @@ from peft import (
 from torch import nn
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditHandle, Editor, EditStats, SavedEdit, StepCallback, refuse_second_peft
+from overtone.editors.base import (
+    EditHandle,
+    Editor,
+    EditStats,
+    SavedEdit,
+    StepCallback,
+    max_length_field,
+    refuse_second_peft,
+)
 from overtone.editors.training import TargetLogits, default_stop, optimise, stop_when_clipped_field
 from overtone.models.loading import LoadedModel
 from overtone.objectives import Objective, OverToneConfig
@@ -75,6 +83,7 @@ class LoRAConfig:
         default=False, metadata={"help": "AdaLoRA: run peft's rank allocation after each step (reference: never)"}
     )
     seed: int = field(default=0, metadata={"help": "seed of adapter init and dropout (mixed with the case ids)"})
+    max_length: int | None = max_length_field()
 
     def __post_init__(self) -> None:
         if self.variant not in ("lora", "adalora"):

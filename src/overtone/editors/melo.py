@@ -38,7 +38,15 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from torch import nn
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditHandle, Editor, EditStats, SavedEdit, StepCallback, refuse_second_peft
+from overtone.editors.base import (
+    EditHandle,
+    Editor,
+    EditStats,
+    SavedEdit,
+    StepCallback,
+    max_length_field,
+    refuse_second_peft,
+)
 from overtone.editors.memory import Journal, edit_seed, resolve_preset
 from overtone.editors.training import TargetLogits, default_stop, optimise, stop_when_clipped_field
 from overtone.models.loading import LoadedModel
@@ -84,6 +92,7 @@ class MELOConfig:
     stop_loss: float = field(default=0.0, metadata={"help": "stop once the objective's loss is below (0: never)"})
     stop_when_clipped: bool = stop_when_clipped_field()
     seed: int = field(default=0, metadata={"help": "seed of the LoRA initialisation"})
+    max_length: int | None = max_length_field()
 
     def __post_init__(self) -> None:
         problems = []

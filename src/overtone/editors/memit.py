@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditHandle, Editor, EditStats, SavedEdit, StepCallback, UpdateLog
+from overtone.editors.base import EditHandle, EditStats, SavedEdit, StepCallback, UpdateLog
 from overtone.editors.locate import LocateConfig, context_prefixes, encode_rows, lookup_activations, optimise_value
+from overtone.editors.locate.editor import LocateEditor
 from overtone.editors.locate.update import add_update, apply_factors, factor_product, saved_factors, snapshot
 from overtone.models.loading import LoadedModel
 from overtone.objectives import Objective
@@ -76,7 +77,7 @@ class MEMITConfig(LocateConfig):
             raise ValueError(f"mom2_update_weight must be >= 0, got {self.mom2_update_weight}")
 
 
-class MEMIT(Editor):
+class MEMIT(LocateEditor):
     name = "memit"
     config_class = MEMITConfig
 

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditHandle, Editor, EditStats, SavedEdit, StepCallback, UpdateLog
+from overtone.editors.base import EditHandle, EditStats, SavedEdit, StepCallback, UpdateLog
 from overtone.editors.locate import LocateConfig, context_prefixes, encode_rows, lookup_activations, optimise_value
+from overtone.editors.locate.editor import LocateEditor
 from overtone.editors.locate.update import add_update, apply_factors, factor_product, saved_factors, snapshot
 from overtone.models.loading import LoadedModel
 from overtone.objectives import Objective
@@ -58,7 +59,7 @@ class ROMEConfig(LocateConfig):
     )
 
 
-class ROME(Editor):
+class ROME(LocateEditor):
     name = "rome"
     config_class = ROMEConfig
 

@@ -50,7 +50,7 @@ from transformers.activations import ACT2FN
 from overtone.benchmarks.cases import EditCase
 from overtone.benchmarks.irrelevant import DEFAULT_SOURCE, load_irrelevant
 from overtone.benchmarks.knowedit import DatasetError
-from overtone.editors.base import EditHandle, Editor, EditStats, SavedEdit, StepCallback
+from overtone.editors.base import EditHandle, Editor, EditStats, SavedEdit, StepCallback, max_length_field
 from overtone.editors.memory import Journal, resolve_preset
 from overtone.editors.training import TargetLogits, optimise, stop_when_clipped_field
 from overtone.models.adapters import ArchitectureError
@@ -100,6 +100,7 @@ class WISEConfig:
         default=DEFAULT_SOURCE, metadata={"help": "dataset (name or file) whose locality probes are the irrelevant "
                                                   "sentences (default: ZsRE train, MEND format)"})
     seed: int = field(default=0, metadata={"help": "seed of the gradient masks"})
+    max_length: int | None = max_length_field()
 
     def __post_init__(self) -> None:
         problems = []

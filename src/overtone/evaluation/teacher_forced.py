@@ -14,11 +14,14 @@ inputs of the layers an editor may touch, so the edited pass only runs those lay
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from overtone.benchmarks.cases import EditCase
 from overtone.generation import greedy_complete
@@ -98,6 +101,40 @@ def _by_metric(
     return {m: _mean(list(detail.get(m, {}).values())) for m in METRICS}, detail
 
 
+def probe_pairs(case: EditCase, own_answer: Callable[[str], str] | None = None
+                ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(metric, kind) and (prompt, answer) of each probe of ``case``: rewrites, rephrases, portability, locality.
+
+    A locality probe without an answer gets ``own_answer(prompt)``, the unedited model's continuation
+    (dropped when that is empty); without ``own_answer`` (a check before any model exists) it is left out.
+    """
+    groups: list[tuple[str, str]] = [("rel", "rewrite")] * len(case.requests)
+    pairs = [(edit.prompt, edit.target) for edit in case.requests]
+    for text in case.rephrases:
+        groups.append(("gen", "rephrase"))
+        pairs.append((text, case.target))
+    for metric, probe_groups in (("por", case.portability), ("loc", case.locality)):
+        for kind, probes in probe_groups.items():
+            for probe in probes:
+                answer = probe.answer
+                if not answer and metric == "loc":
+                    answer = own_answer(probe.prompt) if own_answer is not None else ""
+                    if not answer:
+                        continue
+                groups.append((metric, kind))
+                pairs.append((probe.prompt, answer))
+    return groups, pairs
+
+
+def check_probes(tokenizer: PreTrainedTokenizerBase, case: EditCase) -> None:
+    """Raise ``ValueError`` naming the case if a probe cannot be scored (e.g. an answer with no tokens)."""
+    _, pairs = probe_pairs(case)
+    try:
+        encode_pairs(tokenizer, [p for p, _ in pairs], [a for _, a in pairs])
+    except ValueError as exc:
+        raise ValueError(f"case {case.case_id}: {exc}") from exc
+
+
 class Evaluator:
     """Teacher-forced Rel./Gen./Por./Loc. of edit cases on one model.
 
@@ -128,7 +165,9 @@ class Evaluator:
         """
         start = time.perf_counter()
         cache = pre.predictions.cache if replay else None
-        post = self.predict(pre.probes, replay=cache)
+        logits = self.answer_logits(pre.probes, replay=cache)
+        post = Predictions(tokens=list(logits.logits.argmax(dim=-1).split(logits.counts)), cache=logits.cache)
+        flatness = self.flatness(pre.probes, logits)
         seconds = pre.seconds + time.perf_counter() - start
         pre_scores = self.score(pre.probes, pre.predictions, reference=None)
         post_scores = self.score(pre.probes, post, reference=pre.predictions)
@@ -136,22 +175,23 @@ class Evaluator:
             "pre": {m: v for m, v in pre_scores.as_dict().items() if m != "loc"},
             "post": post_scores.as_dict(),
             "detail": post_scores.detail,
+            "flatness": round(flatness, 4),
             "eval_s": seconds,
         }
 
+    @staticmethod
+    def flatness(probes: ProbeBatch, answer: AnswerLogits) -> float:
+        """Entropy of the predictions at the rewrites' answer tokens, as a fraction of ln |V| (1 = uniform).
+
+        An edit that wrecked the model (e.g. a huge learning rate) leaves a flat distribution there.
+        """
+        rows = [row for (metric, _), row in zip(probes.groups, answer.rows(), strict=True) if metric == "rel"]
+        logits = torch.cat(rows).float()
+        entropy = -(torch.softmax(logits, dim=-1) * torch.log_softmax(logits, dim=-1)).sum(dim=-1)
+        return (entropy.mean() / math.log(logits.size(-1))).item()
+
     def probes(self, case: EditCase) -> ProbeBatch:
-        groups: list[tuple[str, str]] = [("rel", "rewrite")] * len(case.requests)
-        pairs = [(edit.prompt, edit.target) for edit in case.requests]
-        for text in case.rephrases:
-            groups.append(("gen", "rephrase"))
-            pairs.append((text, case.target))
-        for metric, probe_groups in (("por", case.portability), ("loc", case.locality)):
-            for kind, probes in probe_groups.items():
-                for probe in probes:
-                    answer = probe.answer if probe.answer or metric != "loc" else self.own_answer(probe.prompt)
-                    if answer:
-                        groups.append((metric, kind))
-                        pairs.append((probe.prompt, answer))
+        groups, pairs = probe_pairs(case, self.own_answer)
         try:
             batch = encode_pairs(self.lm.tokenizer, [p for p, _ in pairs], [a for _, a in pairs], self.lm.device)
         except ValueError as exc:

@@ -121,14 +121,21 @@ def metric_columns(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, str]]
     return [(k, h) for k, h in COLUMNS if k == "avg" or any(s.get(k) is not None for s in summaries)]
 
 
+def cases_cell(summary: dict[str, Any]) -> str:
+    """The number of cases, with the number of diverged edits among them when there are any."""
+    diverged = summary.get("n_diverged") or 0
+    return f"{summary.get('n_cases', '')}" + (f" ({diverged} diverged)" if diverged else "")
+
+
 def row_cells(label: str, summary: dict[str, Any], columns: Sequence[tuple[str, str]] | None = None) -> list[str]:
-    """Label, the metrics, number of cases, mean optimiser steps and seconds per edit (with eval)."""
+    """Label, the metrics, number of cases (and diverged ones), mean optimiser steps and seconds per edit (with
+    eval)."""
     columns = metric_columns([summary]) if columns is None else columns
     seconds = (summary.get("mean_edit_s") or 0) + (summary.get("mean_eval_s") or 0)
     return [
         label,
         *(_fmt(summary.get(key)) for key, _ in columns),
-        str(summary.get("n_cases", "")),
+        cases_cell(summary),
         _fmt(summary.get("mean_steps"), 1),
         _fmt(seconds, 2),
     ]
@@ -218,7 +225,9 @@ def _grid(title: str, runs: Sequence[RunInfo], column: Callable[[RunInfo], Any],
 
 def _cases_note(runs: Sequence[RunInfo]) -> str:
     counts = sorted({int(r.summary.get("n_cases") or 0) for r in runs})
-    return f"cases per run: {', '.join(map(str, counts))}"
+    note = f"cases per run: {', '.join(map(str, counts))}"
+    diverged = [f"{method_label(r)} {r.summary['n_diverged']}" for r in runs if r.summary.get("n_diverged")]
+    return note + (f"; diverged edits: {', '.join(diverged)}" if diverged else "")
 
 
 def single_editing_table(runs: Sequence[RunInfo]) -> PaperTable | None:

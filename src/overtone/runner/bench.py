@@ -20,6 +20,11 @@ the batch's.
 A record's ``losses`` are the objective's loss at every forward pass, ``extra_losses`` (when the
 editor has any) its regularisers', kept apart so that neither a stop rule nor a reader mixes them.
 ``step_budgets`` maps case ids to an exact number of updates: the matched-steps control.
+
+A record is flagged ``diverged`` when an edit's objective loss ended above where it started (or is
+not finite), or when the edited model's prediction at the rewrite's answer tokens is a flat
+distribution (``flatness``, the entropy as a fraction of ln |V|, above ``FLAT``): such an edit
+did not fail, but its scores say nothing about the method.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ from overtone.evaluation.teacher_forced import METRICS, Evaluator, PreEdit
 EVAL_TIMINGS = ("end", "after-each")
 # Column order of summaries and tables; an evaluator's metrics come in this order.
 METRIC_ORDER = (*METRICS, "sng_hop", "mlt_hop")
+# Flatness (entropy / ln |V|) above which the edited model's prediction counts as a flat distribution;
+# an unedited or normally edited model is far below (SmolLM2: ln |V| = 10.8 nats, edited targets < 2).
+FLAT = 0.9
 
 
 class RunError(RuntimeError):
@@ -75,6 +83,26 @@ def _edit_fields(stats: Sequence[EditStats], batch: int = 1) -> dict[str, Any]:
         **({"extra_losses": extra} if extra else {}),
         "edit_s": round(sum(s.time_s for s in stats) / batch, 4),
     }
+
+
+def divergence(record: dict[str, Any]) -> str | None:
+    """Why a result record counts as diverged (see the module docstring), or None."""
+    losses = record.get("losses") or []
+    runs = losses if losses and isinstance(losses[0], list) else [losses]  # a bundle: one list per edit
+    reasons = [f"objective loss {run[0]:.4g} -> {run[-1]:.4g}" for run in runs
+               if run and (not all(math.isfinite(x) for x in run) or run[-1] > run[0])]
+    flatness = record.get("flatness")
+    if flatness is not None and flatness > FLAT:
+        reasons.append(f"the edited model's prediction at the target is flat (entropy {flatness:.2f} x ln|V|)")
+    return "; ".join(reasons) or None
+
+
+def likely_cause(editor: Editor) -> str:
+    """The setting that most often makes an edit diverge: the step size."""
+    lr = getattr(editor.config, "lr", None)
+    if lr is None:
+        return f"a setting of {editor.name}"
+    return f"{editor.name}'s learning rate lr={lr:g} (try a smaller one: --lr or --set lr=...)"
 
 
 def _evaluate(evaluator: Evaluator, pre: PreEdit, stack: EditStack) -> dict[str, Any]:
@@ -152,8 +180,9 @@ def edit_chunk(
     for case, result, case_stats, size in zip(cases, results, stats, sizes, strict=True):
         assert result is not None
         seconds = result.pop("eval_s")
-        records.append({"case_id": case.case_id, **result, **_edit_fields(case_stats, size),
-                        "eval_s": round(seconds, 4)})
+        record = {"case_id": case.case_id, **result, **_edit_fields(case_stats, size), "eval_s": round(seconds, 4)}
+        record["diverged"] = divergence(record) is not None
+        records.append(record)
     return records
 
 
@@ -194,6 +223,7 @@ def summarize(records: Sequence[dict[str, Any]], metrics: Sequence[str] | None =
     summary["avg"] = round(100 * sum(present) / len(present), 2) if present else None
     summary["pre"] = {m: None if v is None else round(100 * v, 2) for m, v in pre.items()}
     summary["n_cases"] = len(records)
+    summary["n_diverged"] = sum(bool(r.get("diverged")) for r in records)
     summary["n_chunks"] = len(chunks)
     summary["mean_steps"] = _mean([r["steps"] for r in records])
     summary["mean_edit_s"] = _mean([r["edit_s"] for r in records])

@@ -14,19 +14,29 @@ memory stays flat over any number of chunks. During a chunk, the unedited activa
 are kept for the cheaper edited pass (a few MB per case for a 7B model).
 
 A chunk's records are written together once it is done. The model inside a chunk is not saved, so a
-restart skips finished chunks and runs an interrupted chunk again from its start.
+restart skips finished chunks and runs an interrupted chunk again from its start. Records of a chunk
+carry its index and size (``chunk``, ``chunk_size``): a chunk that a kill left partly written (its
+first records on disk, the rest cut off) is edited again and only its missing records are added.
+
+Before the first edit, every case is checked against the editor and the evaluation
+(``runner.checks``). A diverged edit (``bench.divergence``) is recorded with a warning naming the
+case and the likely setting; with ``strict`` it stops the run instead.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import Editor
 from overtone.evaluation.teacher_forced import Evaluator
-from overtone.runner.bench import CaseError, RunError, edit_chunk, summarize
+from overtone.runner.bench import CaseError, RunError, divergence, edit_chunk, likely_cause, summarize
+from overtone.runner.checks import prepare_cases
 from overtone.runner.store import ResultStore
+
+log = logging.getLogger(__name__)
 
 
 def chunked(cases: Sequence[EditCase], size: int) -> list[Sequence[EditCase]]:
@@ -46,24 +56,33 @@ def run_continual(
     on_case: Callable[[dict[str, Any] | None], None] | None = None,
     batch: int = 1,
     step_budgets: Mapping[str, int] | None = None,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Edit every chunk of ``cases`` not yet in ``store`` (``batch`` cases per edit call); returns the summary
-    of all stored cases. ``step_budgets`` gives each case an exact number of updates (matched steps)."""
-    done = store.done
+    of all stored cases. ``step_budgets`` gives each case an exact number of updates (matched steps);
+    ``strict``: a diverged edit is an error (default: flagged with a warning)."""
+    try:
+        prepare_cases(cases, editor.lm.tokenizer, type(editor), editor.config)
+    except ValueError as exc:
+        raise RunError(str(exc)) from exc
+    by_id = {r["case_id"]: r for r in store.records}
     for index, chunk in enumerate(chunked(cases, sequence)):
         ids = [c.case_id for c in chunk]
-        stored = sum(i in done for i in ids)
-        if stored == len(chunk):
+        stored = [by_id[i] for i in ids if i in by_id]
+        if len(stored) == len(chunk):
             for _ in chunk:
                 if on_case:
                     on_case(None)
             continue
-        if stored:
+        if stored and not all(r.get("chunk") == index and r.get("chunk_size") == len(chunk) for r in stored):
             raise RunError(
-                f"chunk {index} ({ids[0]} .. {ids[-1]}) is partly in {store.dir} ({stored} of {len(chunk)} cases): "
-                "an earlier run ended it elsewhere (a --limit that is not a multiple of --sequence) or was killed "
-                "while writing it. Use another --out directory."
+                f"chunk {index} ({ids[0]} .. {ids[-1]}) is partly in {store.dir} ({len(stored)} of {len(chunk)} "
+                "cases) from a run whose chunks were cut differently (a --limit that is not a multiple of "
+                "--sequence). Use another --out directory."
             )
+        if stored:
+            log.warning("chunk %d (%s .. %s): a killed run wrote %d of its %d records; editing the chunk again and "
+                        "adding the missing ones", index, ids[0], ids[-1], len(stored), len(chunk))
         try:
             records = edit_chunk(editor, evaluator, chunk, eval_timing, batch, step_budgets)
         except CaseError as exc:
@@ -71,10 +90,19 @@ def run_continual(
                 f"{exc}. The {len(store.records)} finished cases are saved in {store.dir}; rerun the same "
                 "command to resume after fixing the cause."
             ) from exc
-        if sequence > 1:
-            for record in records:
-                record["chunk"] = index
-        store.append_many(records)
+        for record in records:
+            if sequence > 1:
+                record.update(chunk=index, chunk_size=len(chunk))
+            why = divergence(record) if record["diverged"] else None
+            if why:
+                message = f"case {record['case_id']}: the edit diverged ({why}); likely cause: {likely_cause(editor)}"
+                if strict:
+                    raise RunError(f"{message}. --strict stops the run here; the {len(store.records)} finished "
+                                   f"cases are saved in {store.dir}")
+                log.warning(message)
+        new = [r for r in records if r["case_id"] not in by_id]
+        store.append_many(new)
+        by_id.update((r["case_id"], r) for r in new)
         for record in records:
             if on_case:
                 on_case(record)
