@@ -124,6 +124,8 @@ for _name, _file, _format, _description in (
      "Subject_Replace portability, neighbourhood locality"),
     ("mquake", "mquake/MQuAKE-hard.json", "mquake",
      "MQuAKE-hard (429 records, 4 rewrites and 4 hops each): single- and multi-hop questions, generation-based"),
+    ("example-facts", "facts/facts.jsonl", "facts",
+     "3 hand-written counterfactual facts (JSON Lines): the example of overtone edit --facts"),
 ):
     register(benchmark_from_format(_name, DATA_DIR / _file, _format, _description))
 
