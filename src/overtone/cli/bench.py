@@ -10,6 +10,7 @@ import typer
 from overtone.cli.app import app
 from overtone.cli.common import (
     AbilityOpt,
+    BatchOpt,
     DatasetOpt,
     DeviceOpt,
     DtypeOpt,
@@ -33,13 +34,18 @@ from overtone.cli.common import (
     StaticOpt,
     StepsOpt,
     StopLossOpt,
+    StrictOpt,
     ThreadsOpt,
+    TruncateOpt,
     VerboseOpt,
     build,
     console,
     editor_settings,
+    exit_on_interrupt,
     fail,
+    hold_run_dir,
     overtone_config,
+    precheck,
     run_bench,
     setup,
 )
@@ -49,8 +55,6 @@ SequenceOpt = Annotated[int, typer.Option(
 EvalTimingOpt = Annotated[str, typer.Option(
     "--eval-timing", help="continual editing: evaluate a chunk's cases at its end, or each right after its edit "
     "(end, after-each)")]
-BatchOpt = Annotated[int, typer.Option(
-    "--batch", min=1, help="batch editing: B cases per edit call within each chunk of --sequence T (MEMIT)")]
 SingleTokensOpt = Annotated[int | None, typer.Option(
     "--single-hop-tokens", min=1, help="MQuAKE: max new tokens of a single-hop answer (paper: 30)")]
 MultiTokensOpt = Annotated[int | None, typer.Option(
@@ -95,6 +99,8 @@ def bench(
     evaluation: EvalOpt = "teacher-forced",
     eval_context: EvalContextOpt = "bare",
     ability: AbilityOpt = False,
+    strict: StrictOpt = False,
+    truncate: TruncateOpt = False,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -106,6 +112,9 @@ def bench(
     averaged over chunks. With --batch B, each chunk's edits are made B cases per edit call (batch
     editing: --sequence 100 --batch 100 edits 100 facts in one MEMIT update). --eval wild or both scores
     generated answers too (docs/wild.md); --ability tracks perplexity and general facts after each chunk.
+
+    The dataset slice and every case are checked before the model is loaded; one process at a time may
+    write --out; Ctrl-C or SIGTERM keeps the finished cases, and the same command resumes.
     """
     from overtone.report import extra_tables, summary_table, to_rich
     from overtone.report.tables import protocol_title
@@ -113,13 +122,18 @@ def bench(
 
     setup(threads, seed, verbose)
     cfg = overtone_config(editor, lam, n_sigma, epsilon, no_clip, static_target, no_mode_check, no_filter)
-    lm, ed = build(model, device, dtype, editor, objective, cfg,
-                   editor_settings(editor, settings, layer=layer, lr=lr, steps=steps, stop_loss=stop_loss))
+    overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps, stop_loss=stop_loss)
     generation = {"single_hop_tokens": single_hop_tokens, "multi_hop_tokens": multi_hop_tokens,
                   "multi_hop_questions": multi_hop_questions, "temperature": temperature}
-    summary = run_bench(lm, ed, dataset, offset, limit, out, seed, threads, f"{editor}/{objective}", sequence,
-                        eval_timing, generation, batch, evaluation=evaluation, eval_context=eval_context,
-                        ability=ability)
+    with exit_on_interrupt(out):
+        inputs = precheck(model, editor, overrides, dataset, offset, limit, seed=seed, sequence=sequence,
+                          eval_timing=eval_timing, generation=generation, batch=batch, truncate=truncate,
+                          evaluation=evaluation, eval_context=eval_context)
+        with hold_run_dir(out) as lock:
+            lm, ed = build(model, device, dtype, editor, objective, cfg, overrides)
+            summary = run_bench(lm, ed, dataset, offset, limit, out, seed, threads, f"{editor}/{objective}",
+                                sequence, eval_timing, generation, batch, inputs=inputs, lock=lock, strict=strict,
+                                ability=ability)
     config, _, _ = read_run(out)
     rows = [(f"{editor} {objective}", summary)]
     console.print(summary_table(rows, title=f"{protocol_title(config)}, {model}"))
@@ -149,12 +163,14 @@ def demo(
 
     setup(threads, seed, verbose)
     cfg = overtone_config(editor, lam, n_sigma, epsilon)
+    inputs = precheck(model, editor, {}, dataset, 0, limit, seed=seed)
     rows = []
     lm = None
     for objective in ("ce", "overtone"):
-        lm, ed = build(model, device, dtype, editor, objective, cfg, {}, lm)
-        summary = run_bench(lm, ed, dataset, 0, limit, out / f"{editor}-{objective}", seed, threads,
-                             f"{editor}/{objective}")
+        run = out / f"{editor}-{objective}"
+        with exit_on_interrupt(run):
+            lm, ed = build(model, device, dtype, editor, objective, cfg, {}, lm)
+            summary = run_bench(lm, ed, dataset, 0, limit, run, seed, threads, f"{editor}/{objective}", inputs=inputs)
         rows.append((f"{editor} + {'CE' if objective == 'ce' else 'OverTone'}", summary))
     console.print(summary_table(rows, title=f"{dataset}, first {limit} cases, {model}, single editing (x100)",
                                 caption=f"OverTone λ={cfg.lam} n={cfg.n_sigma} ε={cfg.epsilon}"))

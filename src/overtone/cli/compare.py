@@ -34,6 +34,7 @@ from overtone.cli.common import (
     fail,
     log,
     overtone_config,
+    precheck,
     run_bench,
     setup,
 )
@@ -59,13 +60,14 @@ def _run_variants(variants: list[Any], out: Path, model: str, device: str, dtype
     from overtone.runner import read_run
     from overtone.runner.variants import step_budgets
 
+    inputs = precheck(model, editor, settings, dataset, offset, limit, seed=seed, evaluation=evaluation,
+                      eval_context=eval_context)  # before the model is loaded
     results = []
     for v in variants:
         lm, ed = build(model, device, dtype, editor, v.objective, v.overtone, {**settings, **v.editor_settings}, lm)
         budgets = step_budgets(read_run(out / v.match_steps)[1]) if v.match_steps else None
         summary = run_bench(lm, ed, dataset, offset, limit, out / v.slug, seed, threads, f"{editor} {v.label}",
-                            step_budgets=budgets, matched=v.match_steps, evaluation=evaluation,
-                            eval_context=eval_context)
+                            step_budgets=budgets, matched=v.match_steps, inputs=inputs)
         results.append((v.label, summary, read_run(out / v.slug)[1]))
     return results, lm
 

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditHandle, Editor, EditStats, StepCallback
+from overtone.editors.base import EditHandle, EditStats, SavedEdit, StepCallback, UpdateLog
 from overtone.editors.locate import LocateConfig, context_prefixes, encode_rows, lookup_activations, optimise_value
-from overtone.editors.locate.update import add_update, snapshot
+from overtone.editors.locate.editor import LocateEditor
+from overtone.editors.locate.update import add_update, apply_factors, factor_product, saved_factors, snapshot
 from overtone.models.loading import LoadedModel
 from overtone.objectives import Objective
 from overtone.stats import log_progress, second_moments
@@ -76,7 +77,7 @@ class MEMITConfig(LocateConfig):
             raise ValueError(f"mom2_update_weight must be >= 0, got {self.mom2_update_weight}")
 
 
-class MEMIT(Editor):
+class MEMIT(LocateEditor):
     name = "memit"
     config_class = MEMITConfig
 
@@ -100,6 +101,7 @@ class MEMIT(Editor):
         self.mom2 = {layer: m.matrix.double().to(lm.device) for layer, m in moments.items()}
         self.mom2_info = {layer: {"tokens": m.tokens, "weights_sha256": m.key["weights_sha256"]}
                           for layer, m in moments.items()}
+        self.log = UpdateLog()
 
     @property
     def first_layer(self) -> int:
@@ -122,7 +124,14 @@ class MEMIT(Editor):
         adapter = self.lm.adapter
         top = cfg.layers[-1]
         modules = {layer: adapter.module("mlp_out", layer) for layer in cfg.layers}
-        revert = snapshot([m.weight for m in modules.values()])
+        names = {layer: f"{adapter.path('mlp_out', layer)}.weight" for layer in cfg.layers}
+        restore = snapshot([m.weight for m in modules.values()])
+        mark = self.log.begin({names[layer]: m.weight for layer, m in modules.items()})
+
+        def revert() -> None:
+            restore()
+            self.log.revert_to(mark)
+
         stats = EditStats()
         try:
             targets = []
@@ -145,8 +154,10 @@ class MEMIT(Editor):
                 now = outputs.view(len(cases), len(self.prefixes), -1)[:, 0].double()  # bare prompts
                 residual = (z - now) / (len(cfg.layers) - i)
                 system = cfg.mom2_update_weight * self.mom2[layer] + k.T @ k
-                update = residual.T @ torch.linalg.solve(system, k.T).T  # [H, I]
-                add_update(adapter, modules[layer].weight, update)
+                # contiguous, so that re-applying the saved factors takes the very same matmul
+                left, right = residual.T.contiguous(), torch.linalg.solve(system, k.T).T.contiguous()  # [H, n], [n, I]
+                add_update(adapter, modules[layer].weight, factor_product(left, right))
+                self.log.add((names[layer], left, right))
         except BaseException:
             revert()
             raise
@@ -155,3 +166,13 @@ class MEMIT(Editor):
         stats.time_s = time.perf_counter() - start
         return EditHandle(revert, first_layer=cfg.layers[0], stats=stats,
                           restores=tuple(m.weight for m in modules.values()))
+
+    def saved_edit(self) -> SavedEdit:
+        """The updates of the live edits, in order: per edit call and layer, factors [H, n] and [n, I]."""
+        return saved_factors(self.log)
+
+    @classmethod
+    def apply_saved(cls, lm: LoadedModel, config: MEMITConfig, saved: SavedEdit,
+                    objective: Objective | None = None) -> EditHandle:
+        assert config.layers is not None
+        return apply_factors(lm, saved, first_layer=config.layers[0])

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditHandle, Editor, EditStats, StepCallback
+from overtone.editors.base import EditHandle, EditStats, SavedEdit, StepCallback, UpdateLog
 from overtone.editors.locate import LocateConfig, context_prefixes, encode_rows, lookup_activations, optimise_value
-from overtone.editors.locate.update import add_update, snapshot
+from overtone.editors.locate.editor import LocateEditor
+from overtone.editors.locate.update import add_update, apply_factors, factor_product, saved_factors, snapshot
 from overtone.models.loading import LoadedModel
 from overtone.objectives import Objective
 from overtone.stats import log_progress, second_moments
@@ -58,7 +59,7 @@ class ROMEConfig(LocateConfig):
     )
 
 
-class ROME(Editor):
+class ROME(LocateEditor):
     name = "rome"
     config_class = ROMEConfig
 
@@ -81,6 +82,7 @@ class ROME(Editor):
             self.inverse_mom2 = torch.linalg.inv(moment.matrix.double()).to(lm.device)
             self.mom2_info = {"tokens": moment.tokens, "weights_sha256": moment.key["weights_sha256"],
                               "corpus_sha256": moment.key["corpus_sha256"]}
+        self.log = UpdateLog()
 
     @property
     def first_layer(self) -> int:
@@ -93,7 +95,13 @@ class ROME(Editor):
              steps: int | None = None) -> EditHandle:
         start = time.perf_counter()
         module = self.lm.adapter.module("mlp_out", self.config.layer)
-        revert = snapshot([module.weight])
+        restore = snapshot([module.weight])
+        mark = self.log.begin({self._weight_name: module.weight})
+
+        def revert() -> None:
+            restore()
+            self.log.revert_to(mark)
+
         stats = EditStats()
         stops = []
         try:
@@ -123,5 +131,19 @@ class ROME(Editor):
         stats.extra_losses += value.stats.extra_losses
         # v0 was read as this module's output at the bare prompt's key, so v* - W k (- bias) = delta.
         right = value.delta / torch.dot(keys[0], u)
-        add_update(self.lm.adapter, module.weight, torch.outer(right, u))
+        add_update(self.lm.adapter, module.weight, factor_product(right, u))
+        self.log.add((self._weight_name, right, u))
         return value.stats.stop_reason
+
+    @property
+    def _weight_name(self) -> str:
+        return f"{self.lm.adapter.path('mlp_out', self.config.layer)}.weight"
+
+    def saved_edit(self) -> SavedEdit:
+        """The rank-one updates of the live edits, in order: each one's factors (value change, key direction)."""
+        return saved_factors(self.log)
+
+    @classmethod
+    def apply_saved(cls, lm: LoadedModel, config: ROMEConfig, saved: SavedEdit,
+                    objective: Objective | None = None) -> EditHandle:
+        return apply_factors(lm, saved, first_layer=config.layer)

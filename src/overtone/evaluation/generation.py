@@ -143,7 +143,7 @@ def generate_ids(lm: LoadedModel, texts: Sequence[str], max_new_tokens: int, tem
     Left padding with the attention mask gives every row its unpadded positions, so a row's reply does
     not depend on the other rows (tested against one-at-a-time generation on every architecture). A
     row stops at end of sequence, after ``max_new_tokens``, or once ``done(reply so far)`` holds; a
-    stopped row is filled with the pad token.
+    stopped row is filled with the pad token (when the model has an end-of-sequence token).
     """
     tokenizer = lm.tokenizer
     enc = tokenizer(list(texts), padding=True, padding_side="left", return_tensors="pt",
@@ -162,14 +162,20 @@ def generate_ids(lm: LoadedModel, texts: Sequence[str], max_new_tokens: int, tem
     return out[:, length:]
 
 
+def complete(lm: LoadedModel, texts: Sequence[str], max_new_tokens: int, temperature: float, seed: int,
+             stop_at_answer: bool = False, add_special_tokens: bool = True) -> list[str]:
+    """Continuations of ``texts`` (already rendered) in one left-padded batch; ``generate`` without the template."""
+    ids = generate_ids(lm, texts, max_new_tokens, temperature, seed, add_special_tokens,
+                       done=answer_line_complete if stop_at_answer else None)
+    return lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
 def generate(lm: LoadedModel, conversations: Sequence[Conversation], max_new_tokens: int, temperature: float,
              seed: int, stop_at_answer: bool = True) -> list[str]:
-    """Replies to ``conversations`` (in the model's chat template), batched as ``generate_ids``."""
-    tokenizer = lm.tokenizer
-    ids = generate_ids(lm, [render(tokenizer, c) for c in conversations], max_new_tokens, temperature, seed,
-                       add_special_tokens=not tokenizer.chat_template,
-                       done=answer_line_complete if stop_at_answer else None)
-    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+    """Replies to ``conversations`` in the model's chat template, batched as ``generate_ids``."""
+    texts = [render(lm.tokenizer, c) for c in conversations]
+    return complete(lm, texts, max_new_tokens, temperature, seed, stop_at_answer,
+                    add_special_tokens=not lm.tokenizer.chat_template)
 
 
 def single_hop_prompt(question: str) -> Conversation:

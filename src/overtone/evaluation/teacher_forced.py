@@ -3,7 +3,8 @@
 * Rel., Gen., Por.: token accuracy of the argmax prediction on ``prompt + " " + answer`` over the
   answer's tokens (partial credit), for the edit prompt, its rephrases and the portability probes.
 * Loc.: fraction of a locality probe's answer positions where the edited model's argmax equals the
-  unedited model's; agreement, not correctness.
+  unedited model's; agreement, not correctness. A locality probe without an answer (hand-written
+  facts) is scored on the unedited model's own greedy continuation.
 * Per case, portability and locality average over the probes of a kind, then over kinds.
 * A case that bundles several edits (``EditCase.edits``) has one Rel. probe per edit, averaged.
 
@@ -13,19 +14,23 @@ inputs of the layers an editor may touch, so the edited pass only runs those lay
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from overtone.benchmarks.cases import EditCase
+from overtone.generation import greedy_complete
 from overtone.models.loading import LoadedModel
 from overtone.models.replay import SuffixCache, forward_hidden, forward_suffix
 from overtone.tokens import PairBatch, encode_pairs
 
 METRICS = ("rel", "gen", "por", "loc")
+OWN_ANSWER_TOKENS = 8  # tokens of the unedited model's continuation that a prompt-only locality probe scores
 
 
 @dataclass
@@ -101,6 +106,40 @@ def by_metric(
     return {m: _mean(list(detail.get(m, {}).values())) for m in METRICS}, detail
 
 
+def probe_pairs(case: EditCase, own_answer: Callable[[str], str] | None = None
+                ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(metric, kind) and (prompt, answer) of each probe of ``case``: rewrites, rephrases, portability, locality.
+
+    A locality probe without an answer gets ``own_answer(prompt)``, the unedited model's continuation
+    (dropped when that is empty); without ``own_answer`` (a check before any model exists) it is left out.
+    """
+    groups: list[tuple[str, str]] = [("rel", "rewrite")] * len(case.requests)
+    pairs = [(edit.prompt, edit.target) for edit in case.requests]
+    for text in case.rephrases:
+        groups.append(("gen", "rephrase"))
+        pairs.append((text, case.target))
+    for metric, probe_groups in (("por", case.portability), ("loc", case.locality)):
+        for kind, probes in probe_groups.items():
+            for probe in probes:
+                answer = probe.answer
+                if not answer and metric == "loc":
+                    answer = own_answer(probe.prompt) if own_answer is not None else ""
+                    if not answer:
+                        continue
+                groups.append((metric, kind))
+                pairs.append((probe.prompt, answer))
+    return groups, pairs
+
+
+def check_probes(tokenizer: PreTrainedTokenizerBase, case: EditCase) -> None:
+    """Raise ``ValueError`` naming the case if a probe cannot be scored (e.g. an answer with no tokens)."""
+    _, pairs = probe_pairs(case)
+    try:
+        encode_pairs(tokenizer, [p for p, _ in pairs], [a for _, a in pairs])
+    except ValueError as exc:
+        raise ValueError(f"case {case.case_id}: {exc}") from exc
+
+
 class Evaluator:
     """Teacher-forced Rel./Gen./Por./Loc. of edit cases on one model.
 
@@ -131,7 +170,9 @@ class Evaluator:
         """
         start = time.perf_counter()
         cache = pre.predictions.cache if replay else None
-        post = self.predict(pre.probes, replay=cache)
+        logits = self.answer_logits(pre.probes, replay=cache)
+        post = Predictions(tokens=list(logits.logits.argmax(dim=-1).split(logits.counts)), cache=logits.cache)
+        flatness = self.flatness(pre.probes, logits)
         seconds = pre.seconds + time.perf_counter() - start
         pre_scores = self.score(pre.probes, pre.predictions, reference=None)
         post_scores = self.score(pre.probes, post, reference=pre.predictions)
@@ -139,6 +180,7 @@ class Evaluator:
             "pre": {m: v for m, v in pre_scores.as_dict().items() if m != "loc"},
             "post": post_scores.as_dict(),
             "detail": post_scores.detail,
+            "flatness": round(flatness, 4),
             "eval_s": seconds,
         }
 
@@ -150,22 +192,33 @@ class Evaluator:
         """``after`` for cases evaluated on the same edited model; overridden to batch across cases."""
         return [self.after(pre, replay) for pre, replay in zip(pres, replays, strict=True)]
 
+    @staticmethod
+    def flatness(probes: ProbeBatch, answer: AnswerLogits) -> float:
+        """Entropy of the predictions at the rewrites' answer tokens, as a fraction of ln |V| (1 = uniform).
+
+        An edit that wrecked the model (e.g. a huge learning rate) leaves a flat distribution there.
+        """
+        rows = [row for (metric, _), row in zip(probes.groups, answer.rows(), strict=True) if metric == "rel"]
+        logits = torch.cat(rows).float()
+        entropy = -(torch.softmax(logits, dim=-1) * torch.log_softmax(logits, dim=-1)).sum(dim=-1)
+        return (entropy.mean() / math.log(logits.size(-1))).item()
+
     def probes(self, case: EditCase) -> ProbeBatch:
-        groups: list[tuple[str, str]] = [("rel", "rewrite")] * len(case.requests)
-        pairs = [(edit.prompt, edit.target) for edit in case.requests]
-        for text in case.rephrases:
-            groups.append(("gen", "rephrase"))
-            pairs.append((text, case.target))
-        for metric, probe_groups in (("por", case.portability), ("loc", case.locality)):
-            for kind, probes in probe_groups.items():
-                for probe in probes:
-                    groups.append((metric, kind))
-                    pairs.append((probe.prompt, probe.answer))
+        groups, pairs = probe_pairs(case, self.own_answer)
         try:
             batch = encode_pairs(self.lm.tokenizer, [p for p, _ in pairs], [a for _, a in pairs], self.lm.device)
         except ValueError as exc:
             raise ValueError(f"case {case.case_id}: {exc}") from exc
         return ProbeBatch(case=case, groups=groups, batch=batch)
+
+    def own_answer(self, prompt: str) -> str:
+        """The model's greedy continuation of ``prompt``: the answer of a locality probe that gives none.
+
+        Loc. compares the edited model's predictions with the unedited one's, so a prompt alone is a
+        probe: ``probes`` runs on the unedited model (``before``) and scores its own continuation.
+        An empty continuation drops the probe.
+        """
+        return greedy_complete(self.lm, [prompt], OWN_ANSWER_TOKENS)[0].strip()
 
     @torch.no_grad()
     def answer_logits(

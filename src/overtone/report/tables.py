@@ -141,15 +141,22 @@ def protocol_summaries(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, l
     return [(p, b) for p, b in blocks if any(k != "avg" and x.get(k) is not None for x in b for k, _ in COLUMNS)]
 
 
+def cases_cell(summary: dict[str, Any]) -> str:
+    """The number of cases, with the number of diverged edits among them when there are any."""
+    diverged = summary.get("n_diverged") or 0
+    return f"{summary.get('n_cases', '')}" + (f" ({diverged} diverged)" if diverged else "")
+
+
 def row_cells(label: str, summary: dict[str, Any], columns: Sequence[tuple[str, str]] | None = None) -> list[str]:
-    """Label, the metrics, number of cases, mean optimiser steps and seconds per edit (with eval)."""
+    """Label, the metrics, number of cases (and diverged ones), mean optimiser steps and seconds per edit (with
+    eval)."""
     columns = metric_columns([summary]) if columns is None else columns
     return [label, *(_fmt(summary.get(key)) for key, _ in columns), *_tail_cells(summary)]
 
 
 def _tail_cells(summary: dict[str, Any]) -> list[str]:
     seconds = (summary.get("mean_edit_s") or 0) + (summary.get("mean_eval_s") or 0)
-    return [str(summary.get("n_cases", "")), _fmt(summary.get("mean_steps"), 1), _fmt(seconds, 2)]
+    return [cases_cell(summary), _fmt(summary.get("mean_steps"), 1), _fmt(seconds, 2)]
 
 
 def _summary_layout(rows: Sequence[Row], title: str = "", caption: str = "", stub: str = "run") -> PaperTable:
@@ -357,7 +364,9 @@ DELTA_NOTE = ("Δ rows: OverTone minus CE on the cases both runs finished, paire
 
 def _cases_note(runs: Sequence[RunInfo]) -> str:
     counts = sorted({int(r.summary.get("n_cases") or 0) for r in runs})
-    return f"cases per run: {', '.join(map(str, counts))}"
+    note = f"cases per run: {', '.join(map(str, counts))}"
+    diverged = [f"{method_label(r)} {r.summary['n_diverged']}" for r in runs if r.summary.get("n_diverged")]
+    return note + (f"; diverged edits: {', '.join(diverged)}" if diverged else "")
 
 
 def _protocol_note(runs: Sequence[RunInfo]) -> str:

@@ -24,6 +24,11 @@ the batch's.
 A record's ``losses`` are the objective's loss at every forward pass, ``extra_losses`` (when the
 editor has any) its regularisers', kept apart so that neither a stop rule nor a reader mixes them.
 ``step_budgets`` maps case ids to an exact number of updates: the matched-steps control.
+
+A record is flagged ``diverged`` when an edit's objective loss ended above where it started (or is
+not finite), or when the edited model's prediction at the rewrite's answer tokens is a flat
+distribution (``flatness``, the entropy as a fraction of ln |V|, above ``FLAT``): such an edit
+did not fail, but its scores say nothing about the method.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ from overtone.evaluation.wild import WILD, protocol_records
 EVAL_TIMINGS = ("end", "after-each")
 # Column order of summaries and tables; an evaluator's metrics come in this order.
 METRIC_ORDER = (*METRICS, "sng_hop", "mlt_hop")
+# Flatness (entropy / ln |V|) above which the edited model's prediction counts as a flat distribution;
+# an unedited or normally edited model is far below (SmolLM2: ln |V| = 10.8 nats, edited targets < 2).
+FLAT = 0.9
 
 
 class RunError(RuntimeError):
@@ -83,6 +91,26 @@ def _edit_fields(stats: Sequence[EditStats], batch: int = 1) -> dict[str, Any]:
     }
 
 
+def divergence(record: dict[str, Any]) -> str | None:
+    """Why a result record counts as diverged (see the module docstring), or None."""
+    losses = record.get("losses") or []
+    runs = losses if losses and isinstance(losses[0], list) else [losses]  # a bundle: one list per edit
+    reasons = [f"objective loss {run[0]:.4g} -> {run[-1]:.4g}" for run in runs
+               if run and (not all(math.isfinite(x) for x in run) or run[-1] > run[0])]
+    flatness = record.get("flatness")
+    if flatness is not None and flatness > FLAT:
+        reasons.append(f"the edited model's prediction at the target is flat (entropy {flatness:.2f} x ln|V|)")
+    return "; ".join(reasons) or None
+
+
+def likely_cause(editor: Editor) -> str:
+    """The setting that most often makes an edit diverge: the step size."""
+    lr = getattr(editor.config, "lr", None)
+    if lr is None:
+        return f"a setting of {editor.name}"
+    return f"{editor.name}'s learning rate lr={lr:g} (try a smaller one: --lr or --set lr=...)"
+
+
 def _replay(pre: PreEdit | None, stack: EditStack) -> bool:
     """Whether the edits so far left every layer below the recorded one unchanged (the cheaper edited pass)."""
     cache = pre.cache if pre is not None else None
@@ -91,12 +119,14 @@ def _replay(pre: PreEdit | None, stack: EditStack) -> bool:
 
 def edit_chunk(
     editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase], eval_timing: str = "end", batch: int = 1,
-    step_budgets: Mapping[str, int] | None = None, ability: AbilityMonitor | None = None,
-    pending: Sequence[PreEdit] | None = None,
+    step_budgets: Mapping[str, int] | None = None, keep: EditStack | None = None,
+    ability: AbilityMonitor | None = None, pending: Sequence[PreEdit] | None = None,
 ) -> list[dict[str, Any]]:
     """Result records of ``cases`` edited in sequence (``batch`` cases per edit) and evaluated at ``eval_timing``.
 
-    ``step_budgets``: exact updates per case id (every case of the chunk must have one). ``ability``: the
+    ``step_budgets``: exact updates per case id (every case of the chunk must have one). With ``keep`` the
+    edits stay applied, their handles on that (empty) stack, instead of being reverted at the end (step 4):
+    ``overtone edit`` saves them. They are reverted when an error interrupts the chunk. ``ability``: the
     general ability of the model with every edit of the chunk applied. ``pending``: the cases' evaluation
     on the unedited model when the caller already made it (``Evaluator.before_many``).
     """
@@ -121,7 +151,7 @@ def edit_chunk(
     del pending  # each case's recorded activations are freed as soon as it is evaluated
     if ability:
         ability.measure_reference()  # the model is unedited here
-    stack = EditStack()
+    stack = keep if keep is not None else EditStack()
     stats: list[list[EditStats]] = []
     sizes = [1] * len(cases)  # how many cases shared each case's edit call
     results: list[dict[str, Any] | None] = [None] * len(cases)
@@ -157,14 +187,19 @@ def edit_chunk(
         if eval_timing == "end":
             evaluate(range(len(cases)))
         measured = {"ability": ability.measure()} if ability else {}
-    finally:
+    except BaseException:
+        stack.revert()
+        raise
+    if keep is None:
         stack.revert()
     records = []
     for case, result, case_stats, size in zip(cases, results, stats, sizes, strict=True):
         assert result is not None
         seconds = result.pop("eval_s")
-        records.append({"case_id": case.case_id, **result, **_edit_fields(case_stats, size),
-                        "eval_s": round(seconds, 4), **measured})
+        record = {"case_id": case.case_id, **result, **_edit_fields(case_stats, size), "eval_s": round(seconds, 4),
+                  **measured}
+        record["diverged"] = divergence(record) is not None
+        records.append(record)
     return records
 
 
@@ -213,6 +248,7 @@ def _summarize_metrics(records: Sequence[dict[str, Any]], metrics: Sequence[str]
             summary[part] = {m: _x100(over_chunks(part, m))
                              for m in _ordered({m for r in records for m in r.get(part, {})})}
     summary["n_cases"] = len(records)
+    summary["n_diverged"] = sum(bool(r.get("diverged")) for r in records)
     summary["n_chunks"] = len(chunks)
     summary["mean_steps"] = _mean([r["steps"] for r in records])
     summary["mean_edit_s"] = _mean([r["edit_s"] for r in records])

@@ -14,7 +14,13 @@ memory stays flat over any number of chunks. During a chunk, the unedited activa
 are kept for the cheaper edited pass (a few MB per case for a 7B model).
 
 A chunk's records are written together once it is done. The model inside a chunk is not saved, so a
-restart skips finished chunks and runs an interrupted chunk again from its start.
+restart skips finished chunks and runs an interrupted chunk again from its start. Records of a chunk
+carry its index and size (``chunk``, ``chunk_size``): a chunk that a kill left partly written (its
+first records on disk, the rest cut off) is edited again and only its missing records are added.
+
+Before the first edit, every case is checked against the editor and the evaluation
+(``runner.checks``). A diverged edit (``bench.divergence``) is recorded with a warning naming the
+case and the likely setting; with ``strict`` it stops the run instead.
 
 In single editing every case starts from the unedited model, so the unedited-model evaluation
 (``Evaluator.before_many``) of the next ``PREFETCH`` cases is done together: an evaluator that batches
@@ -24,6 +30,7 @@ does within a chunk of continual editing. Memory then holds those cases' pending
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,8 +38,11 @@ from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import Editor
 from overtone.evaluation.ability import AbilityMonitor
 from overtone.evaluation.teacher_forced import Evaluator
-from overtone.runner.bench import CaseError, RunError, edit_chunk, summarize
+from overtone.runner.bench import CaseError, RunError, divergence, edit_chunk, likely_cause, summarize
+from overtone.runner.checks import prepare_cases
 from overtone.runner.store import ResultStore
+
+log = logging.getLogger(__name__)
 
 PREFETCH = 16  # cases evaluated on the unedited model together, ahead of their chunks
 
@@ -54,34 +64,43 @@ def run_continual(
     on_case: Callable[[dict[str, Any] | None], None] | None = None,
     batch: int = 1,
     step_budgets: Mapping[str, int] | None = None,
+    strict: bool = False,
     ability: AbilityMonitor | None = None,
 ) -> dict[str, Any]:
     """Edit every chunk of ``cases`` not yet in ``store`` (``batch`` cases per edit call, the general ability
     measured at each chunk's end with ``ability``); returns the summary of all stored cases. ``step_budgets``
-    gives each case an exact number of updates (matched steps)."""
-    done = store.done
+    gives each case an exact number of updates (matched steps); ``strict``: a diverged edit is an error
+    (default: flagged with a warning)."""
+    try:
+        prepare_cases(cases, editor.lm.tokenizer, type(editor), editor.config)
+    except ValueError as exc:
+        raise RunError(str(exc)) from exc
+    by_id = {r["case_id"]: r for r in store.records}
     chunks = chunked(cases, sequence)
-    todo = [not any(c.case_id in done for c in chunk) for chunk in chunks]  # no case of the chunk stored yet
+    untouched = [not any(c.case_id in by_id for c in chunk) for chunk in chunks]  # no record of the chunk yet
     prefetched: dict[str, Any] = {}
     for index, chunk in enumerate(chunks):
         ids = [c.case_id for c in chunk]
-        stored = sum(i in done for i in ids)
-        if stored == len(chunk):
+        stored = [by_id[i] for i in ids if i in by_id]
+        if len(stored) == len(chunk):
             for _ in chunk:
                 if on_case:
                     on_case(None)
             continue
-        if stored:
+        if stored and not all(r.get("chunk") == index and r.get("chunk_size") == len(chunk) for r in stored):
             raise RunError(
-                f"chunk {index} ({ids[0]} .. {ids[-1]}) is partly in {store.dir} ({stored} of {len(chunk)} cases): "
-                "an earlier run ended it elsewhere (a --limit that is not a multiple of --sequence) or was killed "
-                "while writing it. Use another --out directory."
+                f"chunk {index} ({ids[0]} .. {ids[-1]}) is partly in {store.dir} ({len(stored)} of {len(chunk)} "
+                "cases) from a run whose chunks were cut differently (a --limit that is not a multiple of "
+                "--sequence). Use another --out directory."
             )
+        if stored:
+            log.warning("chunk %d (%s .. %s): a killed run wrote %d of its %d records; editing the chunk again and "
+                        "adding the missing ones", index, ids[0], ids[-1], len(stored), len(chunk))
         try:
             if ids[0] not in prefetched:
-                window: list[EditCase] = []
-                for later, waiting in zip(chunks[index:], todo[index:], strict=True):
-                    if not waiting or (window and (sequence > 1 or len(window) >= PREFETCH)):
+                window = list(chunk)  # single editing: and the next untouched cases, up to PREFETCH
+                for later, fresh in zip(chunks[index + 1:], untouched[index + 1:], strict=True):
+                    if sequence > 1 or len(window) >= PREFETCH or not fresh:
                         break
                     window += later
                 try:
@@ -90,17 +109,26 @@ def run_continual(
                 except ValueError as exc:
                     raise CaseError(", ".join(c.case_id for c in window), exc) from exc
             # handed over without a name here, so edit_chunk can free each case's pending state once used
-            records = edit_chunk(editor, evaluator, chunk, eval_timing, batch, step_budgets, ability,
-                                 [prefetched.pop(i) for i in ids])
+            records = edit_chunk(editor, evaluator, chunk, eval_timing, batch, step_budgets, ability=ability,
+                                 pending=[prefetched.pop(i) for i in ids])
         except CaseError as exc:
             raise RunError(
                 f"{exc}. The {len(store.records)} finished cases are saved in {store.dir}; rerun the same "
                 "command to resume after fixing the cause."
             ) from exc
-        if sequence > 1:
-            for record in records:
-                record["chunk"] = index
-        store.append_many(records)
+        for record in records:
+            if sequence > 1:
+                record.update(chunk=index, chunk_size=len(chunk))
+            why = divergence(record) if record["diverged"] else None
+            if why:
+                message = f"case {record['case_id']}: the edit diverged ({why}); likely cause: {likely_cause(editor)}"
+                if strict:
+                    raise RunError(f"{message}. --strict stops the run here; the {len(store.records)} finished "
+                                   f"cases are saved in {store.dir}")
+                log.warning(message)
+        new = [r for r in records if r["case_id"] not in by_id]
+        store.append_many(new)
+        by_id.update((r["case_id"], r) for r in new)
         for record in records:
             if on_case:
                 on_case(record)

@@ -16,6 +16,9 @@ input: the gated activation) over ordinary text. Here it is estimated on an offl
   the sha256 of every weight the key depends on (the embeddings, the blocks below the layer and
   the layer's own block except its ``mlp_out``), the layer, the corpus, its sha256 and held-out
   count, the sample length and count, and the dtypes. A cache hit reads the file and computes nothing.
+
+A computation says up front that it is not cached and where its result will be cached, and after its
+first batch (the longest samples) how long the whole pass is expected to take.
 """
 
 from __future__ import annotations
@@ -211,6 +214,8 @@ def second_moments(
     paths = {layer: folder / _file_name(keys[layer]) for layer in layers}
     missing = [layer for layer in layers if not paths[layer].is_file()]
     if missing:
+        log.info("second moments of %s at layer(s) %s are not cached: computing them once on the corpus %s; the "
+                 "result is cached in %s and later runs read it", lm.name, missing, corpus.name, folder)
         folder.mkdir(parents=True, exist_ok=True)
         job = hashlib.sha256(json.dumps([keys[m] for m in missing], sort_keys=True).encode()).hexdigest()[:16]
         with FileLock(str(folder / f"partial-{job}.lock")):
@@ -240,6 +245,12 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _compute(
@@ -320,6 +331,10 @@ def _compute(
             sums_, batches_, tokens_ = done
             done = ({layer: sums_[layer] + batch_sums[layer].double() for layer in layers}, batches_ + 1,
                     tokens_ + int(mask.sum()))
+            if done[1] == done_batches + 1 and done[1] < len(batches):
+                rate = (done[2] - tokens) / (time.perf_counter() - start)  # the first batch: the longest samples
+                log.info("second moments: expected to take about %s for the %d tokens left (measured on the first "
+                         "batch); then cached", _duration((total - done[2]) / rate), total - done[2])
             if progress:
                 progress(done[2], total)
             if time.perf_counter() - last_save > checkpoint_s and done[1] < len(batches):
