@@ -214,15 +214,15 @@ def test_single_editing_evaluates_the_unedited_model_for_several_cases_at_once(t
 
     config = {"editor": {"name": "ft-m"}, "protocol": "single"}
     together = CountingEvaluator(tiny_llama)
-    store = ResultStore(tmp_path / "a", config)
-    run_continual(ftm(tiny_llama), together, zsre_cases[:6], store)  # cases 0-5
-    store = ResultStore(tmp_path / "a", config)  # resumed with 20 cases: the 6 stored ones are not evaluated again
-    run_continual(ftm(tiny_llama), together, zsre_cases[:20], store)
+    with ResultStore(tmp_path / "a", config) as store:
+        run_continual(ftm(tiny_llama), together, zsre_cases[:6], store)  # cases 0-5
+    with ResultStore(tmp_path / "a", config) as store:  # resumed with 20 cases: the 6 stored are not evaluated again
+        run_continual(ftm(tiny_llama), together, zsre_cases[:20], store)
     assert continual.PREFETCH == 16 and together.calls == [6, 14]
     monkeypatch.setattr(continual, "PREFETCH", 1)
     one_by_one = CountingEvaluator(tiny_llama)
-    alone = ResultStore(tmp_path / "b", config)
-    run_continual(ftm(tiny_llama), one_by_one, zsre_cases[:20], alone)
+    with ResultStore(tmp_path / "b", config) as alone:
+        run_continual(ftm(tiny_llama), one_by_one, zsre_cases[:20], alone)
     assert one_by_one.calls == [1] * 20
     strip = ("eval_s", "edit_s")
     assert [{k: v for k, v in r.items() if k not in strip} for r in store.records] == \
