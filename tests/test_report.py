@@ -199,7 +199,7 @@ def test_the_page_renders_in_chromium(browser, report, results, tmp_path):
     assert any(r[0] == "FT-M + OverTone" for r in single["cells"])
     ablation = next(t for name, t in tables.items() if name.startswith("Ablations, ZsRE, tiny-llama"))
     assert [r[0] for r in ablation["cells"]] == [
-        "FT-M (lr=0.0005)", "FT-M (lr=0.01)", "FT-M + OverTone", "FT-M + w/o clip"]
+        "FT-M (lr=0.0005)", "FT-M (lr=0.01)", "FT-M + OverTone", "FT-M + w/o clip", "Δ FT-M OverTone − CE"]
     assert tables["Per-token trace (nats)"]["rows"] > 4
 
 
