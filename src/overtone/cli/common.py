@@ -42,6 +42,9 @@ LimitOpt = Annotated[int | None, typer.Option("--limit", min=0, help="number of 
 OffsetOpt = Annotated[int, typer.Option("--offset", min=0, help="index of the first case")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
+ParallelOpt = Annotated[str, typer.Option(
+    "--parallel", help="single editing: edit B cases at once, each against the unedited model (the results of one "
+    "at a time, up to float rounding); auto: as many as half the free memory holds")]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="any editor setting, KEY=VALUE (repeatable), e.g. --set rank=4 --set layers=10,11"),
@@ -69,6 +72,29 @@ def setup(threads: int, seed: int, verbose: bool) -> None:
 def fail(message: str) -> NoReturn:
     console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code=2)
+
+
+def parallel_option(value: str, editor: str, sequence: int = 1, batch: int = 1) -> int | str:
+    """``--parallel``, checked before the model loads: a number >= 1 or ``auto``; more than one case at a time
+    needs single editing and an editor that can edit cases side by side."""
+    from overtone.editors import EDITORS
+
+    if value != "auto":
+        try:
+            number = int(value)
+        except ValueError:
+            fail(f"--parallel takes a number of cases or auto, got {value!r}")
+        if number < 1:
+            fail(f"--parallel must be >= 1, got {number}")
+        if number == 1:
+            return 1
+    if sequence > 1 or batch > 1:
+        fail(f"--parallel {value} edits independent cases (single editing); the cases of a --sequence {sequence} "
+             f"/ --batch {batch} chunk build on each other: use --parallel 1")
+    refusal = EDITORS[editor].parallel_refusal if editor in EDITORS else None
+    if refusal:
+        fail(f"--parallel {value}: editor {editor} edits one case at a time: {refusal}")
+    return value if value == "auto" else int(value)
 
 
 def overtone_config(editor: str, lam: float | None = None, n_sigma: float | None = None,
@@ -169,17 +195,21 @@ def progress_bar() -> Progress:
 def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None, out: Path,
                seed: int, threads: int, label: str, sequence: int = 1, eval_timing: str = "end",
                generation: dict[str, Any] | None = None, batch: int = 1,
-               step_budgets: dict[str, int] | None = None, matched: str | None = None) -> dict[str, Any]:
+               step_budgets: dict[str, int] | None = None, matched: str | None = None,
+               parallel: int | str = 1) -> dict[str, Any]:
     """Run ``editor`` over a dataset into ``out``: single editing (``sequence`` 1), continual editing, or
-    batch editing (``batch`` cases per edit call, within chunks of ``sequence``).
+    batch editing (``batch`` cases per edit call, within chunks of ``sequence``). ``parallel``: single-editing
+    cases edited at once (a number, or ``auto`` from free memory; see ``parallel_option``).
 
     ``generation`` overrides the settings of generation-based evaluation (MQuAKE); None values are skipped.
     ``step_budgets`` trains each case for exactly its number of updates, taken from run ``matched``
     (recorded in the config); only the cases it has a budget for are run.
     """
     from overtone.benchmarks import BENCHMARKS, TEACHER_FORCED, DatasetError, load_benchmark, resolve_dataset
+    from overtone.editors.parallel import parallel_size
     from overtone.evaluation import GenerationSettings, make_evaluator
     from overtone.runner import EVAL_TIMINGS, ResultStore, RunError, StoreError, run_continual
+    from overtone.runner.bench import check_parallel_cases
 
     generation = {k: v for k, v in (generation or {}).items() if v is not None}
     try:
@@ -195,6 +225,10 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
         cases = load_benchmark(dataset, limit=limit, offset=offset)
         if step_budgets is not None:
             cases = [c for c in cases if c.case_id in step_budgets]
+        if parallel != 1:
+            check_parallel_cases(cases)
+        if parallel == "auto":
+            parallel = parallel_size(editor.case_memory(), lm.device, len(cases))
         source = {"name": bench.name, "offset": offset}
         if dataset not in BENCHMARKS:
             source.update(path=str(bench.file), format=bench.format)
@@ -212,6 +246,7 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
             "limit": limit,
             "seed": seed,
             "threads": threads,
+            "parallel": parallel,
         }
         store = ResultStore(out, config)
     except (DatasetError, StoreError, ValueError) as exc:
@@ -229,6 +264,6 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
 
         try:
             return run_continual(editor, evaluator, cases, store, sequence, eval_timing, on_case, batch,
-                                 step_budgets)
+                                 step_budgets, int(parallel))
         except RunError as exc:
             fail(str(exc))

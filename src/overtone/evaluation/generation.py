@@ -27,15 +27,18 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from overtone.benchmarks.cases import Probe
 from overtone.benchmarks.mquake import MULTI_HOP, SINGLE_HOP
-from overtone.evaluation.teacher_forced import Evaluator, PreEdit
+from overtone.evaluation.teacher_forced import Evaluator, PreEdit, PreEdits
 from overtone.models.loading import LoadedModel
+
+if TYPE_CHECKING:
+    from overtone.editors.parallel import CaseEdits
 
 # The prompts of the paper's Appendix B.2, word for word. The extracted paper text lost its line
 # breaks; we put the instructions in the system turn and the example plus the question in the user turn.
@@ -219,3 +222,12 @@ class MQuAKEEvaluator(Evaluator):
         fields["generations"] = single + multi
         fields["eval_s"] += time.perf_counter() - start
         return fields
+
+    def after_cases(self, pre: PreEdits, edits: CaseEdits, replay: bool) -> list[dict[str, Any]]:
+        """The cases of a parallel edit one at a time, each with its own edit on every row: a case's answers
+        are sampled from its own seeded stream, which one batch of several cases' questions would not keep."""
+        results = []
+        for i, case_pre in enumerate(pre.cases):
+            with edits.only(i):
+                results.append(self.after(case_pre, replay=False))
+        return results

@@ -9,20 +9,30 @@
 
 All probes of a case go through the model in one right-padded batch. The unedited pass records the
 inputs of the layers an editor may touch, so the edited pass only runs those layers again.
+
+Parallel editing (``Editor.edit_parallel``) evaluates its B cases together: ``before_cases`` runs the
+probes of all B cases through the unedited model, sorted by length into batches of similar rows (so
+little is padding), and ``after_cases`` runs the same batches again with ``CaseEdits.applied``, so
+each row sees the edit of its own case only.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from overtone.benchmarks.cases import EditCase
 from overtone.models.loading import LoadedModel
+from overtone.models.per_case import CaseRows
 from overtone.models.replay import SuffixCache, forward_hidden, forward_suffix
-from overtone.tokens import PairBatch, encode_pairs
+from overtone.tokens import PairBatch, concat_pairs, encode_pairs
+
+if TYPE_CHECKING:
+    from overtone.editors.parallel import CaseEdits
 
 METRICS = ("rel", "gen", "por", "loc")
 
@@ -79,6 +89,32 @@ class PreEdit:
     seconds: float
 
 
+# Padded tokens per batch when the probes of several cases are evaluated together.
+CASES_BATCH_TOKENS = 2048
+
+
+@dataclass
+class ProbeRows:
+    """A batch of probe rows of several cases: row r is probe ``probe[r]`` of case ``rows.owners[r]``."""
+
+    batch: PairBatch
+    rows: CaseRows
+    probe: list[int]
+    cache: SuffixCache | None = None
+
+
+@dataclass
+class PreEdits:
+    """Cases evaluated together on the unedited model, waiting for their evaluation after a parallel edit."""
+
+    cases: list[PreEdit]  # per case; their predictions hold no cache of their own
+    batches: list[ProbeRows]  # every probe of every case, in batches of rows of similar length
+
+    def replayable(self, first_layer: int) -> bool:
+        """Whether the recorded inputs stay valid for edits that change layers ``first_layer`` and up only."""
+        return all(b.cache is not None and first_layer >= b.cache.start for b in self.batches)
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -126,7 +162,63 @@ class Evaluator:
         start = time.perf_counter()
         cache = pre.predictions.cache if replay else None
         post = self.predict(pre.probes, replay=cache)
-        seconds = pre.seconds + time.perf_counter() - start
+        return self._fields(pre, post, pre.seconds + time.perf_counter() - start)
+
+    def before_cases(self, cases: Sequence[EditCase], record_from: int | None) -> PreEdits:
+        """``before`` for independent cases at once: their probes on the unedited model, in batches of rows
+        of similar length (at most ``CASES_BATCH_TOKENS`` padded tokens each)."""
+        start = time.perf_counter()
+        probes = [self.probes(case) for case in cases]
+        batches = self._probe_rows(probes)
+        tokens: list[list[torch.Tensor | None]] = [[None] * p.batch.input_ids.size(0) for p in probes]
+        for rows in batches:
+            out = self._answer_logits(rows.batch, record_from=record_from)
+            rows.cache = out.cache
+            self._place(tokens, rows, out)
+        seconds = (time.perf_counter() - start) / len(cases)
+        return PreEdits([PreEdit(p, Predictions(t), seconds) for p, t in zip(probes, tokens, strict=True)], batches)
+
+    def after_cases(self, pre: PreEdits, edits: CaseEdits, replay: bool) -> list[dict[str, Any]]:
+        """``after`` for every case of a parallel edit, batched as ``before_cases`` batched them: each row sees
+        the edit of its own case only. ``replay``: the recorded inputs are still valid (no case changed a
+        layer below them)."""
+        start = time.perf_counter()
+        tokens: list[list[torch.Tensor | None]] = [[None] * len(p.predictions.tokens) for p in pre.cases]
+        for rows in pre.batches:
+            with edits.applied(rows.rows):
+                out = self._answer_logits(rows.batch, replay=rows.cache if replay else None)
+            self._place(tokens, rows, out)
+        share = (time.perf_counter() - start) / len(pre.cases)
+        return [self._fields(p, Predictions(t), p.seconds + share) for p, t in zip(pre.cases, tokens, strict=True)]
+
+    def _probe_rows(self, probes: Sequence[ProbeBatch]) -> list[ProbeRows]:
+        """Every probe row of every case, sorted by length, cut into batches of rows of similar length."""
+        entries = []  # (real tokens, case, probe row)
+        for i, p in enumerate(probes):
+            lengths = p.batch.attention_mask.sum(dim=-1).tolist()
+            entries += [(int(n), i, r) for r, n in enumerate(lengths)]
+        entries.sort(key=lambda e: e[0])
+        groups: list[list[tuple[int, int, int]]] = [[]]
+        for entry in entries:
+            if groups[-1] and (len(groups[-1]) + 1) * entry[0] > CASES_BATCH_TOKENS:
+                groups.append([])
+            groups[-1].append(entry)
+        pad = self.lm.tokenizer.pad_token_id if self.lm.tokenizer.pad_token_id is not None else 0
+        out = []
+        for group in groups:
+            rows = [probes[i].batch.row(r) for _, i, r in group]
+            out.append(ProbeRows(concat_pairs(rows, pad), CaseRows(tuple(i for _, i, _ in group), len(probes)),
+                                 [r for _, _, r in group]))
+        return out
+
+    @staticmethod
+    def _place(tokens: list[list[torch.Tensor | None]], rows: ProbeRows, out: AnswerLogits) -> None:
+        """Put the argmax predictions of a batch of probe rows in their cases' places."""
+        for owner, probe, predicted in zip(rows.rows.owners, rows.probe, out.logits.argmax(dim=-1).split(out.counts),
+                                           strict=True):
+            tokens[owner][probe] = predicted
+
+    def _fields(self, pre: PreEdit, post: Predictions, seconds: float) -> dict[str, Any]:
         pre_scores = self.score(pre.probes, pre.predictions, reference=None)
         post_scores = self.score(pre.probes, post, reference=pre.predictions)
         return {
@@ -158,8 +250,12 @@ class Evaluator:
         self, probes: ProbeBatch, record_from: int | None = None, replay: SuffixCache | None = None
     ) -> AnswerLogits:
         """Logits at the answer positions; ``record_from`` keeps a suffix cache, ``replay`` reuses one."""
+        return self._answer_logits(probes.batch, record_from, replay)
+
+    @torch.no_grad()
+    def _answer_logits(self, batch: PairBatch, record_from: int | None = None,
+                       replay: SuffixCache | None = None) -> AnswerLogits:
         adapter = self.lm.adapter
-        batch = probes.batch
         if replay is not None:
             hidden, cache = forward_suffix(adapter, replay), replay
         else:

@@ -15,6 +15,12 @@ are kept for the cheaper edited pass (a few MB per case for a 7B model).
 
 A chunk's records are written together once it is done. The model inside a chunk is not saved, so a
 restart skips finished chunks and runs an interrupted chunk again from its start.
+
+Single editing with ``parallel`` = B > 1 hands windows of ``PARALLEL_WINDOW`` x B pending cases to
+``edit_cases``, which edits them B at a time (each against the unedited weights; cases of similar
+length together) and returns their records in case order; a window's records are written together.
+They are the records of B = 1 up to floating-point summation order, so a run may be resumed with
+another B.
 """
 
 from __future__ import annotations
@@ -25,8 +31,12 @@ from typing import Any
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import Editor
 from overtone.evaluation.teacher_forced import Evaluator
-from overtone.runner.bench import CaseError, RunError, edit_chunk, summarize
+from overtone.runner.bench import CaseError, RunError, check_parallel_cases, edit_cases, edit_chunk, summarize
 from overtone.runner.store import ResultStore
+
+# Single editing with --parallel B: cases handed to the parallel edit at a time, in groups of B (more
+# groups to choose from make groups of similar length; a restart redoes at most one window).
+PARALLEL_WINDOW = 4
 
 
 def chunked(cases: Sequence[EditCase], size: int) -> list[Sequence[EditCase]]:
@@ -46,10 +56,41 @@ def run_continual(
     on_case: Callable[[dict[str, Any] | None], None] | None = None,
     batch: int = 1,
     step_budgets: Mapping[str, int] | None = None,
+    parallel: int = 1,
 ) -> dict[str, Any]:
     """Edit every chunk of ``cases`` not yet in ``store`` (``batch`` cases per edit call); returns the summary
-    of all stored cases. ``step_budgets`` gives each case an exact number of updates (matched steps)."""
+    of all stored cases. ``step_budgets`` gives each case an exact number of updates (matched steps);
+    ``parallel`` > 1 edits that many single-editing cases at once."""
+    if parallel < 1:
+        raise ValueError(f"--parallel must be >= 1, got {parallel}")
+    if parallel > 1:
+        if sequence > 1 or batch > 1:
+            raise ValueError(f"--parallel {parallel} edits independent cases (single editing); the cases of a "
+                             f"--sequence {sequence} / --batch {batch} chunk build on each other: use --parallel 1")
+        check_parallel_cases(cases)
     done = store.done
+    group: list[tuple[int, Sequence[EditCase]]] = []  # chunks waiting to be edited together
+
+    def run(group: list[tuple[int, Sequence[EditCase]]]) -> None:
+        try:
+            if parallel == 1:
+                records = edit_chunk(editor, evaluator, group[0][1], eval_timing, batch, step_budgets)
+            else:
+                records = edit_cases(editor, evaluator, [c for _, chunk in group for c in chunk], parallel,
+                                     step_budgets)
+        except CaseError as exc:
+            raise RunError(
+                f"{exc}. The {len(store.records)} finished cases are saved in {store.dir}; rerun the same "
+                "command to resume after fixing the cause."
+            ) from exc
+        if sequence > 1:
+            for record in records:
+                record["chunk"] = group[0][0]
+        store.append_many(records)
+        for record in records:
+            if on_case:
+                on_case(record)
+
     for index, chunk in enumerate(chunked(cases, sequence)):
         ids = [c.case_id for c in chunk]
         stored = sum(i in done for i in ids)
@@ -64,20 +105,12 @@ def run_continual(
                 "an earlier run ended it elsewhere (a --limit that is not a multiple of --sequence) or was killed "
                 "while writing it. Use another --out directory."
             )
-        try:
-            records = edit_chunk(editor, evaluator, chunk, eval_timing, batch, step_budgets)
-        except CaseError as exc:
-            raise RunError(
-                f"{exc}. The {len(store.records)} finished cases are saved in {store.dir}; rerun the same "
-                "command to resume after fixing the cause."
-            ) from exc
-        if sequence > 1:
-            for record in records:
-                record["chunk"] = index
-        store.append_many(records)
-        for record in records:
-            if on_case:
-                on_case(record)
+        group.append((index, chunk))
+        if len(group) == (1 if parallel == 1 else PARALLEL_WINDOW * parallel):
+            run(group)
+            group = []
+    if group:
+        run(group)
     wanted = {c.case_id for c in cases}
     summary = summarize([r for r in store.records if r["case_id"] in wanted], evaluator.metrics)
     store.write_summary(summary)
