@@ -213,7 +213,8 @@ def load() -> str:
 def print_parallel(rows: dict[int | str, Row], label: str, cases: int) -> None:
     """The parallel table: seconds and edits per second for each B, and the ratios to B = 1 and to the reference."""
     sizes = [w for w in rows if w != REFERENCE]
-    print(f"{label}: parallel single editing, {cases} cases, blocks of {max(sizes)} interleaved")  # type: ignore[type-var]
+    block = PARALLEL_WINDOW * max(sizes)  # type: ignore[type-var]
+    print(f"{label}: parallel single editing, {cases} cases, blocks of {block} interleaved")
     print(f"{'':<24}{'s/edit':>8}{'edits/s':>9}{'vs B=1':>8}{'vs ref':>8}{'steps':>7}")
     base = rows[1].per_edit if 1 in rows else None
     ref = rows[REFERENCE].per_edit if REFERENCE in rows else None

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from overtone.benchmarks import EditCase
 from overtone.cli import app
-from overtone.editors import FTM, MEMIT, ROME, EditError, FTMConfig, MEMITConfig, ROMEConfig
+from overtone.editors import FTM, MEMIT, ROME, EditError, FTMConfig, LoRA, LoRAConfig, MEMITConfig, ROMEConfig
 from overtone.evaluation import Evaluator
 from overtone.objectives import CrossEntropy, OverTone, OverToneConfig
 from overtone.runner import ResultStore, read_run, run_continual
@@ -118,6 +118,38 @@ def test_ftm_parallel_fails_cleanly_naming_the_case(tiny_llama, zsre_cases):
         editor.edit_parallel(zsre_cases[:2])
     assert_same_state(tiny_llama, before)
     assert not any(p.requires_grad for p in tiny_llama.model.parameters())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", ["lora", "adalora"])
+def test_lora_parallel_equals_sequential_with_dropout(arch, variant, tokenizer, zsre_cases):
+    """Each case's adapter init and dropout masks come from its own generator, drawn as when alone; AdaLoRA's
+    orthogonality term is per case; the stop decision reads a pass without dropout."""
+    lm = tiny_model(arch, tokenizer)
+    before = state(lm)
+    cases = zsre_cases[10:15]
+    evaluator = Evaluator(lm)
+    settings = dict(variant=variant, lr=5e-3, steps=8, dropout=0.1)  # the default lr and dropout
+    threshold = spread_threshold(LoRA(lm, LoRAConfig(**settings), CrossEntropy()), evaluator, cases)
+    editor = LoRA(lm, LoRAConfig(**settings, stop_loss=threshold), CrossEntropy())
+    seq = sequential(editor, evaluator, cases)
+    assert len({s.steps for s, _ in seq}) > 1, "the cases should stop at different steps"
+    par = parallel(editor, evaluator, cases)
+    assert_same_state(lm, before)
+    assert_equivalent(seq, par)
+    budgets = [3, None, 0, 1, 2]
+    assert_equivalent(sequential(editor, evaluator, cases, budgets), parallel(editor, evaluator, cases, budgets))
+
+
+def test_lora_parallel_refuses_rank_allocation_and_an_edited_model(tiny_llama, zsre_cases):
+    allocating = LoRA(tiny_llama, LoRAConfig(rank=4, rank_allocation=True), CrossEntropy())
+    with pytest.raises(EditError, match="needs AdaLoRA without rank_allocation"):
+        allocating.edit_parallel(zsre_cases[:2])
+    editor = LoRA(tiny_llama, LoRAConfig(steps=1), CrossEntropy())
+    handle = editor.edit([zsre_cases[0]])
+    with pytest.raises(EditError, match="starts from the unedited model"):
+        editor.edit_parallel(zsre_cases[:2])
+    handle.revert()
 
 
 LOCATE = {"context_lengths": ((4, 2),), "steps": 8, "lr": 0.5}
