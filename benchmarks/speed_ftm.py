@@ -210,20 +210,20 @@ def load() -> str:
     return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def print_parallel(rows: dict[int | str, Row], label: str, cases: int) -> None:
+def print_parallel(rows: dict[int | str, Row], label: str, cases: int, reference: str = REFERENCE) -> None:
     """The parallel table: seconds and edits per second for each B, and the ratios to B = 1 and to the reference."""
     sizes = [w for w in rows if w != REFERENCE]
     block = PARALLEL_WINDOW * max(sizes)  # type: ignore[type-var]
     print(f"{label}: parallel single editing, {cases} cases, blocks of {block} interleaved")
-    print(f"{'':<24}{'s/edit':>8}{'edits/s':>9}{'vs B=1':>8}{'vs ref':>8}{'steps':>7}")
+    print(f"{'':<30}{'s/edit':>8}{'edits/s':>9}{'vs B=1':>8}{'vs ref':>8}{'steps':>7}")
     base = rows[1].per_edit if 1 in rows else None
     ref = rows[REFERENCE].per_edit if REFERENCE in rows else None
     for way, row in rows.items():
-        name = REFERENCE if way == REFERENCE else f"B = {way}"
+        name = reference if way == REFERENCE else f"B = {way}"
         versus_one = f"{base / row.per_edit:7.2f}x" if base else f"{'-':>8}"
         versus_ref = f"{ref / row.per_edit:7.2f}x" if ref else f"{'-':>8}"
         steps = f"{statistics.mean(row.steps):7.1f}" if row.steps else ""
-        print(f"{name:<24}{row.per_edit:8.2f}{1 / row.per_edit:9.3f}{versus_one}{versus_ref}{steps}")
+        print(f"{name:<30}{row.per_edit:8.2f}{1 / row.per_edit:9.3f}{versus_one}{versus_ref}{steps}")
 
 
 def sizes_option(text: str) -> list[int]:

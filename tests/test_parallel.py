@@ -243,3 +243,34 @@ def test_cli_parallel_records_the_setting_as_volatile_and_refuses_what_it_cannot
                           (["--parallel", "2", "--editor", "wise"], "editor wise edits one case at a time")):
         result = cli.invoke(app, [*base, "--out", str(tmp_path / "x"), *args])
         assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+
+
+@pytest.mark.parametrize("name", ["ft-m", "lora"])
+def test_traces_of_a_parallel_edit_are_those_of_each_case_alone(name, tiny_llama, zsre_cases):
+    from overtone.diagnostics import trace_edit, trace_parallel
+    from overtone.editors import make_editor
+
+    cases = zsre_cases[:3]
+    settings = {"ft-m": {"layer": 2, "steps": 4, "lr": 0.1}, "lora": {"steps": 4}}[name]
+    editor = make_editor(name, tiny_llama, OverTone(OverToneConfig(epsilon=0.05)), **settings)
+    evaluator = Evaluator(tiny_llama)
+    alone = [t for case in cases for t in trace_edit(editor, evaluator, [case])]
+    together = trace_parallel(editor, evaluator, cases)
+    for a, b in zip(alone, together, strict=True):
+        assert (b.case_id, b.steps, b.final_extra, b.clipped, b.mixed) == (a.case_id, a.steps, a.final_extra, a.clipped,
+                                                                          a.mixed)
+        assert [x for row in b.label_log_prob for x in row] == pytest.approx(
+            [x for row in a.label_log_prob for x in row], rel=LOSS_TOL["rel"], abs=1e-5)
+        for metric, values in a.probe_loss.items():
+            assert b.probe_loss[metric] == pytest.approx(values, rel=LOSS_TOL["rel"], abs=1e-5)
+
+
+def test_cli_trace_takes_parallel(tmp_path, tiny_llama_dir):
+    import json
+
+    out = tmp_path / "trace"
+    result = cli.invoke(app, ["trace", "--limit", "3", "--parallel", "2", "--model", str(tiny_llama_dir),
+                              "--device", "cpu", "--layer", "2", "--steps", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    traces = json.loads((out / "trace.json").read_text())["traces"]
+    assert [t["case_id"] for t in traces] == ["zsre/0", "zsre/1", "zsre/2"] * 2
