@@ -274,3 +274,16 @@ def test_cli_trace_takes_parallel(tmp_path, tiny_llama_dir):
     assert result.exit_code == 0, result.output
     traces = json.loads((out / "trace.json").read_text())["traces"]
     assert [t["case_id"] for t in traces] == ["zsre/0", "zsre/1", "zsre/2"] * 2
+
+
+def test_demo_prints_the_same_table_with_parallel_cases(tmp_path, tiny_llama_dir):
+    base = ["demo", "--limit", "3", "--model", str(tiny_llama_dir), "--device", "cpu"]
+    tables = []
+    for parallel in ("1", "auto"):
+        out = tmp_path / parallel
+        result = cli.invoke(app, [*base, "--parallel", parallel, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        # every column but the last, the seconds per edit
+        tables.append([line.rstrip(" |").rsplit("|", 1)[0] for line in (out / "table.md").read_text().splitlines()])
+        assert read_run(out / "ft-m-ce")[0]["parallel"] == (1 if parallel == "1" else 3)
+    assert tables[0] == tables[1] and len(tables[0]) == 4

@@ -135,20 +135,28 @@ def demo(
     lam: LambdaOpt = None,
     n_sigma: NSigmaOpt = None,
     epsilon: EpsilonOpt = None,
+    parallel: ParallelOpt = "auto",
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Edit the same cases with cross-entropy and with OverTone and print the two side by side."""
+    """Edit the same cases with cross-entropy and with OverTone and print the two side by side.
+
+    Cases are edited --parallel at a time (auto: as memory allows; the results of one at a time, faster),
+    one at a time for an editor that cannot edit side by side."""
+    from overtone.editors import EDITORS
     from overtone.report import markdown_table, summary_table
 
     setup(threads, seed, verbose)
+    if parallel == "auto" and editor in EDITORS and EDITORS[editor].parallel_refusal:
+        parallel = "1"
+    cases_at_once = parallel_option(parallel, editor)
     cfg = overtone_config(editor, lam, n_sigma, epsilon)
     rows = []
     lm = None
     for objective in ("ce", "overtone"):
         lm, ed = build(model, device, dtype, editor, objective, cfg, {}, lm)
         summary = run_bench(lm, ed, dataset, 0, limit, out / f"{editor}-{objective}", seed, threads,
-                             f"{editor}/{objective}")
+                             f"{editor}/{objective}", parallel=cases_at_once)
         rows.append((f"{editor} + {'CE' if objective == 'ce' else 'OverTone'}", summary))
     console.print(summary_table(rows, title=f"{dataset}, first {limit} cases, {model}, single editing (x100)",
                                 caption=f"OverTone λ={cfg.lam} n={cfg.n_sigma} ε={cfg.epsilon}"))

@@ -130,10 +130,16 @@ class _SeededDropout(nn.Module):
         return x * dropout_noise(x.shape, self.p, self.generator(), x.dtype, x.device)
 
 
-def case_memory(shape: ModelShape, cfg: LoRAConfig, modules: Sequence[tuple[int, int]], blocks: int) -> CaseMemory:
-    """One case of a parallel LoRA edit: its factors (``modules``: (in, out) of each adapted module) with
-    gradient and two Adam moments, kept for evaluation; the activations of one step through ``blocks``
-    blocks, and per adapted module the dropped-out input and its product with A."""
+def case_memory(shape: ModelShape, cfg: LoRAConfig, modules: Sequence[tuple[int, int]] | None = None,
+                blocks: int | None = None) -> CaseMemory:
+    """One case of a parallel LoRA edit: its factors (``modules``: (in, out) of each adapted module; default
+    q and v of every layer) with gradient and two Adam moments, kept for evaluation; the activations of
+    one step through ``blocks`` blocks (default all), and per adapted module the dropped-out input and
+    its product with A."""
+    if modules is None:
+        modules = [(shape.hidden, shape.heads * shape.head_dim), (shape.hidden, shape.kv_heads * shape.head_dim)]
+        modules = modules * shape.layers
+    blocks = shape.layers if blocks is None else blocks
     rank = cfg.init_rank if cfg.variant == "adalora" else cfg.rank_value
     factors = sum(rank * (n_in + n_out) + (rank if cfg.variant == "adalora" else 0) for n_in, n_out in modules)
     adapters = EDIT_TOKENS * sum(2 * n_in + rank for n_in, _ in modules) * 4

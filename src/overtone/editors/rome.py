@@ -77,6 +77,12 @@ def value_memory(shape: ModelShape, cfg: LocateConfig, block: int) -> CaseMemory
                       shape.step_activations(rows, tail, shape.layers - block, variants * TARGET_TOKENS + 1) + prefix)
 
 
+def case_memory(shape: ModelShape, cfg: LocateConfig, layer: int) -> CaseMemory:
+    """One case of a parallel ROME edit: its value optimisation, then u and the update's column, kept."""
+    value = value_memory(shape, cfg, layer)
+    return CaseMemory(value.state + 4 * (shape.hidden + shape.intermediate), value.activations)
+
+
 class ROME(Editor):
     name = "rome"
     config_class = ROMEConfig
@@ -154,9 +160,7 @@ class ROME(Editor):
         return u / u.norm(dim=-1, keepdim=True)
 
     def case_memory(self) -> CaseMemory:
-        shape = ModelShape.of(self.lm.model.config, self.lm.dtype)
-        value = value_memory(shape, self.config, self.config.layer)
-        return CaseMemory(value.state + 4 * (shape.hidden + shape.intermediate), value.activations)
+        return case_memory(ModelShape.of(self.lm.model.config, self.lm.dtype), self.config, self.config.layer)
 
     def edit_parallel(self, cases: Sequence[EditCase], on_step: StepCallback | None = None,
                       steps: Sequence[int | None] | None = None) -> CaseEdits:
