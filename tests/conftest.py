@@ -62,3 +62,13 @@ def tiny_llama_dir(tmp_path_factory, tokenizer) -> Path:
     lm.model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch, zsre_cases):
+    """ZsRE text as a stand-in corpus for ROME/MEMIT statistics, cached under tmp_path."""
+    monkeypatch.setenv("OVERTONE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "corpus.txt"
+    texts = [f"{c.prompt} {c.target}. {' '.join(c.rephrases)}" for c in zsre_cases]
+    path.write_text("\n\n".join(texts))
+    return str(path)

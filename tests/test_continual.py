@@ -194,3 +194,36 @@ def test_a_bundle_of_edits_is_applied_in_order(tiny_llama):
     (record,) = edit_chunk(editor, Evaluator(tiny_llama), [bundle])
     assert editor.edited == ["b/edit0", "b/edit1"]
     assert record["steps"] == 6 and len(record["losses"]) == 2 and record["detail"]["rel"]["rewrite"] >= 0
+
+
+class CountingEvaluator(Evaluator):
+    """The teacher-forced evaluator, recording how many cases each unedited-model call covered."""
+
+    def __init__(self, lm):
+        super().__init__(lm)
+        self.calls: list[int] = []
+
+    def before_many(self, cases, record_from):
+        self.calls.append(len(cases))
+        return super().before_many(cases, record_from)
+
+
+def test_single_editing_evaluates_the_unedited_model_for_several_cases_at_once(tmp_path, tiny_llama, zsre_cases,
+                                                                               monkeypatch):
+    from overtone.runner import continual
+
+    config = {"editor": {"name": "ft-m"}, "protocol": "single"}
+    together = CountingEvaluator(tiny_llama)
+    with ResultStore(tmp_path / "a", config) as store:
+        run_continual(ftm(tiny_llama), together, zsre_cases[:6], store)  # cases 0-5
+    with ResultStore(tmp_path / "a", config) as store:  # resumed with 20 cases: the 6 stored are not evaluated again
+        run_continual(ftm(tiny_llama), together, zsre_cases[:20], store)
+    assert continual.PREFETCH == 16 and together.calls == [6, 14]
+    monkeypatch.setattr(continual, "PREFETCH", 1)
+    one_by_one = CountingEvaluator(tiny_llama)
+    with ResultStore(tmp_path / "b", config) as alone:
+        run_continual(ftm(tiny_llama), one_by_one, zsre_cases[:20], alone)
+    assert one_by_one.calls == [1] * 20
+    strip = ("eval_s", "edit_s")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in store.records] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in alone.records]

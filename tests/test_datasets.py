@@ -26,6 +26,7 @@ from overtone.benchmarks.mend import load_counterfact_mend, load_zsre_mend
 from overtone.benchmarks.mquake import MULTI_HOP, SINGLE_HOP, load_mquake
 
 SHARED = Path("/work/shared/data")
+WRITTEN_HERE = Path("facts/facts.jsonl")  # the one shipped file written for this project (SOURCES.md)
 
 # name -> (records after loading, format)
 EXPECTED = {
@@ -60,6 +61,8 @@ def test_shipped_files_are_byte_identical_to_the_shared_copies():
     if not SHARED.is_dir():
         pytest.skip("the shared data directory is not on this machine")
     for bench in BENCHMARKS.values():
+        if bench.file.relative_to(DATA_DIR) == WRITTEN_HERE:
+            continue
         shared = SHARED / bench.file.relative_to(DATA_DIR)
         digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (bench.file, shared)]
         assert digest[0] == digest[1], bench.file
@@ -186,7 +189,7 @@ def test_a_file_path_is_loaded_in_its_detected_format(tmp_path):
 
 def test_unknown_format_lists_the_fields_and_the_known_formats(tmp_path):
     path = write(tmp_path, [{"question": "q", "answer": "a"}])
-    with pytest.raises(DatasetError, match=r"unknown dataset format; the first record has the fields answer, "
+    with pytest.raises(DatasetError, match=r"unknown dataset format; record 0 has the fields answer, "
                                            r"question\. Known formats: knowedit .*mquake"):
         load_benchmark(str(path))
     with pytest.raises(DatasetError, match="holds no records"):

@@ -13,7 +13,8 @@ from overtone.evaluation import GenerationSettings, MQuAKEEvaluator
 from overtone.evaluation.generation import (
     MULTI_HOP_SYSTEM,
     SINGLE_HOP_USER,
-    _AnswerLineComplete,
+    ReplyDone,
+    answer_line_complete,
     answer_span,
     case_seed,
     generate,
@@ -76,7 +77,7 @@ def test_a_row_stops_once_its_final_answer_line_is_complete(tokenizer):
             (" Final answer: Paris\n", " Final answer: Par", " Paris\n")]
     width = max(map(len, rows))
     ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-    stop = _AnswerLineComplete(tokenizer, len(prompt))
+    stop = ReplyDone(tokenizer, len(prompt), answer_line_complete)
     assert stop(ids, torch.zeros(3, 1)).tolist() == [True, False, False]
 
 

@@ -5,7 +5,9 @@ order than a single one). The tolerances, stated once here:
 
 * losses at every pass: relative 2e-5 (absolute 1e-6 near 0);
 * probabilities of every probe's answer tokens after the edit: absolute 1e-5;
-* step counts, stop reasons and the argmax metrics of the records: exactly equal.
+* step counts, stop reasons and every other field of the records: equal (floats, e.g. the general
+  ability's perplexity, within the loss tolerance; a changed argmax prediction moves a metric by a whole
+  token's share, far beyond it).
 
 Every test runs on tiny random models of every supported architecture (tests/helpers.py ARCHS), with
 stop thresholds under which the cases stop at different steps, and with B = 3 over 5 cases (odd, not
@@ -17,7 +19,6 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import ARCHS, assert_same_state, state, tiny_model
-from test_rome_memit import corpus  # noqa: F401  (the second-moment statistics fixture)
 from typer.testing import CliRunner
 
 from overtone.benchmarks import EditCase
@@ -157,7 +158,7 @@ LOCATE = {"context_lengths": ((4, 2),), "steps": 8, "lr": 0.5}
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", ["rome", "memit"])
-def test_rome_and_memit_parallel_equal_sequential(arch, name, tokenizer, corpus, zsre_cases):  # noqa: F811
+def test_rome_and_memit_parallel_equal_sequential(arch, name, tokenizer, corpus, zsre_cases):
     lm = tiny_model(arch, tokenizer)
     before = state(lm)
     cases = zsre_cases[:5]
@@ -180,16 +181,32 @@ def test_rome_and_memit_parallel_equal_sequential(arch, name, tokenizer, corpus,
     assert_equivalent(sequential(edited, evaluator, cases, budgets), parallel(edited, evaluator, cases, budgets))
 
 
-TIMING = ("edit_s", "eval_s")
+TIMING = ("edit_s", "eval_s", "seconds")
+
+
+def assert_close(a, b, where="record"):
+    """Equal structures, floats within LOSS_TOL, timings (at any depth) skipped. Metrics read from argmax
+    predictions are fractions of a few tokens, so a changed prediction moves them far beyond the tolerance."""
+    if isinstance(a, dict):
+        keys = [k for k in a if k not in TIMING]
+        assert sorted(keys) == sorted(k for k in b if k not in TIMING), where
+        for k in keys:
+            assert_close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, **LOSS_TOL), where
+    else:
+        assert a == b, where
 
 
 def assert_same_records(seq, par):
     """Records of a parallel run against those of one case at a time: equal but for timings and float rounding."""
     assert [r["case_id"] for r in par] == [r["case_id"] for r in seq]
     for a, b in zip(seq, par, strict=True):
-        assert {k: v for k, v in b.items() if k not in (*TIMING, "losses", "final_loss")} == \
-            {k: v for k, v in a.items() if k not in (*TIMING, "losses", "final_loss")}
-        assert b["losses"] == pytest.approx(a["losses"], **LOSS_TOL)
+        assert_close(a, b, a["case_id"])
 
 
 def test_runs_with_parallel_cases_give_the_records_of_one_at_a_time_also_when_resumed(tmp_path, tiny_llama,
@@ -286,4 +303,25 @@ def test_demo_prints_the_same_table_with_parallel_cases(tmp_path, tiny_llama_dir
         # every column but the last, the seconds per edit
         tables.append([line.rstrip(" |").rsplit("|", 1)[0] for line in (out / "table.md").read_text().splitlines()])
         assert read_run(out / "ft-m-ce")[0]["parallel"] == (1 if parallel == "1" else 3)
-    assert tables[0] == tables[1] and len(tables[0]) == 4
+    assert tables[0] == tables[1] and tables[0][2].startswith("| ft-m + CE |")
+
+
+def test_wild_evaluation_and_the_ability_check_give_the_records_of_one_at_a_time(tmp_path, tiny_llama, zsre_cases):
+    """Evaluators that cannot batch B edited models evaluate each case with its own edit on every row."""
+    from test_ability import monitor_for
+
+    from overtone.evaluation import WildEvaluator, WildSettings
+
+    cases = zsre_cases[:3]
+    editor = FTM(tiny_llama, FTMConfig(layer=2, lr=0.2, steps=4), CrossEntropy())
+    evaluator = WildEvaluator(tiny_llama, WildSettings(max_new_tokens=6), inner=Evaluator(tiny_llama))
+    monitor = monitor_for(tiny_llama, n_samples=2)
+
+    def run(directory, parallel):
+        with ResultStore(tmp_path / directory, {"parallel": parallel}) as store:
+            run_continual(editor, evaluator, cases, store, ability=monitor, parallel=parallel)
+        return read_run(tmp_path / directory)[1]
+
+    one, two = run("one", 1), run("two", 2)
+    assert_same_records(one, two)
+    assert all("ability" in r and "wild" in r for r in two)

@@ -23,16 +23,6 @@ THIRD = EditCase(case_id="t/2", prompt="What voice type is Louise Grandjean?", t
 FAST = {"context_lengths": ((4, 2),), "steps": 6, "lr": 2.0, "stop_loss": 0.0}
 
 
-@pytest.fixture
-def corpus(tmp_path, monkeypatch, zsre_cases):
-    """ZsRE text as a stand-in corpus, with the statistics cached under tmp_path."""
-    monkeypatch.setenv("OVERTONE_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    texts = [f"{c.prompt} {c.target}. {' '.join(c.rephrases)}" for c in zsre_cases]
-    path.write_text("\n\n".join(texts))
-    return str(path)
-
-
 def changed(lm, before):
     after = lm.model.state_dict()
     return sorted(k for k, v in before.items() if not torch.equal(v, after[k]))

@@ -57,8 +57,8 @@ def test_failure_keeps_finished_cases_and_names_the_case(tmp_path, tiny_llama, z
 
 
 def test_partial_last_line_is_dropped_on_restart(tmp_path, tiny_llama, zsre_cases):
-    store = ResultStore(tmp_path, CONFIG)
-    run_single_editing(editor_for(tiny_llama), Evaluator(tiny_llama), zsre_cases[:1], store)
+    with ResultStore(tmp_path, CONFIG) as store:
+        run_single_editing(editor_for(tiny_llama), Evaluator(tiny_llama), zsre_cases[:1], store)
     with open(tmp_path / "cases.jsonl", "a") as fh:
         fh.write('{"case_id": "zsre/1", "pre"')  # killed mid-write
     store = ResultStore(tmp_path, CONFIG)

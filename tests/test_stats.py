@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from overtone.stats import CorpusError, MomentSpec, key_weights, load_corpus, second_moments, weight_hashes
+from overtone.stats import Corpus, CorpusError, MomentSpec, key_weights, load_corpus, second_moments, weight_hashes
 from overtone.stats.second_moment import corpus_samples, plan_batches
 
 ARTICLES = [
@@ -93,6 +93,16 @@ def test_second_moment_equals_the_plain_estimate(tokenizer, corpus_file, arch):
         torch.testing.assert_close(result[layer].matrix, expected, rtol=1e-4, atol=1e-5)
         assert result[layer].matrix.shape == (lm.adapter.in_features("mlp_out", layer),) * 2
         assert result[layer].key["layer"] == layer and result[layer].key["max_tokens"] == 16
+        assert result[layer].key["held_out"] == 0 and "-h0-" in result[layer].path.name
+
+
+def test_held_out_documents_never_reach_the_statistics(tiny_llama, corpus_file):
+    assert load_corpus(str(corpus_file)).held_out == 0 and load_corpus("wikipedia").held_out == 64
+    corpus = Corpus("wiki", corpus_file, held_out=1)
+    assert corpus_samples(tiny_llama, corpus, MomentSpec(max_tokens=4096)) == \
+        tiny_llama.tokenizer(ARTICLES[:3])["input_ids"]
+    with pytest.raises(CorpusError, match="no text beyond its held-out documents"):
+        Corpus("wiki", corpus_file, held_out=4).documents()
 
 
 def test_cache_hit_runs_no_forward_pass_and_the_key_follows_the_weights(tiny_llama, corpus_file):

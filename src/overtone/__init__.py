@@ -11,6 +11,7 @@ The Python API in five lines::
 
 __version__ = "0.1.0"
 
+from overtone.artifacts import EditArtifact, export_model, load_edit, save_edit
 from overtone.benchmarks import EditCase, Probe, load_benchmark
 from overtone.editors import EDITORS, EditError, EditHandle, Editor, make_editor
 from overtone.evaluation import Evaluator
@@ -22,6 +23,7 @@ from overtone.runner import ResultStore, edit_and_score, run_single_editing
 __all__ = [
     "EDITORS",
     "CrossEntropy",
+    "EditArtifact",
     "EditCase",
     "EditError",
     "EditHandle",
@@ -35,10 +37,13 @@ __all__ = [
     "ResultStore",
     "__version__",
     "edit_and_score",
+    "export_model",
     "greedy_complete",
     "load_benchmark",
+    "load_edit",
     "load_model",
     "make_editor",
     "make_objective",
     "run_single_editing",
+    "save_edit",
 ]

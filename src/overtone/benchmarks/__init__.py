@@ -19,6 +19,7 @@ from pathlib import Path
 
 from overtone.benchmarks.cases import EditCase, Probe
 from overtone.benchmarks.counterfact import is_counterfact_rome, load_counterfact_rome
+from overtone.benchmarks.facts import is_facts, load_facts
 from overtone.benchmarks.knowedit import DatasetError, is_knowedit, load_knowedit, read_json_records
 from overtone.benchmarks.mend import is_counterfact_mend, is_zsre_mend, load_counterfact_mend, load_zsre_mend
 from overtone.benchmarks.mquake import is_mquake, load_mquake
@@ -89,6 +90,9 @@ register_format(DatasetFormat(
 register_format(DatasetFormat(
     "mquake", is_mquake, load_mquake, "MQuAKE: requested_rewrite[...], questions, new_answer, new_single_hops",
     evaluation=MQUAKE_GENERATION))
+register_format(DatasetFormat(
+    "facts", is_facts, load_facts,
+    "hand-written facts (JSON, JSON Lines or CSV): prompt, target, optional subject, paraphrases, locality, id"))
 
 for _name, _file, _format, _description in (
     ("zsre", "knowedit/ZsRE/ZsRE-test-all.json", "knowedit",
@@ -120,6 +124,8 @@ for _name, _file, _format, _description in (
      "Subject_Replace portability, neighbourhood locality"),
     ("mquake", "mquake/MQuAKE-hard.json", "mquake",
      "MQuAKE-hard (429 records, 4 rewrites and 4 hops each): single- and multi-hop questions, generation-based"),
+    ("example-facts", "facts/facts.jsonl", "facts",
+     "3 hand-written counterfactual facts (JSON Lines): the example of overtone edit --facts"),
 ):
     register(benchmark_from_format(_name, DATA_DIR / _file, _format, _description))
 
@@ -139,7 +145,7 @@ def detect_format(path: Path | str) -> DatasetFormat:
         raise DatasetError(f"{path}: record 0 matches several formats ({', '.join(m.name for m in matches)})")
     known = "; ".join(f"{fmt.name} ({fmt.description})" for fmt in FORMATS.values())
     raise DatasetError(
-        f"{path}: unknown dataset format; the first record has the fields {', '.join(sorted(first))}. "
+        f"{path}: unknown dataset format; record 0 has the fields {', '.join(sorted(first))}. "
         f"Known formats: {known}"
     )
 

@@ -19,6 +19,7 @@ The helpers here (``RecordReader``, ``read_json_records``, ``DatasetError``) ser
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,6 +123,13 @@ class RecordReader:
 
 
 def read_json_records(path: Path | str) -> list[Any]:
+    """The records of a dataset file: a JSON array, JSON Lines (``.jsonl``, one object per line) or CSV
+    (``.csv``, a header row naming the fields, then one record per row; empty cells are left out)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".csv":
+        return _read_csv(path)
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
@@ -130,6 +138,28 @@ def read_json_records(path: Path | str) -> list[Any]:
     if not isinstance(data, list):
         raise DatasetError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
     return data
+
+
+def _read_jsonl(path: Path | str) -> list[Any]:
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DatasetError(f"{path}: line {number}: not valid JSON: {exc}") from exc
+    return records
+
+
+def _read_csv(path: Path | str) -> list[dict[str, str]]:
+    records = []
+    with open(path, encoding="utf-8", newline="") as fh:
+        for number, row in enumerate(csv.DictReader(fh), start=2):
+            if None in row:
+                raise DatasetError(f"{path}: line {number}: more cells than the header has columns")
+            records.append({k.strip(): v for k, v in row.items() if v is not None and v.strip()})
+    return records
 
 
 def is_knowedit(record: dict[str, Any]) -> bool:

@@ -9,11 +9,15 @@ import typer
 
 from overtone.cli.app import app
 from overtone.cli.common import (
+    AbilityOpt,
+    BatchOpt,
     DatasetOpt,
     DeviceOpt,
     DtypeOpt,
     EditorOpt,
     EpsilonOpt,
+    EvalContextOpt,
+    EvalOpt,
     LambdaOpt,
     LayerOpt,
     LimitOpt,
@@ -31,14 +35,19 @@ from overtone.cli.common import (
     StaticOpt,
     StepsOpt,
     StopLossOpt,
+    StrictOpt,
     ThreadsOpt,
+    TruncateOpt,
     VerboseOpt,
     build,
     console,
     editor_settings,
+    exit_on_interrupt,
     fail,
+    hold_run_dir,
     overtone_config,
     parallel_option,
+    precheck,
     run_bench,
     setup,
 )
@@ -48,8 +57,6 @@ SequenceOpt = Annotated[int, typer.Option(
 EvalTimingOpt = Annotated[str, typer.Option(
     "--eval-timing", help="continual editing: evaluate a chunk's cases at its end, or each right after its edit "
     "(end, after-each)")]
-BatchOpt = Annotated[int, typer.Option(
-    "--batch", min=1, help="batch editing: B cases per edit call within each chunk of --sequence T (MEMIT)")]
 SingleTokensOpt = Annotated[int | None, typer.Option(
     "--single-hop-tokens", min=1, help="MQuAKE: max new tokens of a single-hop answer (paper: 30)")]
 MultiTokensOpt = Annotated[int | None, typer.Option(
@@ -92,6 +99,11 @@ def bench(
     multi_hop_tokens: MultiTokensOpt = None,
     multi_hop_questions: MultiQuestionsOpt = None,
     temperature: TemperatureOpt = None,
+    evaluation: EvalOpt = "teacher-forced",
+    eval_context: EvalContextOpt = "bare",
+    ability: AbilityOpt = False,
+    strict: StrictOpt = False,
+    truncate: TruncateOpt = False,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -101,24 +113,38 @@ def bench(
     chunks of T cases are edited one after the other without reverting, all T are evaluated on the final
     model (or each after its edit, --eval-timing after-each), then the chunk is reverted; metrics are
     averaged over chunks. With --batch B, each chunk's edits are made B cases per edit call (batch
-    editing: --sequence 100 --batch 100 edits 100 facts in one MEMIT update). With --parallel B, single
-    editing edits B cases at once, each against the unedited model (same results, faster).
+    editing: --sequence 100 --batch 100 edits 100 facts in one MEMIT update). --eval wild or both scores
+    generated answers too (docs/wild.md); --ability tracks perplexity and general facts after each chunk.
+    With --parallel B, single editing edits B cases at once, each against the unedited model (the same
+    results, faster; docs/parallel.md).
+
+    The dataset slice and every case are checked before the model is loaded; one process at a time may
+    write --out; Ctrl-C or SIGTERM keeps the finished cases, and the same command resumes.
     """
-    from overtone.report import summary_table
+    from overtone.report import extra_tables, summary_table, to_rich
     from overtone.report.tables import protocol_title
     from overtone.runner import read_run
 
     setup(threads, seed, verbose)
     cases_at_once = parallel_option(parallel, editor, sequence, batch)
     cfg = overtone_config(editor, lam, n_sigma, epsilon, no_clip, static_target, no_mode_check, no_filter)
-    lm, ed = build(model, device, dtype, editor, objective, cfg,
-                   editor_settings(editor, settings, layer=layer, lr=lr, steps=steps, stop_loss=stop_loss))
+    overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps, stop_loss=stop_loss)
     generation = {"single_hop_tokens": single_hop_tokens, "multi_hop_tokens": multi_hop_tokens,
                   "multi_hop_questions": multi_hop_questions, "temperature": temperature}
-    summary = run_bench(lm, ed, dataset, offset, limit, out, seed, threads, f"{editor}/{objective}", sequence,
-                        eval_timing, generation, batch, parallel=cases_at_once)
+    with exit_on_interrupt(out):
+        inputs = precheck(model, editor, overrides, dataset, offset, limit, cases_at_once, seed=seed,
+                          sequence=sequence, eval_timing=eval_timing, generation=generation, batch=batch,
+                          truncate=truncate, evaluation=evaluation, eval_context=eval_context)
+        with hold_run_dir(out) as lock:
+            lm, ed = build(model, device, dtype, editor, objective, cfg, overrides)
+            summary = run_bench(lm, ed, dataset, offset, limit, out, seed, threads, f"{editor}/{objective}",
+                                sequence, eval_timing, generation, batch, inputs=inputs, lock=lock, strict=strict,
+                                ability=ability, parallel=cases_at_once)
     config, _, _ = read_run(out)
-    console.print(summary_table([(f"{editor} {objective}", summary)], title=f"{protocol_title(config)}, {model}"))
+    rows = [(f"{editor} {objective}", summary)]
+    console.print(summary_table(rows, title=f"{protocol_title(config)}, {model}"))
+    for extra in extra_tables(rows):
+        console.print(to_rich(extra))
     console.print(f"results in {out}")
 
 
@@ -151,12 +177,15 @@ def demo(
         parallel = "1"
     cases_at_once = parallel_option(parallel, editor)
     cfg = overtone_config(editor, lam, n_sigma, epsilon)
+    inputs = precheck(model, editor, {}, dataset, 0, limit, cases_at_once, seed=seed)
     rows = []
     lm = None
     for objective in ("ce", "overtone"):
-        lm, ed = build(model, device, dtype, editor, objective, cfg, {}, lm)
-        summary = run_bench(lm, ed, dataset, 0, limit, out / f"{editor}-{objective}", seed, threads,
-                             f"{editor}/{objective}", parallel=cases_at_once)
+        run = out / f"{editor}-{objective}"
+        with exit_on_interrupt(run):
+            lm, ed = build(model, device, dtype, editor, objective, cfg, {}, lm)
+            summary = run_bench(lm, ed, dataset, 0, limit, run, seed, threads, f"{editor}/{objective}", inputs=inputs,
+                                parallel=cases_at_once)
         rows.append((f"{editor} + {'CE' if objective == 'ce' else 'OverTone'}", summary))
     console.print(summary_table(rows, title=f"{dataset}, first {limit} cases, {model}, single editing (x100)",
                                 caption=f"OverTone λ={cfg.lam} n={cfg.n_sigma} ε={cfg.epsilon}"))
@@ -172,7 +201,16 @@ def table(
         "--paired", help="also print each run's paired per-case differences to the first run of its table")] = False,
 ) -> None:
     """Print the summary tables of finished (or partial) runs: one per dataset and protocol."""
-    from overtone.report import dataset_tables, markdown_table, paired_markdown, paired_table, summary_table
+    from overtone.report import (
+        dataset_tables,
+        extra_tables,
+        markdown_table,
+        paired_markdown,
+        paired_table,
+        summary_table,
+        to_markdown,
+        to_rich,
+    )
     from overtone.runner import StoreError, read_run, summarize
 
     loaded, records = [], {}
@@ -190,6 +228,11 @@ def table(
             console.print(f"{title}\n\n{markdown_table(rows)}\n", markup=False, soft_wrap=True)
         else:
             console.print(summary_table(rows, title=title))
+        for extra in extra_tables(rows):
+            if markdown:
+                console.print(f"{to_markdown(extra)}\n", markup=False, soft_wrap=True)
+            else:
+                console.print(to_rich(extra))
         if paired and len(rows) > 1:
             results = [(label, summary, records[label]) for label, summary in rows]
             if markdown:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -42,6 +45,40 @@ LimitOpt = Annotated[int | None, typer.Option("--limit", min=0, help="number of 
 OffsetOpt = Annotated[int, typer.Option("--offset", min=0, help="index of the first case")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
+EVAL_CHOICES = ("teacher-forced", "wild", "both")  # evaluation.wild.EVAL_MODES, without importing torch here
+EVAL_CONTEXTS = ("bare", "qa")
+
+
+def _one_of(option: str, choices: tuple[str, ...]) -> Any:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise typer.BadParameter(f"{value!r}: choose one of {', '.join(choices)}", param_hint=option)
+        return value
+
+    return check
+
+
+EvalOpt = Annotated[str, typer.Option(
+    "--eval", callback=_one_of("--eval", EVAL_CHOICES),
+    help="teacher-forced (the benchmark's own protocol), wild (generated answers, exact match) or both")]
+EvalContextOpt = Annotated[str, typer.Option(
+    "--eval-context", callback=_one_of("--eval-context", EVAL_CONTEXTS),
+    help="wild: the bare probe prompt, or qa (the study's QA instruction in the chat template)")]
+AbilityOpt = Annotated[bool, typer.Option(
+    "--ability", help="measure held-out perplexity and general facts at the end of each chunk (continual editing)")]
+BatchOpt = Annotated[int, typer.Option(
+    "--batch", min=1, help="batch editing: B cases per edit call within each chunk of --sequence T (MEMIT)")]
+FactsOpt = Annotated[Path | None, typer.Option(
+    "--facts", help="facts to edit: JSON, JSON Lines or CSV with prompt, target and optional subject, paraphrases, "
+    "locality (or any dataset file in a known format, see overtone datasets)")]
+SaveOpt = Annotated[Path | None, typer.Option("--save", help="save the edit as an artifact folder (a new folder)")]
+EditDirsArg = Annotated[list[Path], typer.Argument(
+    help="edit artifact folders (overtone edit --save), applied in order")]
+BaseModelOpt = Annotated[str | None, typer.Option(
+    "--model", help="base model: embedded name, local folder or hub id (default: the one the edit was made on)")]
+BaseDtypeOpt = Annotated[str | None, typer.Option("--dtype", help="fp32 or bf16 (default: the edit's)")]
+MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens to generate")]
+ShowOpt = Annotated[int, typer.Option("--show", min=0, help="cases whose completions are printed")]
 ParallelOpt = Annotated[str, typer.Option(
     "--parallel", help="single editing: edit B cases at once, each against the unedited model (the results of one "
     "at a time, up to float rounding); auto: as many as half the free memory holds")]
@@ -49,11 +86,19 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="any editor setting, KEY=VALUE (repeatable), e.g. --set rank=4 --set layers=10,11"),
 ]
+StrictOpt = Annotated[bool, typer.Option(
+    "--strict", help="stop with an error when an edit diverges (default: record it as diverged and warn)")]
+TruncateOpt = Annotated[bool, typer.Option(
+    "--truncate", help="cut edit inputs longer than the editor's max_length to it (default: refuse them)")]
 
 
 def setup(threads: int, seed: int, verbose: bool) -> None:
     import torch
     from transformers.utils import logging as hf_logging
+
+    from overtone.runner.signals import raise_on_signals
+
+    raise_on_signals()  # SIGINT/SIGTERM revert the weights and end the run cleanly (exit_on_interrupt)
 
     hf_logging.disable_progress_bar()
 
@@ -70,7 +115,7 @@ def setup(threads: int, seed: int, verbose: bool) -> None:
 
 
 def fail(message: str) -> NoReturn:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # one line, however long
     raise typer.Exit(code=2)
 
 
@@ -184,32 +229,29 @@ def build(model: str, device: str, dtype: str, editor: str, objective: str, over
         fail(str(exc))
 
 
-def progress_bar() -> Progress:
-    """A progress bar with a free-text status field."""
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-    )
+@dataclass
+class RunInputs:
+    """What a run edits, checked before the model is loaded: the dataset, its cases as edited, the options."""
+
+    bench: Any  # benchmarks.Benchmark
+    cases: list[Any]  # EditCase, after the editor's checks (cut with --truncate)
+    generation: Any  # evaluation.GenerationSettings
+    truncate: bool
+    evaluation: str = "teacher-forced"  # --eval
+    wild: Any = None  # evaluation.WildSettings
 
 
-def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None, out: Path,
-               seed: int, threads: int, label: str, sequence: int = 1, eval_timing: str = "end",
-               generation: dict[str, Any] | None = None, batch: int = 1,
-               step_budgets: dict[str, int] | None = None, matched: str | None = None,
-               parallel: int | str = 1) -> dict[str, Any]:
-    """Run ``editor`` over a dataset into ``out``: single editing (``sequence`` 1), continual editing, or
-    batch editing (``batch`` cases per edit call, within chunks of ``sequence``). ``parallel``: single-editing
-    cases edited at once (a number, or ``auto`` from free memory; see ``parallel_option``).
-
-    ``generation`` overrides the settings of generation-based evaluation (MQuAKE); None values are skipped.
-    ``step_budgets`` trains each case for exactly its number of updates, taken from run ``matched``
-    (recorded in the config); only the cases it has a budget for are run.
-    """
-    from overtone.benchmarks import BENCHMARKS, TEACHER_FORCED, DatasetError, load_benchmark, resolve_dataset
-    from overtone.editors.parallel import parallel_size
-    from overtone.evaluation import GenerationSettings, make_evaluator
-    from overtone.runner import EVAL_TIMINGS, ResultStore, RunError, StoreError, run_continual
-    from overtone.runner.bench import check_parallel_cases
+def check_inputs(tokenizer: Any, editor: str, config: Any, dataset: str, offset: int, limit: int | None,
+                 seed: int = 0, sequence: int = 1, eval_timing: str = "end", generation: dict[str, Any] | None = None,
+                 batch: int = 1, truncate: bool = False, evaluation: str = "teacher-forced",
+                 eval_context: str = "bare") -> RunInputs:
+    """Check options, the dataset slice and every case (editor limits, ROME/MEMIT subjects, probes) with the
+    tokenizer alone, so that bad input fails in seconds; user errors become clean exits."""
+    from overtone.benchmarks import TEACHER_FORCED, DatasetError, load_benchmark, resolve_dataset
+    from overtone.editors import EDITORS
+    from overtone.evaluation import GenerationSettings, WildSettings
+    from overtone.runner import EVAL_TIMINGS
+    from overtone.runner.checks import prepare_cases
 
     generation = {k: v for k, v in (generation or {}).items() if v is not None}
     try:
@@ -221,49 +263,209 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
         if generation and bench.evaluation == TEACHER_FORCED:
             raise ValueError(f"{', '.join(sorted(generation))}: generation settings apply only to generation-based "
                              f"benchmarks (mquake), not to {bench.name}")
-        evaluator = make_evaluator(bench.evaluation, lm, GenerationSettings(seed=seed, **generation))
-        cases = load_benchmark(dataset, limit=limit, offset=offset)
-        if step_budgets is not None:
-            cases = [c for c in cases if c.case_id in step_budgets]
-        if parallel != 1:
-            check_parallel_cases(cases)
-        if parallel == "auto":
-            parallel = parallel_size(editor.case_memory(), lm.device, len(cases))
-        source = {"name": bench.name, "offset": offset}
-        if dataset not in BENCHMARKS:
-            source.update(path=str(bench.file), format=bench.format)
-        config: dict[str, Any] = {
-            "overtone_version": __version__,
-            "protocol": "single" if sequence == 1 else "continual" if batch == 1 else "batch",
-            **({"sequence": sequence, "eval_timing": eval_timing} if sequence > 1 else {}),
-            **({"batch": batch} if batch > 1 else {}),
-            **({"matched_steps": matched} if matched else {}),
-            "model": lm.identity,
-            "editor": editor.describe(),
-            "objective": editor.objective.config() if editor.objective else None,
-            "dataset": source,
-            **({"evaluation": evaluator.describe()} if evaluator.describe() else {}),
-            "limit": limit,
-            "seed": seed,
-            "threads": threads,
-            "parallel": parallel,
-        }
-        store = ResultStore(out, config)
-    except (DatasetError, StoreError, ValueError) as exc:
+        if generation and evaluation == "wild":
+            raise ValueError(f"{', '.join(sorted(generation))}: MQuAKE's generation settings need --eval "
+                             "teacher-forced or both")
+        if eval_context != "bare" and evaluation == "teacher-forced":
+            raise ValueError(f"--eval-context {eval_context} applies to the wild evaluation: add --eval wild or both")
+        wild = WildSettings(context=eval_context)
+        settings = GenerationSettings(seed=seed, **generation)
+        cases = prepare_cases(load_benchmark(dataset, limit=limit, offset=offset), tokenizer, EDITORS[editor], config,
+                              truncate)
+    except (DatasetError, ValueError) as exc:
         fail(str(exc))
-    if store.done:
-        log.info("%s: resuming, %d cases already done", out, len(store.done & {c.case_id for c in cases}))
-    with progress_bar() as progress:
-        task = progress.add_task(label, total=len(cases), status="")
+    return RunInputs(bench, cases, settings, truncate, evaluation, wild)
 
-        def on_case(record: dict[str, Any] | None) -> None:
-            status = "" if record is None else (
-                f"rel {100 * record['post']['rel']:.0f} steps {record['steps']} "
-                f"{record['edit_s'] + record['eval_s']:.1f}s")
-            progress.update(task, advance=1, status=status)
 
+def _tokenizer_and_config(model: str, editor: str, settings: dict[str, Any]) -> tuple[Any, Any]:
+    from overtone.editors import editor_config
+    from overtone.models import ModelLoadError, load_tokenizer
+
+    try:
+        return load_tokenizer(model), editor_config(editor, **settings)
+    except (ModelLoadError, ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+
+
+def precheck(model: str, editor: str, settings: dict[str, Any], dataset: str, offset: int, limit: int | None,
+             parallel: int | str = 1, **options: Any) -> RunInputs:
+    """``check_inputs`` with the model's tokenizer and the editor's settings, before the model is loaded;
+    with ``parallel`` != 1 also that every case is one edit (``runner.bench.check_parallel_cases``)."""
+    from overtone.runner.bench import check_parallel_cases
+
+    tokenizer, config = _tokenizer_and_config(model, editor, settings)
+    inputs = check_inputs(tokenizer, editor, config, dataset, offset, limit, **options)
+    if parallel != 1:
         try:
-            return run_continual(editor, evaluator, cases, store, sequence, eval_timing, on_case, batch,
-                                 step_budgets, int(parallel))
-        except RunError as exc:
+            check_parallel_cases(inputs.cases)
+        except ValueError as exc:
             fail(str(exc))
+    return inputs
+
+
+def precheck_cases(model: str, editor: str, settings: dict[str, Any], cases: list[Any]) -> list[Any]:
+    """Ad-hoc cases checked as a run's are (``check_inputs``), before the model is loaded."""
+    from overtone.editors import EDITORS
+    from overtone.runner.checks import prepare_cases
+
+    tokenizer, config = _tokenizer_and_config(model, editor, settings)
+    try:
+        return prepare_cases(cases, tokenizer, EDITORS[editor], config)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def hold_run_dir(out: Path) -> Any:
+    """The lock of run directory ``out`` (``runner.store.RunLock``), or a clean exit naming its holder."""
+    from overtone.runner import StoreError
+    from overtone.runner.store import RunLock
+
+    try:
+        return RunLock(out).acquire()
+    except StoreError as exc:
+        fail(str(exc))
+
+
+@contextmanager
+def exit_on_interrupt(out: Path) -> Iterator[None]:
+    """Turn SIGINT/SIGTERM into a one-line message and exit status 128 + signal; the weights were reverted by
+    then (editors and ``edit_chunk`` restore them on any exception) and finished cases are on disk."""
+    from overtone.runner import StoreError, read_run
+    from overtone.runner.signals import Interrupted
+
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        name, code = (exc.name, exc.exit_code) if isinstance(exc, Interrupted) else ("SIGINT", 130)
+        try:
+            saved = f"{len(read_run(out)[1])} finished cases are saved in {out}"
+        except (StoreError, OSError, ValueError):
+            saved = "no case was finished"
+        console.print(f"[bold red]interrupted[/] by {name}: {saved}; rerun the same command to resume",
+                      soft_wrap=True)
+        raise typer.Exit(code=code) from None
+
+
+def progress_bar() -> Progress:
+    """A progress bar with a free-text status field."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+    )
+
+
+def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None, out: Path,
+              seed: int, threads: int, label: str, sequence: int = 1, eval_timing: str = "end",
+              generation: dict[str, Any] | None = None, batch: int = 1,
+              step_budgets: dict[str, int] | None = None, matched: str | None = None, *,
+              inputs: RunInputs | None = None, lock: Any = None, strict: bool = False,
+              evaluation: str = "teacher-forced", eval_context: str = "bare", ability: bool = False,
+              parallel: int | str = 1) -> dict[str, Any]:
+    """Run ``editor`` over a dataset into ``out``: single editing (``sequence`` 1), continual editing, or
+    batch editing (``batch`` cases per edit call, within chunks of ``sequence``).
+
+    ``generation`` overrides the settings of generation-based evaluation (MQuAKE); None values are skipped.
+    ``step_budgets`` trains each case for exactly its number of updates, taken from run ``matched``
+    (recorded in the config); only the cases it has a budget for are run.
+    ``inputs``: the result of ``precheck`` (else the inputs are checked here, with the loaded model's
+    tokenizer); ``lock``: the directory's ``RunLock`` when the caller took it before loading the model;
+    ``strict``: a diverged edit stops the run. ``evaluation`` is ``--eval`` (the benchmark's own protocol,
+    wild, or both) with the wild ``eval_context`` (both taken from ``inputs`` when given); ``ability``
+    measures the general ability at the end of each chunk. ``parallel``: single-editing cases edited at once
+    (a number, or ``auto`` from free memory; see ``parallel_option``).
+    """
+    from overtone.benchmarks import BENCHMARKS
+    from overtone.editors.parallel import parallel_size
+    from overtone.evaluation import make_evaluator
+    from overtone.evaluation.ability import AbilityMonitor
+    from overtone.runner import ResultStore, RunError, StoreError, run_continual
+    from overtone.runner.bench import check_parallel_cases
+    from overtone.stats import CorpusError
+
+    if inputs is None:
+        inputs = check_inputs(lm.tokenizer, editor.name, editor.config, dataset, offset, limit, seed, sequence,
+                              eval_timing, generation, batch, evaluation=evaluation, eval_context=eval_context)
+    bench, cases = inputs.bench, inputs.cases
+    if step_budgets is not None:
+        cases = [c for c in cases if c.case_id in step_budgets]
+    if parallel != 1:
+        try:
+            check_parallel_cases(cases)
+        except ValueError as exc:
+            fail(str(exc))
+    if parallel == "auto":
+        parallel = parallel_size(editor.case_memory(), lm.device, len(cases))
+    evaluator = make_evaluator(bench.evaluation, lm, inputs.generation, inputs.evaluation, inputs.wild)
+    try:
+        monitor = AbilityMonitor(lm) if ability else None
+    except CorpusError as exc:
+        fail(str(exc))
+    source = {"name": bench.name, "offset": offset}
+    if dataset not in BENCHMARKS:
+        source.update(path=str(bench.file), format=bench.format)
+    config: dict[str, Any] = {
+        "overtone_version": __version__,
+        "protocol": "single" if sequence == 1 else "continual" if batch == 1 else "batch",
+        **({"sequence": sequence, "eval_timing": eval_timing} if sequence > 1 else {}),
+        **({"batch": batch} if batch > 1 else {}),
+        **({"matched_steps": matched} if matched else {}),
+        "model": lm.identity,
+        "editor": editor.describe(),
+        "objective": editor.objective.config() if editor.objective else None,
+        "dataset": source,
+        **({"truncate": True} if inputs.truncate else {}),
+        **({"evaluation": evaluator.describe()} if evaluator.describe() else {}),
+        **({"ability": monitor.describe()} if monitor else {}),
+        "limit": limit,
+        "seed": seed,
+        "threads": threads,
+        "parallel": parallel,
+    }
+    try:
+        store = ResultStore(out, config, lock)
+    except StoreError as exc:
+        fail(str(exc))
+    with store:
+        if store.done:
+            log.info("%s: resuming, %d cases already done", out, len(store.done & {c.case_id for c in cases}))
+        with progress_bar() as progress:
+            task = progress.add_task(label, total=len(cases), status="")
+
+            def on_case(record: dict[str, Any] | None) -> None:
+                status = ""
+                if record is not None:
+                    scores = [f"{name} {100 * part['post']['rel']:.0f}" for name, part in
+                              (("rel", record), ("wild rel", record.get("wild"))) if part and "post" in part]
+                    status = f"{' '.join(scores)} steps {record['steps']} {record['edit_s'] + record['eval_s']:.1f}s"
+                progress.update(task, advance=1, status=status)
+
+            try:
+                return run_continual(editor, evaluator, cases, store, sequence, eval_timing, on_case, batch,
+                                     step_budgets, strict, ability=monitor, parallel=int(parallel))
+            except RunError as exc:
+                fail(str(exc))
+
+
+def load_artifacts(paths: list[Path]) -> list[Any]:
+    """The edit artifacts at ``paths``; a bad folder is a clean exit naming it."""
+    from overtone.artifacts import ArtifactError, load_edit
+
+    try:
+        return [load_edit(path) for path in paths]
+    except ArtifactError as exc:
+        fail(str(exc))
+
+
+def load_base(artifacts: list[Any], model: str | None, device: str, dtype: str | None) -> Any:
+    """The model to apply ``artifacts`` to: ``model``, else the one the first edit was made on, in its dtype."""
+    from overtone.models import DEFAULT_MODEL, ModelLoadError, load_model
+    from overtone.models.loading import DTYPES
+
+    if dtype is None and artifacts:
+        saved = artifacts[0].manifest["model"]["dtype"]
+        dtype = next((name for name, value in DTYPES.items() if str(value) == f"torch.{saved}"), "fp32")
+    source = model or (artifacts[0].model_source if artifacts else DEFAULT_MODEL)
+    try:
+        return load_model(source, device=device, dtype=dtype or "fp32")
+    except (ModelLoadError, ValueError) as exc:
+        fail(str(exc))

@@ -14,6 +14,8 @@ from overtone.cli.common import (
     DtypeOpt,
     EditorOpt,
     EpsilonOpt,
+    EvalContextOpt,
+    EvalOpt,
     LambdaOpt,
     LayerOpt,
     LimitOpt,
@@ -34,6 +36,7 @@ from overtone.cli.common import (
     log,
     overtone_config,
     parallel_option,
+    precheck,
     run_bench,
     setup,
 )
@@ -53,25 +56,29 @@ Result = tuple[str, dict[str, Any], list[dict[str, Any]]]
 
 def _run_variants(variants: list[Any], out: Path, model: str, device: str, dtype: str, editor: str,
                   dataset: str, offset: int, limit: int | None, settings: dict[str, Any], seed: int,
-                  threads: int, lm: Any = None, parallel: int | str = 1) -> tuple[list[Result], Any]:
+                  threads: int, lm: Any = None, evaluation: str = "teacher-forced",
+                  eval_context: str = "bare", parallel: int | str = 1) -> tuple[list[Result], Any]:
     """Run every variant into ``out/<slug>``; a matched-steps variant reads its budgets from its source's run."""
     from overtone.runner import read_run
     from overtone.runner.variants import step_budgets
 
+    inputs = precheck(model, editor, settings, dataset, offset, limit, parallel, seed=seed, evaluation=evaluation,
+                      eval_context=eval_context)  # before the model is loaded
     results = []
     for v in variants:
         lm, ed = build(model, device, dtype, editor, v.objective, v.overtone, {**settings, **v.editor_settings}, lm)
         budgets = step_budgets(read_run(out / v.match_steps)[1]) if v.match_steps else None
         summary = run_bench(lm, ed, dataset, offset, limit, out / v.slug, seed, threads, f"{editor} {v.label}",
-                            step_budgets=budgets, matched=v.match_steps, parallel=parallel)
+                            step_budgets=budgets, matched=v.match_steps, inputs=inputs, parallel=parallel)
         results.append((v.label, summary, read_run(out / v.slug)[1]))
     return results, lm
 
 
 def _report(results: list[Result], out: Path, title: str, matched: list[tuple[Result, Result]] = ()) -> None:
-    """The summary table, the paired differences to CE, and each early-stopping OverTone row against CE
-    trained for the same number of updates on every case."""
-    from overtone.report import markdown_table, paired_markdown, paired_table, summary_table
+    """The summary table, the paired differences to CE, each early-stopping OverTone row against CE
+    trained for the same number of updates on every case, and the wild scores and cost when measured."""
+    from overtone.report import extra_tables, markdown_table, paired_markdown, paired_table, summary_table, to_markdown
+    from overtone.report.tables import to_rich
 
     rows = [(label, summary) for label, summary, _ in results]
     console.print(summary_table(rows, title=title))
@@ -81,6 +88,9 @@ def _report(results: list[Result], out: Path, title: str, matched: list[tuple[Re
         heading = f"paired differences of {source[0]} to {control[0]} (x100)"
         console.print(paired_table([control, source], base=0, title=heading))
         text += f"\n{heading[0].upper()}{heading[1:]}:\n\n{paired_markdown([control, source])}\n"
+    for extra in extra_tables(rows):
+        console.print(to_rich(extra))
+        text += f"\n{to_markdown(extra)}\n"
     (out / "table.md").write_text(text)
     console.print(f"runs in {out}/, tables in {out / 'table.md'}")
 
@@ -109,6 +119,8 @@ def ablate(
     lr: LrOpt = None,
     steps: StepsOpt = None,
     settings: SetOpt = None,
+    evaluation: EvalOpt = "teacher-forced",
+    eval_context: EvalContextOpt = "bare",
     parallel: ParallelOpt = "1",
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
@@ -134,11 +146,11 @@ def ablate(
     variants = ablation_variants(overtone_config(editor, lam, n_sigma, epsilon), grid, chk_lambda)
     overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps)
     results, lm = _run_variants(variants, out, model, device, dtype, editor, dataset, offset, limit, overrides,
-                                seed, threads, parallel=cases_at_once)
+                                seed, threads, None, evaluation, eval_context, cases_at_once)
     by_slug = {v.slug: r for v, r in zip(variants, results, strict=True)}
     controls = matched_steps_variants(variants, {slug: r[2] for slug, r in by_slug.items()})
     matched_results, _ = _run_variants(controls, out, model, device, dtype, editor, dataset, offset, limit,
-                                       overrides, seed, threads, lm, cases_at_once)
+                                       overrides, seed, threads, lm, evaluation, eval_context, cases_at_once)
     matched = [(r, by_slug[v.match_steps]) for v, r in zip(controls, matched_results, strict=True)]
     first = results[0][1]
     _report(results + matched_results, out,
@@ -165,6 +177,8 @@ def sweep(
     lr: LrOpt = None,
     steps: StepsOpt = None,
     settings: SetOpt = None,
+    evaluation: EvalOpt = "teacher-forced",
+    eval_context: EvalContextOpt = "bare",
     parallel: ParallelOpt = "1",
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
@@ -181,7 +195,7 @@ def sweep(
                               _floats(n_sigmas, "--n-sigmas"), _floats(epsilons, "--epsilons"))
     overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps)
     results, _ = _run_variants(variants, out, model, device, dtype, editor, dataset, offset, limit, overrides,
-                               seed, threads, parallel=cases_at_once)
+                               seed, threads, None, evaluation, eval_context, cases_at_once)
     ranked = [results[0], *sorted(results[1:], key=lambda r: -(r[1].get("avg") or 0.0))]
     _report(ranked, out, f"Sweep: {editor} on {dataset} cases from {offset} ({results[0][1]['n_cases']} cases), "
                          f"{model} (x100), best Avg. first")

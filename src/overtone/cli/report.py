@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from overtone.cli.app import app
-from overtone.cli.common import console, fail, setup
+from overtone.cli.common import EvalOpt, console, fail, setup
 
 
 @app.command()
@@ -17,6 +17,7 @@ def report(
     out: Annotated[Path, typer.Option("--out", help="directory for report.html, report.md and figures/")] = Path(
         "report"),
     title: Annotated[str, typer.Option("--title", help="page title")] = "overtone report",
+    evaluation: EvalOpt = "both",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
 ) -> None:
     """Write one self-contained HTML page (and Markdown) with the paper's tables, Fig. 3 bars and trace plots."""
@@ -26,7 +27,8 @@ def report(
 
     setup(1, 0, verbose)
     try:
-        files = write_report(paths, out, title)
+        protocols = ("teacher-forced", "wild") if evaluation == "both" else (evaluation,)
+        files = write_report(paths, out, title, protocols)
     except (ReportError, TraceError) as exc:
         fail(str(exc))
     size = files.html.stat().st_size / 1024

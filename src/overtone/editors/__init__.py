@@ -17,17 +17,25 @@ from overtone.objectives import Objective
 EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (FTM, LoRA, WISE, MELO, ROME, MEMIT)}
 
 
-def make_editor(name: str, lm: LoadedModel, objective: Objective | None = None, **settings: Any) -> Editor:
-    """Build editor ``name`` with its config fields overridden by ``settings`` (None values are skipped)."""
+def editor_config(name: str, **settings: Any) -> Any:
+    """The config of editor ``name`` with its fields overridden by ``settings`` (None values are skipped).
+
+    Needs no model: the command line checks settings and cases with it before loading one.
+    """
     if name not in EDITORS:
         raise ValueError(f"unknown editor {name!r}; available: {', '.join(sorted(EDITORS))}")
-    cls = EDITORS[name]
-    fields = cls.config_class.__dataclass_fields__
+    config_class = EDITORS[name].config_class
+    fields = config_class.__dataclass_fields__
     unknown = sorted(k for k, v in settings.items() if v is not None and k not in fields)
     if unknown:
         raise ValueError(f"editor {name!r} has no setting(s) {', '.join(unknown)}; known: {', '.join(fields)}")
-    config = cls.config_class(**{k: v for k, v in settings.items() if v is not None})
-    return cls(lm, config, objective)
+    return config_class(**{k: v for k, v in settings.items() if v is not None})
+
+
+def make_editor(name: str, lm: LoadedModel, objective: Objective | None = None, **settings: Any) -> Editor:
+    """Build editor ``name`` with its config fields overridden by ``settings`` (None values are skipped)."""
+    config = editor_config(name, **settings)  # raises for an unknown editor or setting
+    return EDITORS[name](lm, config, objective)
 
 
 __all__ = [
@@ -51,5 +59,6 @@ __all__ = [
     "StepCallback",
     "StepInfo",
     "WISEConfig",
+    "editor_config",
     "make_editor",
 ]

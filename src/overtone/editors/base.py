@@ -8,13 +8,15 @@ so evaluation can reuse the unedited model's activations below it.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from overtone.benchmarks.cases import EditCase
 from overtone.models.loading import LoadedModel
@@ -23,9 +25,61 @@ from overtone.objectives import IGNORE_INDEX, Objective, ObjectiveOutput, OverTo
 if TYPE_CHECKING:
     from overtone.editors.parallel import CaseEdits, CaseMemory
 
+log = logging.getLogger(__name__)
+
 
 class EditError(RuntimeError):
     """An edit could not be carried out; the model is left as it was before the edit."""
+
+
+# Tokens of ``prompt + " " + target`` an editor accepts by default. The reference toolkit bounds FT at 40
+# and LoRA at 30 (a truncation bound there); 512 admits every shipped benchmark with room for tokenizers
+# less thrifty than SmolLM2's (WikiBio's longest edit: 226 SmolLM2 tokens, 295 with the tests' 400-token
+# vocabulary) and refuses the pathological (a 6,000-character target: ~1,500 tokens) in seconds.
+DEFAULT_MAX_LENGTH = 512
+
+
+def max_length_field() -> Any:
+    """The ``max_length`` setting every editor config carries."""
+    return field(default=DEFAULT_MAX_LENGTH, metadata={
+        "help": "max tokens of prompt + target per edit; longer inputs are refused (or cut with --truncate)"})
+
+
+def fit_length(tokenizer: PreTrainedTokenizerBase, case: EditCase, max_length: int | None, truncate: bool,
+               editor: str) -> EditCase:
+    """``case`` if each request's ``prompt + " " + target`` has at most ``max_length`` tokens.
+
+    Longer requests raise ``ValueError`` naming the case and its length, or with ``truncate`` keep
+    their first ``max_length`` tokens (the target is cut, as a tokenizer's right truncation would);
+    a prompt that alone fills ``max_length`` cannot be cut that way and is refused.
+    """
+    if max_length is None:
+        return case
+    fitted = []
+    for request in case.requests:
+        text = f"{request.prompt} {request.target}"
+        enc = tokenizer(text, return_offsets_mapping=True)
+        length = len(enc["input_ids"])
+        if length <= max_length:
+            fitted.append(request)
+            continue
+        where = f"case {request.case_id}: prompt + target has {length} tokens, more than {editor}'s max_length " \
+                f"{max_length}"
+        if not truncate:
+            raise ValueError(f"{where}; raise it (--set max_length=N) or cut the input with --truncate")
+        keep = max_length
+        while True:  # a cut text can tokenise into more tokens than the cut made; then cut one more
+            target = text[len(request.prompt) + 1: enc["offset_mapping"][keep - 1][1]]
+            if not target.strip():
+                raise ValueError(f"{where}, and the prompt alone fills it: --truncate would leave no target")
+            if len(tokenizer(f"{request.prompt} {target}")["input_ids"]) <= max_length:
+                break
+            keep -= 1
+        log.warning("%s: cut to its first %d tokens (--truncate)", where, max_length)
+        fitted.append(replace(request, target=target))
+    if not case.edits:
+        return fitted[0]
+    return replace(case, edits=tuple(fitted))
 
 
 @dataclass
@@ -154,11 +208,67 @@ class EditStack:
         self.first_layer = None
 
 
+@dataclass
+class SavedEdit:
+    """An editor's live edits as data: what an edit artifact stores (``overtone.artifacts``).
+
+    ``tensors`` are written as safetensors and ``state`` as JSON. ``base`` holds the values, from
+    before the edits, of the model parameters the edits change or build on: an artifact stores their
+    hashes, never the values, and refuses a model whose values differ. When ``peft_config`` is set,
+    ``tensors`` are a peft adapter's state dict and the artifact is also a peft adapter folder.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    state: dict[str, Any] = field(default_factory=dict)
+    base: dict[str, torch.Tensor] = field(default_factory=dict)
+    peft_config: Any = None
+
+
+class UpdateLog:
+    """The live edits of an editor that changes weights in place, oldest first, so they can be saved.
+
+    ``begin`` opens an edit's record; when no edit is live it first copies the present values of the
+    weights the editor changes (the ``base`` of a saved edit). Closed-form updates go into the open
+    record with ``add``. ``revert_to(mark)`` drops the record of an edit and every later one, as
+    restoring that edit's weight copy undoes them all (in a sequence ``EditStack`` only reverts the
+    first edit's handle).
+    """
+
+    def __init__(self) -> None:
+        self.base: dict[str, torch.Tensor] = {}
+        self.edits: list[list[Any]] = []
+
+    def begin(self, weights: Mapping[str, torch.Tensor]) -> int:
+        if not self.edits:
+            self.base = {}
+        for name, weight in weights.items():
+            if name not in self.base:
+                self.base[name] = weight.detach().clone()
+        self.edits.append([])
+        return len(self.edits) - 1
+
+    def add(self, update: Any) -> None:
+        self.edits[-1].append(update)
+
+    def revert_to(self, mark: int) -> None:
+        del self.edits[mark:]
+
+    @property
+    def updates(self) -> list[Any]:
+        return [update for edit in self.edits for update in edit]
+
+
 class Editor(ABC):
-    """Base class of all editors; subclasses set ``name`` and ``config_class`` and register themselves."""
+    """Base class of all editors; subclasses set ``name`` and ``config_class`` and register themselves.
+
+    Saving edits is one method pair: ``saved_edit`` describes the edits applied so far and not
+    reverted, ``apply_saved`` applies such a description to a model and returns its handle.
+    """
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    # True when the edits need the editor's routing at inference (no plain weight change to export).
+    needs_routing: ClassVar[bool] = False
     # OverTone's lambda, n and epsilon when this editor hosts it and the user sets none (tuned per editor).
     overtone_defaults: ClassVar[OverToneConfig] = OverToneConfig()
     # Why the editor cannot edit cases side by side (``edit_parallel``); None: it can.
@@ -202,3 +312,47 @@ class Editor(ABC):
     def describe(self) -> dict[str, Any]:
         """Resolved settings, as written into a run's configuration."""
         return {"name": self.name, **asdict(self.config)}
+
+    @classmethod
+    def check_cases(cls, config: Any, tokenizer: PreTrainedTokenizerBase, cases: Sequence[EditCase],
+                    truncate: bool = False) -> list[EditCase]:
+        """The cases as this editor will edit them, checked with the tokenizer alone (before any model work).
+
+        Raises ``ValueError`` naming the case for an input the editor refuses: longer than ``max_length``
+        (unless ``truncate``), or what ``check_request`` rejects.
+        """
+        max_length = getattr(config, "max_length", None)
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"max_length must be >= 2 tokens, got {max_length}")
+        fitted = [fit_length(tokenizer, case, max_length, truncate, cls.name) for case in cases]
+        for case in fitted:
+            for request in case.requests:
+                cls.check_request(config, tokenizer, request)
+        return fitted
+
+    @classmethod
+    def check_request(cls, config: Any, tokenizer: PreTrainedTokenizerBase, request: EditCase) -> None:
+        """Raise ``ValueError`` naming the case if this editor cannot edit ``request`` (nothing to check here)."""
+        return None
+
+    def saved_edit(self) -> SavedEdit:
+        """The edits this editor has applied and not reverted, as tensors, JSON state and their base."""
+        raise NotImplementedError(f"the {self.name} editor cannot save its edits")
+
+    @classmethod
+    def apply_saved(cls, lm: LoadedModel, config: Any, saved: SavedEdit,
+                    objective: Objective | None = None) -> EditHandle:
+        """Apply ``saved`` (made by this editor with ``config``) to ``lm``; the handle reverts it bit for bit.
+
+        The caller has checked that ``lm`` holds the saved edit's base values.
+        """
+        raise NotImplementedError(f"the {cls.name} editor cannot apply saved edits")
+
+
+def refuse_second_peft(lm: LoadedModel, editor: str) -> None:
+    """Peft-based edits (LoRA, MELO) own the peft wrapping of a model: one at a time."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if any(isinstance(m, BaseTunerLayer) for m in lm.model.modules()):
+        raise ValueError(f"cannot apply a saved {editor} edit: the model already carries peft adapters (a LoRA or "
+                         "MELO edit); apply one peft-based edit per model, or export the first and edit the export")

@@ -23,11 +23,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditHandle, Editor, StepCallback
+from overtone.editors.base import EditHandle, Editor, EditStats, SavedEdit, StepCallback, UpdateLog, max_length_field
+from overtone.editors.locate.update import snapshot
 from overtone.editors.parallel import (
     EDIT_TOKENS,
     TARGET_TOKENS,
@@ -66,6 +68,7 @@ class FTMConfig:
     norm_constraint: float | None = field(
         default=None, metadata={"help": "clamp each weight to within this distance of its original value"}
     )
+    max_length: int | None = max_length_field()
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -102,6 +105,7 @@ class FTM(Editor):
         if objective is None:
             raise ValueError("FT-M needs an objective (e.g. overtone.objectives.CrossEntropy())")
         super().__init__(lm, config, objective)
+        self.log = UpdateLog()
 
     @property
     def first_layer(self) -> int:
@@ -116,6 +120,7 @@ class FTM(Editor):
                              self.lm.device)
         weight = self.lm.adapter.weight("mlp_out", cfg.layer)
         original = weight.detach().clone()
+        mark = self.log.begin({f"{self.lm.adapter.path('mlp_out', cfg.layer)}.weight": weight})
         # Low-precision weights are trained through an fp32 master copy, so small Adam steps are not lost.
         master = weight if weight.dtype == torch.float32 else original.float().requires_grad_(True)
         optimiser = torch.optim.Adam([master], lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -136,6 +141,7 @@ class FTM(Editor):
         def revert() -> None:
             with torch.no_grad():
                 weight.copy_(original)
+            self.log.revert_to(mark)
 
         weight.requires_grad_(True)
         try:
@@ -190,3 +196,25 @@ class FTM(Editor):
         for s in stats:
             s.time_s = (time.perf_counter() - start) / len(cases)
         return CaseEdits(list(cases), stats, cfg.layer, {module: CaseWeights(final, adapter.arch.conv1d)})
+    def saved_edit(self) -> SavedEdit:
+        """The change of the edited matrix since before the live edits, at twice its precision, so that
+        adding it back gives the edited weights bit for bit."""
+        base = self.log.base if self.log.edits else {}
+        deltas = {name: _wide(self.lm.adapter.parameter(name)) - _wide(value) for name, value in base.items()}
+        return SavedEdit(tensors=deltas, base=base)
+
+    @classmethod
+    def apply_saved(cls, lm: LoadedModel, config: Any, saved: SavedEdit,
+                    objective: Objective | None = None) -> EditHandle:
+        weights = {name: lm.adapter.parameter(name) for name in saved.tensors}
+        revert = snapshot(list(weights.values()))
+        with torch.no_grad():
+            for name, weight in weights.items():
+                weight.copy_((_wide(weight) + saved.tensors[name].to(weight.device)).to(weight.dtype))
+        return EditHandle(revert, first_layer=config.layer, stats=EditStats(), restores=tuple(weights.values()))
+
+
+def _wide(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` at a precision in which the difference of two of its values is exact (fp32 -> fp64)."""
+    wide = torch.float64 if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    return weight.detach().to(wide)

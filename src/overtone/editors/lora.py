@@ -31,6 +31,7 @@ generator, Adam state, AdaLoRA orthogonality term and stop. AdaLoRA's rank alloc
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import zlib
@@ -39,11 +40,27 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
+from peft import (
+    AdaLoraConfig,
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 from torch import nn
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditError, EditHandle, Editor, StepCallback
+from overtone.editors.base import (
+    EditError,
+    EditHandle,
+    Editor,
+    EditStats,
+    SavedEdit,
+    StepCallback,
+    max_length_field,
+    refuse_second_peft,
+)
 from overtone.editors.parallel import (
     EDIT_TOKENS,
     TARGET_TOKENS,
@@ -86,6 +103,7 @@ class LoRAConfig:
         default=False, metadata={"help": "AdaLoRA: run peft's rank allocation after each step (reference: never)"}
     )
     seed: int = field(default=0, metadata={"help": "seed of adapter init and dropout (mixed with the case ids)"})
+    max_length: int | None = max_length_field()
 
     def __post_init__(self) -> None:
         if self.variant not in ("lora", "adalora"):
@@ -384,3 +402,36 @@ class LoRA(Editor):
         for s in stats:
             s.time_s = (time.perf_counter() - start) / len(cases)
         return CaseEdits(list(cases), stats, self._first_layer, changes(params.finish(), None))
+    def saved_edit(self) -> SavedEdit:
+        """The adapters as peft saves them, so that the artifact folder is a peft adapter folder."""
+        if self._peft is None:
+            return SavedEdit(tensors={})
+        config = copy.deepcopy(self._peft.peft_config[ADAPTER])
+        config.inference_mode = True
+        base = {f"{path}.weight": self.lm.adapter.parameter(f"{path}.weight") for path in self.target_modules}
+        return SavedEdit(tensors=get_peft_model_state_dict(self._peft, adapter_name=ADAPTER), base=base,
+                         peft_config=config)
+
+    @classmethod
+    def apply_saved(cls, lm: LoadedModel, config: LoRAConfig, saved: SavedEdit,
+                    objective: Objective | None = None) -> EditHandle:
+        """Wrap the model with peft again and load the adapters; reverting unloads peft (the base weights
+        were never touched)."""
+        refuse_second_peft(lm, cls.name)
+        peft_config = copy.deepcopy(saved.peft_config)
+        peft_config.base_model_name_or_path = None  # peft fills in this model's own
+        with torch.random.fork_rng(devices=[]):  # peft initialises the adapters before their values are loaded
+            model = get_peft_model(lm.model, peft_config, adapter_name=ADAPTER)
+        lm.model.eval()
+        loaded = set_peft_model_state_dict(model, saved.tensors, adapter_name=ADAPTER)
+        if loaded.unexpected_keys or any("lora_" in key for key in loaded.missing_keys):
+            model.unload()
+            missing = [k for k in loaded.missing_keys if "lora_" in k]
+            raise ValueError(f"the saved LoRA adapter does not fit this model (unexpected keys: "
+                             f"{loaded.unexpected_keys[:3]}, missing: {missing[:3]})")
+
+        def revert() -> None:
+            model.unload()
+
+        layers = config.layers if config.layers is not None else (0,)
+        return EditHandle(revert, first_layer=min(layers), stats=EditStats())

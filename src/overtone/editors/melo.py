@@ -38,13 +38,21 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from torch import nn
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditHandle, Editor, StepCallback
+from overtone.editors.base import (
+    EditHandle,
+    Editor,
+    EditStats,
+    SavedEdit,
+    StepCallback,
+    max_length_field,
+    refuse_second_peft,
+)
 from overtone.editors.memory import Journal, edit_seed, resolve_preset
 from overtone.editors.training import TargetLogits, default_stop, optimise, stop_when_clipped_field
 from overtone.models.loading import LoadedModel
 from overtone.models.replay import forward_hidden
 from overtone.models.routing import last_token_index, real_tokens
-from overtone.objectives import Objective, OverToneConfig
+from overtone.objectives import CrossEntropy, Objective, OverToneConfig
 from overtone.tokens import encode_pairs
 
 log = logging.getLogger(__name__)
@@ -84,6 +92,7 @@ class MELOConfig:
     stop_loss: float = field(default=0.0, metadata={"help": "stop once the objective's loss is below (0: never)"})
     stop_when_clipped: bool = stop_when_clipped_field()
     seed: int = field(default=0, metadata={"help": "seed of the LoRA initialisation"})
+    max_length: int | None = max_length_field()
 
     def __post_init__(self) -> None:
         problems = []
@@ -208,6 +217,7 @@ class MELO(Editor):
     # One codebook of LoRA blocks, keyed by cluster radius, holds every edit: see docs/parallel.md.
     parallel_refusal = ("its edits live in one routed codebook of LoRA blocks, so cases edited side by side would "
                         "capture each other's rows (docs/parallel.md)")
+    needs_routing = True
     # Chosen by `overtone sweep --editor melo --offset 1000 --limit 20` (ZsRE dev records 1000-1019) over
     # lambda {0.1, 0.5} x n {0.5, 1}, epsilon 0.01: lambda 0.1 ties for the best Avg., 86.50 vs CE 85.88
     # (paired +0.6 +- 1.3, within noise; one case gains Por.), with about 10 steps instead of 25. Lambda 0.5
@@ -359,3 +369,47 @@ class MELO(Editor):
                 p.requires_grad_(False)
         stats.time_s = time.perf_counter() - start
         return self.journal.handle(before, self._restore, cfg.key_layer, stats)
+
+    def saved_edit(self) -> SavedEdit:
+        """Every live edit's LoRA block and the codebook that routes sequences to them."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name in self.adapters:
+            for path, layer in zip(self.targets, self._lora_layers(), strict=True):
+                tensors[f"block.{name}.{path}.lora_A"] = layer.lora_A[name].weight
+                tensors[f"block.{name}.{path}.lora_B"] = layer.lora_B[name].weight
+        clusters = []
+        for j, cluster in enumerate(self.codebook.clusters):
+            tensors[f"cluster.{j}.center"], tensors[f"cluster.{j}.keys"] = cluster.center, cluster.keys
+            clusters.append({"radius": cluster.radius, "label": cluster.label, "blocks": list(cluster.blocks)})
+        state = {"adapters": list(self.adapters), "clusters": clusters, "created": self._created}
+        base = {f"{path}.weight": self.lm.adapter.parameter(f"{path}.weight") for path in self.targets}
+        return SavedEdit(tensors=tensors, state=state, base=base if self.adapters else {})
+
+    @classmethod
+    def apply_saved(cls, lm: LoadedModel, config: MELOConfig, saved: SavedEdit,
+                    objective: Objective | None = None) -> EditHandle:
+        """A MELO editor on ``lm`` holding the saved blocks and codebook; it routes until reverted."""
+        refuse_second_peft(lm, cls.name)
+        editor = cls(lm, config, objective or CrossEntropy())
+        empty = _State((), ())
+        names = tuple(saved.state["adapters"])
+        try:
+            with torch.no_grad():
+                for name in names:
+                    editor._add_adapter(name, seed=0)
+                    for path, layer in zip(editor.targets, editor._lora_layers(), strict=True):
+                        layer.lora_A[name].weight.copy_(saved.tensors[f"block.{name}.{path}.lora_A"])
+                        layer.lora_B[name].weight.copy_(saved.tensors[f"block.{name}.{path}.lora_B"])
+        except BaseException:
+            editor._restore(empty)
+            raise
+        for p in lm.model.parameters():
+            p.requires_grad_(False)
+        device = lm.device
+        editor.adapters, editor._created = names, saved.state["created"]
+        editor.codebook.clusters = tuple(
+            Cluster(center=saved.tensors[f"cluster.{j}.center"].to(device), radius=info["radius"],
+                    label=info["label"], keys=saved.tensors[f"cluster.{j}.keys"].to(device),
+                    blocks=tuple(info["blocks"]))
+            for j, info in enumerate(saved.state["clusters"]))
+        return editor.journal.handle(empty, editor._restore, editor.config.key_layer, EditStats())

@@ -31,9 +31,10 @@ from typing import Any
 import torch
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditHandle, Editor, EditStats, StepCallback
+from overtone.editors.base import EditHandle, EditStats, SavedEdit, StepCallback, UpdateLog
 from overtone.editors.locate import LocateConfig, context_prefixes, encode_rows, lookup_activations, optimise_value
-from overtone.editors.locate.update import add_update, snapshot
+from overtone.editors.locate.editor import LocateEditor
+from overtone.editors.locate.update import add_update, apply_factors, factor_product, saved_factors, snapshot
 from overtone.editors.locate.value import optimise_values
 from overtone.editors.parallel import CaseEdits, CaseMemory, ModelShape
 from overtone.editors.rome import value_memory
@@ -85,7 +86,7 @@ class MEMITConfig(LocateConfig):
             raise ValueError(f"mom2_update_weight must be >= 0, got {self.mom2_update_weight}")
 
 
-class MEMIT(Editor):
+class MEMIT(LocateEditor):
     name = "memit"
     config_class = MEMITConfig
     parallel_refusal = None
@@ -110,6 +111,7 @@ class MEMIT(Editor):
         self.mom2 = {layer: m.matrix.double().to(lm.device) for layer, m in moments.items()}
         self.mom2_info = {layer: {"tokens": m.tokens, "weights_sha256": m.key["weights_sha256"]}
                           for layer, m in moments.items()}
+        self.log = UpdateLog()
 
     @property
     def first_layer(self) -> int:
@@ -132,7 +134,14 @@ class MEMIT(Editor):
         adapter = self.lm.adapter
         top = cfg.layers[-1]
         modules = {layer: adapter.module("mlp_out", layer) for layer in cfg.layers}
-        revert = snapshot([m.weight for m in modules.values()])
+        names = {layer: f"{adapter.path('mlp_out', layer)}.weight" for layer in cfg.layers}
+        restore = snapshot([m.weight for m in modules.values()])
+        mark = self.log.begin({names[layer]: m.weight for layer, m in modules.items()})
+
+        def revert() -> None:
+            restore()
+            self.log.revert_to(mark)
+
         stats = EditStats()
         try:
             targets = []
@@ -155,8 +164,10 @@ class MEMIT(Editor):
                 now = outputs.view(len(cases), len(self.prefixes), -1)[:, 0].double()  # bare prompts
                 residual = (z - now) / (len(cfg.layers) - i)
                 system = cfg.mom2_update_weight * self.mom2[layer] + k.T @ k
-                update = residual.T @ torch.linalg.solve(system, k.T).T  # [H, I]
-                add_update(adapter, modules[layer].weight, update)
+                # contiguous, so that re-applying the saved factors takes the very same matmul
+                left, right = residual.T.contiguous(), torch.linalg.solve(system, k.T).T.contiguous()  # [H, n], [n, I]
+                add_update(adapter, modules[layer].weight, factor_product(left, right))
+                self.log.add((names[layer], left, right))
         except BaseException:
             revert()
             raise
@@ -202,3 +213,12 @@ class MEMIT(Editor):
         for s in stats:
             s.time_s = (time.perf_counter() - start) / len(cases)
         return CaseEdits(list(cases), stats, cfg.layers[0], changes)
+    def saved_edit(self) -> SavedEdit:
+        """The updates of the live edits, in order: per edit call and layer, factors [H, n] and [n, I]."""
+        return saved_factors(self.log)
+
+    @classmethod
+    def apply_saved(cls, lm: LoadedModel, config: MEMITConfig, saved: SavedEdit,
+                    objective: Objective | None = None) -> EditHandle:
+        assert config.layers is not None
+        return apply_factors(lm, saved, first_layer=config.layers[0])

@@ -31,9 +31,10 @@ from typing import Any
 import torch
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditHandle, Editor, EditStats, StepCallback
+from overtone.editors.base import EditHandle, EditStats, SavedEdit, StepCallback, UpdateLog
 from overtone.editors.locate import LocateConfig, context_prefixes, encode_rows, lookup_activations, optimise_value
-from overtone.editors.locate.update import add_update, snapshot
+from overtone.editors.locate.editor import LocateEditor
+from overtone.editors.locate.update import add_update, apply_factors, factor_product, saved_factors, snapshot
 from overtone.editors.locate.value import optimise_values
 from overtone.editors.parallel import TARGET_TOKENS, CaseEdits, CaseMemory, ModelShape
 from overtone.models.loading import LoadedModel
@@ -83,7 +84,7 @@ def case_memory(shape: ModelShape, cfg: LocateConfig, layer: int) -> CaseMemory:
     return CaseMemory(value.state + 4 * (shape.hidden + shape.intermediate), value.activations)
 
 
-class ROME(Editor):
+class ROME(LocateEditor):
     name = "rome"
     config_class = ROMEConfig
     parallel_refusal = None
@@ -107,6 +108,7 @@ class ROME(Editor):
             self.inverse_mom2 = torch.linalg.inv(moment.matrix.double()).to(lm.device)
             self.mom2_info = {"tokens": moment.tokens, "weights_sha256": moment.key["weights_sha256"],
                               "corpus_sha256": moment.key["corpus_sha256"]}
+        self.log = UpdateLog()
 
     @property
     def first_layer(self) -> int:
@@ -119,7 +121,13 @@ class ROME(Editor):
              steps: int | None = None) -> EditHandle:
         start = time.perf_counter()
         module = self.lm.adapter.module("mlp_out", self.config.layer)
-        revert = snapshot([module.weight])
+        restore = snapshot([module.weight])
+        mark = self.log.begin({self._weight_name: module.weight})
+
+        def revert() -> None:
+            restore()
+            self.log.revert_to(mark)
+
         stats = EditStats()
         stops = []
         try:
@@ -147,7 +155,8 @@ class ROME(Editor):
         stats.extra_losses += value.stats.extra_losses
         # v0 was read as this module's output at the bare prompt's key, so v* - W k (- bias) = delta.
         right = value.delta / torch.dot(keys[0], u)
-        add_update(self.lm.adapter, module.weight, torch.outer(right, u))
+        add_update(self.lm.adapter, module.weight, factor_product(right, u))
+        self.log.add((self._weight_name, right, u))
         return value.stats.stop_reason
 
     def _direction(self, k_star: torch.Tensor) -> torch.Tensor:
@@ -182,3 +191,15 @@ class ROME(Editor):
         for s in stats:
             s.time_s = (time.perf_counter() - start) / len(cases)
         return CaseEdits(list(cases), stats, cfg.layer, {module: CaseLowRank(u[:, None, :], right[:, :, None])})
+    @property
+    def _weight_name(self) -> str:
+        return f"{self.lm.adapter.path('mlp_out', self.config.layer)}.weight"
+
+    def saved_edit(self) -> SavedEdit:
+        """The rank-one updates of the live edits, in order: each one's factors (value change, key direction)."""
+        return saved_factors(self.log)
+
+    @classmethod
+    def apply_saved(cls, lm: LoadedModel, config: ROMEConfig, saved: SavedEdit,
+                    objective: Objective | None = None) -> EditHandle:
+        return apply_factors(lm, saved, first_layer=config.layer)

@@ -49,14 +49,15 @@ from transformers.activations import ACT2FN
 
 from overtone.benchmarks.cases import EditCase
 from overtone.benchmarks.irrelevant import DEFAULT_SOURCE, load_irrelevant
-from overtone.editors.base import EditHandle, Editor, StepCallback
+from overtone.benchmarks.knowedit import DatasetError
+from overtone.editors.base import EditHandle, Editor, EditStats, SavedEdit, StepCallback, max_length_field
 from overtone.editors.memory import Journal, resolve_preset
 from overtone.editors.training import TargetLogits, optimise, stop_when_clipped_field
 from overtone.models.adapters import ArchitectureError
 from overtone.models.loading import LoadedModel
 from overtone.models.replay import forward_hidden
 from overtone.models.routing import real_tokens
-from overtone.objectives import Objective, ObjectiveOutput, OverToneConfig
+from overtone.objectives import CrossEntropy, Objective, ObjectiveOutput, OverToneConfig
 from overtone.tokens import encode_pairs
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class WISEConfig:
         default=DEFAULT_SOURCE, metadata={"help": "dataset (name or file) whose locality probes are the irrelevant "
                                                   "sentences (default: ZsRE train, MEND format)"})
     seed: int = field(default=0, metadata={"help": "seed of the gradient masks"})
+    max_length: int | None = max_length_field()
 
     def __post_init__(self) -> None:
         problems = []
@@ -168,6 +170,7 @@ class WISE(Editor):
     # One routed side memory (per-shard thresholds, masks, merges) holds every edit: see docs/parallel.md.
     parallel_refusal = ("its edits live in one routed side memory, so cases edited side by side would capture "
                         "each other's rows (docs/parallel.md)")
+    needs_routing = True
     # Chosen by `overtone sweep --editor wise --offset 1000 --limit 10 --set threshold_scale=0.6` (ZsRE dev
     # records 1000-1009) over lambda {0.1, 0.5} x n {0.5, 1}, epsilon 0.01: the best Avg., 76.37, ahead of
     # lambda 0.5 / n 0.5 by 0.02; every variant was 1.4-3.9 below CE at the same threshold (77.74), each
@@ -406,3 +409,45 @@ class WISE(Editor):
             self._mode, self._trained, self._inner = "route", None, None
         stats.time_s = time.perf_counter() - start
         return self.journal.handle(before, self._restore, cfg.layer, stats)
+
+    def saved_edit(self) -> SavedEdit:
+        """The side memories (fp32 copies of the matrix), the open shard's gradient mask and the routing state."""
+        tensors: dict[str, torch.Tensor] = {}
+        shards = []
+        for i, shard in enumerate(self.state.shards):
+            tensors[f"shard.{i}.weight"] = shard.weight
+            if shard.mask is not None:
+                tensors[f"shard.{i}.mask"] = shard.mask
+            shards.append({"min_act": None if math.isinf(shard.min_act) else shard.min_act, "edits": shard.edits,
+                           "closed": shard.closed})
+        state = {"shards": shards, "opened": self.state.opened, "unmerged": self.state.unmerged}
+        base = {f"{self.lm.adapter.path('mlp_out', self.config.layer)}.weight": self.module.weight} if shards else {}
+        return SavedEdit(tensors=tensors, state=state, base=base)
+
+    @classmethod
+    def apply_saved(cls, lm: LoadedModel, config: WISEConfig, saved: SavedEdit,
+                    objective: Objective | None = None) -> EditHandle:
+        """A WISE editor on ``lm`` holding the saved side memories; it routes every forward pass until reverted.
+
+        The irrelevant sentences only train further edits: when the saved source is not available here,
+        the shipped default stands in.
+        """
+        try:
+            load_irrelevant(config.irrelevant)
+        except DatasetError:
+            log.warning("WISE: irrelevant sentences %r not found; using %s for further edits",
+                        config.irrelevant, DEFAULT_SOURCE)
+            config = replace(config, irrelevant=DEFAULT_SOURCE)
+        editor = cls(lm, config, objective or CrossEntropy())
+        device = editor.module.weight.device
+        shards = []
+        for i, info in enumerate(saved.state["shards"]):
+            mask = saved.tensors.get(f"shard.{i}.mask")
+            shards.append(Shard(weight=saved.tensors[f"shard.{i}.weight"].to(device, torch.float32),
+                                min_act=math.inf if info["min_act"] is None else info["min_act"],
+                                edits=info["edits"], closed=info["closed"],
+                                mask=None if mask is None else mask.to(device)))
+        before = editor.state
+        editor._install()
+        editor.state = _State(tuple(shards), saved.state["opened"], saved.state["unmerged"])
+        return editor.journal.handle(before, editor._restore, editor.config.layer, EditStats())

@@ -1,4 +1,5 @@
-"""Evaluation of edits: the teacher-forced Rel./Gen./Por./Loc. protocol, and MQuAKE's generated answers."""
+"""Evaluation of edits: the teacher-forced Rel./Gen./Por./Loc. protocol, MQuAKE's generated answers, and
+evaluation in the wild (generated answers to every probe, ``wild.py``) beside either or alone."""
 
 from __future__ import annotations
 
@@ -13,19 +14,31 @@ from overtone.evaluation.teacher_forced import (
     PreEdit,
     ProbeBatch,
 )
+from overtone.evaluation.wild import EVAL_MODES, WILD, WildEvaluator, WildSettings, protocol_records
 from overtone.models.loading import LoadedModel
 
 
-def make_evaluator(evaluation: str, lm: LoadedModel, generation: GenerationSettings | None = None) -> Evaluator:
-    """The evaluator a benchmark asks for (``Benchmark.evaluation``)."""
-    if evaluation == TEACHER_FORCED:
-        return Evaluator(lm)
-    if evaluation == MQUAKE_GENERATION:
-        return MQuAKEEvaluator(lm, generation)
-    raise ValueError(f"unknown evaluation {evaluation!r}; known: {TEACHER_FORCED}, {MQUAKE_GENERATION}")
+def make_evaluator(evaluation: str, lm: LoadedModel, generation: GenerationSettings | None = None,
+                   eval_mode: str = TEACHER_FORCED, wild: WildSettings | None = None) -> Evaluator:
+    """The evaluator of ``--eval``: the benchmark's own (``Benchmark.evaluation``), the wild one, or both."""
+    if eval_mode not in EVAL_MODES:
+        raise ValueError(f"unknown --eval {eval_mode!r}; choose one of {', '.join(EVAL_MODES)}")
+    own: Evaluator | None = None
+    if TEACHER_FORCED in EVAL_MODES[eval_mode]:
+        if evaluation == TEACHER_FORCED:
+            own = Evaluator(lm)
+        elif evaluation == MQUAKE_GENERATION:
+            own = MQuAKEEvaluator(lm, generation)
+        else:
+            raise ValueError(f"unknown evaluation {evaluation!r}; known: {TEACHER_FORCED}, {MQUAKE_GENERATION}")
+    if WILD in EVAL_MODES[eval_mode]:
+        return WildEvaluator(lm, wild, inner=own)
+    assert own is not None
+    return own
 
 
 __all__ = [
+    "EVAL_MODES",
     "METRICS",
     "AnswerLogits",
     "CaseScores",
@@ -35,5 +48,8 @@ __all__ = [
     "PreEdit",
     "Predictions",
     "ProbeBatch",
+    "WildEvaluator",
+    "WildSettings",
     "make_evaluator",
+    "protocol_records",
 ]

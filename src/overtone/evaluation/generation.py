@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from overtone.benchmarks.cases import Probe
+from overtone.benchmarks.cases import EditCase, Probe
 from overtone.benchmarks.mquake import MULTI_HOP, SINGLE_HOP
 from overtone.evaluation.teacher_forced import Evaluator, PreEdit, PreEdits
 from overtone.models.loading import LoadedModel
@@ -114,19 +114,21 @@ def mentions(span: str | None, answers: Sequence[str]) -> bool:
                for a in answers if a.strip())
 
 
-class _AnswerLineComplete(StoppingCriteria):
-    """Stops a row once its reply holds a finished "Final answer:" line: the rest cannot change the score."""
+def answer_line_complete(reply: str) -> bool:
+    """Whether a reply holds a finished "Final answer:" line: the rest cannot change the score."""
+    at = reply.lower().find(MARKER)
+    return at >= 0 and "\n" in reply[at + len(MARKER):].lstrip()
 
-    def __init__(self, tokenizer: Any, prompt_length: int) -> None:
-        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+class ReplyDone(StoppingCriteria):
+    """Stops each row once ``done`` holds for its decoded reply so far (rows finish independently)."""
+
+    def __init__(self, tokenizer: Any, prompt_length: int, done: Callable[[str], bool]) -> None:
+        self.tokenizer, self.prompt_length, self.done = tokenizer, prompt_length, done
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         replies = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
-        done = []
-        for reply in replies:
-            at = reply.lower().find(MARKER)
-            done.append(at >= 0 and "\n" in reply[at + len(MARKER):].lstrip())
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        return torch.tensor([self.done(reply) for reply in replies], dtype=torch.bool, device=input_ids.device)
 
 
 def render(tokenizer: Any, conversation: Conversation) -> str:
@@ -137,29 +139,46 @@ def render(tokenizer: Any, conversation: Conversation) -> str:
 
 
 @torch.no_grad()
-def generate(lm: LoadedModel, conversations: Sequence[Conversation], max_new_tokens: int, temperature: float,
-             seed: int, stop_at_answer: bool = True) -> list[str]:
-    """Replies to ``conversations`` in one left-padded batch, sampled with ``seed`` (greedy at temperature 0).
+def generate_ids(lm: LoadedModel, texts: Sequence[str], max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+                 add_special_tokens: bool = True, done: Callable[[str], bool] | None = None) -> torch.Tensor:
+    """The generated token ids [B, n] of ``texts`` in one left-padded batch, sampled with ``seed`` (greedy at 0).
 
     Left padding with the attention mask gives every row its unpadded positions, so a row's reply does
-    not depend on the other rows (tested against one-at-a-time generation).
+    not depend on the other rows (tested against one-at-a-time generation on every architecture). A
+    row stops at end of sequence, after ``max_new_tokens``, or once ``done(reply so far)`` holds; a
+    stopped row is filled with the pad token (when the model has an end-of-sequence token).
     """
     tokenizer = lm.tokenizer
-    texts = [render(tokenizer, c) for c in conversations]
-    enc = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt",
-                    add_special_tokens=not tokenizer.chat_template).to(lm.device)
+    enc = tokenizer(list(texts), padding=True, padding_side="left", return_tensors="pt",
+                    add_special_tokens=add_special_tokens).to(lm.device)
     length = enc["input_ids"].shape[1]
     sampling: dict[str, Any] = (
         {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0
         else {"do_sample": False}
     )
-    stopping = StoppingCriteriaList([_AnswerLineComplete(tokenizer, length)] if stop_at_answer else [])
+    stopping = StoppingCriteriaList([ReplyDone(tokenizer, length, done)] if done else [])
     devices = [lm.device] if lm.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                 stopping_criteria=stopping, **sampling)
-    return tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
+    return out[:, length:]
+
+
+def complete(lm: LoadedModel, texts: Sequence[str], max_new_tokens: int, temperature: float, seed: int,
+             stop_at_answer: bool = False, add_special_tokens: bool = True) -> list[str]:
+    """Continuations of ``texts`` (already rendered) in one left-padded batch; ``generate`` without the template."""
+    ids = generate_ids(lm, texts, max_new_tokens, temperature, seed, add_special_tokens,
+                       done=answer_line_complete if stop_at_answer else None)
+    return lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def generate(lm: LoadedModel, conversations: Sequence[Conversation], max_new_tokens: int, temperature: float,
+             seed: int, stop_at_answer: bool = True) -> list[str]:
+    """Replies to ``conversations`` in the model's chat template, batched as ``generate_ids``."""
+    texts = [render(lm.tokenizer, c) for c in conversations]
+    return complete(lm, texts, max_new_tokens, temperature, seed, stop_at_answer,
+                    add_special_tokens=not lm.tokenizer.chat_template)
 
 
 def single_hop_prompt(question: str) -> Conversation:
@@ -223,11 +242,10 @@ class MQuAKEEvaluator(Evaluator):
         fields["eval_s"] += time.perf_counter() - start
         return fields
 
+    def before_cases(self, cases: Sequence[EditCase], record_from: int | None) -> PreEdits:
+        return self.before_each(cases, record_from)
+
     def after_cases(self, pre: PreEdits, edits: CaseEdits, replay: bool) -> list[dict[str, Any]]:
-        """The cases of a parallel edit one at a time, each with its own edit on every row: a case's answers
-        are sampled from its own seeded stream, which one batch of several cases' questions would not keep."""
-        results = []
-        for i, case_pre in enumerate(pre.cases):
-            with edits.only(i):
-                results.append(self.after(case_pre, replay=False))
-        return results
+        """One case at a time, each with its own edit on every row: a case's answers are sampled from its own
+        seeded stream, which one batch of several cases' questions would not keep."""
+        return self.after_each(pre, edits)

@@ -3,7 +3,8 @@
 * Rel., Gen., Por.: token accuracy of the argmax prediction on ``prompt + " " + answer`` over the
   answer's tokens (partial credit), for the edit prompt, its rephrases and the portability probes.
 * Loc.: fraction of a locality probe's answer positions where the edited model's argmax equals the
-  unedited model's; agreement, not correctness.
+  unedited model's; agreement, not correctness. A locality probe without an answer (hand-written
+  facts) is scored on the unedited model's own greedy continuation.
 * Per case, portability and locality average over the probes of a kind, then over kinds.
 * A case that bundles several edits (``EditCase.edits``) has one Rel. probe per edit, averaged.
 
@@ -13,28 +14,34 @@ inputs of the layers an editor may touch, so the edited pass only runs those lay
 Parallel editing (``Editor.edit_parallel``) evaluates its B cases together: ``before_cases`` runs the
 probes of all B cases through the unedited model, sorted by length into batches of similar rows (so
 little is padding), and ``after_cases`` runs the same batches again with ``CaseEdits.applied``, so
-each row sees the edit of its own case only.
+each row sees the edit of its own case only. An evaluator that cannot batch B edited models (it
+samples per case, or generates) evaluates them one at a time (``before_each``, ``after_each``).
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from overtone.benchmarks.cases import EditCase
+from overtone.generation import greedy_complete
 from overtone.models.loading import LoadedModel
 from overtone.models.per_case import CaseRows
 from overtone.models.replay import SuffixCache, forward_hidden, forward_suffix
+from overtone.stats.second_moment import plan_batches
 from overtone.tokens import PairBatch, concat_pairs, encode_pairs
 
 if TYPE_CHECKING:
     from overtone.editors.parallel import CaseEdits
 
 METRICS = ("rel", "gen", "por", "loc")
+OWN_ANSWER_TOKENS = 8  # tokens of the unedited model's continuation that a prompt-only locality probe scores
 
 
 @dataclass
@@ -88,6 +95,11 @@ class PreEdit:
     predictions: Predictions  # the locality reference; its cache lets the edited pass skip lower layers
     seconds: float
 
+    @property
+    def cache(self) -> SuffixCache | None:
+        """Recorded inputs of the upper layers, valid for the edited pass while no lower layer changed."""
+        return self.predictions.cache
+
 
 # Padded tokens per batch when the probes of several cases are evaluated together.
 CASES_BATCH_TOKENS = 2048
@@ -105,21 +117,22 @@ class ProbeRows:
 
 @dataclass
 class PreEdits:
-    """Cases evaluated together on the unedited model, waiting for their evaluation after a parallel edit."""
+    """Cases evaluated on the unedited model, waiting for their evaluation after a parallel edit."""
 
-    cases: list[PreEdit]  # per case; their predictions hold no cache of their own
-    batches: list[ProbeRows]  # every probe of every case, in batches of rows of similar length
+    cases: list[Any]  # per case (a ``PreEdit``, or an evaluator's own); without a cache of their own
+    batches: list[ProbeRows]  # every probe of every case, in batches of rows of similar length (empty: none)
 
     def replayable(self, first_layer: int) -> bool:
         """Whether the recorded inputs stay valid for edits that change layers ``first_layer`` and up only."""
-        return all(b.cache is not None and first_layer >= b.cache.start for b in self.batches)
+        return bool(self.batches) and all(b.cache is not None and first_layer >= b.cache.start
+                                           for b in self.batches)
 
 
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _by_metric(
+def by_metric(
     groups: list[tuple[str, str]], values: list[float | None]
 ) -> tuple[dict[str, float | None], dict[str, dict[str, float]]]:
     """Per-metric means of per-row ``values`` (None rows skipped): over a kind's probes, then over kinds."""
@@ -129,6 +142,40 @@ def _by_metric(
             per_kind.setdefault(metric, {}).setdefault(kind, []).append(value)
     detail = {m: {k: sum(v) / len(v) for k, v in kinds.items()} for m, kinds in per_kind.items()}
     return {m: _mean(list(detail.get(m, {}).values())) for m in METRICS}, detail
+
+
+def probe_pairs(case: EditCase, own_answer: Callable[[str], str] | None = None
+                ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(metric, kind) and (prompt, answer) of each probe of ``case``: rewrites, rephrases, portability, locality.
+
+    A locality probe without an answer gets ``own_answer(prompt)``, the unedited model's continuation
+    (dropped when that is empty); without ``own_answer`` (a check before any model exists) it is left out.
+    """
+    groups: list[tuple[str, str]] = [("rel", "rewrite")] * len(case.requests)
+    pairs = [(edit.prompt, edit.target) for edit in case.requests]
+    for text in case.rephrases:
+        groups.append(("gen", "rephrase"))
+        pairs.append((text, case.target))
+    for metric, probe_groups in (("por", case.portability), ("loc", case.locality)):
+        for kind, probes in probe_groups.items():
+            for probe in probes:
+                answer = probe.answer
+                if not answer and metric == "loc":
+                    answer = own_answer(probe.prompt) if own_answer is not None else ""
+                    if not answer:
+                        continue
+                groups.append((metric, kind))
+                pairs.append((probe.prompt, answer))
+    return groups, pairs
+
+
+def check_probes(tokenizer: PreTrainedTokenizerBase, case: EditCase) -> None:
+    """Raise ``ValueError`` naming the case if a probe cannot be scored (e.g. an answer with no tokens)."""
+    _, pairs = probe_pairs(case)
+    try:
+        encode_pairs(tokenizer, [p for p, _ in pairs], [a for _, a in pairs])
+    except ValueError as exc:
+        raise ValueError(f"case {case.case_id}: {exc}") from exc
 
 
 class Evaluator:
@@ -161,11 +208,13 @@ class Evaluator:
         """
         start = time.perf_counter()
         cache = pre.predictions.cache if replay else None
-        post = self.predict(pre.probes, replay=cache)
-        return self._fields(pre, post, pre.seconds + time.perf_counter() - start)
+        logits = self.answer_logits(pre.probes, replay=cache)
+        post = Predictions(tokens=list(logits.logits.argmax(dim=-1).split(logits.counts)), cache=logits.cache)
+        flatness = self.flatness(pre.probes, logits.rows())
+        return self._scored(pre, post, flatness, pre.seconds + time.perf_counter() - start)
 
     def before_cases(self, cases: Sequence[EditCase], record_from: int | None) -> PreEdits:
-        """``before`` for independent cases at once: their probes on the unedited model, in batches of rows
+        """``before`` for the cases of a parallel edit: their probes on the unedited model, in batches of rows
         of similar length (at most ``CASES_BATCH_TOKENS`` padded tokens each)."""
         start = time.perf_counter()
         probes = [self.probes(case) for case in cases]
@@ -174,76 +223,98 @@ class Evaluator:
         for rows in batches:
             out = self._answer_logits(rows.batch, record_from=record_from)
             rows.cache = out.cache
-            self._place(tokens, rows, out)
+            for owner, probe, row in zip(rows.rows.owners, rows.probe, out.rows(), strict=True):
+                tokens[owner][probe] = row.argmax(dim=-1)
         seconds = (time.perf_counter() - start) / len(cases)
         return PreEdits([PreEdit(p, Predictions(t), seconds) for p, t in zip(probes, tokens, strict=True)], batches)
 
     def after_cases(self, pre: PreEdits, edits: CaseEdits, replay: bool) -> list[dict[str, Any]]:
         """``after`` for every case of a parallel edit, batched as ``before_cases`` batched them: each row sees
-        the edit of its own case only. ``replay``: the recorded inputs are still valid (no case changed a
-        layer below them)."""
+        the edit of its own case only (``CaseEdits.applied``). ``replay``: the recorded inputs are still valid."""
         start = time.perf_counter()
-        tokens: list[list[torch.Tensor | None]] = [[None] * len(p.predictions.tokens) for p in pre.cases]
+        logits: list[list[torch.Tensor | None]] = [[None] * len(p.predictions.tokens) for p in pre.cases]
         for rows in pre.batches:
             with edits.applied(rows.rows):
                 out = self._answer_logits(rows.batch, replay=rows.cache if replay else None)
-            self._place(tokens, rows, out)
+            for owner, probe, row in zip(rows.rows.owners, rows.probe, out.rows(), strict=True):
+                logits[owner][probe] = row
         share = (time.perf_counter() - start) / len(pre.cases)
-        return [self._fields(p, Predictions(t), p.seconds + share) for p, t in zip(pre.cases, tokens, strict=True)]
+        return [self._scored(p, Predictions([row.argmax(dim=-1) for row in rows]), self.flatness(p.probes, rows),
+                             p.seconds + share) for p, rows in zip(pre.cases, logits, strict=True)]
+
+    def before_each(self, cases: Sequence[EditCase], record_from: int | None) -> PreEdits:
+        """``before_cases`` of an evaluator that evaluates the cases of a parallel edit one at a time."""
+        return PreEdits(list(self.before_many(cases, None)), [])
+
+    def after_each(self, pre: PreEdits, edits: CaseEdits) -> list[dict[str, Any]]:
+        """``after_cases`` one case at a time, each with its own edit on every row (``CaseEdits.only``): the
+        evaluation of each case's edited model alone, whatever the evaluator does with it."""
+        results = []
+        for i, case_pre in enumerate(pre.cases):
+            with edits.only(i):
+                results += self.after_many([case_pre], [False])
+        return results
 
     def _probe_rows(self, probes: Sequence[ProbeBatch]) -> list[ProbeRows]:
-        """Every probe row of every case, sorted by length, cut into batches of rows of similar length."""
-        entries = []  # (real tokens, case, probe row)
-        for i, p in enumerate(probes):
-            lengths = p.batch.attention_mask.sum(dim=-1).tolist()
-            entries += [(int(n), i, r) for r, n in enumerate(lengths)]
-        entries.sort(key=lambda e: e[0])
-        groups: list[list[tuple[int, int, int]]] = [[]]
-        for entry in entries:
-            if groups[-1] and (len(groups[-1]) + 1) * entry[0] > CASES_BATCH_TOKENS:
-                groups.append([])
-            groups[-1].append(entry)
+        """Every probe row of every case, in batches of rows of similar length."""
+        entries = [(i, r) for i, p in enumerate(probes) for r in range(p.batch.input_ids.size(0))]
+        rows = [probes[i].batch.row(r) for i, r in entries]
         pad = self.lm.tokenizer.pad_token_id if self.lm.tokenizer.pad_token_id is not None else 0
         out = []
-        for group in groups:
-            rows = [probes[i].batch.row(r) for _, i, r in group]
-            out.append(ProbeRows(concat_pairs(rows, pad), CaseRows(tuple(i for _, i, _ in group), len(probes)),
-                                 [r for _, _, r in group]))
+        for batch in plan_batches([row.input_ids[0] for row in rows], CASES_BATCH_TOKENS):
+            out.append(ProbeRows(concat_pairs([rows[k] for k in batch], pad),
+                                 CaseRows(tuple(entries[k][0] for k in batch), len(probes)),
+                                 [entries[k][1] for k in batch]))
         return out
 
-    @staticmethod
-    def _place(tokens: list[list[torch.Tensor | None]], rows: ProbeRows, out: AnswerLogits) -> None:
-        """Put the argmax predictions of a batch of probe rows in their cases' places."""
-        for owner, probe, predicted in zip(rows.rows.owners, rows.probe, out.logits.argmax(dim=-1).split(out.counts),
-                                           strict=True):
-            tokens[owner][probe] = predicted
-
-    def _fields(self, pre: PreEdit, post: Predictions, seconds: float) -> dict[str, Any]:
+    def _scored(self, pre: PreEdit, post: Predictions, flatness: float, seconds: float) -> dict[str, Any]:
+        """The result fields of a case from its predictions before and after the edit."""
         pre_scores = self.score(pre.probes, pre.predictions, reference=None)
         post_scores = self.score(pre.probes, post, reference=pre.predictions)
         return {
             "pre": {m: v for m, v in pre_scores.as_dict().items() if m != "loc"},
             "post": post_scores.as_dict(),
             "detail": post_scores.detail,
+            "flatness": round(flatness, 4),
             "eval_s": seconds,
         }
 
+    def before_many(self, cases: Sequence[EditCase], record_from: int | None) -> list[PreEdit]:
+        """``before`` for the cases of a chunk; an evaluator that batches across cases overrides it."""
+        return [self.before(case, record_from) for case in cases]
+
+    def after_many(self, pres: Sequence[PreEdit], replays: Sequence[bool]) -> list[dict[str, Any]]:
+        """``after`` for cases evaluated on the same edited model; overridden to batch across cases."""
+        return [self.after(pre, replay) for pre, replay in zip(pres, replays, strict=True)]
+
+    @staticmethod
+    def flatness(probes: ProbeBatch, logits: Sequence[torch.Tensor | None]) -> float:
+        """Entropy of the predictions at the rewrites' answer tokens, as a fraction of ln |V| (1 = uniform).
+
+        ``logits`` holds each probe row's answer logits (only the rewrites' are read). An edit that wrecked
+        the model (e.g. a huge learning rate) leaves a flat distribution there.
+        """
+        rows = [row for (metric, _), row in zip(probes.groups, logits, strict=True) if metric == "rel"]
+        rewrites = torch.cat([row for row in rows if row is not None]).float()
+        entropy = -(torch.softmax(rewrites, dim=-1) * torch.log_softmax(rewrites, dim=-1)).sum(dim=-1)
+        return (entropy.mean() / math.log(rewrites.size(-1))).item()
+
     def probes(self, case: EditCase) -> ProbeBatch:
-        groups: list[tuple[str, str]] = [("rel", "rewrite")] * len(case.requests)
-        pairs = [(edit.prompt, edit.target) for edit in case.requests]
-        for text in case.rephrases:
-            groups.append(("gen", "rephrase"))
-            pairs.append((text, case.target))
-        for metric, probe_groups in (("por", case.portability), ("loc", case.locality)):
-            for kind, probes in probe_groups.items():
-                for probe in probes:
-                    groups.append((metric, kind))
-                    pairs.append((probe.prompt, probe.answer))
+        groups, pairs = probe_pairs(case, self.own_answer)
         try:
             batch = encode_pairs(self.lm.tokenizer, [p for p, _ in pairs], [a for _, a in pairs], self.lm.device)
         except ValueError as exc:
             raise ValueError(f"case {case.case_id}: {exc}") from exc
         return ProbeBatch(case=case, groups=groups, batch=batch)
+
+    def own_answer(self, prompt: str) -> str:
+        """The model's greedy continuation of ``prompt``: the answer of a locality probe that gives none.
+
+        Loc. compares the edited model's predictions with the unedited one's, so a prompt alone is a
+        probe: ``probes`` runs on the unedited model (``before``) and scores its own continuation.
+        An empty continuation drops the probe.
+        """
+        return greedy_complete(self.lm, [prompt], OWN_ANSWER_TOKENS)[0].strip()
 
     @torch.no_grad()
     def answer_logits(
@@ -280,7 +351,7 @@ class Evaluator:
         labels = probes.batch.labels[probes.batch.label_mask]
         nll = -torch.log_softmax(answer.logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)
         per_row = [row.mean().item() for row in nll.split(answer.counts)]
-        return _by_metric(probes.groups, per_row)[0]
+        return by_metric(probes.groups, per_row)[0]
 
     def score(self, probes: ProbeBatch, predicted: Predictions, reference: Predictions | None) -> CaseScores:
         """Metrics of ``predicted``; Loc. compares with ``reference`` (the unedited model's predictions)."""
@@ -296,5 +367,5 @@ class Evaluator:
             else:
                 gold = labels[i, : tokens.numel()]
             per_row.append(tokens.eq(gold).float().mean().item())
-        values, detail = _by_metric(probes.groups, per_row)
+        values, detail = by_metric(probes.groups, per_row)
         return CaseScores(**values, detail=detail)

@@ -108,6 +108,20 @@ class ModelAdapter:
     def weight(self, role: str, layer: int) -> nn.Parameter:
         return self.module(role, layer).weight
 
+    def parameter(self, name: str) -> nn.Parameter:
+        """A parameter by its name in the plain model (``model.layers.20.mlp.down_proj.weight``), also
+        while peft wraps its module (the name then lives under ``base_layer``)."""
+        path, _, attr = name.rpartition(".")
+        try:
+            module = self.model.get_submodule(path)
+        except AttributeError as exc:
+            raise ArchitectureError(f"{name}: no such parameter in this {self.model_type} model") from exc
+        base = getattr(module, "get_base_layer", None)
+        value = getattr(base() if base is not None else module, attr, None)
+        if not isinstance(value, nn.Parameter):
+            raise ArchitectureError(f"{name}: no such parameter in this {self.model_type} model")
+        return value
+
     def in_features(self, role: str, layer: int) -> int:
         """Width of the role's input, whichever way its weight is stored."""
         weight = self.weight(role, layer)

@@ -52,6 +52,44 @@ def resolve_device(device: str) -> torch.device:
         raise ModelLoadError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from exc
 
 
+def _source(name: str) -> tuple[str | Path, bool, dict[str, Any]]:
+    """Where ``name`` loads from, whether that is local, and what identifies it."""
+    if name in embedded.EMBEDDED:
+        source, sha = embedded.checkpoint_dir(name)
+        return source, True, {"gguf_sha256": sha}
+    if Path(name).expanduser().is_dir():
+        source = Path(name).expanduser().resolve()
+        return source, True, {"path": str(source)}
+    return name, False, {}
+
+
+def _load_error(name: str, source: str | Path, local: bool, exc: Exception) -> ModelLoadError:
+    if local:
+        return ModelLoadError(f"could not load model {name!r} from {source}: {exc}")
+    return ModelLoadError(
+        f"could not load model {name!r}: it is not an embedded model ({', '.join(embedded.EMBEDDED)}), "
+        f"not a local checkpoint folder, and loading it as a hub id failed: {exc}"
+    )
+
+
+def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, name: str) -> PreTrainedTokenizerBase:
+    if not tokenizer.is_fast:
+        raise ModelLoadError(f"model {name!r} has no fast tokenizer; overtone needs character offsets")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    """The tokenizer of model ``name`` alone: enough to check a run's cases in seconds, before loading the model."""
+    source, local, _ = _source(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, source, local, exc) from exc
+    return _prepare_tokenizer(tokenizer, name)
+
+
 def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "fp32") -> LoadedModel:
     """Load ``name``: an embedded model name, a local checkpoint folder, or a Hugging Face hub id.
 
@@ -60,27 +98,13 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "fp
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     torch_device = resolve_device(device)
-    identity: dict[str, Any] = {"name": name, "dtype": dtype}
-    if name in embedded.EMBEDDED:
-        source, sha = embedded.checkpoint_dir(name)
-        identity["gguf_sha256"] = sha
-        local = True
-    elif Path(name).expanduser().is_dir():
-        source = Path(name).expanduser().resolve()
-        identity["path"] = str(source)
-        local = True
-    else:
-        source, local = name, False
+    source, local, extra = _source(name)
+    identity: dict[str, Any] = {"name": name, "dtype": dtype, **extra}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], local_files_only=local)
     except (OSError, ValueError) as exc:
-        if local:
-            raise ModelLoadError(f"could not load model {name!r} from {source}: {exc}") from exc
-        raise ModelLoadError(
-            f"could not load model {name!r}: it is not an embedded model ({', '.join(embedded.EMBEDDED)}), "
-            f"not a local checkpoint folder, and loading it as a hub id failed: {exc}"
-        ) from exc
+        raise _load_error(name, source, local, exc) from exc
     lm = prepare_model(model, tokenizer, name, identity)
     lm.model.to(torch_device)
     log.info("loaded %s (%s, %d layers) on %s in %s", name, lm.adapter.model_type, lm.adapter.num_layers,
@@ -92,10 +116,7 @@ def prepare_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, identity: dict[str, Any] | None = None
 ) -> LoadedModel:
     """Wrap an already built model for editing: eval mode, every parameter frozen, a pad token set."""
-    if not tokenizer.is_fast:
-        raise ModelLoadError(f"model {name!r} has no fast tokenizer; overtone needs character offsets")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _prepare_tokenizer(tokenizer, name)
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=ModelAdapter(model), name=name,

@@ -10,6 +10,7 @@ from overtone.report.stats import PairedDifference, paired_difference, paired_di
 from overtone.report.tables import (
     PaperTable,
     dataset_tables,
+    extra_tables,
     markdown_table,
     metric_columns,
     paired_markdown,
@@ -25,6 +26,7 @@ __all__ = [
     "PairedDifference",
     "PaperTable",
     "dataset_tables",
+    "extra_tables",
     "markdown_table",
     "metric_columns",
     "paired_difference",

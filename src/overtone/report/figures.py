@@ -225,3 +225,57 @@ def trace_figures(traces: Sequence[CaseTrace], max_cases: int = 12) -> list[tupl
                           "token and step (red: overfitted).",
                     ud_heatmap_figure([t for t in traces if t.case_id == case])))
     return out
+
+
+@dataclass(frozen=True)
+class Shrink:
+    """One method's metrics under both protocols, for the shrink figure (x100)."""
+
+    panel: str  # dataset, model and sequence length
+    series: str  # the method
+    teacher_forced: dict[str, float | None]
+    wild: dict[str, float | None]
+
+
+SHRINK_METRICS = (("rel", "Rel."), ("gen", "Gen."), ("por", "Por."), ("loc", "Loc."), ("avg", "Avg."))
+
+
+def shrink_figure(items: Sequence[Shrink]) -> Figure:
+    """How much each method's numbers shrink from teacher forcing to generated answers.
+
+    Per metric and method: an outlined bar up to the teacher-forced value, a filled bar up to the wild
+    value inside it, and the difference (wild minus teacher-forced, points) above.
+    """
+    if not items:
+        raise ValueError("no runs evaluated with both protocols")
+    panels = list(dict.fromkeys(i.panel for i in items))
+    series = list(dict.fromkeys(i.series for i in items))
+    palette = (OBJECTIVE_COLORS["CE"], OBJECTIVE_COLORS["OverTone"], *OTHER_COLORS)
+    colors = {s: palette[n % len(palette)] for n, s in enumerate(series)}
+    metrics = [(m, h) for m, h in SHRINK_METRICS
+               if any(i.teacher_forced.get(m) is not None and i.wild.get(m) is not None for i in items)]
+    width = min(0.38, 0.8 / len(series))
+    figure = Figure(figsize=(max(4.5, 0.5 + 0.55 * len(metrics) * len(series)) * len(panels) + 1.5, 3.8),
+                    layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, panel in zip(axes, panels, strict=True):
+        for item in (i for i in items if i.panel == panel):
+            offset = width * (series.index(item.series) - (len(series) - 1) / 2)
+            color = colors[item.series]
+            for x, (m, _) in enumerate(metrics):
+                tf, wild = item.teacher_forced.get(m), item.wild.get(m)
+                if tf is None or wild is None:
+                    continue
+                ax.bar(x + offset, tf, width * 0.9, fill=False, edgecolor=color, linewidth=1.4)
+                ax.bar(x + offset, wild, width * 0.9, color=color)
+                ax.text(x + offset, max(tf, wild) + 1, f"{wild - tf:+.0f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(metrics)), [h for _, h in metrics])
+        ax.set_ylim(0, 110)
+        ax.set_ylabel("x100")
+        ax.set_title(panel, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    handles = [Patch(color=colors[s], label=s) for s in series]
+    handles += [Patch(fill=False, edgecolor="0.3", label="teacher-forced (outline)"),
+                Patch(color="0.3", label="wild, exact match (filled)")]
+    figure.legend(handles=handles, loc="outside right center", frameon=False, fontsize=8)
+    return figure

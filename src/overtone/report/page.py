@@ -17,20 +17,26 @@ from pathlib import Path
 
 from overtone import __version__
 from overtone.diagnostics import load_traces
-from overtone.report.figures import Bar, avg_bars_figure, png, trace_figures
+from overtone.report.figures import Bar, Shrink, avg_bars_figure, png, shrink_figure, trace_figures
 from overtone.report.runs import Inputs, Pair, RunInfo, collect, model_name, pair_runs
 from overtone.report.tables import (
+    TEACHER_FORCED,
+    WILD,
     PaperTable,
+    ability_rows,
+    ability_table,
     ablation_tables,
     continual_tables,
     dataset_name,
     editor_name,
     gain_table,
+    method_label,
     runs_table,
     single_editing_table,
     to_markdown,
     token_table,
     trace_summary_table,
+    wild_detail_table,
 )
 
 log = logging.getLogger(__name__)
@@ -108,26 +114,59 @@ def _figure(name: str, caption: str, figure) -> FigurePng:
     return FigurePng(name, caption, png(figure))
 
 
-def build_sections(inputs: Inputs, max_heatmaps: int = 12) -> list[Section]:
+def _wild_section(runs: Sequence[RunInfo]) -> Section | None:
+    """Runs evaluated with both protocols: the wild scores and costs, and how much the numbers shrink."""
+    both = [r for r in runs if {TEACHER_FORCED, WILD} <= set(r.protocols)]
+    if not both:
+        return None
+    label = {r.path: f"{method_label(r)}, {dataset_name(r.dataset)}, T={r.sequence}" for r in both}
+    items: list[PaperTable | FigurePng] = []
+    detail = wild_detail_table([(label[r.path], r.summary) for r in both])
+    if detail:
+        items.append(detail)
+    shrinks = [Shrink(f"{dataset_name(r.dataset)}, {r.model}, T={r.sequence}", method_label(r), r.summary,
+                      r.summary[WILD]) for r in both]
+    items.append(_figure("wild_shrink", "Teacher-forced (outline) and wild (filled) metrics of each method; "
+                         "labels: wild minus teacher-forced (points).", shrink_figure(shrinks)))
+    return Section("wild", "Teacher forcing against evaluation in the wild",
+                   "The same edits scored twice: with the target's tokens given (teacher-forced token accuracy) "
+                   "and with the model generating its answer from the bare prompt (exact match; Loc.: identical "
+                   "generated tokens). docs/wild.md has the rules.", items)
+
+
+def build_sections(inputs: Inputs, max_heatmaps: int = 12,
+                   protocols: tuple[str, ...] = (TEACHER_FORCED, WILD)) -> list[Section]:
+    """The report's sections; ``protocols`` chooses which evaluation protocols' numbers the tables show."""
     sections: list[Section] = []
     runs = inputs.runs
     if runs:
-        pairs = pair_runs(runs)
+        views = [v for r in runs for v in r.views(protocols)]
+        pairs = pair_runs(views)
         sections.append(Section("runs", "Runs", "Every input run directory, in the order given.", [runs_table(runs)]))
-        paper = [t for t in (single_editing_table(runs), *continual_tables(runs), *ablation_tables(runs)) if t]
+        paper = [t for t in (single_editing_table(views), *continual_tables(views), *ablation_tables(views)) if t]
         if paper:
             sections.append(Section("tables", "Tables in the paper's layout", "", paper))
         results: list[PaperTable | FigurePng] = []
         table = gain_table(pairs)
         if table:
             results.append(table)
-        bars = _bars(runs, pairs)
+        tf_pairs = [p for p in pairs if p.ce.evaluation == TEACHER_FORCED]
+        bars = _bars([r for r in runs if TEACHER_FORCED in r.protocols], tf_pairs) if TEACHER_FORCED in protocols \
+            else []
         if bars:
-            results.append(_figure("fig3_avg_bars", "Fig. 3: Avg. per editor and sequence length T; solid bars: "
-                                   "CE, dashed boxes: with OverTone, labels: OverTone minus CE (points).",
+            results.append(_figure("fig3_avg_bars", "Fig. 3: teacher-forced Avg. per editor and sequence length T; "
+                                   "solid bars: CE, dashed boxes: with OverTone, labels: OverTone minus CE (points).",
                                    avg_bars_figure(bars)))
         if results:
             sections.append(Section("gains", "OverTone against cross-entropy", "", results))
+        wild = _wild_section(runs) if set(protocols) >= {TEACHER_FORCED, WILD} else None
+        if wild:
+            sections.append(wild)
+        ability = ability_table(ability_rows(runs))
+        if ability:
+            sections.append(Section("ability", "General ability during continual editing",
+                                    "Held-out perplexity and general facts after each chunk's edits, against the "
+                                    "unedited model (docs/wild.md).", [ability]))
     for i, path in enumerate(inputs.traces):
         meta, traces = load_traces(path)
         cases = list(dict.fromkeys(t.case_id for t in traces))
@@ -215,10 +254,11 @@ def render_markdown(title: str, sections: Sequence[Section], sources: Sequence[P
     return "\n".join(parts)
 
 
-def write_report(paths: Sequence[Path], out: Path, title: str = "overtone report") -> ReportFiles:
+def write_report(paths: Sequence[Path], out: Path, title: str = "overtone report",
+                 protocols: tuple[str, ...] = (TEACHER_FORCED, WILD)) -> ReportFiles:
     """Read ``paths`` (runs, traces or folders of them) and write report.html, report.md and figures/ in ``out``."""
     inputs = collect(list(paths))
-    sections = build_sections(inputs)
+    sections = build_sections(inputs, protocols=protocols)
     out.mkdir(parents=True, exist_ok=True)
     (out / FIGURE_DIR).mkdir(exist_ok=True)
     figures = []

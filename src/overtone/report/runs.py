@@ -5,6 +5,10 @@ report needs from its configuration the model, dataset, editor, objective, proto
 ``sequence`` (1 when absent: single editing) and ``eval_timing``. Two runs form a pair when their
 configurations differ only in the objective (CE vs OverTone with every component on); the gain is
 computed over the cases both runs finished, paired case by case.
+
+A run evaluated with several protocols (``--eval both``) is seen through one ``RunInfo`` per protocol
+(``RunInfo.views``): the same run, its records and summary projected onto that protocol's metrics, so
+every table, pairing and statistic works the same for teacher-forced and wild numbers.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ from typing import Any
 
 from overtone.diagnostics import TRACE_FILE
 from overtone.evaluation.teacher_forced import METRICS
+from overtone.evaluation.wild import WILD, protocol_records
 from overtone.objectives import objective_label
 from overtone.report.stats import PairedDifference, paired_difference
 from overtone.runner.bench import summarize
 from overtone.runner.store import CONFIG_FILE, VOLATILE_KEYS, StoreError, read_run
+
+TEACHER_FORCED = "teacher-forced"
 
 # Keys that never change results: left out when deciding whether two runs differ only in the objective.
 NON_RESULT_KEYS = (*VOLATILE_KEYS, "overtone_version")
@@ -61,6 +68,25 @@ class RunInfo:
     records: list[dict[str, Any]]
     summary: dict[str, Any]
     tag: str = ""  # set by ``tag_runs`` when runs would otherwise share a table cell
+    evaluation: str = TEACHER_FORCED  # the protocol whose metrics ``records`` and ``summary`` hold
+
+    @property
+    def protocols(self) -> list[str]:
+        """The evaluation protocols the run's summary holds (teacher-forced only for older runs)."""
+        return list(self.summary.get("protocols", [TEACHER_FORCED]))
+
+    def views(self, protocols: tuple[str, ...] = (TEACHER_FORCED, WILD)) -> list[RunInfo]:
+        """The run seen through each of ``protocols`` it has, teacher-forced first."""
+        out = []
+        for protocol in protocols:
+            if protocol not in self.protocols:
+                continue
+            if protocol == TEACHER_FORCED:
+                out.append(self)
+            else:
+                out.append(RunInfo(self.path, self.config, protocol_records(self.records, protocol),
+                                   self.summary[protocol], self.tag, protocol))
+        return out
 
     @property
     def model(self) -> str:
@@ -205,10 +231,10 @@ def _paired(ce: RunInfo, ot: RunInfo) -> Pair:
 
 
 def pair_runs(runs: list[RunInfo]) -> list[Pair]:
-    """Every (CE, OverTone) pair of runs whose configurations differ only in the objective."""
-    groups: dict[str, list[RunInfo]] = {}
+    """Every (CE, OverTone) pair of runs whose configurations differ only in the objective (same protocol view)."""
+    groups: dict[tuple[str, str], list[RunInfo]] = {}
     for run in runs:
-        groups.setdefault(run.comparison_key, []).append(run)
+        groups.setdefault((run.comparison_key, run.evaluation), []).append(run)
     pairs = []
     for group in groups.values():
         for ot in (r for r in group if r.objective == "OverTone"):

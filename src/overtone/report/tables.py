@@ -7,6 +7,10 @@ table has a value for it, so WikiBio (no rephrases, no portability) gets Rel. Lo
 A ``PaperTable`` is the one table model: column groups (a dataset or a sequence length) over metric
 columns, and row sections (a model or an editor) over method rows. The builders here turn run
 directories and traces into such tables; renderers for each output format take any of them.
+
+Every metric column sits under the group of its evaluation protocol: "teacher-forced" (the field's
+token accuracy) or "wild" (generated answers, exact match; ``evaluation/wild.py``). Runs evaluated with
+both show them side by side, each with its paired OverTone minus CE difference under it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ COLUMNS = (("rel", "Rel."), ("gen", "Gen."), ("por", "Por."), ("loc", "Loc."), (
            ("mlt_hop", "Mlt-Hop"), ("avg", "Avg."))
 METRIC_HEADERS = dict(COLUMNS)
 TAIL = ("cases", "steps", "s/edit")
+TEACHER_FORCED, WILD = "teacher-forced", "wild"  # evaluation protocols, as the runs name them
+PROTOCOL_NAMES = {TEACHER_FORCED: "teacher-forced", WILD: "wild (EM)"}
+PROTOCOL_SHORT = {TEACHER_FORCED: "TF", WILD: "wild"}  # group headers of the compact console tables
+PROTOCOL_CAPTION = ("TF: teacher-forced token accuracy; wild: generated answers, exact match after normalisation "
+                    "(Loc.: identical generated tokens).")
 Row = tuple[str, dict[str, Any]]
 # Display names and the paper's order; anything else keeps its own name and sorts after these.
 EDITOR_NAMES = {"rome": "ROME", "memit": "MEMIT", "ft-m": "FT-M", "lora": "LoRA", "melo": "MELO", "wise": "WISE"}
@@ -121,24 +130,53 @@ def metric_columns(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, str]]
     return [(k, h) for k, h in COLUMNS if k == "avg" or any(s.get(k) is not None for s in summaries)]
 
 
+def protocol_summaries(summaries: Sequence[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(protocol, the summaries' blocks of that protocol) for the protocols some summary has, in table order.
+
+    A summary's top-level metrics are teacher-forced; its ``wild`` block holds the wild ones.
+    """
+    blocks = [(TEACHER_FORCED, [s if TEACHER_FORCED in s.get("protocols", [TEACHER_FORCED]) else {}
+                                for s in summaries]),
+              (WILD, [s.get(WILD) or {} for s in summaries])]
+    return [(p, b) for p, b in blocks if any(k != "avg" and x.get(k) is not None for x in b for k, _ in COLUMNS)]
+
+
+def cases_cell(summary: dict[str, Any]) -> str:
+    """The number of cases, with the number of diverged edits among them when there are any."""
+    diverged = summary.get("n_diverged") or 0
+    return f"{summary.get('n_cases', '')}" + (f" ({diverged} diverged)" if diverged else "")
+
+
 def row_cells(label: str, summary: dict[str, Any], columns: Sequence[tuple[str, str]] | None = None) -> list[str]:
-    """Label, the metrics, number of cases, mean optimiser steps and seconds per edit (with eval)."""
+    """Label, the metrics, number of cases (and diverged ones), mean optimiser steps and seconds per edit (with
+    eval)."""
     columns = metric_columns([summary]) if columns is None else columns
+    return [label, *(_fmt(summary.get(key)) for key, _ in columns), *_tail_cells(summary)]
+
+
+def _tail_cells(summary: dict[str, Any]) -> list[str]:
     seconds = (summary.get("mean_edit_s") or 0) + (summary.get("mean_eval_s") or 0)
-    return [
-        label,
-        *(_fmt(summary.get(key)) for key, _ in columns),
-        str(summary.get("n_cases", "")),
-        _fmt(summary.get("mean_steps"), 1),
-        _fmt(seconds, 2),
-    ]
+    return [cases_cell(summary), _fmt(summary.get("mean_steps"), 1), _fmt(seconds, 2)]
 
 
 def _summary_layout(rows: Sequence[Row], title: str = "", caption: str = "", stub: str = "run") -> PaperTable:
-    columns = metric_columns([s for _, s in rows])
-    return PaperTable(title=title, groups=[("", [*(h for _, h in columns), *TAIL])],
-                      sections=[("", [row_cells(label, s, columns) for label, s in rows])], stub=stub,
-                      caption=caption)
+    """One row per run; a column group per evaluation protocol present, then cases, steps and seconds."""
+    blocks = protocol_summaries([s for _, s in rows])
+    if len(blocks) < 2 and all(p == TEACHER_FORCED for p, _ in blocks):  # the plain layout of one protocol
+        columns = metric_columns([s for _, s in rows])
+        return PaperTable(title=title, groups=[("", [*(h for _, h in columns), *TAIL])],
+                          sections=[("", [row_cells(label, s, columns) for label, s in rows])], stub=stub,
+                          caption=f"{caption} Teacher-forced token accuracy.".strip())
+    columns = {p: metric_columns(b) for p, b in blocks}
+    groups = [(PROTOCOL_SHORT[p], [h for _, h in columns[p]]) for p, _ in blocks] + [("", list(TAIL))]
+    body = []
+    for i, (label, summary) in enumerate(rows):
+        cells = [label]
+        for protocol, block in blocks:
+            cells += [_fmt(block[i].get(key)) for key, _ in columns[protocol]]
+        body.append(cells + _tail_cells(summary))
+    return PaperTable(title=title, groups=groups, sections=[("", body)], stub=stub,
+                      caption=f"{caption} {PROTOCOL_CAPTION}".strip())
 
 
 def summary_table(rows: Sequence[Row], title: str | None = None, caption: str | None = None) -> Table:
@@ -148,6 +186,64 @@ def summary_table(rows: Sequence[Row], title: str | None = None, caption: str | 
 def markdown_table(rows: Sequence[Row]) -> str:
     """The same table as GitHub Markdown, for READMEs and issue notes."""
     return to_markdown(_summary_layout(rows))
+
+
+def wild_detail_table(rows: Sequence[Row], title: str = "") -> PaperTable | None:
+    """The wild protocol's other scores, how often the study's "." rule differs, and the evaluation cost."""
+    chosen = [(label, s) for label, s in rows if s.get(WILD)]
+    if not chosen:
+        return None
+    body = []
+    for label, summary in chosen:
+        wild = summary[WILD]
+        rule = wild.get("study_rule") or {}
+        total, wild_s = summary.get("mean_eval_s"), wild.get("mean_eval_s")
+        tf_s = None if total is None or wild_s is None or TEACHER_FORCED not in summary.get("protocols", []) \
+            else total - wild_s
+        body.append([label, *(_fmt((wild.get("f1") or {}).get(m)) for m in ("rel", "gen", "por")),
+                     *(_fmt((wild.get("contains") or {}).get(m)) for m in ("rel", "gen", "por")),
+                     _fmt(rule.get("differs_pct"), 1), _fmt(rule.get("em_changes_pct"), 1),
+                     _fmt(tf_s, 3), _fmt(wild_s, 3)])
+    return PaperTable(
+        title=title or "Wild protocol: token F1, target contained, the '.' stop rule, evaluation cost",
+        groups=[("wild F1", ["Rel.", "Gen.", "Por."]), ("wild contained", ["Rel.", "Gen.", "Por."]),
+                ("'.' rule", ["differs %", "EM chg %"]), ("eval s/case", ["TF", "wild"])],
+        sections=[("", body)], stub="run",
+        caption="x100. F1: SQuAD token F1. Contained: the normalised answer occurs in the normalised reply as "
+                "whole words. '.' rule: replies whose text the study's stop at any '.' would cut differently, and "
+                "those whose exact match it would change. Eval s/case: seconds per case of each protocol's "
+                "evaluation (TF: teacher-forced), before and after the edit together.",
+    )
+
+
+def extra_tables(rows: Sequence[Row]) -> list[PaperTable]:
+    """The tables that follow a summary table when its runs have them: wild scores and cost, general ability."""
+    return [t for t in (wild_detail_table(rows), ability_table(rows)) if t]
+
+
+def ability_table(rows: Sequence[Row], title: str = "") -> PaperTable | None:
+    """General ability at the end of each chunk of edits, against the unedited model."""
+    chosen = [(label, s) for label, s in rows if s.get("ability")]
+    if not chosen:
+        return None
+    body = []
+    for label, summary in chosen:
+        a = summary["ability"]
+        body.append([label, _fmt(a.get("ppl_unedited"), 3), _fmt(a.get("ppl"), 3), _signed(a.get("ppl_drift_pct")),
+                     _fmt(a.get("facts_right")), _fmt(a.get("facts_same")), str(a.get("facts", "–")),
+                     str(a.get("n_measured", "–")), _fmt(a.get("mean_s"), 1)])
+    return PaperTable(
+        title=title or "General ability after each chunk of edits",
+        groups=[("perplexity", ["unedited", "edited", "drift %"]),
+                ("general facts", ["right %", "same %", "n"]), ("", ["chunks", "s/check"])],
+        sections=[("", body)], stub="run",
+        caption="Measured with every edit of a chunk applied, before its revert; means over chunks. Perplexity: "
+                "64 tokens of each of 64 held-out articles of the offline Wikipedia (never read by the ROME/MEMIT "
+                "statistics); "
+                "drift = edited / unedited - 1. General facts: the n shipped facts the unedited model answers "
+                "right; right % still answered right, same %: the same generated tokens as the unedited model. "
+                "s/check: seconds per measurement.",
+    )
 
 
 def protocol_title(config: dict[str, Any]) -> str:
@@ -195,11 +291,49 @@ def _unique(values: Any) -> list[Any]:
     return list(dict.fromkeys(values))
 
 
+def _sort_key(key: Any) -> Any:
+    """Column groups in the paper's order: datasets by DATASET_NAMES, numbers ascending, protocols TF first."""
+    if isinstance(key, tuple):
+        return tuple(_sort_key(k) for k in key)
+    if key in PROTOCOL_NAMES:
+        return (list(PROTOCOL_NAMES).index(key), key)
+    return _order(DATASET_NAMES, key) if isinstance(key, str) else (key, "")
+
+
+def _delta_cell(ce: RunInfo, overtone: RunInfo, metric: str) -> str:
+    from overtone.report.stats import paired_difference
+
+    d = paired_difference(ce.records, overtone.records, metric)
+    if d.n == 0:
+        return "–"
+    return f"{d.mean:+.2f}" + (f" ± {d.half_width:.2f}" + ("*" if d.significant else "") if d.n > 1 else "")
+
+
+def _delta_rows(members: Sequence[RunInfo], keys: Sequence[Any], metrics: dict[Any, list[str]],
+                column: Callable[[RunInfo], Any]) -> list[list[str]]:
+    """Under the method rows: per editor, OverTone minus CE paired per case, in each column group."""
+    rows = []
+    for editor in _unique(r.editor for r in members):
+        pairs: dict[str, dict[Any, tuple[RunInfo, RunInfo]]] = {}
+        for k in keys:
+            runs = [r for r in members if r.editor == editor and column(r) == k]
+            for ot in (r for r in runs if r.objective == "OverTone"):
+                for ce in (r for r in runs if r.objective == "CE" and r.comparison_key == ot.comparison_key):
+                    pairs.setdefault(ot.tag, {})[k] = (ce, ot)
+        for tag, by_key in pairs.items():
+            cells = [f"Δ {editor_name(editor)} OverTone − CE" + (f" ({tag})" if tag else "")]
+            for k in keys:
+                pair = by_key.get(k)
+                cells += [_delta_cell(*pair, m) if pair else "–" for m in metrics[k]]
+            rows.append(cells)
+    return rows
+
+
 def _grid(title: str, runs: Sequence[RunInfo], column: Callable[[RunInfo], Any], group_label: Callable[[Any], str],
           section: Callable[[RunInfo], str], caption: str) -> PaperTable:
-    """Rows = methods within sections, column groups = values of ``column``, each with its metrics."""
-    keys = sorted(_unique(column(r) for r in runs), key=lambda k: (_order(DATASET_NAMES, k) if isinstance(k, str)
-                                                                   else (k, "")))
+    """Rows = methods within sections, column groups = values of ``column``, each with its metrics; under the
+    methods of a section, the paired OverTone minus CE difference of each editor that has both."""
+    keys = sorted(_unique(column(r) for r in runs), key=_sort_key)
     metrics = {k: _metrics([r for r in runs if column(r) == k]) for k in keys}
     groups = [(group_label(k), [METRIC_HEADERS[m] for m in metrics[k]]) for k in keys]
     sections = []
@@ -212,33 +346,59 @@ def _grid(title: str, runs: Sequence[RunInfo], column: Callable[[RunInfo], Any],
                 run = next((r for r in members if method_label(r) == label and column(r) == k), None)
                 cells += [_fmt(run.summary.get(m) if run else None) for m in metrics[k]]
             rows.append(cells)
-        sections.append((name, rows))
+        sections.append((name, rows + _delta_rows(members, keys, metrics, column)))
     return PaperTable(title=title, groups=groups, sections=sections, caption=caption)
+
+
+def _with_protocol(key: Callable[[RunInfo], Any], label: Callable[[Any], str], runs: Sequence[RunInfo],
+                   ) -> tuple[Callable[[RunInfo], Any], Callable[[Any], str]]:
+    """Column key and label that add the evaluation protocol when the runs hold more than one."""
+    if len({r.evaluation for r in runs}) < 2:
+        return key, label
+    return (lambda r: (key(r), r.evaluation)), (lambda k: f"{label(k[0])}, {PROTOCOL_NAMES[k[1]]}")
+
+
+DELTA_NOTE = ("Δ rows: OverTone minus CE on the cases both runs finished, paired (report.stats), ± 95% "
+              "t-interval over cases (continual: over chunks); * = the interval excludes 0.")
 
 
 def _cases_note(runs: Sequence[RunInfo]) -> str:
     counts = sorted({int(r.summary.get("n_cases") or 0) for r in runs})
-    return f"cases per run: {', '.join(map(str, counts))}"
+    note = f"cases per run: {', '.join(map(str, counts))}"
+    diverged = [f"{method_label(r)} {r.summary['n_diverged']}" for r in runs if r.summary.get("n_diverged")]
+    return note + (f"; diverged edits: {', '.join(diverged)}" if diverged else "")
+
+
+def _protocol_note(runs: Sequence[RunInfo]) -> str:
+    """E.g. "Teacher-forced token accuracy; wild: generated answers, ..." for the protocols of ``runs``."""
+    notes = {TEACHER_FORCED: "teacher-forced token accuracy",
+             WILD: "wild: generated answers, exact match (Loc.: identical generated tokens)"}
+    text = "; ".join(notes[p] for p in PROTOCOL_NAMES if any(r.evaluation == p for r in runs))
+    return text[:1].upper() + text[1:]
 
 
 def single_editing_table(runs: Sequence[RunInfo]) -> PaperTable | None:
-    """Paper Table 4.2: one section per model, one column group per dataset; CE and OverTone rows."""
+    """Paper Table 4.2: one section per model, one column group per dataset (and protocol); CE and OverTone rows."""
     chosen = [r for r in runs if r.protocol == "single" and not r.objective.startswith("w/o")]
     if not chosen:
         return None
-    return _grid("Single editing (x100)", chosen, lambda r: r.dataset, dataset_name, lambda r: r.model,
-                 f"Teacher-forced token accuracy x100; Avg. is the mean of the metrics shown. {_cases_note(chosen)}.")
+    column, label = _with_protocol(lambda r: r.dataset, dataset_name, chosen)
+    return _grid("Single editing (x100)", chosen, column, label, lambda r: r.model,
+                 f"{_protocol_note(chosen)} x100; Avg. is the mean of the metrics shown. "
+                 f"{DELTA_NOTE} {_cases_note(chosen)}.")
 
 
 def continual_tables(runs: Sequence[RunInfo]) -> list[PaperTable]:
-    """Continual editing (paper App. C): per model, dataset and evaluation timing, a column group per T."""
+    """Continual editing (paper App. C): per model, dataset and evaluation timing, a column group per T
+    (and protocol)."""
     chosen = [r for r in runs if r.protocol == "continual" and not r.objective.startswith("w/o")]
     tables = []
     for model, dataset, timing in _unique((r.model, r.dataset, r.eval_timing) for r in chosen):
         members = [r for r in chosen if (r.model, r.dataset, r.eval_timing) == (model, dataset, timing)]
-        tables.append(_grid(f"Continual editing, {dataset_name(dataset)}, {model} (x100)", members,
-                            lambda r: r.sequence, lambda t: f"T={t}", lambda r: "",
-                            f"Evaluation timing: {timing or 'not recorded'}. {_cases_note(members)}."))
+        column, label = _with_protocol(lambda r: r.sequence, lambda t: f"T={t}", members)
+        tables.append(_grid(f"Continual editing, {dataset_name(dataset)}, {model} (x100)", members, column, label,
+                            lambda r: "", f"{_protocol_note(members)}. Evaluation timing: "
+                            f"{timing or 'not recorded'}. {DELTA_NOTE} {_cases_note(members)}."))
     return tables
 
 
@@ -251,9 +411,16 @@ def ablation_tables(runs: Sequence[RunInfo]) -> list[PaperTable]:
         editors = {r.editor for r in members if r.objective.startswith("w/o")}
         members = [r for r in members if r.editor in editors]
         if members:
-            tables.append(_grid(f"Ablations, {dataset_name(dataset)}, {model} (x100)", members, lambda r: r.dataset,
-                                dataset_name, lambda r: editor_name(r.editor), _cases_note(members) + "."))
+            column, label = _with_protocol(lambda r: r.dataset, dataset_name, members)
+            tables.append(_grid(f"Ablations, {dataset_name(dataset)}, {model} (x100)", members, column, label,
+                                lambda r: editor_name(r.editor), f"{DELTA_NOTE} {_cases_note(members)}."))
     return tables
+
+
+def ability_rows(runs: Sequence[RunInfo]) -> list[Row]:
+    """(label, summary) of every run that measured the general ability, for ``ability_table``."""
+    return [(f"{method_label(r)}, {dataset_name(r.dataset)}, T={r.sequence}", r.summary)
+            for r in runs if r.summary.get("ability")]
 
 
 def gain_table(pairs: Sequence[Pair]) -> PaperTable | None:
@@ -261,14 +428,18 @@ def gain_table(pairs: Sequence[Pair]) -> PaperTable | None:
     if not pairs:
         return None
     sections: dict[str, list[list[str]]] = {}
-    for p in sorted(pairs, key=lambda p: (_order(EDITOR_NAMES, p.ce.editor), p.ce.dataset, p.ce.sequence)):
+    for p in sorted(pairs, key=lambda p: (_sort_key(p.ce.evaluation), _order(EDITOR_NAMES, p.ce.editor), p.ce.dataset,
+                                          p.ce.sequence)):
         verdict = {None: "–", True: "within noise"}.get(p.within_noise, "gain" if (p.delta["avg"] or 0) > 0
                                                         else "loss")
         label = f"{editor_name(p.ce.editor)}, {dataset_name(p.ce.dataset)}, T={p.ce.sequence}"
         if p.overtone.tag:
             label += f" ({p.overtone.tag})"
         paired = p.avg if p.avg is not None and p.avg.n > 1 else None
-        sections.setdefault(p.ce.model, []).append([
+        section = p.ce.model
+        if p.ce.evaluation != TEACHER_FORCED:
+            section += f", {PROTOCOL_NAMES[p.ce.evaluation]}"
+        sections.setdefault(section, []).append([
             label, str(p.n_cases or "–"), _fmt(p.ce_summary.get("avg")), _fmt(p.overtone_summary.get("avg")),
             *(_signed(p.delta[m]) for m in ("rel", "gen", "por", "loc", "avg")),
             "–" if paired is None else f"{paired.mean:+.2f} ± {paired.half_width:.2f}",
@@ -345,33 +516,42 @@ def trace_summary_table(traces: Sequence[CaseTrace]) -> PaperTable:
                               "weights.")
 
 
-def _paired_rows(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]], base: int):
+def _paired_layout(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]], base: int,
+                   title: str = "", caption: str = "") -> PaperTable:
+    """Per run, the paired differences to ``results[base]`` under the group of each protocol present."""
+    from overtone.evaluation.wild import protocol_records
     from overtone.report.stats import paired_differences
 
-    _, _, base_records = results[base]
-    columns = metric_columns([summary for _, summary, _ in results])
+    blocks = protocol_summaries([summary for _, summary, _ in results])
+    columns = {p: metric_columns(b) for p, b in blocks}
+    base_records = {p: protocol_records(results[base][2], p) for p, _ in blocks}
+    body = []
     for i, (label, _summary, records) in enumerate(results):
         if i == base:
             continue
-        diffs = paired_differences(base_records, records, [key for key, _ in columns])
-        avg = diffs["avg"]
-        cells = [str(diffs[key]) + ("*" if diffs[key].significant else "") for key, _ in columns]
-        paired = str(avg.cases) if avg.unit == "case" else f"{avg.cases} in {avg.n} chunks"
-        yield [label, *cells, f"{avg.wins}/{avg.ties}/{avg.losses}", paired]
+        cells, paired = [label], ""
+        for protocol, _ in blocks:
+            diffs = paired_differences(base_records[protocol], protocol_records(records, protocol),
+                                       [key for key, _ in columns[protocol]])
+            avg = diffs["avg"]
+            cells += [str(diffs[key]) + ("*" if diffs[key].significant else "") for key, _ in columns[protocol]]
+            cells.append(f"{avg.wins}/{avg.ties}/{avg.losses}")
+            paired = paired or (str(avg.cases) if avg.unit == "case" else f"{avg.cases} in {avg.n} chunks")
+        body.append([*cells, paired])
+    single = len(blocks) == 1 and blocks[0][0] == TEACHER_FORCED
+    groups = [("" if single else PROTOCOL_SHORT[p], [*(f"Δ{h}" for _, h in columns[p]), "W/T/L (Avg.)"])
+              for p, _ in blocks]
+    if single:
+        groups = [("", [*groups[0][1], "paired cases"])]
+    else:
+        groups.append(("", ["paired cases"]))
+    caption = caption if single or not caption else f"{caption} {PROTOCOL_CAPTION}"
+    return PaperTable(title=title, groups=groups, sections=[("", body)], stub="run", caption=caption)
 
 
-def _paired_headers(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]]) -> list[str]:
-    columns = metric_columns([summary for _, summary, _ in results])
-    return [*(f"Δ{h}" for _, h in columns), "W/T/L (Avg.)", "paired cases"]
 PAIRED_CAPTION = ("Δ = difference to the base row on the paired cases (ΔAvg. = difference of the rows' Avg.) "
                   "± 95% t-interval over cases (continual: over chunks); * = interval excludes 0; "
                   "W/T/L = cases (chunks) won/tied/lost on Avg.")
-
-
-def _paired_layout(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]], base: int,
-                   title: str = "", caption: str = "") -> PaperTable:
-    return PaperTable(title=title, groups=[("", _paired_headers(results))],
-                      sections=[("", list(_paired_rows(results, base)))], stub="run", caption=caption)
 
 
 def paired_table(
@@ -383,4 +563,3 @@ def paired_table(
 
 def paired_markdown(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]], base: int = 0) -> str:
     return to_markdown(_paired_layout(results, base))
-

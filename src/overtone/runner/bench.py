@@ -12,6 +12,10 @@ A chunk of one case is single editing: every edit starts from the unedited weigh
 independent. The edited pass reuses the unedited pass's activations below the recorded layer only
 when no edit of the chunk (so far) changed a layer below it.
 
+With an ``AbilityMonitor``, the edited model's general ability (held-out perplexity, general facts) is
+measured after step 3, before the revert, and stored in every record of the chunk under ``ability``
+next to the unedited model's (measured once, before the first edit of the run).
+
 With ``batch`` B > 1, step 2 edits B consecutive cases at a time in one ``edit`` call (batch editing,
 e.g. MEMIT's joint update); their records share that call's statistics: ``steps`` and ``edit_s`` are
 the batch's divided by its size (so means over cases stay per case), ``losses`` and ``final_loss`` are
@@ -26,6 +30,11 @@ Its records are those of the cases edited one at a time, up to floating-point su
 A record's ``losses`` are the objective's loss at every forward pass, ``extra_losses`` (when the
 editor has any) its regularisers', kept apart so that neither a stop rule nor a reader mixes them.
 ``step_budgets`` maps case ids to an exact number of updates: the matched-steps control.
+
+A record is flagged ``diverged`` when an edit's objective loss ended above where it started (or is
+not finite), or when the edited model's prediction at the rewrite's answer tokens is a flat
+distribution (``flatness``, the entropy as a fraction of ln |V|, above ``FLAT``): such an edit
+did not fail, but its scores say nothing about the method.
 """
 
 from __future__ import annotations
@@ -37,11 +46,16 @@ from typing import Any
 
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import EditError, Editor, EditStack, EditStats
+from overtone.evaluation.ability import AbilityMonitor
 from overtone.evaluation.teacher_forced import METRICS, Evaluator, PreEdit, PreEdits
+from overtone.evaluation.wild import WILD, protocol_records
 
 EVAL_TIMINGS = ("end", "after-each")
 # Column order of summaries and tables; an evaluator's metrics come in this order.
 METRIC_ORDER = (*METRICS, "sng_hop", "mlt_hop")
+# Flatness (entropy / ln |V|) above which the edited model's prediction counts as a flat distribution;
+# an unedited or normally edited model is far below (SmolLM2: ln |V| = 10.8 nats, edited targets < 2).
+FLAT = 0.9
 
 
 class RunError(RuntimeError):
@@ -83,19 +97,44 @@ def _edit_fields(stats: Sequence[EditStats], batch: int = 1) -> dict[str, Any]:
     }
 
 
-def _evaluate(evaluator: Evaluator, pre: PreEdit, stack: EditStack) -> dict[str, Any]:
-    cache = pre.predictions.cache
-    replay = cache is not None and stack.first_layer is not None and stack.first_layer >= cache.start
-    return evaluator.after(pre, replay)
+def divergence(record: dict[str, Any]) -> str | None:
+    """Why a result record counts as diverged (see the module docstring), or None."""
+    losses = record.get("losses") or []
+    runs = losses if losses and isinstance(losses[0], list) else [losses]  # a bundle: one list per edit
+    reasons = [f"objective loss {run[0]:.4g} -> {run[-1]:.4g}" for run in runs
+               if run and (not all(math.isfinite(x) for x in run) or run[-1] > run[0])]
+    flatness = record.get("flatness")
+    if flatness is not None and flatness > FLAT:
+        reasons.append(f"the edited model's prediction at the target is flat (entropy {flatness:.2f} x ln|V|)")
+    return "; ".join(reasons) or None
+
+
+def likely_cause(editor: Editor) -> str:
+    """The setting that most often makes an edit diverge: the step size."""
+    lr = getattr(editor.config, "lr", None)
+    if lr is None:
+        return f"a setting of {editor.name}"
+    return f"{editor.name}'s learning rate lr={lr:g} (try a smaller one: --lr or --set lr=...)"
+
+
+def _replay(pre: PreEdit | None, stack: EditStack) -> bool:
+    """Whether the edits so far left every layer below the recorded one unchanged (the cheaper edited pass)."""
+    cache = pre.cache if pre is not None else None
+    return cache is not None and stack.first_layer is not None and stack.first_layer >= cache.start
 
 
 def edit_chunk(
     editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase], eval_timing: str = "end", batch: int = 1,
-    step_budgets: Mapping[str, int] | None = None,
+    step_budgets: Mapping[str, int] | None = None, keep: EditStack | None = None,
+    ability: AbilityMonitor | None = None, pending: Sequence[PreEdit] | None = None,
 ) -> list[dict[str, Any]]:
     """Result records of ``cases`` edited in sequence (``batch`` cases per edit) and evaluated at ``eval_timing``.
 
-    ``step_budgets``: exact updates per case id (every case of the chunk must have one).
+    ``step_budgets``: exact updates per case id (every case of the chunk must have one). With ``keep`` the
+    edits stay applied, their handles on that (empty) stack, instead of being reverted at the end (step 4):
+    ``overtone edit`` saves them. They are reverted when an error interrupts the chunk. ``ability``: the
+    general ability of the model with every edit of the chunk applied. ``pending``: the cases' evaluation
+    on the unedited model when the caller already made it (``Evaluator.before_many``).
     """
     if eval_timing not in EVAL_TIMINGS:
         raise ValueError(f"unknown eval timing {eval_timing!r}; choose one of {', '.join(EVAL_TIMINGS)}")
@@ -107,25 +146,33 @@ def edit_chunk(
         missing = [c.case_id for c in cases if c.case_id not in step_budgets]
         if missing:
             raise ValueError(f"no step budget for case(s) {', '.join(missing)}")
-    pending: list[PreEdit | None] = []
-    for case in cases:
-        try:
-            pending.append(evaluator.before(case, record_from=editor.first_layer))
+    if pending is None:
+        try:  # one call, so an evaluator may batch the chunk's cases (the wild evaluator generates for all at once)
+            pending = evaluator.before_many(cases, record_from=editor.first_layer)
         except ValueError as exc:
-            raise CaseError(case.case_id, exc) from exc
-    stack = EditStack()
+            raise CaseError(", ".join(c.case_id for c in cases), exc) from exc
+    if len(pending) != len(cases):
+        raise ValueError(f"{len(pending)} unedited-model evaluations for {len(cases)} cases")
+    waiting: list[PreEdit | None] = list(pending)
+    del pending  # each case's recorded activations are freed as soon as it is evaluated
+    if ability:
+        ability.measure_reference()  # the model is unedited here
+    stack = keep if keep is not None else EditStack()
     stats: list[list[EditStats]] = []
     sizes = [1] * len(cases)  # how many cases shared each case's edit call
     results: list[dict[str, Any] | None] = [None] * len(cases)
 
-    def evaluate(i: int) -> None:
-        pre = pending[i]
-        assert pre is not None
-        pending[i] = None  # its recorded activations are not needed any more
+    def evaluate(indices: range) -> None:
+        """Evaluate these cases on the model as it is now, in one ``after_many`` call."""
+        pres = [waiting[i] for i in indices]
+        for i in indices:
+            waiting[i] = None  # their recorded activations are not needed any more
         try:
-            results[i] = _evaluate(evaluator, pre, stack)
+            out = evaluator.after_many(pres, [_replay(pre, stack) for pre in pres])
         except ValueError as exc:
-            raise CaseError(cases[i].case_id, exc) from exc
+            raise CaseError(", ".join(cases[i].case_id for i in indices), exc) from exc
+        for i, result in zip(indices, out, strict=True):
+            results[i] = result
 
     try:
         for first in range(0, len(cases), batch):
@@ -142,21 +189,26 @@ def edit_chunk(
             except (EditError, ValueError) as exc:
                 raise CaseError(", ".join(c.case_id for c in group), exc) from exc
             if eval_timing == "after-each":
-                for i in range(first, first + len(group)):
-                    evaluate(i)
+                evaluate(range(first, first + len(group)))
         if eval_timing == "end":
-            for i in range(len(cases)):
-                evaluate(i)
-    finally:
+            evaluate(range(len(cases)))
+        measured = {"ability": ability.measure()} if ability else {}
+    except BaseException:
         stack.revert()
-    return [_record(case, result, case_stats, size)
+        raise
+    if keep is None:
+        stack.revert()
+    return [_record(case, result, case_stats, size, measured)
             for case, result, case_stats, size in zip(cases, results, stats, sizes, strict=True)]
 
 
-def _record(case: EditCase, result: dict[str, Any] | None, stats: Sequence[EditStats], size: int) -> dict[str, Any]:
+def _record(case: EditCase, result: dict[str, Any] | None, stats: Sequence[EditStats], size: int,
+            measured: dict[str, Any]) -> dict[str, Any]:
     assert result is not None
     seconds = result.pop("eval_s")
-    return {"case_id": case.case_id, **result, **_edit_fields(stats, size), "eval_s": round(seconds, 4)}
+    record = {"case_id": case.case_id, **result, **_edit_fields(stats, size), "eval_s": round(seconds, 4), **measured}
+    record["diverged"] = divergence(record) is not None
+    return record
 
 
 def check_parallel_cases(cases: Sequence[EditCase]) -> None:
@@ -169,14 +221,14 @@ def check_parallel_cases(cases: Sequence[EditCase]) -> None:
 
 def edit_cases(
     editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase], parallel: int | None = None,
-    step_budgets: Mapping[str, int] | None = None,
+    step_budgets: Mapping[str, int] | None = None, ability: AbilityMonitor | None = None,
 ) -> list[dict[str, Any]]:
     """Result records of independent cases edited ``parallel`` at a time (all at once when None), each as
     ``edit_chunk`` gives it for the case alone, up to floating-point summation order; in case order.
 
     Cases of similar length share a group (the edit sequences of a group are padded to the longest),
     which changes nothing in a case's result. The model is left unedited. ``step_budgets``: exact
-    updates per case id (every case must have one).
+    updates per case id (every case must have one). ``ability``: each case's edited model's general ability.
     """
     check_parallel_cases(cases)
     missing = [c.case_id for c in cases if step_budgets is not None and c.case_id not in step_budgets]
@@ -188,23 +240,33 @@ def edit_cases(
     records: dict[int, dict[str, Any]] = {}
     for first in range(0, len(order), size):
         group = order[first: first + size]
-        records.update(zip(group, _edit_group(editor, evaluator, [cases[i] for i in group], step_budgets),
+        records.update(zip(group, _edit_group(editor, evaluator, [cases[i] for i in group], step_budgets, ability),
                            strict=True))
     return [records[i] for i in range(len(cases))]
 
 
 def _edit_group(editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase],
-                step_budgets: Mapping[str, int] | None) -> list[dict[str, Any]]:
+                step_budgets: Mapping[str, int] | None, ability: AbilityMonitor | None) -> list[dict[str, Any]]:
     """One ``edit_parallel`` call and its batched evaluation."""
     ids = [c.case_id for c in cases]
     budgets = None if step_budgets is None else [step_budgets[i] for i in ids]
     try:
         pre: PreEdits = evaluator.before_cases(cases, record_from=editor.first_layer)
+        if ability:
+            ability.measure_reference()  # the model is unedited here
         edits = editor.edit_parallel(cases, steps=budgets)
         results = evaluator.after_cases(pre, edits, pre.replayable(edits.first_layer))
     except (EditError, ValueError) as exc:
         raise CaseError(", ".join(ids), exc) from exc
-    return [_record(case, result, [stats], 1) for case, result, stats in zip(cases, results, edits.stats, strict=True)]
+    measured = []
+    for i in range(len(cases)):
+        if ability:
+            with edits.only(i):
+                measured.append({"ability": ability.measure()})
+        else:
+            measured.append({})
+    return [_record(case, result, [stats], 1, more)
+            for case, result, stats, more in zip(cases, results, edits.stats, measured, strict=True)]
 
 
 def edit_and_score(editor: Editor, evaluator: Evaluator, case: EditCase) -> dict[str, Any]:
@@ -221,31 +283,86 @@ def _ordered(keys: set[str]) -> list[str]:
     return [m for m in METRIC_ORDER if m in keys] + sorted(keys - set(METRIC_ORDER))
 
 
+def _chunks(records: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Records grouped by chunk; records without a ``chunk`` are chunks of one (single editing)."""
+    chunks: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for i, r in enumerate(records):
+        chunks[r.get("chunk", f"case {i}")].append(r)
+    return list(chunks.values())
+
+
+def _x100(value: float | None) -> float | None:
+    return None if value is None else round(100 * value, 2)
+
+
+def _summarize_metrics(records: Sequence[dict[str, Any]], metrics: Sequence[str] | None) -> dict[str, Any]:
+    if metrics is None:
+        metrics = _ordered({m for r in records for m in r.get("post", {})})
+    chunks = _chunks(records)
+
+    def over_chunks(part: str, metric: str) -> float | None:
+        return _mean([_mean([r.get(part, {}).get(metric) for r in chunk]) for chunk in chunks])
+
+    post = {m: over_chunks("post", m) for m in metrics}
+    pre = {m: over_chunks("pre", m) for m in _ordered({m for r in records for m in r.get("pre", {})})}
+    present = [v for v in post.values() if v is not None]
+    summary: dict[str, Any] = {m: _x100(v) for m, v in post.items()}
+    summary["avg"] = round(100 * sum(present) / len(present), 2) if present else None
+    summary["pre"] = {m: _x100(v) for m, v in pre.items()}
+    for part in ("f1", "contains"):  # the wild protocol's other scores
+        if any(part in r for r in records):
+            summary[part] = {m: _x100(over_chunks(part, m))
+                             for m in _ordered({m for r in records for m in r.get(part, {})})}
+    summary["n_cases"] = len(records)
+    summary["n_diverged"] = sum(bool(r.get("diverged")) for r in records)
+    summary["n_chunks"] = len(chunks)
+    summary["mean_steps"] = _mean([r["steps"] for r in records])
+    summary["mean_edit_s"] = _mean([r["edit_s"] for r in records])
+    summary["mean_eval_s"] = _mean([r["eval_s"] for r in records])
+    return summary
+
+
+def _summarize_ability(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per chunk the ability after its edits (shared by its records), averaged over chunks; drift vs unedited."""
+    measured = [chunk[0]["ability"] for chunk in _chunks([r for r in records if "ability" in r])]
+    ppl, base = _mean([m["ppl"] for m in measured]), _mean([m["ppl_unedited"] for m in measured])
+    return {
+        "ppl": None if ppl is None else round(ppl, 3),
+        "ppl_unedited": None if base is None else round(base, 3),
+        "ppl_drift_pct": _x100(_mean([m["ppl"] / m["ppl_unedited"] - 1 for m in measured])),
+        "facts_right": _x100(_mean([m["facts_right"] for m in measured])),
+        "facts_same": _x100(_mean([m["facts_same"] for m in measured])),
+        "facts": measured[0]["facts"] if measured else None,
+        "n_measured": len(measured),
+        "mean_s": _mean([m["seconds"] for m in measured]),
+    }
+
+
 def summarize(records: Sequence[dict[str, Any]], metrics: Sequence[str] | None = None) -> dict[str, Any]:
     """Means x100 as in the paper's tables; Avg. is the mean of the metrics that have a value.
 
     A metric is averaged over the cases of a chunk that have probes for it (every ZsRE case has all
     four; WikiBio has no Gen. and Por.), then over the chunks (records without a ``chunk`` are chunks
     of one: single editing). ``metrics`` defaults to the keys of the records' post metrics.
+
+    The top-level metrics are the teacher-forced ones (``pre``/``post`` of the records); wild metrics
+    (``wild`` of the records) are summarised the same way under ``wild``; ``protocols`` names the
+    protocols present. The general ability after each chunk, when measured, is under ``ability``.
     """
-    if metrics is None:
-        metrics = _ordered({m for r in records for m in r["post"]})
-    chunks: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    for i, r in enumerate(records):
-        chunks[r.get("chunk", f"case {i}")].append(r)
-
-    def over_chunks(part: str, metric: str) -> float | None:
-        return _mean([_mean([r[part].get(metric) for r in chunk]) for chunk in chunks.values()])
-
-    post = {m: over_chunks("post", m) for m in metrics}
-    pre = {m: over_chunks("pre", m) for m in _ordered({m for r in records for m in r["pre"]})}
-    present = [v for v in post.values() if v is not None]
-    summary: dict[str, Any] = {m: None if v is None else round(100 * v, 2) for m, v in post.items()}
-    summary["avg"] = round(100 * sum(present) / len(present), 2) if present else None
-    summary["pre"] = {m: None if v is None else round(100 * v, 2) for m, v in pre.items()}
-    summary["n_cases"] = len(records)
-    summary["n_chunks"] = len(chunks)
-    summary["mean_steps"] = _mean([r["steps"] for r in records])
-    summary["mean_edit_s"] = _mean([r["edit_s"] for r in records])
-    summary["mean_eval_s"] = _mean([r["eval_s"] for r in records])
+    summary = _summarize_metrics(records, metrics)
+    protocols = ["teacher-forced"] if any("post" in r for r in records) or not records else []
+    wild = protocol_records(records, WILD)
+    if wild:
+        protocols.append(WILD)
+        block = _summarize_metrics(wild, None)
+        rule = [r["study_rule"] for r in wild]
+        replies = sum(x["replies"] for x in rule)
+        block["study_rule"] = {"replies": replies,
+                               "differs_pct": _x100(sum(x["differs"] for x in rule) / replies) if replies else None,
+                               "em_changes_pct": _x100(sum(x["em_changes"] for x in rule) / replies)
+                               if replies else None}
+        summary[WILD] = block
+    summary["protocols"] = protocols
+    if any("ability" in r for r in records):
+        summary["ability"] = _summarize_ability(records)
     return summary

@@ -14,7 +14,18 @@ memory stays flat over any number of chunks. During a chunk, the unedited activa
 are kept for the cheaper edited pass (a few MB per case for a 7B model).
 
 A chunk's records are written together once it is done. The model inside a chunk is not saved, so a
-restart skips finished chunks and runs an interrupted chunk again from its start.
+restart skips finished chunks and runs an interrupted chunk again from its start. Records of a chunk
+carry its index and size (``chunk``, ``chunk_size``): a chunk that a kill left partly written (its
+first records on disk, the rest cut off) is edited again and only its missing records are added.
+
+Before the first edit, every case is checked against the editor and the evaluation
+(``runner.checks``). A diverged edit (``bench.divergence``) is recorded with a warning naming the
+case and the likely setting; with ``strict`` it stops the run instead.
+
+In single editing every case starts from the unedited model, so the unedited-model evaluation
+(``Evaluator.before_many``) of the next ``PREFETCH`` cases is done together: an evaluator that batches
+across cases (the wild one generates the probes' answers) then does so in single editing too, as it
+does within a chunk of continual editing. Memory then holds those cases' pending evaluations.
 
 Single editing with ``parallel`` = B > 1 hands windows of ``PARALLEL_WINDOW`` x B pending cases to
 ``edit_cases``, which edits them B at a time (each against the unedited weights; cases of similar
@@ -25,15 +36,30 @@ another B.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import Editor
+from overtone.evaluation.ability import AbilityMonitor
 from overtone.evaluation.teacher_forced import Evaluator
-from overtone.runner.bench import CaseError, RunError, check_parallel_cases, edit_cases, edit_chunk, summarize
+from overtone.runner.bench import (
+    CaseError,
+    RunError,
+    check_parallel_cases,
+    divergence,
+    edit_cases,
+    edit_chunk,
+    likely_cause,
+    summarize,
+)
+from overtone.runner.checks import prepare_cases
 from overtone.runner.store import ResultStore
 
+log = logging.getLogger(__name__)
+
+PREFETCH = 16  # cases evaluated on the unedited model together, ahead of their chunks
 # Single editing with --parallel B: cases handed to the parallel edit at a time, in groups of B (more
 # groups to choose from make groups of similar length; a restart redoes at most one window).
 PARALLEL_WINDOW = 4
@@ -56,11 +82,14 @@ def run_continual(
     on_case: Callable[[dict[str, Any] | None], None] | None = None,
     batch: int = 1,
     step_budgets: Mapping[str, int] | None = None,
+    strict: bool = False,
+    ability: AbilityMonitor | None = None,
     parallel: int = 1,
 ) -> dict[str, Any]:
-    """Edit every chunk of ``cases`` not yet in ``store`` (``batch`` cases per edit call); returns the summary
-    of all stored cases. ``step_budgets`` gives each case an exact number of updates (matched steps);
-    ``parallel`` > 1 edits that many single-editing cases at once."""
+    """Edit every chunk of ``cases`` not yet in ``store`` (``batch`` cases per edit call, the general ability
+    measured at each chunk's end with ``ability``); returns the summary of all stored cases. ``step_budgets``
+    gives each case an exact number of updates (matched steps); ``strict``: a diverged edit is an error
+    (default: flagged with a warning); ``parallel`` > 1 edits that many single-editing cases at once."""
     if parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {parallel}")
     if parallel > 1:
@@ -68,49 +97,90 @@ def run_continual(
             raise ValueError(f"--parallel {parallel} edits independent cases (single editing); the cases of a "
                              f"--sequence {sequence} / --batch {batch} chunk build on each other: use --parallel 1")
         check_parallel_cases(cases)
-    done = store.done
-    group: list[tuple[int, Sequence[EditCase]]] = []  # chunks waiting to be edited together
+    try:
+        prepare_cases(cases, editor.lm.tokenizer, type(editor), editor.config)
+    except ValueError as exc:
+        raise RunError(str(exc)) from exc
+    by_id = {r["case_id"]: r for r in store.records}
+    chunks = chunked(cases, sequence)
+    untouched = [not any(c.case_id in by_id for c in chunk) for chunk in chunks]  # no record of the chunk yet
+    prefetched: dict[str, Any] = {}
+    waiting: list[EditCase] = []  # --parallel: pending cases, edited together once a window is full
 
-    def run(group: list[tuple[int, Sequence[EditCase]]]) -> None:
-        try:
-            if parallel == 1:
-                records = edit_chunk(editor, evaluator, group[0][1], eval_timing, batch, step_budgets)
-            else:
-                records = edit_cases(editor, evaluator, [c for _, chunk in group for c in chunk], parallel,
-                                     step_budgets)
-        except CaseError as exc:
-            raise RunError(
-                f"{exc}. The {len(store.records)} finished cases are saved in {store.dir}; rerun the same "
-                "command to resume after fixing the cause."
-            ) from exc
-        if sequence > 1:
-            for record in records:
-                record["chunk"] = group[0][0]
-        store.append_many(records)
+    def failed(exc: CaseError) -> RunError:
+        return RunError(f"{exc}. The {len(store.records)} finished cases are saved in {store.dir}; rerun the same "
+                        "command to resume after fixing the cause.")
+
+    def store_records(records: list[dict[str, Any]], chunk: tuple[int, int] | None) -> None:
+        """Warn about (or, with ``strict``, stop at) diverged edits, then write the records not yet stored.
+        ``chunk``: (index, size) of the continual-editing chunk the records belong to."""
+        for record in records:
+            if chunk is not None:
+                record.update(chunk=chunk[0], chunk_size=chunk[1])
+            why = divergence(record) if record["diverged"] else None
+            if why:
+                message = f"case {record['case_id']}: the edit diverged ({why}); likely cause: {likely_cause(editor)}"
+                if strict:
+                    raise RunError(f"{message}. --strict stops the run here; the {len(store.records)} finished "
+                                   f"cases are saved in {store.dir}")
+                log.warning(message)
+        new = [r for r in records if r["case_id"] not in by_id]
+        store.append_many(new)
+        by_id.update((r["case_id"], r) for r in new)
         for record in records:
             if on_case:
                 on_case(record)
 
-    for index, chunk in enumerate(chunked(cases, sequence)):
+    def edit_window() -> None:
+        try:
+            records = edit_cases(editor, evaluator, waiting, parallel, step_budgets, ability)
+        except CaseError as exc:
+            raise failed(exc) from exc
+        waiting.clear()
+        store_records(records, None)
+
+    for index, chunk in enumerate(chunks):
         ids = [c.case_id for c in chunk]
-        stored = sum(i in done for i in ids)
-        if stored == len(chunk):
+        stored = [by_id[i] for i in ids if i in by_id]
+        if len(stored) == len(chunk):
             for _ in chunk:
                 if on_case:
                     on_case(None)
             continue
-        if stored:
+        if stored and not all(r.get("chunk") == index and r.get("chunk_size") == len(chunk) for r in stored):
             raise RunError(
-                f"chunk {index} ({ids[0]} .. {ids[-1]}) is partly in {store.dir} ({stored} of {len(chunk)} cases): "
-                "an earlier run ended it elsewhere (a --limit that is not a multiple of --sequence) or was killed "
-                "while writing it. Use another --out directory."
+                f"chunk {index} ({ids[0]} .. {ids[-1]}) is partly in {store.dir} ({len(stored)} of {len(chunk)} "
+                "cases) from a run whose chunks were cut differently (a --limit that is not a multiple of "
+                "--sequence). Use another --out directory."
             )
-        group.append((index, chunk))
-        if len(group) == (1 if parallel == 1 else PARALLEL_WINDOW * parallel):
-            run(group)
-            group = []
-    if group:
-        run(group)
+        if stored:
+            log.warning("chunk %d (%s .. %s): a killed run wrote %d of its %d records; editing the chunk again and "
+                        "adding the missing ones", index, ids[0], ids[-1], len(stored), len(chunk))
+        if parallel > 1:
+            waiting += chunk
+            if len(waiting) >= PARALLEL_WINDOW * parallel:
+                edit_window()
+            continue
+        try:
+            if ids[0] not in prefetched:
+                window = list(chunk)  # single editing: and the next untouched cases, up to PREFETCH
+                for later, fresh in zip(chunks[index + 1:], untouched[index + 1:], strict=True):
+                    if sequence > 1 or len(window) >= PREFETCH or not fresh:
+                        break
+                    window += later
+                try:
+                    prefetched.update(zip((c.case_id for c in window),
+                                          evaluator.before_many(window, record_from=editor.first_layer), strict=True))
+                except ValueError as exc:
+                    raise CaseError(", ".join(c.case_id for c in window), exc) from exc
+            # handed over without a name here, so edit_chunk can free each case's pending state once used
+            records = edit_chunk(editor, evaluator, chunk, eval_timing, batch, step_budgets, ability=ability,
+                                 pending=[prefetched.pop(i) for i in ids])
+        except CaseError as exc:
+            raise failed(exc) from exc
+        store_records(records, (index, len(chunk)) if sequence > 1 else None)
+    if waiting:
+        edit_window()
     wanted = {c.case_id for c in cases}
     summary = summarize([r for r in store.records if r["case_id"] in wanted], evaluator.metrics)
     store.write_summary(summary)

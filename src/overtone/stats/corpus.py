@@ -7,6 +7,10 @@ needs no network at run time: ``wiki.utf8``, 2.1 MB of WikiExtractor output (2,3
 installed with ``--no-deps`` and never imported; the file is found with ``importlib.util.find_spec``.
 Any local text file can be used instead: WikiExtractor ``<doc>`` files are split into articles,
 other files into paragraphs at blank lines.
+
+A packaged corpus may hold out some documents, spread evenly over it (every k-th): the statistics never
+read them, and the general-ability check of continual editing (``evaluation/ability.py``) measures
+perplexity on them. ``wikipedia`` holds out 64 articles, every 36th; a local file holds out nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ CORPORA: dict[str, WheelFile] = {
         description="English Wikipedia, 2,349 articles in WikiExtractor format (2.1 MB; CC BY-SA)",
     ),
 }
+HELD_OUT = {"wikipedia": 64}  # documents never read by the statistics (held-out perplexity)
 
 _DOC = re.compile(r"<doc\b[^>]*>(.*?)</doc>", re.DOTALL)
 
@@ -41,6 +46,7 @@ class Corpus:
 
     name: str
     path: Path
+    held_out: int = 0  # documents reserved for held-out perplexity, every k-th of the corpus
 
     def sha256(self) -> str:
         return sha256_file(self.path)
@@ -50,16 +56,32 @@ class Corpus:
         text = self.path.read_text(encoding="utf-8")
         parts = _DOC.findall(text) if "<doc" in text else re.split(r"\n\s*\n", text)
         documents = [p.strip() for p in parts if p.strip()]
-        if not documents:
-            raise CorpusError(f"corpus {self.name!r} ({self.path}) holds no text")
+        if len(documents) <= self.held_out:
+            raise CorpusError(f"corpus {self.name!r} ({self.path}) holds no text beyond its held-out documents")
         return documents
+
+    def _held_out_indices(self, count: int) -> range:
+        """Every k-th document, k = count // held_out, so the held-out slice spans the whole corpus."""
+        stride = count // self.held_out if self.held_out else 1
+        return range(stride - 1, stride * self.held_out, stride)
+
+    def statistics_documents(self) -> list[str]:
+        """The documents the statistics read: all but the held-out ones."""
+        documents = self.documents()
+        held = set(self._held_out_indices(len(documents)))
+        return [d for i, d in enumerate(documents) if i not in held]
+
+    def held_out_documents(self) -> list[str]:
+        """The held-out documents, disjoint from ``statistics_documents`` by construction."""
+        documents = self.documents()
+        return [documents[i] for i in self._held_out_indices(len(documents))] if self.held_out else []
 
 
 def load_corpus(name: str) -> Corpus:
     """A named packaged corpus (see ``CORPORA``) or a local text file."""
     if name in CORPORA:
         try:
-            return Corpus(name, CORPORA[name].path("the statistics corpus"))
+            return Corpus(name, CORPORA[name].path("the statistics corpus"), HELD_OUT.get(name, 0))
         except FileNotFoundError as exc:
             raise CorpusError(str(exc)) from exc
     path = Path(name).expanduser()

@@ -5,15 +5,20 @@ already serves, summarised by the uncentred second moment of the ``mlp_out`` inp
 input: the gated activation) over ordinary text. Here it is estimated on an offline corpus
 (``stats.corpus``):
 
-* every document is tokenised as the prompts are, and split into samples of at most ``max_tokens``;
+* every document but the corpus's held-out ones (``Corpus.held_out``, kept for the perplexity check
+  of continual editing) is tokenised as the prompts are, and split into samples of at most
+  ``max_tokens``;
 * samples are batched by length and run through blocks ``0..max(layers)`` only; every real token's
   key is counted; products are formed in fp32 and summed in fp64; the stored C is fp32;
 * one pass serves any number of layers; partial sums are checkpointed, so an interrupted
   computation resumes where it stopped;
 * the result is cached as safetensors under ``<cache>/stats/<model>/``, keyed by the model's name,
   the sha256 of every weight the key depends on (the embeddings, the blocks below the layer and
-  the layer's own block except its ``mlp_out``), the layer, the corpus and its sha256, the sample
-  length and count, and the dtypes. A cache hit reads the file and computes nothing.
+  the layer's own block except its ``mlp_out``), the layer, the corpus, its sha256 and held-out
+  count, the sample length and count, and the dtypes. A cache hit reads the file and computes nothing.
+
+A computation says up front that it is not cached and where its result will be cached, and after its
+first batch (the longest samples) how long the whole pass is expected to take.
 """
 
 from __future__ import annotations
@@ -137,6 +142,7 @@ def _key(lm: LoadedModel, layer: int, whash: str, corpus: Corpus, corpus_sha: st
         "weights_sha256": whash,
         "corpus": corpus.name,
         "corpus_sha256": corpus_sha,
+        "held_out": corpus.held_out,
         **{k: v for k, v in asdict(spec).items() if k != "corpus"},
         "stat_dtype": STAT_DTYPE,
     }
@@ -144,7 +150,8 @@ def _key(lm: LoadedModel, layer: int, whash: str, corpus: Corpus, corpus_sha: st
 
 def _file_name(key: dict[str, Any]) -> str:
     samples = key["samples"] or "all"
-    return (f"L{key['layer']}-{_slug(key['corpus'])}-{key['corpus_sha256'][:12]}-t{key['max_tokens']}-n{samples}"
+    return (f"L{key['layer']}-{_slug(key['corpus'])}-{key['corpus_sha256'][:12]}-h{key['held_out']}"
+            f"-t{key['max_tokens']}-n{samples}"
             f"-{key['model_dtype']}-w{key['weights_sha256'][:16]}.safetensors")
 
 
@@ -152,8 +159,8 @@ def _file_name(key: dict[str, Any]) -> str:
 
 
 def corpus_samples(lm: LoadedModel, corpus: Corpus, spec: MomentSpec) -> list[list[int]]:
-    """Token samples of the corpus, in document order, each at most ``max_tokens`` long."""
-    encoded = lm.tokenizer(corpus.documents(), verbose=False)["input_ids"]
+    """Token samples of the corpus but its held-out documents, in document order, each at most ``max_tokens``."""
+    encoded = lm.tokenizer(corpus.statistics_documents(), verbose=False)["input_ids"]
     samples = [ids[s:s + spec.max_tokens] for ids in encoded for s in range(0, len(ids), spec.max_tokens)]
     samples = [s for s in samples if len(s) >= 2]
     return samples[: spec.samples] if spec.samples is not None else samples
@@ -207,6 +214,8 @@ def second_moments(
     paths = {layer: folder / _file_name(keys[layer]) for layer in layers}
     missing = [layer for layer in layers if not paths[layer].is_file()]
     if missing:
+        log.info("second moments of %s at layer(s) %s are not cached: computing them once on the corpus %s; the "
+                 "result is cached in %s and later runs read it", lm.name, missing, corpus.name, folder)
         folder.mkdir(parents=True, exist_ok=True)
         job = hashlib.sha256(json.dumps([keys[m] for m in missing], sort_keys=True).encode()).hexdigest()[:16]
         with FileLock(str(folder / f"partial-{job}.lock")):
@@ -236,6 +245,12 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _compute(
@@ -316,6 +331,10 @@ def _compute(
             sums_, batches_, tokens_ = done
             done = ({layer: sums_[layer] + batch_sums[layer].double() for layer in layers}, batches_ + 1,
                     tokens_ + int(mask.sum()))
+            if done[1] == done_batches + 1 and done[1] < len(batches):
+                rate = (done[2] - tokens) / (time.perf_counter() - start)  # the first batch: the longest samples
+                log.info("second moments: expected to take about %s for the %d tokens left (measured on the first "
+                         "batch); then cached", _duration((total - done[2]) / rate), total - done[2])
             if progress:
                 progress(done[2], total)
             if time.perf_counter() - last_save > checkpoint_s and done[1] < len(batches):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from overtone.editors.base import max_length_field
 from overtone.editors.locate.subject import MISSING_SUBJECT
 from overtone.editors.training import stop_when_clipped_field
 from overtone.stats import MomentSpec
@@ -45,6 +46,7 @@ class LocateConfig:
     mom2_corpus: str = field(default="wikipedia", metadata={"help": "corpus of the second-moment statistics"})
     mom2_max_tokens: int = field(default=1024, metadata={"help": "tokens per statistics sample (longer texts split)"})
     mom2_samples: int | None = field(default=None, metadata={"help": "statistics samples used (all when None)"})
+    max_length: int | None = max_length_field()
 
     def __post_init__(self) -> None:
         problems = []

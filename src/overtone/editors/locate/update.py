@@ -7,7 +7,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from overtone.editors.base import EditHandle, EditStats, SavedEdit, UpdateLog
 from overtone.models.adapters import ModelAdapter
+from overtone.models.loading import LoadedModel
 
 
 def snapshot(weights: Sequence[nn.Parameter]) -> Callable[[], None]:
@@ -29,3 +31,34 @@ def add_update(adapter: ModelAdapter, weight: nn.Parameter, update: torch.Tensor
     if oriented.shape != weight.shape:
         raise ValueError(f"update of shape {tuple(update.shape)} does not fit a weight of shape {tuple(weight.shape)}")
     weight.copy_((weight.double() + oriented.double()).to(weight.dtype))
+
+
+def factor_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """A low-rank update [out, in] from its factors: ``outer(left, right)`` for vectors (ROME's rank one),
+    ``left @ right`` for [out, r] and [r, in] (MEMIT). Editing and re-applying both compute it here."""
+    return torch.outer(left, right) if left.dim() == 1 else left @ right
+
+
+def saved_factors(log: UpdateLog) -> SavedEdit:
+    """The low-rank updates of ``log`` in order: factors ``update.<i>.left/right`` and the weight each changed."""
+    tensors: dict[str, torch.Tensor] = {}
+    for i, (_name, left, right) in enumerate(log.updates):
+        tensors[f"update.{i}.left"], tensors[f"update.{i}.right"] = left, right
+    state = {"updates": [name for name, _, _ in log.updates]}
+    return SavedEdit(tensors=tensors, state=state, base=log.base if log.edits else {})
+
+
+def apply_factors(lm: LoadedModel, saved: SavedEdit, first_layer: int) -> EditHandle:
+    """Add the saved updates to their weights in their order: the same arithmetic as the edits that made them."""
+    names = saved.state["updates"]
+    weights = {name: lm.adapter.parameter(name) for name in dict.fromkeys(names)}
+    revert = snapshot(list(weights.values()))
+    try:
+        for i, name in enumerate(names):
+            weight = weights[name]
+            left, right = (saved.tensors[f"update.{i}.{side}"].to(weight.device) for side in ("left", "right"))
+            add_update(lm.adapter, weight, factor_product(left, right))
+    except BaseException:
+        revert()
+        raise
+    return EditHandle(revert, first_layer=first_layer, stats=EditStats(), restores=tuple(weights.values()))

@@ -1,0 +1,379 @@
+"""Evaluation in the wild: the edited model generates each probe's answer itself (Yang et al., ACL 2025).
+
+Teacher forcing feeds the model the target's own tokens and length; here nothing of the answer is given
+(docs/wild.md has the rules, their sources and where they deviate):
+
+* context: the bare probe prompt (``context="bare"``), or the study's QA instruction
+  ``Please answer the question:\\n\\nQ: {question}\\nA:`` inside the model's chat template (``"qa"``);
+* greedy decoding, at most 50 new tokens; a reply ends at end of sequence, at the first newline, or at
+  the first sentence-final full stop: a "." followed by whitespace (or the end of the generation) whose
+  word is not an initial ("U.S.", "J.") or a listed abbreviation ("St.", "Dr.", ...), so "St. Louis" and
+  "3.5" are kept whole. The stop and the whitespace around the reply are removed. The study stops at any
+  "."; each record counts the replies where that rule would have kept a different text;
+* Rel., Gen., Por.: exact match of the reply with the target or one of its aliases after SQuAD-style
+  normalisation (lower case, no punctuation, no articles a/an/the, single spaces); token F1 and
+  "target contained" (the normalised answer occurs in the normalised reply as whole words) are kept too;
+* Loc.: a probe is kept when the generated token ids before and after the edit are identical (up to and
+  including the token that holds the stop, or end of sequence).
+
+Per case, metrics average over the probes of a kind, then over kinds, as the teacher-forced ones. A
+record keeps the teacher-forced ``pre``/``post`` (when that protocol runs too) and adds ``wild``.
+
+All probes of a case, and of every case evaluated on the same model (a chunk of continual editing at
+its end), are answered in left-padded batches (``generation.generate_ids``); a row's reply does not
+depend on the other rows, so rows of several cases (or, later, of several edited models) share a batch:
+``answer`` takes any list of prompts, and scoring only reads the replies.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from overtone.benchmarks import TEACHER_FORCED
+from overtone.benchmarks.cases import EditCase
+from overtone.evaluation.generation import generate_ids
+from overtone.evaluation.teacher_forced import METRICS, Evaluator, PreEdit, PreEdits, by_metric
+from overtone.models.loading import LoadedModel
+from overtone.models.replay import SuffixCache
+
+if TYPE_CHECKING:
+    from overtone.editors.parallel import CaseEdits
+
+WILD = "wild"
+EVAL_MODES = {TEACHER_FORCED: (TEACHER_FORCED,), WILD: (WILD,), "both": (TEACHER_FORCED, WILD)}
+CONTEXTS = ("bare", "qa")
+QA_INSTRUCTION = "Please answer the question:\n\nQ: {question}\nA:"  # the study's "qa_inst" context
+SCORED = ("rel", "gen", "por")  # metrics scored against an answer; Loc. compares with the unedited model
+# Words that end in "." without ending a sentence (lower case, without the dot).
+ABBREVIATIONS = frozenset((
+    "st", "mt", "ft", "dr", "mr", "mrs", "ms", "jr", "sr", "prof", "rev", "gen", "col", "lt", "sgt", "capt", "gov",
+    "sen", "rep", "no", "vol", "vs", "etc", "inc", "ltd", "co", "corp", "bros", "ave", "blvd", "rd", "jan", "feb",
+    "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "approx", "est", "dept", "univ", "fig",
+    "ca",
+))
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+@dataclass(frozen=True)
+class WildSettings:
+    """How the probes are asked; the defaults are the study's."""
+
+    context: str = field(default="bare", metadata={"help": "bare (the probe prompt) or qa (instruction + chat)"})
+    max_new_tokens: int = field(default=50, metadata={"help": "max new tokens of a reply"})
+
+    def __post_init__(self) -> None:
+        if self.context not in CONTEXTS:
+            raise ValueError(f"unknown --eval-context {self.context!r}; choose one of {', '.join(CONTEXTS)}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+# ---- answers: normalisation and scores ---------------------------------------------------------------------
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style: lower case, drop punctuation, drop the articles a/an/the, collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(reply: str, answers: Iterable[str]) -> bool:
+    return any(normalize_answer(reply) == normalize_answer(a) for a in answers)
+
+
+def token_f1(reply: str, answers: Iterable[str]) -> float:
+    """The best SQuAD token F1 of ``reply`` against any answer (1 when both normalise to nothing)."""
+    best = 0.0
+    predicted = normalize_answer(reply).split()
+    for answer in answers:
+        gold = normalize_answer(answer).split()
+        if not predicted or not gold:
+            best = max(best, float(predicted == gold))
+            continue
+        same = sum((Counter(predicted) & Counter(gold)).values())
+        if same:
+            precision, recall = same / len(predicted), same / len(gold)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def contains(reply: str, answers: Iterable[str]) -> bool:
+    """Whether a normalised answer occurs in the normalised reply as whole words."""
+    text = f" {normalize_answer(reply)} "
+    return any(f" {a} " in text for a in map(normalize_answer, answers) if a)
+
+
+# ---- the stop rule -------------------------------------------------------------------------------------------
+
+
+def _sentence_final(text: str, i: int, finished: bool) -> bool | None:
+    """Whether the "." at ``text[i]`` ends a sentence; None while the next character is not generated yet."""
+    if i + 1 < len(text):
+        if not text[i + 1].isspace():
+            return False  # "3.5", "U.S" inside a word
+    elif not finished:
+        return None
+    words = text[:i].split()
+    if not words:
+        return True
+    last = words[-1].rsplit(".", 1)[-1]  # "U.S" -> "S"
+    return not ((len(last) == 1 and last.isalpha()) or last.lower() in ABBREVIATIONS)
+
+
+def find_stop(text: str, finished: bool) -> int | None:
+    """Index of the character that ends the reply (a newline or a sentence-final "."), None if none yet.
+
+    ``finished``: the generation ended (end of sequence or the token limit), so a "." at the very end
+    is final; during generation such a "." waits for the next character.
+    """
+    for i, ch in enumerate(text):
+        if ch == "\n":
+            return i
+        if ch == ".":
+            final = _sentence_final(text, i, finished)
+            if final is None:
+                return None
+            if final:
+                return i
+    return None
+
+
+def study_cut(text: str) -> str:
+    """The reply under the study's stop strings "." and newline: everything before the first of them."""
+    return re.split(r"[.\n]", text, maxsplit=1)[0].strip()
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One generated answer: its text (stop removed), its token ids and the study's "."-rule text."""
+
+    text: str
+    ids: tuple[int, ...]  # up to and including the token holding the stop, or the end-of-sequence token
+    study_text: str
+
+
+def _reply(tokenizer: Any, ids: list[int], eos: set[int]) -> Reply:
+    end = next((j + 1 for j, t in enumerate(ids) if t in eos), len(ids))
+    ids = ids[:end]
+    raw = tokenizer.decode(ids, skip_special_tokens=True)
+    stop = find_stop(raw, finished=True)
+    if stop is not None:  # keep the tokens up to the one that produced the stop character
+        end = next((n for n in range(1, len(ids) + 1)
+                    if len(tokenizer.decode(ids[:n], skip_special_tokens=True)) > stop), len(ids))
+        ids = ids[:end]
+    text = raw if stop is None else raw[:stop]
+    return Reply(text=text.strip(), ids=tuple(ids), study_text=study_cut(raw))
+
+
+def eos_ids(lm: LoadedModel) -> set[int]:
+    """The token ids that end a generation (the generation config's, else the tokenizer's)."""
+    configured = lm.model.generation_config.eos_token_id
+    if configured is None:
+        configured = lm.tokenizer.eos_token_id
+    return set(configured if isinstance(configured, list) else [configured]) - {None}
+
+
+def context_text(tokenizer: Any, prompt: str, context: str) -> str:
+    """The text the model continues: the bare prompt, or the QA instruction in the chat template."""
+    if context == "bare":
+        return prompt
+    question = QA_INSTRUCTION.format(question=prompt)
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+    return question
+
+
+def answer(lm: LoadedModel, prompts: Sequence[str], settings: WildSettings) -> list[Reply]:
+    """Greedy replies to ``prompts`` in one left-padded batch, each cut by the stop rule."""
+    if not prompts:
+        return []
+    tokenizer = lm.tokenizer
+    chat = settings.context == "qa" and bool(tokenizer.chat_template)
+    ids = generate_ids(lm, [context_text(tokenizer, p, settings.context) for p in prompts], settings.max_new_tokens,
+                       add_special_tokens=not chat, done=lambda reply: find_stop(reply, finished=False) is not None)
+    eos = eos_ids(lm)
+    return [_reply(tokenizer, row, eos) for row in ids.tolist()]
+
+
+# ---- the evaluator -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WildProbe:
+    metric: str
+    kind: str
+    prompt: str
+    answers: tuple[str, ...]  # the target first, then its aliases
+
+
+def wild_probes(case: EditCase) -> list[WildProbe]:
+    """Every probe of a case, in the order of the teacher-forced batch."""
+    probes = [WildProbe("rel", "rewrite", edit.prompt, (edit.target,)) for edit in case.requests]
+    probes += [WildProbe("gen", "rephrase", text, (case.target,)) for text in case.rephrases]
+    for metric, groups in (("por", case.portability), ("loc", case.locality)):
+        for kind, items in groups.items():
+            probes += [WildProbe(metric, kind, p.prompt, (p.answer, *p.aliases)) for p in items]
+    return probes
+
+
+@dataclass
+class WildPreEdit:
+    """A case answered by the unedited model, plus the other protocol's pending state when it runs too."""
+
+    inner: PreEdit | None
+    probes: list[WildProbe]
+    replies: list[Reply]
+    seconds: float
+
+    @property
+    def cache(self) -> SuffixCache | None:
+        return self.inner.cache if self.inner else None
+
+
+def _score(probes: Sequence[WildProbe], replies: Sequence[Reply], reference: Sequence[Reply] | None,
+           ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Per-metric EM (Loc.: identical ids), F1, contained and detail; the per-probe scores."""
+    rows: dict[str, list[float | None]] = {"em": [], "f1": [], "contains": []}
+    scores = []
+    for i, (probe, reply) in enumerate(zip(probes, replies, strict=True)):
+        if probe.metric == "loc":
+            kept = None if reference is None else float(reply.ids == reference[i].ids)
+            values: dict[str, float | None] = {"em": kept, "f1": None, "contains": None}
+        else:
+            values = {"em": float(exact_match(reply.text, probe.answers)),
+                      "f1": token_f1(reply.text, probe.answers),
+                      "contains": float(contains(reply.text, probe.answers))}
+        for key, value in values.items():
+            rows[key].append(value)
+        scores.append(values)
+    groups = [(p.metric, p.kind) for p in probes]
+    em, detail = by_metric(groups, rows["em"])
+    out = {"em": em, "f1": {m: v for m, v in by_metric(groups, rows["f1"])[0].items() if m in SCORED},
+           "contains": {m: v for m, v in by_metric(groups, rows["contains"])[0].items() if m in SCORED},
+           "detail": detail}
+    return out, scores
+
+
+MAX_ROWS = 64  # probes per generate call: bounds the key/value cache when a chunk of 100 cases is evaluated
+
+
+class WildEvaluator(Evaluator):
+    """Generated answers to every probe, scored by exact match; beside another protocol's metrics or alone.
+
+    ``inner`` is the benchmark's own evaluator (teacher-forced, or MQuAKE's) when ``--eval both``;
+    its fields stay where they are and the wild metrics go under ``wild``. The probes of every case
+    handed to ``before_many``/``after_many`` (a chunk evaluated at its end) are answered together, in
+    generate calls of up to ``MAX_ROWS`` rows; each case is charged an equal share of the time.
+    """
+
+    wild_metrics: ClassVar[tuple[str, ...]] = METRICS
+
+    def __init__(self, lm: LoadedModel, settings: WildSettings | None = None, inner: Evaluator | None = None) -> None:
+        super().__init__(lm)
+        self.settings = settings or WildSettings()
+        self.inner = inner
+        self.metrics = inner.metrics if inner else ()
+
+    def describe(self) -> dict[str, Any]:
+        inner = (self.inner.describe() or {}) if self.inner else {}
+        protocols = [TEACHER_FORCED, WILD] if self.inner else [WILD]
+        return {**inner, "protocols": protocols, WILD: asdict(self.settings)}
+
+    def _answer(self, groups: Sequence[Sequence[WildProbe]]) -> tuple[list[list[Reply]], float]:
+        """Replies to every group's probes (rows of all groups batched together), and seconds per group."""
+        start = time.perf_counter()
+        prompts = [p.prompt for group in groups for p in group]
+        replies: list[Reply] = []
+        for first in range(0, len(prompts), MAX_ROWS):
+            replies += answer(self.lm, prompts[first: first + MAX_ROWS], self.settings)
+        out, at = [], 0
+        for group in groups:
+            out.append(replies[at: at + len(group)])
+            at += len(group)
+        return out, (time.perf_counter() - start) / max(1, len(groups))
+
+    def before(self, case: EditCase, record_from: int | None) -> WildPreEdit:  # type: ignore[override]
+        return self.before_many([case], record_from)[0]
+
+    def before_many(self, cases: Sequence[EditCase], record_from: int | None,  # type: ignore[override]
+                    ) -> list[WildPreEdit]:
+        inner: list[PreEdit | None] = (list(self.inner.before_many(cases, record_from)) if self.inner
+                                       else [None] * len(cases))
+        probes = [wild_probes(case) for case in cases]
+        replies, seconds = self._answer(probes)
+        return [WildPreEdit(i, p, r, seconds) for i, p, r in zip(inner, probes, replies, strict=True)]
+
+    def after(self, pre: WildPreEdit, replay: bool) -> dict[str, Any]:  # type: ignore[override]
+        return self.after_many([pre], [replay])[0]
+
+    def after_many(self, pres: Sequence[WildPreEdit], replays: Sequence[bool],  # type: ignore[override]
+                   ) -> list[dict[str, Any]]:
+        out = (self.inner.after_many([p.inner for p in pres], replays) if self.inner  # type: ignore[misc]
+               else [{"eval_s": 0.0} for _ in pres])
+        replies, seconds = self._answer([p.probes for p in pres])
+        for fields, pre, now in zip(out, pres, replies, strict=True):
+            fields["wild"] = self._fields(pre, now, pre.seconds + seconds)
+            fields["eval_s"] += pre.seconds + seconds
+        return out
+
+    def before_cases(self, cases: Sequence[EditCase], record_from: int | None) -> PreEdits:
+        return self.before_each(cases, record_from)
+
+    def after_cases(self, pre: PreEdits, edits: CaseEdits, replay: bool) -> list[dict[str, Any]]:
+        """The cases of a parallel edit one at a time, each with its own edit (``Evaluator.after_each``); answering
+        them in one batch would go through ``edits.applied(rows)`` with each generated row's case."""
+        return self.after_each(pre, edits)
+
+    @staticmethod
+    def _fields(pre: WildPreEdit, replies: Sequence[Reply], seconds: float) -> dict[str, Any]:
+        """The ``wild`` entry of a record: scores of the edited model's replies against the unedited ones."""
+        post, scores = _score(pre.probes, replies, reference=pre.replies)
+        before, _ = _score(pre.probes, pre.replies, reference=None)
+        generations = []
+        differs = em_changes = 0
+        for probe, old, new, score in zip(pre.probes, pre.replies, replies, scores, strict=True):
+            entry: dict[str, Any] = {"metric": probe.metric, "kind": probe.kind, "prompt": probe.prompt,
+                                     "answer": probe.answers[0], "pre": old.text, "post": new.text}
+            if probe.metric == "loc":
+                entry["kept"] = score["em"]
+            else:
+                entry.update(em=score["em"], f1=round(score["f1"], 4), contains=score["contains"])
+                if new.study_text != new.text:
+                    differs += 1
+                    entry["study"] = new.study_text
+                    em_changes += exact_match(new.study_text, probe.answers) != bool(score["em"])
+            generations.append(entry)
+        return {
+            "post": post["em"],
+            "pre": {m: v for m, v in before["em"].items() if m in SCORED},
+            "f1": post["f1"],
+            "contains": post["contains"],
+            "detail": post["detail"],
+            "study_rule": {"replies": sum(p.metric != "loc" for p in pre.probes), "differs": differs,
+                           "em_changes": em_changes},
+            "generations": generations,
+            "eval_s": round(seconds, 4),
+        }
+
+
+def wild_view(record: dict[str, Any]) -> dict[str, Any]:
+    """A record with its wild metrics in the place of the teacher-forced ones, for summaries and paired stats."""
+    wild = record["wild"]
+    view = {k: v for k, v in record.items() if k not in ("pre", "post", "detail", "wild", "generations")}
+    return {**view, "post": wild["post"], "pre": wild["pre"], "f1": wild["f1"], "contains": wild["contains"],
+            "study_rule": wild["study_rule"], "eval_s": wild["eval_s"]}
+
+
+def protocol_records(records: Sequence[dict[str, Any]], protocol: str) -> list[dict[str, Any]]:
+    """The records of one protocol, each with that protocol's metrics as ``post``/``pre``."""
+    if protocol == WILD:
+        return [wild_view(r) for r in records if "wild" in r]
+    return [r for r in records if "post" in r]
