@@ -62,7 +62,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as scratch:
             torch.cuda.synchronize()
             start = time.perf_counter()
-            run_continual(editor, evaluator, selection, ResultStore(scratch, {}), parallel=size)
+            with ResultStore(scratch, {}) as store:
+                run_continual(editor, evaluator, selection, store, parallel=size)
             torch.cuda.synchronize()
             return time.perf_counter() - start
 

@@ -198,7 +198,8 @@ def time_parallel(editor, evaluator, cases: Sequence[EditCase], sizes: Sequence[
                     for case in chunk:
                         reference(case)
                 else:
-                    run_continual(editor, evaluator, chunk, ResultStore(scratch, {}), parallel=int(way))
+                    with ResultStore(scratch, {}) as store:
+                        run_continual(editor, evaluator, chunk, store, parallel=int(way))
                 rows[way].seconds += time.perf_counter() - start
                 if way != REFERENCE:
                     rows[way].steps += [r["steps"] for r in read_run(scratch)[1]]

@@ -294,7 +294,7 @@ def test_cli_trace_takes_parallel(tmp_path, tiny_llama_dir):
 
 
 def test_demo_prints_the_same_table_with_parallel_cases(tmp_path, tiny_llama_dir):
-    base = ["demo", "--limit", "3", "--model", str(tiny_llama_dir), "--device", "cpu"]
+    base = ["demo", "--limit", "8", "--model", str(tiny_llama_dir), "--device", "cpu"]
     tables = []
     for parallel in ("1", "auto"):
         out = tmp_path / parallel
@@ -302,7 +302,8 @@ def test_demo_prints_the_same_table_with_parallel_cases(tmp_path, tiny_llama_dir
         assert result.exit_code == 0, result.output
         # every column but the last, the seconds per edit
         tables.append([line.rstrip(" |").rsplit("|", 1)[0] for line in (out / "table.md").read_text().splitlines()])
-        assert read_run(out / "ft-m-ce")[0]["parallel"] == (1 if parallel == "1" else 3)
+        # auto: at most a quarter of the cases, so that the runner's window sorts 4 groups by length
+        assert read_run(out / "ft-m-ce")[0]["parallel"] == (1 if parallel == "1" else 2)
     assert tables[0] == tables[1] and tables[0][2].startswith("| ft-m + CE |")
 
 

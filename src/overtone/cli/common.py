@@ -380,6 +380,7 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
     from overtone.evaluation.ability import AbilityMonitor
     from overtone.runner import ResultStore, RunError, StoreError, run_continual
     from overtone.runner.bench import check_parallel_cases
+    from overtone.runner.continual import PARALLEL_WINDOW
     from overtone.stats import CorpusError
 
     if inputs is None:
@@ -393,8 +394,8 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
             check_parallel_cases(cases)
         except ValueError as exc:
             fail(str(exc))
-    if parallel == "auto":
-        parallel = parallel_size(editor.case_memory(), lm.device, len(cases))
+    if parallel == "auto":  # a window of the runner then holds PARALLEL_WINDOW groups to sort by length
+        parallel = parallel_size(editor.case_memory(), lm.device, max(1, len(cases) // PARALLEL_WINDOW))
     evaluator = make_evaluator(bench.evaluation, lm, inputs.generation, inputs.evaluation, inputs.wild)
     try:
         monitor = AbilityMonitor(lm) if ability else None

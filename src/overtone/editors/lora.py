@@ -402,6 +402,7 @@ class LoRA(Editor):
         for s in stats:
             s.time_s = (time.perf_counter() - start) / len(cases)
         return CaseEdits(list(cases), stats, self._first_layer, changes(params.finish(), None))
+
     def saved_edit(self) -> SavedEdit:
         """The adapters as peft saves them, so that the artifact folder is a peft adapter folder."""
         if self._peft is None:

@@ -187,13 +187,13 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def parallel_size(memory: CaseMemory, device: torch.device, cases: int | None = None) -> int:
-    """The B of ``--parallel auto``: as many cases as fit in half the free memory, at most ``AUTO_MAX``
-    (and at most ``cases``), at least 1. Logs what it chose and why."""
+def parallel_size(memory: CaseMemory, device: torch.device, most: int | None = None) -> int:
+    """The B of ``--parallel auto``: as many cases as fit in half the free memory, at most ``AUTO_MAX`` and
+    ``most``, at least 1. Logs what it chose and why."""
     free = free_memory(device)
     fit = int(AUTO_MEMORY_SHARE * free // max(1, memory.total))
-    size = max(1, min(AUTO_MAX, fit, cases if cases else AUTO_MAX))
+    size = max(1, min(AUTO_MAX, fit, most or AUTO_MAX))
     log.info("--parallel auto: %d cases at once (%.0f MiB per case: %.0f state + %.0f activations; %.1f GiB free "
-             "on %s, %.0f%% of it usable, at most %d)", size, memory.total / 2**20, memory.state / 2**20,
-             memory.activations / 2**20, free / 2**30, device.type, 100 * AUTO_MEMORY_SHARE, AUTO_MAX)
+             "on %s, %.0f%% of it usable; at most %d)", size, memory.total / 2**20, memory.state / 2**20,
+             memory.activations / 2**20, free / 2**30, device.type, 100 * AUTO_MEMORY_SHARE, most or AUTO_MAX)
     return size
