@@ -277,13 +277,6 @@ class CaseLowRank:
         dropout = None if self.dropout is None else self.dropout.select(index)
         return replace(self, down=self.down[index], up=self.up[index], dropout=dropout)
 
-    def stacked(self, other: CaseLowRank) -> CaseLowRank:
-        """One change holding both terms per case (their ranks concatenated): a later update on top of this one."""
-        if (self.scale, self.divisor, self.dropout, other.scale, other.divisor, other.dropout) != (
-                1.0, None, None, 1.0, None, None):
-            raise ValueError("only unscaled low-rank updates without dropout can be stacked")
-        return CaseLowRank(torch.cat([self.down, other.down], dim=1), torch.cat([self.up, other.up], dim=2))
-
 
 class _Patched:
     """A module's forward replaced by its case changes for the rows of each case."""
