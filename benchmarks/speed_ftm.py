@@ -14,24 +14,36 @@ Then, on the same cases and in the same process:
   evaluation forwards before and 4 after (rewrite, rephrase, portability, locality), and full
   forward+backward steps with the same early stop;
 * the mean time of one optimisation step with CE and with OverTone (interleaved, median), which
-  bounds OverTone's extra cost.
+  bounds OverTone's extra cost;
+* parallel single editing (``--parallel``): the cost per edit, evaluation included, with B cases edited
+  at once for each B of the list, against B = 1 (one case at a time, the path above) and against the
+  reference-style procedure, each B run by the single-editing runner as ``overtone bench --parallel B``
+  runs it. The cases run in blocks of one runner window of the largest B (4 B cases); within each block
+  every B (and the reference-style procedure) runs in turn, the order rotating from block to block, so
+  a drifting machine load hits every row alike. The steps column checks that every B trained the same
+  steps.
 
-    python benchmarks/speed_ftm.py --cases 10 --threads 1
+    python benchmarks/speed_ftm.py --cases 64 --threads 1 --parallel 1,4,8,16
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-from overtone import Evaluator, edit_and_score, load_benchmark, load_model, make_editor
+from overtone import Evaluator, load_benchmark, load_model, make_editor
 from overtone.benchmarks import EditCase
 from overtone.models import forward_hidden, forward_suffix
 from overtone.objectives import CrossEntropy, Objective, OverTone
+from overtone.runner import ResultStore, read_run, run_continual
+from overtone.runner.continual import PARALLEL_WINDOW
 from overtone.tokens import encode_pairs
 
 
@@ -150,6 +162,78 @@ def step_times(lm, case: EditCase, layer: int, objectives: dict[str, Objective],
     return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
+@dataclass
+class Row:
+    """Wall time of one way of editing the cases, summed over the blocks."""
+
+    seconds: float = 0.0
+    edits: int = 0
+    steps: list[float] = field(default_factory=list)
+
+    @property
+    def per_edit(self) -> float:
+        return self.seconds / self.edits
+
+
+REFERENCE = "reference-style"
+
+
+def time_parallel(editor, evaluator, cases: Sequence[EditCase], sizes: Sequence[int],
+                  reference: Callable[[EditCase], object] | None = None) -> dict[int | str, Row]:
+    """Seconds per edit (edit + evaluation + revert) for each number of cases at once, interleaved by blocks.
+
+    Every B runs the single-editing runner as ``overtone bench --parallel B`` does (B = 1: one case at a
+    time), into a scratch run directory. ``reference(case)`` re-enacts the reference toolkit's procedure.
+    """
+    block = PARALLEL_WINDOW * max(sizes)  # one window of the largest B: its groups are chosen as in a run
+    ways: list[int | str] = [*sizes, *([REFERENCE] if reference else [])]
+    rows: dict[int | str, Row] = {way: Row() for way in ways}
+    for number, first in enumerate(range(0, len(cases), block)):
+        chunk = cases[first: first + block]
+        for way in ways[number % len(ways):] + ways[: number % len(ways)]:
+            with tempfile.TemporaryDirectory() as scratch:
+                start = time.perf_counter()
+                if way == REFERENCE:
+                    assert reference is not None
+                    for case in chunk:
+                        reference(case)
+                else:
+                    with ResultStore(scratch, {}) as store:
+                        run_continual(editor, evaluator, chunk, store, parallel=int(way))
+                rows[way].seconds += time.perf_counter() - start
+                if way != REFERENCE:
+                    rows[way].steps += [r["steps"] for r in read_run(scratch)[1]]
+            rows[way].edits += len(chunk)
+    return rows
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def print_parallel(rows: dict[int | str, Row], label: str, cases: int, reference: str = REFERENCE) -> None:
+    """The parallel table: seconds and edits per second for each B, and the ratios to B = 1 and to the reference."""
+    sizes = [w for w in rows if w != REFERENCE]
+    block = PARALLEL_WINDOW * max(sizes)  # type: ignore[type-var]
+    print(f"{label}: parallel single editing, {cases} cases, blocks of {block} interleaved")
+    print(f"{'':<30}{'s/edit':>8}{'edits/s':>9}{'vs B=1':>8}{'vs ref':>8}{'steps':>7}")
+    base = rows[1].per_edit if 1 in rows else None
+    ref = rows[REFERENCE].per_edit if REFERENCE in rows else None
+    for way, row in rows.items():
+        name = reference if way == REFERENCE else f"B = {way}"
+        versus_one = f"{base / row.per_edit:7.2f}x" if base else f"{'-':>8}"
+        versus_ref = f"{ref / row.per_edit:7.2f}x" if ref else f"{'-':>8}"
+        steps = f"{statistics.mean(row.steps):7.1f}" if row.steps else ""
+        print(f"{name:<30}{row.per_edit:8.2f}{1 / row.per_edit:9.3f}{versus_one}{versus_ref}{steps}")
+
+
+def sizes_option(text: str) -> list[int]:
+    sizes = sorted({int(x) for x in text.split(",") if x.strip()})
+    if sizes and (sizes[0] < 1 or 1 not in sizes):
+        raise SystemExit("--parallel: sizes >= 1, including 1 (the baseline)")
+    return sizes
+
+
 def print_units(u_full: float, u_ref: float, label: str, ours: list[float], steps: list[int],
                 reference: list[float]) -> None:
     """The yardsticks, then seconds per edit in both units for ours and the reference-style procedure."""
@@ -165,9 +249,11 @@ def print_units(u_full: float, u_ref: float, label: str, ours: list[float], step
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--cases", type=int, default=10, help="ZsRE cases (first N) to time")
+    parser.add_argument("--cases", type=int, default=64, help="ZsRE cases (first N) to time")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--parallel", type=sizes_option, default=sizes_option("1,4,8,16"),
+                        help="numbers of cases edited at once, comma-separated (1 included)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, device="cpu")
@@ -175,24 +261,24 @@ def main() -> None:
     editor = make_editor("ft-m", lm, CrossEntropy())
     cfg = editor.config
     typical, length = typical_case(lm, cases)
+    started = load()
     u_full, u_ref = yardsticks(lm, cases[typical], cfg.layer, args.reps)
 
-    evaluator = Evaluator(lm)
-    ours, steps = [], []
-    for case in cases:
-        record = edit_and_score(editor, evaluator, case)
-        ours.append(record["edit_s"] + record["eval_s"])
-        steps.append(record["steps"])
-    reference = [reference_style_edit(lm, c, cfg.layer, cfg.steps, cfg.lr, cfg.stop_loss) for c in cases]
+    rows = time_parallel(editor, Evaluator(lm), cases, args.parallel,
+                         lambda c: reference_style_edit(lm, c, cfg.layer, cfg.steps, cfg.lr, cfg.stop_loss))
     per_step = step_times(lm, cases[typical], cfg.layer, {"ce": CrossEntropy(), "overtone": OverTone()},
                           args.reps * 4)
 
     print(f"model {args.model}, FT-M layer {cfg.layer}, {len(cases)} ZsRE cases, {args.threads} thread(s), "
-          f"typical sequence {length} tokens")
-    print_units(u_full, u_ref, "overtone FT-M edit + evaluation", ours, steps, reference)
+          f"typical sequence {length} tokens; {started} at the start, {load()} at the end")
+    one = rows[1]
+    print_units(u_full, u_ref, "overtone FT-M edit + evaluation", [one.per_edit], one.steps,
+                [rows[REFERENCE].per_edit])
     ce, ot = per_step["ce"], per_step["overtone"]
     print(f"one optimisation step: CE {1000 * ce:.1f} ms, OverTone {1000 * ot:.1f} ms "
           f"(OverTone/CE = {ot / ce:.3f})")
+    print()
+    print_parallel(rows, "FT-M", len(cases))
 
 
 if __name__ == "__main__":

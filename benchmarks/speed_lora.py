@@ -6,9 +6,11 @@ toolkit's FT-M step). Compared on the same cases:
 * ``overtone``: our LoRA editor with its defaults (AdaLoRA, q/v of every layer, 70 steps) and its
   evaluation (one batched pre pass, one post pass, adapters removed);
 * ``reference-style``: the reference toolkit's procedure re-enacted: peft ``get_peft_model``, the HF
-  forward with labels (logits at every position), 70 steps, and 4 + 4 separate evaluation forwards.
+  forward with labels (logits at every position), 70 steps, and 4 + 4 separate evaluation forwards;
+* parallel single editing (``--parallel``), timed as in ``speed_ftm.py``: cost per edit with B cases
+  edited at once against B = 1 and the reference-style procedure, interleaved in the same run.
 
-    python benchmarks/speed_lora.py --cases 3 --threads 1
+    python benchmarks/speed_lora.py --cases 16 --threads 1 --parallel 1,4,8,16
 """
 
 from __future__ import annotations
@@ -18,11 +20,22 @@ import time
 
 import torch
 from peft import get_peft_model
-from speed_ftm import print_units, reference_style_probes, target_labels, typical_case, yardsticks
+from speed_ftm import (
+    REFERENCE,
+    load,
+    print_parallel,
+    print_units,
+    reference_style_probes,
+    sizes_option,
+    target_labels,
+    time_parallel,
+    typical_case,
+    yardsticks,
+)
 
-from overtone import Evaluator, edit_and_score, load_benchmark, load_model, make_editor
+from overtone import Evaluator, load_benchmark, load_model, make_editor
 from overtone.benchmarks import EditCase
-from overtone.editors.lora import ADAPTER, LoRA, _orthogonality
+from overtone.editors.lora import ADAPTER, LoRA, orthogonality
 from overtone.objectives import CrossEntropy
 from overtone.tokens import encode_pairs
 
@@ -42,7 +55,8 @@ def reference_style_edit(lm, editor: LoRA, case: EditCase) -> float:
         optimiser.zero_grad()
         loss = lm.model(batch.input_ids, labels=labels).loss
         if cfg.variant == "adalora":
-            loss = loss + cfg.orth_reg_weight * _orthogonality(lm.model)
+            layers = [lm.model.get_submodule(path) for path in editor.target_modules]
+            loss = loss + cfg.orth_reg_weight * orthogonality([(m.lora_A[ADAPTER], m.lora_B[ADAPTER]) for m in layers])
         loss.backward()
         optimiser.step()
     evaluate()
@@ -53,29 +67,30 @@ def reference_style_edit(lm, editor: LoRA, case: EditCase) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--cases", type=int, default=3, help="ZsRE cases (first N) to time")
+    parser.add_argument("--cases", type=int, default=16, help="ZsRE cases (first N) to time")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--parallel", type=sizes_option, default=sizes_option("1,4,8,16"),
+                        help="numbers of cases edited at once, comma-separated (1 included)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, device="cpu")
     cases = load_benchmark("zsre", limit=args.cases)
     typical, length = typical_case(lm, cases)
+    started = load()
     ftm_layer = make_editor("ft-m", lm, CrossEntropy()).config.layer
     u_full, u_ref = yardsticks(lm, cases[typical], ftm_layer, args.reps)
 
     editor = make_editor("lora", lm, CrossEntropy())
-    evaluator = Evaluator(lm)
-    ours, steps = [], []
-    for case in cases:
-        record = edit_and_score(editor, evaluator, case)
-        ours.append(record["edit_s"] + record["eval_s"])
-        steps.append(record["steps"])
-    reference = [reference_style_edit(lm, editor, c) for c in cases]
+    rows = time_parallel(editor, Evaluator(lm), cases, args.parallel, lambda c: reference_style_edit(lm, editor, c))
 
     print(f"model {args.model}, LoRA {editor.config.variant} on {len(editor.target_modules)} modules, "
-          f"{len(cases)} ZsRE cases, {args.threads} thread(s), typical sequence {length} tokens")
-    print_units(u_full, u_ref, "overtone LoRA edit + evaluation", ours, steps, reference)
+          f"{len(cases)} ZsRE cases, {args.threads} thread(s), typical sequence {length} tokens; "
+          f"{started} at the start, {load()} at the end")
+    print_units(u_full, u_ref, "overtone LoRA edit + evaluation", [rows[1].per_edit], rows[1].steps,
+                [rows[REFERENCE].per_edit])
+    print()
+    print_parallel(rows, "LoRA", len(cases))
 
 
 if __name__ == "__main__":

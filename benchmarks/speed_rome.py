@@ -10,10 +10,13 @@ about 440 ``U_ref``. Then, on the first N ZsRE cases:
 * one-time costs: building the editor (sampling the context prefixes once per model, reading the
   cached statistics and inverting C);
 * ``reference-style``: one value-optimisation step the way the reference code runs it (every row
-  through the whole model, logits at every position), times the steps our edits took and times 25.
+  through the whole model, logits at every position), times the steps our edits took and times 25;
+* parallel single editing (``--parallel``), timed as in ``speed_ftm.py``: cost per edit with B cases
+  edited at once, against B = 1 and against the reference-style value steps (x the steps our edits
+  took; a lower bound of the reference's cost, which adds its evaluation), in the same run.
 
-    python benchmarks/speed_rome.py --cases 10 --threads 1
-    python benchmarks/speed_rome.py --editor memit --cases 5
+    python benchmarks/speed_rome.py --cases 16 --threads 1 --parallel 1,4,8,16
+    python benchmarks/speed_rome.py --editor memit --cases 8 --parallel 1,4,8
 """
 
 from __future__ import annotations
@@ -23,9 +26,19 @@ import statistics
 import time
 
 import torch
-from speed_ftm import median_time, typical_case, yardsticks
+from speed_ftm import (
+    REFERENCE,
+    Row,
+    load,
+    median_time,
+    print_parallel,
+    sizes_option,
+    time_parallel,
+    typical_case,
+    yardsticks,
+)
 
-from overtone import Evaluator, edit_and_score, load_benchmark, load_model, make_editor
+from overtone import Evaluator, load_benchmark, load_model, make_editor
 from overtone.editors import ft_m
 from overtone.editors.locate import encode_rows, encode_subject_row
 from overtone.objectives import CrossEntropy
@@ -68,9 +81,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--editor", default="rome", choices=["rome", "memit"])
-    parser.add_argument("--cases", type=int, default=10, help="ZsRE cases (first N) to time")
+    parser.add_argument("--cases", type=int, default=16, help="ZsRE cases (first N) to time")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--parallel", type=sizes_option, default=sizes_option("1,4,8,16"),
+                        help="numbers of cases edited at once, comma-separated (1 included)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, device="cpu")
@@ -82,31 +97,28 @@ def main() -> None:
     typical = cases[typical_case(lm, cases)[0]]
     u_full, u_ref = yardsticks(lm, typical, ft_m.default_layer(lm.adapter.num_layers), args.reps)
 
-    evaluator = Evaluator(lm)
-    totals, edits, steps = [], [], []
-    for case in cases:
-        record = edit_and_score(editor, evaluator, case)
-        totals.append(record["edit_s"] + record["eval_s"])
-        edits.append(record["edit_s"])
-        steps.append(record["steps"])
+    started = load()
+    rows = time_parallel(editor, Evaluator(lm), cases, args.parallel)
     reference_step = reference_style_step(lm, editor, typical, args.reps)
-    mean_total, mean_steps = statistics.mean(totals), statistics.mean(steps)
+    mean_total, mean_steps = rows[1].per_edit, statistics.mean(rows[1].steps)
     settings = editor.describe()
     where = f"layer {settings['layer']}" if args.editor == "rome" else f"layers {settings['layers']}"
     print(f"model {args.model}, {args.editor} {where}, {len(editor.prefixes)} prompt variants, "
-          f"{len(cases)} ZsRE cases, {args.threads} thread(s)")
+          f"{len(cases)} ZsRE cases, {args.threads} thread(s); {started} at the start, {load()} at the end")
     print(f"yardstick U_full (full fwd+bwd, all params)      {1000 * u_full:8.1f} ms")
     print(f"yardstick U_ref  (reference FT-M step)          {1000 * u_ref:8.1f} ms")
     print(f"{'':<38}{'s/edit':>8}{'U_full':>9}{'U_ref':>8}{'steps':>7}")
     print(f"{'overtone edit + evaluation':<38}{mean_total:8.2f}{mean_total / u_full:9.2f}"
           f"{mean_total / u_ref:8.2f}{mean_steps:7.1f}")
-    print(f"{'  of which the edit':<38}{statistics.mean(edits):8.2f}")
     print(f"{'one-time: build the editor':<38}{build_s:8.2f}   (context prefixes, statistics)")
     for label, n in ((f"reference-style value steps x {mean_steps:.1f}", mean_steps),
                      ("reference-style value steps x 25", 25)):
         print(f"{label:<38}{n * reference_step:8.2f}{n * reference_step / u_full:9.2f}"
               f"{n * reference_step / u_ref:8.2f}")
     print(f"one reference-style value step {1000 * reference_step:.0f} ms")
+    print()
+    rows[REFERENCE] = Row(mean_steps * reference_step * len(cases), len(cases))
+    print_parallel(rows, args.editor.upper(), len(cases), f"{REFERENCE} value steps")
 
 
 if __name__ == "__main__":

@@ -40,9 +40,30 @@ class PairBatch:
         rows = torch.arange(hidden.size(0), device=hidden.device)[:, None]
         return hidden[rows, self.positions]
 
+    def row(self, index: int) -> PairBatch:
+        """Row ``index`` alone, without the batch's padding."""
+        length = int(self.attention_mask[index].sum())
+        width = int(self.label_mask[index].sum())
+        return PairBatch(self.input_ids[index: index + 1, :length], self.attention_mask[index: index + 1, :length],
+                         self.positions[index: index + 1, :width], self.labels[index: index + 1, :width])
+
     def to(self, device: torch.device) -> PairBatch:
         return PairBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.positions,
                                                   self.labels)))
+
+
+def concat_pairs(batches: Sequence[PairBatch], pad_id: int) -> PairBatch:
+    """The rows of ``batches`` in one right-padded batch, in order (a row's logits do not depend on padding)."""
+    length = max(b.input_ids.size(1) for b in batches)
+    width = max(b.labels.size(1) for b in batches)
+
+    def padded(t: torch.Tensor, size: int, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, size - t.size(1)), value=value)
+
+    return PairBatch(torch.cat([padded(b.input_ids, length, pad_id) for b in batches]),
+                     torch.cat([padded(b.attention_mask, length, 0) for b in batches]),
+                     torch.cat([padded(b.positions, width, 0) for b in batches]),
+                     torch.cat([padded(b.labels, width, IGNORE_INDEX) for b in batches]))
 
 
 def answer_token_indices(offsets: Sequence[tuple[int, int]], cut: int) -> list[int]:

@@ -29,6 +29,7 @@ from overtone.cli.common import (
     NSigmaOpt,
     ObjectiveOpt,
     OffsetOpt,
+    ParallelOpt,
     SeedOpt,
     SetOpt,
     StaticOpt,
@@ -45,6 +46,7 @@ from overtone.cli.common import (
     fail,
     hold_run_dir,
     overtone_config,
+    parallel_option,
     precheck,
     run_bench,
     setup,
@@ -92,6 +94,7 @@ def bench(
     sequence: SequenceOpt = 1,
     eval_timing: EvalTimingOpt = "end",
     batch: BatchOpt = 1,
+    parallel: ParallelOpt = "1",
     single_hop_tokens: SingleTokensOpt = None,
     multi_hop_tokens: MultiTokensOpt = None,
     multi_hop_questions: MultiQuestionsOpt = None,
@@ -112,6 +115,8 @@ def bench(
     averaged over chunks. With --batch B, each chunk's edits are made B cases per edit call (batch
     editing: --sequence 100 --batch 100 edits 100 facts in one MEMIT update). --eval wild or both scores
     generated answers too (docs/wild.md); --ability tracks perplexity and general facts after each chunk.
+    With --parallel B, single editing edits B cases at once, each against the unedited model (the same
+    results, faster; docs/parallel.md).
 
     The dataset slice and every case are checked before the model is loaded; one process at a time may
     write --out; Ctrl-C or SIGTERM keeps the finished cases, and the same command resumes.
@@ -121,19 +126,20 @@ def bench(
     from overtone.runner import read_run
 
     setup(threads, seed, verbose)
+    cases_at_once = parallel_option(parallel, editor, sequence, batch)
     cfg = overtone_config(editor, lam, n_sigma, epsilon, no_clip, static_target, no_mode_check, no_filter)
     overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps, stop_loss=stop_loss)
     generation = {"single_hop_tokens": single_hop_tokens, "multi_hop_tokens": multi_hop_tokens,
                   "multi_hop_questions": multi_hop_questions, "temperature": temperature}
     with exit_on_interrupt(out):
-        inputs = precheck(model, editor, overrides, dataset, offset, limit, seed=seed, sequence=sequence,
-                          eval_timing=eval_timing, generation=generation, batch=batch, truncate=truncate,
-                          evaluation=evaluation, eval_context=eval_context)
+        inputs = precheck(model, editor, overrides, dataset, offset, limit, cases_at_once, seed=seed,
+                          sequence=sequence, eval_timing=eval_timing, generation=generation, batch=batch,
+                          truncate=truncate, evaluation=evaluation, eval_context=eval_context)
         with hold_run_dir(out) as lock:
             lm, ed = build(model, device, dtype, editor, objective, cfg, overrides)
             summary = run_bench(lm, ed, dataset, offset, limit, out, seed, threads, f"{editor}/{objective}",
                                 sequence, eval_timing, generation, batch, inputs=inputs, lock=lock, strict=strict,
-                                ability=ability)
+                                ability=ability, parallel=cases_at_once)
     config, _, _ = read_run(out)
     rows = [(f"{editor} {objective}", summary)]
     console.print(summary_table(rows, title=f"{protocol_title(config)}, {model}"))
@@ -155,22 +161,31 @@ def demo(
     lam: LambdaOpt = None,
     n_sigma: NSigmaOpt = None,
     epsilon: EpsilonOpt = None,
+    parallel: ParallelOpt = "auto",
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Edit the same cases with cross-entropy and with OverTone and print the two side by side."""
+    """Edit the same cases with cross-entropy and with OverTone and print the two side by side.
+
+    Cases are edited --parallel at a time (auto: as memory allows; the results of one at a time, faster),
+    one at a time for an editor that cannot edit side by side."""
+    from overtone.editors import EDITORS
     from overtone.report import markdown_table, summary_table
 
     setup(threads, seed, verbose)
+    if parallel == "auto" and editor in EDITORS and EDITORS[editor].parallel_refusal:
+        parallel = "1"
+    cases_at_once = parallel_option(parallel, editor)
     cfg = overtone_config(editor, lam, n_sigma, epsilon)
-    inputs = precheck(model, editor, {}, dataset, 0, limit, seed=seed)
+    inputs = precheck(model, editor, {}, dataset, 0, limit, cases_at_once, seed=seed)
     rows = []
     lm = None
     for objective in ("ce", "overtone"):
         run = out / f"{editor}-{objective}"
         with exit_on_interrupt(run):
             lm, ed = build(model, device, dtype, editor, objective, cfg, {}, lm)
-            summary = run_bench(lm, ed, dataset, 0, limit, run, seed, threads, f"{editor}/{objective}", inputs=inputs)
+            summary = run_bench(lm, ed, dataset, 0, limit, run, seed, threads, f"{editor}/{objective}", inputs=inputs,
+                                parallel=cases_at_once)
         rows.append((f"{editor} + {'CE' if objective == 'ce' else 'OverTone'}", summary))
     console.print(summary_table(rows, title=f"{dataset}, first {limit} cases, {model}, single editing (x100)",
                                 caption=f"OverTone λ={cfg.lam} n={cfg.n_sigma} ε={cfg.epsilon}"))

@@ -79,6 +79,9 @@ BaseModelOpt = Annotated[str | None, typer.Option(
 BaseDtypeOpt = Annotated[str | None, typer.Option("--dtype", help="fp32 or bf16 (default: the edit's)")]
 MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens to generate")]
 ShowOpt = Annotated[int, typer.Option("--show", min=0, help="cases whose completions are printed")]
+ParallelOpt = Annotated[str, typer.Option(
+    "--parallel", help="single editing: edit B cases at once, each against the unedited model (the results of one "
+    "at a time, up to float rounding); auto: as many as half the free memory holds")]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="any editor setting, KEY=VALUE (repeatable), e.g. --set rank=4 --set layers=10,11"),
@@ -114,6 +117,29 @@ def setup(threads: int, seed: int, verbose: bool) -> None:
 def fail(message: str) -> NoReturn:
     console.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # one line, however long
     raise typer.Exit(code=2)
+
+
+def parallel_option(value: str, editor: str, sequence: int = 1, batch: int = 1) -> int | str:
+    """``--parallel``, checked before the model loads: a number >= 1 or ``auto``; more than one case at a time
+    needs single editing and an editor that can edit cases side by side."""
+    from overtone.editors import EDITORS
+
+    if value != "auto":
+        try:
+            number = int(value)
+        except ValueError:
+            fail(f"--parallel takes a number of cases or auto, got {value!r}")
+        if number < 1:
+            fail(f"--parallel must be >= 1, got {number}")
+        if number == 1:
+            return 1
+    if sequence > 1 or batch > 1:
+        fail(f"--parallel {value} edits independent cases (single editing); the cases of a --sequence {sequence} "
+             f"/ --batch {batch} chunk build on each other: use --parallel 1")
+    refusal = EDITORS[editor].parallel_refusal if editor in EDITORS else None
+    if refusal:
+        fail(f"--parallel {value}: editor {editor} edits one case at a time: {refusal}")
+    return value if value == "auto" else int(value)
 
 
 def overtone_config(editor: str, lam: float | None = None, n_sigma: float | None = None,
@@ -262,10 +288,19 @@ def _tokenizer_and_config(model: str, editor: str, settings: dict[str, Any]) -> 
 
 
 def precheck(model: str, editor: str, settings: dict[str, Any], dataset: str, offset: int, limit: int | None,
-             **options: Any) -> RunInputs:
-    """``check_inputs`` with the model's tokenizer and the editor's settings, before the model is loaded."""
+             parallel: int | str = 1, **options: Any) -> RunInputs:
+    """``check_inputs`` with the model's tokenizer and the editor's settings, before the model is loaded;
+    with ``parallel`` != 1 also that every case is one edit (``runner.bench.check_parallel_cases``)."""
+    from overtone.runner.bench import check_parallel_cases
+
     tokenizer, config = _tokenizer_and_config(model, editor, settings)
-    return check_inputs(tokenizer, editor, config, dataset, offset, limit, **options)
+    inputs = check_inputs(tokenizer, editor, config, dataset, offset, limit, **options)
+    if parallel != 1:
+        try:
+            check_parallel_cases(inputs.cases)
+        except ValueError as exc:
+            fail(str(exc))
+    return inputs
 
 
 def precheck_cases(model: str, editor: str, settings: dict[str, Any], cases: list[Any]) -> list[Any]:
@@ -324,7 +359,8 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
               generation: dict[str, Any] | None = None, batch: int = 1,
               step_budgets: dict[str, int] | None = None, matched: str | None = None, *,
               inputs: RunInputs | None = None, lock: Any = None, strict: bool = False,
-              evaluation: str = "teacher-forced", eval_context: str = "bare", ability: bool = False) -> dict[str, Any]:
+              evaluation: str = "teacher-forced", eval_context: str = "bare", ability: bool = False,
+              parallel: int | str = 1) -> dict[str, Any]:
     """Run ``editor`` over a dataset into ``out``: single editing (``sequence`` 1), continual editing, or
     batch editing (``batch`` cases per edit call, within chunks of ``sequence``).
 
@@ -335,12 +371,16 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
     tokenizer); ``lock``: the directory's ``RunLock`` when the caller took it before loading the model;
     ``strict``: a diverged edit stops the run. ``evaluation`` is ``--eval`` (the benchmark's own protocol,
     wild, or both) with the wild ``eval_context`` (both taken from ``inputs`` when given); ``ability``
-    measures the general ability at the end of each chunk.
+    measures the general ability at the end of each chunk. ``parallel``: single-editing cases edited at once
+    (a number, or ``auto`` from free memory; see ``parallel_option``).
     """
     from overtone.benchmarks import BENCHMARKS
+    from overtone.editors.parallel import parallel_size
     from overtone.evaluation import make_evaluator
     from overtone.evaluation.ability import AbilityMonitor
     from overtone.runner import ResultStore, RunError, StoreError, run_continual
+    from overtone.runner.bench import check_parallel_cases
+    from overtone.runner.continual import PARALLEL_WINDOW
     from overtone.stats import CorpusError
 
     if inputs is None:
@@ -349,6 +389,13 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
     bench, cases = inputs.bench, inputs.cases
     if step_budgets is not None:
         cases = [c for c in cases if c.case_id in step_budgets]
+    if parallel != 1:
+        try:
+            check_parallel_cases(cases)
+        except ValueError as exc:
+            fail(str(exc))
+    if parallel == "auto":  # a window of the runner then holds PARALLEL_WINDOW groups to sort by length
+        parallel = parallel_size(editor.case_memory(), lm.device, max(1, len(cases) // PARALLEL_WINDOW))
     evaluator = make_evaluator(bench.evaluation, lm, inputs.generation, inputs.evaluation, inputs.wild)
     try:
         monitor = AbilityMonitor(lm) if ability else None
@@ -373,6 +420,7 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
         "limit": limit,
         "seed": seed,
         "threads": threads,
+        "parallel": parallel,
     }
     try:
         store = ResultStore(out, config, lock)
@@ -394,7 +442,7 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
 
             try:
                 return run_continual(editor, evaluator, cases, store, sequence, eval_timing, on_case, batch,
-                                     step_budgets, strict, ability=monitor)
+                                     step_budgets, strict, ability=monitor, parallel=int(parallel))
             except RunError as exc:
                 fail(str(exc))
 

@@ -23,6 +23,7 @@ from overtone.cli.common import (
     ModelOpt,
     NSigmaOpt,
     OffsetOpt,
+    ParallelOpt,
     SeedOpt,
     SetOpt,
     StepsOpt,
@@ -34,6 +35,7 @@ from overtone.cli.common import (
     fail,
     log,
     overtone_config,
+    parallel_option,
     precheck,
     run_bench,
     setup,
@@ -55,19 +57,19 @@ Result = tuple[str, dict[str, Any], list[dict[str, Any]]]
 def _run_variants(variants: list[Any], out: Path, model: str, device: str, dtype: str, editor: str,
                   dataset: str, offset: int, limit: int | None, settings: dict[str, Any], seed: int,
                   threads: int, lm: Any = None, evaluation: str = "teacher-forced",
-                  eval_context: str = "bare") -> tuple[list[Result], Any]:
+                  eval_context: str = "bare", parallel: int | str = 1) -> tuple[list[Result], Any]:
     """Run every variant into ``out/<slug>``; a matched-steps variant reads its budgets from its source's run."""
     from overtone.runner import read_run
     from overtone.runner.variants import step_budgets
 
-    inputs = precheck(model, editor, settings, dataset, offset, limit, seed=seed, evaluation=evaluation,
+    inputs = precheck(model, editor, settings, dataset, offset, limit, parallel, seed=seed, evaluation=evaluation,
                       eval_context=eval_context)  # before the model is loaded
     results = []
     for v in variants:
         lm, ed = build(model, device, dtype, editor, v.objective, v.overtone, {**settings, **v.editor_settings}, lm)
         budgets = step_budgets(read_run(out / v.match_steps)[1]) if v.match_steps else None
         summary = run_bench(lm, ed, dataset, offset, limit, out / v.slug, seed, threads, f"{editor} {v.label}",
-                            step_budgets=budgets, matched=v.match_steps, inputs=inputs)
+                            step_budgets=budgets, matched=v.match_steps, inputs=inputs, parallel=parallel)
         results.append((v.label, summary, read_run(out / v.slug)[1]))
     return results, lm
 
@@ -119,6 +121,7 @@ def ablate(
     settings: SetOpt = None,
     evaluation: EvalOpt = "teacher-forced",
     eval_context: EvalContextOpt = "bare",
+    parallel: ParallelOpt = "1",
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -136,17 +139,18 @@ def ablate(
     setup(threads, seed, verbose)
     if editor not in EDITORS:
         fail(f"unknown editor {editor!r}; available: {', '.join(sorted(EDITORS))}")
+    cases_at_once = parallel_option(parallel, editor)
     # a control equal to the editor's own stop rule would repeat the CE row
     default_stop = getattr(EDITORS[editor].config_class(), "stop_loss", None)
     grid = [t for t in _floats(stop_grid, "--stop-grid") if t != default_stop]
     variants = ablation_variants(overtone_config(editor, lam, n_sigma, epsilon), grid, chk_lambda)
     overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps)
     results, lm = _run_variants(variants, out, model, device, dtype, editor, dataset, offset, limit, overrides,
-                                seed, threads, None, evaluation, eval_context)
+                                seed, threads, None, evaluation, eval_context, cases_at_once)
     by_slug = {v.slug: r for v, r in zip(variants, results, strict=True)}
     controls = matched_steps_variants(variants, {slug: r[2] for slug, r in by_slug.items()})
     matched_results, _ = _run_variants(controls, out, model, device, dtype, editor, dataset, offset, limit,
-                                       overrides, seed, threads, lm, evaluation, eval_context)
+                                       overrides, seed, threads, lm, evaluation, eval_context, cases_at_once)
     matched = [(r, by_slug[v.match_steps]) for v, r in zip(controls, matched_results, strict=True)]
     first = results[0][1]
     _report(results + matched_results, out,
@@ -175,6 +179,7 @@ def sweep(
     settings: SetOpt = None,
     evaluation: EvalOpt = "teacher-forced",
     eval_context: EvalContextOpt = "bare",
+    parallel: ParallelOpt = "1",
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -182,6 +187,7 @@ def sweep(
     from overtone.runner.variants import sweep_variants
 
     setup(threads, seed, verbose)
+    cases_at_once = parallel_option(parallel, editor)
     if dataset == "zsre" and offset < DEV_OFFSET:
         log.warning("cases %d.. overlap the reported ZsRE slice (0..%d): tuned numbers there are not reportable",
                     offset, DEV_OFFSET - 1)
@@ -189,7 +195,7 @@ def sweep(
                               _floats(n_sigmas, "--n-sigmas"), _floats(epsilons, "--epsilons"))
     overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps)
     results, _ = _run_variants(variants, out, model, device, dtype, editor, dataset, offset, limit, overrides,
-                               seed, threads, None, evaluation, eval_context)
+                               seed, threads, None, evaluation, eval_context, cases_at_once)
     ranked = [results[0], *sorted(results[1:], key=lambda r: -(r[1].get("avg") or 0.0))]
     _report(ranked, out, f"Sweep: {editor} on {dataset} cases from {offset} ({results[0][1]['n_cases']} cases), "
                          f"{model} (x100), best Avg. first")

@@ -29,6 +29,7 @@ from overtone.cli.common import (
     NoFilterOpt,
     NSigmaOpt,
     OffsetOpt,
+    ParallelOpt,
     SeedOpt,
     StaticOpt,
     StepsOpt,
@@ -39,6 +40,7 @@ from overtone.cli.common import (
     console,
     fail,
     overtone_config,
+    parallel_option,
     setup,
 )
 
@@ -65,19 +67,24 @@ def trace(
     lr: LrOpt = None,
     steps: StepsOpt = None,
     stop_loss: StopLossOpt = None,
+    parallel: ParallelOpt = "1",
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Edit cases with CE and with OverTone, recording per-token UD and per-step probe losses; save plots."""
+    """Edit cases with CE and with OverTone, recording per-token UD and per-step probe losses; save plots.
+
+    With --parallel B, B cases are edited at once, each on its own (the same traces)."""
     from overtone.benchmarks import DatasetError, load_benchmark
-    from overtone.diagnostics import TRACE_FILE, TraceError, save_traces, trace_edit
+    from overtone.diagnostics import TRACE_FILE, TraceError, save_traces, trace_edit, trace_parallel
     from overtone.editors import EditError
+    from overtone.editors.parallel import parallel_size
     from overtone.evaluation import Evaluator
     from overtone.report.figures import png, trace_figures
     from overtone.report.tables import to_markdown, to_rich, token_table, trace_summary_table, write_csv
 
     setup(threads, seed, verbose)
-    cfg = overtone_config(lam, n_sigma, epsilon, no_clip, static_target, no_mode_check, no_filter)
+    cases_at_once = parallel_option(parallel, editor)
+    cfg = overtone_config(editor, lam, n_sigma, epsilon, no_clip, static_target, no_mode_check, no_filter)
     settings = {"layer": layer, "lr": lr, "steps": steps, "stop_loss": stop_loss}
     try:
         cases = load_benchmark(dataset, limit=limit, offset=offset)
@@ -89,11 +96,15 @@ def trace(
     for objective in ("ce", "overtone"):
         lm, ed = build(model, device, dtype, editor, objective, cfg, settings, lm)
         evaluator = Evaluator(lm)
-        for case in cases:
+        if cases_at_once == "auto":
+            cases_at_once = parallel_size(ed.case_memory(), lm.device, len(cases))
+        size = int(cases_at_once)
+        for first in range(0, len(cases), size):
+            group = cases[first: first + size]
             try:
-                traces += trace_edit(ed, evaluator, [case])
+                traces += trace_edit(ed, evaluator, group) if size == 1 else trace_parallel(ed, evaluator, group)
             except (EditError, TraceError, ValueError) as exc:
-                error = f"{editor} + {objective}, case {case.case_id}: {exc}"
+                error = f"{editor} + {objective}, case {', '.join(c.case_id for c in group)}: {exc}"
                 break
         if error:
             break

@@ -8,6 +8,8 @@ from overtone.diagnostics.trace import (
     load_traces,
     save_traces,
     trace_edit,
+    trace_parallel,
 )
 
-__all__ = ["TRACE_FILE", "CaseTrace", "TraceError", "TraceRecorder", "load_traces", "save_traces", "trace_edit"]
+__all__ = ["TRACE_FILE", "CaseTrace", "TraceError", "TraceRecorder", "load_traces", "save_traces", "trace_edit",
+           "trace_parallel"]

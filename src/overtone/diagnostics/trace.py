@@ -27,12 +27,13 @@ contexts c_i = (prompt, y_<i):
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -42,6 +43,9 @@ from overtone.editors.base import Editor, EditStats, StepInfo
 from overtone.evaluation.teacher_forced import Evaluator, ProbeBatch
 from overtone.models.replay import SuffixCache
 from overtone.objectives import IGNORE_INDEX, objective_label
+
+if TYPE_CHECKING:
+    from overtone.editors.parallel import CaseEdits
 
 TRACE_FILE = "trace.json"
 TRACE_FORMAT = "overtone-trace"
@@ -194,9 +198,11 @@ class TraceRecorder:
         trace.greedy_tokens = [self.evaluator.lm.tokenizer.decode([t]) for t in trace.greedy_ids]
         trace.greedy_log_prob = _floats(best.values)
 
-    def _probe_losses(self, state: _CaseState) -> tuple[dict[str, float | None], torch.Tensor]:
-        """Probe losses with the current weights, and the logits of the edit prompt's target tokens."""
-        with _eval_mode(self.evaluator.lm.model):
+    def _probe_losses(self, state: _CaseState, weights: Callable[[], AbstractContextManager[Any]] | None = None
+                      ) -> tuple[dict[str, float | None], torch.Tensor]:
+        """Probe losses with the current weights (inside ``weights()`` for a parallel edit), and the logits of
+        the edit prompt's target tokens."""
+        with _eval_mode(self.evaluator.lm.model), (weights or contextlib.nullcontext)():
             answer = self.evaluator.answer_logits(state.probes, replay=state.cache)
         return self.evaluator.losses(state.probes, answer), answer.rows()[0]
 
@@ -215,30 +221,41 @@ class TraceRecorder:
                     "a trace needs both to tokenise the target alike")
             if not state.trace.steps:
                 self._set_unedited(state, info.logits[i][mask])
-            probe_loss, _ = self._probe_losses(state)
+            probe_loss, _ = self._probe_losses(state, info.weights)
             out = info.output
             state.trace.add_row(info.step, log_probs[i][mask], out.token_loss[i][mask], out.clipped[i][mask],
                                 out.mixed[i][mask], probe_loss)
 
-    @torch.no_grad()
     def finish(self, stats: EditStats) -> list[CaseTrace]:
         """The traces, after adding a row for the final weights if no forward pass has seen them yet."""
+        for state in self._states.values():
+            self._finish(state, stats)
+        return [state.trace for state in self._states.values()]
+
+    def finish_parallel(self, edits: CaseEdits) -> list[CaseTrace]:
+        """``finish`` for a parallel edit: each case's final row is read with its own edit (``edits.only``)."""
+        for i, (case, stats) in enumerate(zip(edits.cases, edits.stats, strict=True)):
+            self._finish(self._states[case.case_id], stats, lambda i=i: edits.only(i))
+        return [state.trace for state in self._states.values()]
+
+    @torch.no_grad()
+    def _finish(self, state: _CaseState, stats: EditStats,
+                weights: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
+        """Add a row for the final weights of ``state``'s case if no forward pass has seen them yet."""
         objective = self.editor.objective
         assert objective is not None
-        for state in self._states.values():
-            trace = state.trace
-            if not trace.steps:
-                raise TraceError(f"case {trace.case_id}: no step was recorded; pass the recorder as on_step")
-            if trace.steps[-1] >= stats.steps:
-                continue
-            probe_loss, logits = self._probe_losses(state)
-            assert state.unedited_logits is not None  # set with the first recorded step
-            reference = state.unedited_logits[None] if objective.needs_reference else None
-            out = objective(logits[None].float(), state.labels[None], reference)
-            log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, state.labels[:, None]).squeeze(-1)
-            trace.add_row(stats.steps, log_probs, out.token_loss[0], out.clipped[0], out.mixed[0], probe_loss)
-            trace.final_extra = True
-        return [state.trace for state in self._states.values()]
+        trace = state.trace
+        if not trace.steps:
+            raise TraceError(f"case {trace.case_id}: no step was recorded; pass the recorder as on_step")
+        if trace.steps[-1] >= stats.steps:
+            return
+        probe_loss, logits = self._probe_losses(state, weights)
+        assert state.unedited_logits is not None  # set with the first recorded step
+        reference = state.unedited_logits[None] if objective.needs_reference else None
+        out = objective(logits[None].float(), state.labels[None], reference)
+        log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, state.labels[:, None]).squeeze(-1)
+        trace.add_row(stats.steps, log_probs, out.token_loss[0], out.clipped[0], out.mixed[0], probe_loss)
+        trace.final_extra = True
 
 
 def trace_edit(editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase]) -> list[CaseTrace]:
@@ -249,6 +266,13 @@ def trace_edit(editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase]) 
         return recorder.finish(handle.stats)
     finally:
         handle.revert()
+
+
+def trace_parallel(editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase]) -> list[CaseTrace]:
+    """Edit each of ``cases`` on its own, all at once (``Editor.edit_parallel``), recording their traces: the
+    traces of ``trace_edit`` on each case alone, up to floating-point summation order. The model is unchanged."""
+    recorder = TraceRecorder(editor, evaluator, cases)
+    return recorder.finish_parallel(editor.edit_parallel(cases, on_step=recorder))
 
 
 def save_traces(path: Path | str, traces: Sequence[CaseTrace], meta: dict[str, Any]) -> None:

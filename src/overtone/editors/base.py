@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -20,6 +21,9 @@ from transformers import PreTrainedTokenizerBase
 from overtone.benchmarks.cases import EditCase
 from overtone.models.loading import LoadedModel
 from overtone.objectives import IGNORE_INDEX, Objective, ObjectiveOutput, OverToneConfig
+
+if TYPE_CHECKING:
+    from overtone.editors.parallel import CaseEdits, CaseMemory
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,9 @@ class StepInfo:
     Passed to the ``on_step`` callback of ``edit``; the model holds the weights of this step while
     the callback runs, so it may run extra (no-grad) forwards, e.g. to record probe losses. Row ``i``
     of ``logits``, ``labels`` and the per-token tensors of ``output`` belongs to ``cases[i]``.
+    A parallel edit (``Editor.edit_parallel``) reports each case on its own, exactly what that case
+    reports when edited alone; its weights are not in the model, so forwards that should see them run
+    inside ``weights()``.
     ROME and MEMIT optimise a value vector, not weights: their weights change only after the last
     step, and their rows are one case's prompt variants, the bare prompt first (``editors/locate``).
     """
@@ -96,6 +103,9 @@ class StepInfo:
     logits: torch.Tensor  # [B, T, V] the objective's input at the target positions, detached
     labels: torch.Tensor  # [B, T] target token ids, IGNORE_INDEX where padded
     extra_loss: float | None = None  # the editor's other terms at this pass (regularisers, margins)
+    # parallel edits: a context in which forward passes see this case's weights of this step (valid
+    # during the callback only); None: the model holds them
+    weights: Callable[[], AbstractContextManager[Any]] | None = None
 
     def label_log_probs(self) -> torch.Tensor:
         """[B, T] log-likelihood of each target token under this step's weights (fp32; 0 where padded).
@@ -261,6 +271,8 @@ class Editor(ABC):
     needs_routing: ClassVar[bool] = False
     # OverTone's lambda, n and epsilon when this editor hosts it and the user sets none (tuned per editor).
     overtone_defaults: ClassVar[OverToneConfig] = OverToneConfig()
+    # Why the editor cannot edit cases side by side (``edit_parallel``); None: it can.
+    parallel_refusal: ClassVar[str | None] = "it has no parallel edit"
 
     def __init__(self, lm: LoadedModel, config: Any, objective: Objective | None = None) -> None:
         self.lm = lm
@@ -281,6 +293,21 @@ class Editor(ABC):
         ``steps``, when given, makes them take exactly that many updates, with no early stop: the
         matched-steps control, which trains one objective for as long as another one trained.
         """
+
+    def edit_parallel(self, cases: Sequence[EditCase], on_step: StepCallback | None = None,
+                      steps: Sequence[int | None] | None = None) -> CaseEdits:
+        """Edit every case on its own against the present weights, all at once (``editors/parallel.py``).
+
+        Each case gets the steps, stop and result it gets from ``edit([case])``, up to floating-point
+        summation order; the model's weights are left unchanged and the edits come back as per-case
+        changes. ``steps[i]``, when given, is case i's exact number of updates; ``on_step`` gets one
+        ``StepInfo`` per case and pass, as when the case is edited alone.
+        """
+        raise EditError(f"editor {self.name!r} cannot edit cases in parallel: {self.parallel_refusal}")
+
+    def case_memory(self) -> CaseMemory:
+        """Memory one case of ``edit_parallel`` needs (for ``--parallel auto``)."""
+        raise EditError(f"editor {self.name!r} cannot edit cases in parallel: {self.parallel_refusal}")
 
     def describe(self) -> dict[str, Any]:
         """Resolved settings, as written into a run's configuration."""

@@ -12,6 +12,10 @@ clipped instead.
 Speed: the block input of the edited layer cannot change, so the first step records it during a full
 pass and every later step runs only the blocks from the edited one up (``models.replay``), and the
 vocabulary head only at the target positions.
+
+Parallel editing (``edit_parallel``): each case trains its own copy of the matrix, [cases, out, in] in
+float32 with one Adam whose state rows are per case; the rows of case i go through copy i only
+(``models.per_case.CaseWeights``).
 """
 
 from __future__ import annotations
@@ -26,8 +30,17 @@ import torch
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import EditHandle, Editor, EditStats, SavedEdit, StepCallback, UpdateLog, max_length_field
 from overtone.editors.locate.update import snapshot
-from overtone.editors.training import TargetLogits, default_stop, optimise, stop_when_clipped_field
+from overtone.editors.parallel import (
+    EDIT_TOKENS,
+    TARGET_TOKENS,
+    CaseEdits,
+    CaseMemory,
+    CaseParameters,
+    ModelShape,
+)
+from overtone.editors.training import TargetLogits, default_stop, optimise, optimise_cases, stop_when_clipped_field
 from overtone.models.loading import LoadedModel
+from overtone.models.per_case import CaseWeights, patched
 from overtone.objectives import Objective, OverToneConfig
 from overtone.tokens import encode_pairs
 
@@ -64,9 +77,20 @@ class FTMConfig:
             raise ValueError(f"FT-M lr must be > 0, got {self.lr}")
 
 
+def case_memory(shape: ModelShape, layer: int) -> CaseMemory:
+    """One case of a parallel FT-M edit: its float32 matrix, gradient and two Adam moments, a copy and its
+    gradient in the model's dtype when that is not float32, the final matrix kept for evaluation, and the
+    activations of one step through the blocks from ``layer`` up."""
+    n = shape.hidden * shape.intermediate
+    cast = 2 * n * shape.dtype_bytes if shape.dtype_bytes != 4 else 0
+    state = 16 * n + cast + n * shape.dtype_bytes
+    return CaseMemory(state, shape.step_activations(1, EDIT_TOKENS, shape.layers - layer, TARGET_TOKENS))
+
+
 class FTM(Editor):
     name = "ft-m"
     config_class = FTMConfig
+    parallel_refusal = None
     # Chosen by `overtone sweep --editor ft-m --offset 1000 --limit 20` (ZsRE dev records 1000-1019, disjoint
     # from reported cases) over lambda {0.1, 0.3, 0.5} x n {0.5, 1, 2} x epsilon {0, 0.01}: the best Avg.,
     # 83.04 vs CE 83.00 (paired +0.04 +- 0.09, within noise); epsilon 0 and 0.01 tied, 0.01 keeps the clip.
@@ -133,6 +157,45 @@ class FTM(Editor):
         stats.time_s = time.perf_counter() - start
         return EditHandle(revert, first_layer=cfg.layer, stats=stats, restores=(weight,))
 
+    def case_memory(self) -> CaseMemory:
+        return case_memory(ModelShape.of(self.lm.model.config, self.lm.dtype), self.config.layer)
+
+    def edit_parallel(self, cases: Sequence[EditCase], on_step: StepCallback | None = None,
+                      steps: Sequence[int | None] | None = None) -> CaseEdits:
+        cfg: FTMConfig = self.config
+        assert self.objective is not None and cfg.layer is not None
+        start = time.perf_counter()
+        adapter = self.lm.adapter
+        batch = encode_pairs(self.lm.tokenizer, [c.prompt for c in cases], [c.target for c in cases],
+                             self.lm.device)
+        module = adapter.module("mlp_out", cfg.layer)
+        weight = module.weight
+        original = weight.detach()
+        # the float32 master of every case, trained as the sequential edit trains its one master
+        params = CaseParameters({"weight": original.float().expand(len(cases), *original.shape)}, cfg.lr,
+                                cfg.weight_decay)
+
+        def change() -> CaseWeights:
+            master = params["weight"]
+            return CaseWeights(master if master.dtype == weight.dtype else master.to(weight.dtype),
+                               adapter.arch.conv1d)
+
+        source = TargetLogits(adapter, batch, cfg.layer, context=lambda: patched({module: change()}, source.rows))
+
+        def clamp() -> None:
+            if cfg.norm_constraint is not None:
+                with torch.no_grad():
+                    master = params["weight"]
+                    master.copy_(torch.clamp(master, original - cfg.norm_constraint, original + cfg.norm_constraint))
+
+        stats = optimise_cases(cases, self.objective, source, params, cfg.steps,
+                               default_stop(cfg.stop_loss, cfg.stop_when_clipped), on_step, exact_steps=steps,
+                               after_step=clamp,
+                               view=lambda p: patched({module: change().select([p])}, None))
+        final = params.finish()["weight"].to(weight.dtype)
+        for s in stats:
+            s.time_s = (time.perf_counter() - start) / len(cases)
+        return CaseEdits(list(cases), stats, cfg.layer, {module: CaseWeights(final, adapter.arch.conv1d)})
     def saved_edit(self) -> SavedEdit:
         """The change of the edited matrix since before the live edits, at twice its precision, so that
         adding it back gives the edited weights bit for bit."""

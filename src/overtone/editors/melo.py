@@ -214,6 +214,9 @@ class _State:
 class MELO(Editor):
     name = "melo"
     config_class = MELOConfig
+    # One codebook of LoRA blocks, keyed by cluster radius, holds every edit: see docs/parallel.md.
+    parallel_refusal = ("its edits live in one routed codebook of LoRA blocks, so cases edited side by side would "
+                        "capture each other's rows (docs/parallel.md)")
     needs_routing = True
     # Chosen by `overtone sweep --editor melo --offset 1000 --limit 20` (ZsRE dev records 1000-1019) over
     # lambda {0.1, 0.5} x n {0.5, 1}, epsilon 0.01: lambda 0.1 ties for the best Avg., 86.50 vs CE 85.88

@@ -14,6 +14,11 @@ For a batch of facts and layers l_1 < ... < l_m:
 
 ``edit(cases)`` with many cases is one batch update; repeated ``edit`` calls without ``revert`` are a
 sequence of edits; ``revert`` restores every edited matrix bit for bit.
+
+``edit_parallel(cases)`` is single editing of many cases at once: each case gets the update it gets
+alone (one fact, so a rank-one update per layer), the values optimised in one batch and each layer's
+keys read with every case's own lower-layer updates on its rows (``models.per_case.CaseLowRank``).
+Batch editing (``--batch``) is the other protocol: one joint update for all cases, ``edit(cases)``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,11 @@ from overtone.editors.base import EditHandle, EditStats, SavedEdit, StepCallback
 from overtone.editors.locate import LocateConfig, context_prefixes, encode_rows, lookup_activations, optimise_value
 from overtone.editors.locate.editor import LocateEditor
 from overtone.editors.locate.update import add_update, apply_factors, factor_product, saved_factors, snapshot
+from overtone.editors.locate.value import optimise_values
+from overtone.editors.parallel import CaseEdits, CaseMemory, ModelShape
+from overtone.editors.rome import value_memory
 from overtone.models.loading import LoadedModel
+from overtone.models.per_case import CaseChange, CaseLowRank, CaseRows, patched
 from overtone.objectives import Objective
 from overtone.stats import log_progress, second_moments
 
@@ -80,6 +89,7 @@ class MEMITConfig(LocateConfig):
 class MEMIT(LocateEditor):
     name = "memit"
     config_class = MEMITConfig
+    parallel_refusal = None
 
     def __init__(self, lm: LoadedModel, config: MEMITConfig | None = None, objective: Objective | None = None):
         config = config or MEMITConfig()
@@ -167,6 +177,42 @@ class MEMIT(LocateEditor):
         return EditHandle(revert, first_layer=cfg.layers[0], stats=stats,
                           restores=tuple(m.weight for m in modules.values()))
 
+    def case_memory(self) -> CaseMemory:
+        shape = ModelShape.of(self.lm.model.config, self.lm.dtype)
+        value = value_memory(shape, self.config, self.config.layers[-1])
+        rank_one = 4 * (shape.hidden + shape.intermediate) * len(self.config.layers)
+        return CaseMemory(value.state + rank_one, value.activations)
+
+    def edit_parallel(self, cases: Sequence[EditCase], on_step: StepCallback | None = None,
+                      steps: Sequence[int | None] | None = None) -> CaseEdits:
+        cfg: MEMITConfig = self.config
+        assert self.objective is not None and cfg.layers is not None
+        start = time.perf_counter()
+        adapter = self.lm.adapter
+        top = cfg.layers[-1]
+        values = optimise_values(self.lm, cases, adapter.layers[top], top, self.prefixes, self.objective, cfg,
+                                 on_step, steps)
+        z = torch.stack([v.target for v in values]).double()  # [cases, H]
+        rows = [row for case in cases
+                for row in encode_rows(self.lm.tokenizer, case, self.prefixes, False, cfg.missing_subject)]
+        owners = CaseRows.consecutive([len(self.prefixes)] * len(cases))
+        changes: dict[torch.nn.Module, CaseChange] = {}
+        for i, layer in enumerate(cfg.layers):
+            module = adapter.module("mlp_out", layer)
+            with patched(changes, owners):  # each case's updates of the layers below, on its own rows
+                keys, outputs = lookup_activations(self.lm, rows, [(module, "in"), (adapter.layers[top], "out")], top)
+            k = self._keys(keys, len(cases)).double()  # [cases, I]
+            now = outputs.view(len(cases), len(self.prefixes), -1)[:, 0].double()  # bare prompts
+            residual = (z - now) / (len(cfg.layers) - i)
+            # one fact per case: Delta = r (lambda C + k k^T)^-1 k, as the batch update of that case alone
+            moment = cfg.mom2_update_weight * self.mom2[layer]
+            solved = torch.stack([torch.linalg.solve(moment + k_i[:, None] @ k_i[None], k_i[:, None])[:, 0]
+                                  for k_i in k])
+            changes[module] = CaseLowRank(solved[:, None, :].float(), residual[:, :, None].float())
+        stats = [v.stats for v in values]
+        for s in stats:
+            s.time_s = (time.perf_counter() - start) / len(cases)
+        return CaseEdits(list(cases), stats, cfg.layers[0], changes)
     def saved_edit(self) -> SavedEdit:
         """The updates of the live edits, in order: per edit call and layer, factors [H, n] and [n, I]."""
         return saved_factors(self.log)

@@ -14,6 +14,11 @@ For each fact, at layer L's ``mlp_out``:
 
 ``edit(cases)`` with several cases applies one rank-one update per case, one after the other (the
 reference behaviour); ``revert`` restores the matrix bit for bit.
+
+``edit_parallel(cases)`` edits each case against the unedited weights, all at once: the keys in one
+batch, the values in one batched optimisation (``locate.value.optimise_values``), and each case's
+rank-one update kept as a per-case low-rank term (x u_i) r_i that only the rows of case i see
+(``models.per_case.CaseLowRank``), never as B copies of the matrix.
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ from overtone.editors.base import EditHandle, EditStats, SavedEdit, StepCallback
 from overtone.editors.locate import LocateConfig, context_prefixes, encode_rows, lookup_activations, optimise_value
 from overtone.editors.locate.editor import LocateEditor
 from overtone.editors.locate.update import add_update, apply_factors, factor_product, saved_factors, snapshot
+from overtone.editors.locate.value import optimise_values
+from overtone.editors.parallel import TARGET_TOKENS, CaseEdits, CaseMemory, ModelShape
 from overtone.models.loading import LoadedModel
+from overtone.models.per_case import CaseLowRank
 from overtone.objectives import Objective
 from overtone.stats import log_progress, second_moments
 
@@ -59,9 +67,27 @@ class ROMEConfig(LocateConfig):
     )
 
 
+def value_memory(shape: ModelShape, cfg: LocateConfig, block: int) -> CaseMemory:
+    """One case of a parallel value optimisation (ROME, MEMIT): its delta with gradient and Adam moments,
+    and the activations of its prompt variants and KL prompt through the blocks from ``block`` up (their
+    columns from the subject's last token on, about half of a row), plus their cached prefixes."""
+    variants = 1 + sum(count for _, count in cfg.context_lengths)
+    rows, tail = variants + 1, 16
+    prefix = rows * tail * 2 * shape.kv_heads * shape.head_dim * shape.layers * shape.dtype_bytes
+    return CaseMemory(16 * shape.hidden,
+                      shape.step_activations(rows, tail, shape.layers - block, variants * TARGET_TOKENS + 1) + prefix)
+
+
+def case_memory(shape: ModelShape, cfg: LocateConfig, layer: int) -> CaseMemory:
+    """One case of a parallel ROME edit: its value optimisation, then u and the update's column, kept."""
+    value = value_memory(shape, cfg, layer)
+    return CaseMemory(value.state + 4 * (shape.hidden + shape.intermediate), value.activations)
+
+
 class ROME(LocateEditor):
     name = "rome"
     config_class = ROMEConfig
+    parallel_refusal = None
 
     def __init__(self, lm: LoadedModel, config: ROMEConfig | None = None, objective: Objective | None = None):
         config = config or ROMEConfig()
@@ -122,9 +148,7 @@ class ROME(LocateEditor):
         assert self.objective is not None and cfg.layer is not None
         rows = encode_rows(self.lm.tokenizer, case, self.prefixes, with_answer=False, missing=cfg.missing_subject)
         keys = lookup_activations(self.lm, rows, [(module, "in")], cfg.layer)[0]  # [prefixes, I]
-        k_star = keys.mean(dim=0)
-        u = (self.inverse_mom2 @ k_star.double()).float() if self.inverse_mom2 is not None else k_star
-        u = u / u.norm()
+        u = self._direction(keys.mean(dim=0))
         value = optimise_value(self.lm, case, module, cfg.layer, self.prefixes, self.objective, cfg, on_step, steps)
         stats.steps += value.stats.steps
         stats.losses += value.stats.losses
@@ -135,6 +159,38 @@ class ROME(LocateEditor):
         self.log.add((self._weight_name, right, u))
         return value.stats.stop_reason
 
+    def _direction(self, k_star: torch.Tensor) -> torch.Tensor:
+        """u = C^-1 k* (or k*), normalised; ``k_star`` is [I] or one row per case [cases, I]."""
+        if self.inverse_mom2 is not None:
+            k = k_star.double()
+            u = (self.inverse_mom2 @ k if k.dim() == 1 else (self.inverse_mom2 @ k.mT).mT).float()
+        else:
+            u = k_star
+        return u / u.norm(dim=-1, keepdim=True)
+
+    def case_memory(self) -> CaseMemory:
+        return case_memory(ModelShape.of(self.lm.model.config, self.lm.dtype), self.config, self.config.layer)
+
+    def edit_parallel(self, cases: Sequence[EditCase], on_step: StepCallback | None = None,
+                      steps: Sequence[int | None] | None = None) -> CaseEdits:
+        cfg: ROMEConfig = self.config
+        assert self.objective is not None and cfg.layer is not None
+        start = time.perf_counter()
+        module = self.lm.adapter.module("mlp_out", cfg.layer)
+        rows = [row for case in cases
+                for row in encode_rows(self.lm.tokenizer, case, self.prefixes, with_answer=False,
+                                       missing=cfg.missing_subject)]
+        keys = lookup_activations(self.lm, rows, [(module, "in")], cfg.layer)[0]
+        keys = keys.view(len(cases), len(self.prefixes), -1)
+        u = self._direction(keys.mean(dim=1))  # [cases, I]
+        values = optimise_values(self.lm, cases, module, cfg.layer, self.prefixes, self.objective, cfg, on_step,
+                                 steps)
+        # v0 was read as this module's output at the bare prompt's key, so v* - W k (- bias) = delta.
+        right = torch.stack([v.delta for v in values]) / (keys[:, 0] * u).sum(dim=-1, keepdim=True)
+        stats = [v.stats for v in values]
+        for s in stats:
+            s.time_s = (time.perf_counter() - start) / len(cases)
+        return CaseEdits(list(cases), stats, cfg.layer, {module: CaseLowRank(u[:, None, :], right[:, :, None])})
     @property
     def _weight_name(self) -> str:
         return f"{self.lm.adapter.path('mlp_out', self.config.layer)}.weight"

@@ -18,12 +18,18 @@ regulariser's decay, not on the edit being learnt. The default is each host edit
 A stop decision is made on the forward pass the step was computed from, or, for an editor that
 trains with dropout, on an extra forward without it (``check``), so a lucky dropout mask cannot end
 training. With ``exact_steps`` the loop makes exactly that many updates and no stop rule applies.
+
+``optimise_cases`` is the same loop for a parallel edit (``editors/parallel.py``): B independent cases
+in one batch, each with its own loss (the mean over its own rows), its own regulariser, stop, step
+budget and ``on_step`` report; a case that stops leaves the batch with its optimiser state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import field
 from typing import Any, Protocol
 
@@ -31,7 +37,9 @@ import torch
 
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import EditError, EditStats, StepCallback, StepInfo
+from overtone.editors.parallel import CaseParameters
 from overtone.models.adapters import ModelAdapter
+from overtone.models.per_case import CaseRows, select_rows
 from overtone.models.replay import SuffixCache, forward_hidden, forward_suffix
 from overtone.objectives import Objective, ObjectiveOutput
 from overtone.tokens import PairBatch
@@ -63,27 +71,48 @@ class TargetLogits:
     run only those blocks (valid because an editor with ``first_layer == start`` changes nothing
     below). The vocabulary head runs only at the target positions, in float32. The first call's logits are the
     unedited model's, kept as ``reference`` for objectives that need them.
+
+    For a parallel edit (one row per case), every pass runs inside ``context()`` (the per-case changes
+    of the rows) and ``keep`` drops the rows of the cases that stopped.
     """
 
-    def __init__(self, adapter: ModelAdapter, batch: PairBatch, start: int) -> None:
+    def __init__(self, adapter: ModelAdapter, batch: PairBatch, start: int,
+                 context: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
         self.adapter = adapter
         self.batch = batch
         self.labels = batch.labels
         self.start = start
+        self.context = context or contextlib.nullcontext
         self.cache: SuffixCache | None = None
         self.reference: torch.Tensor | None = None
+        self.rows = CaseRows.consecutive([1] * batch.input_ids.size(0), batch.attention_mask.sum(dim=-1).tolist())
 
     def __call__(self) -> torch.Tensor:
-        if self.cache is None:
-            hidden, self.cache = forward_hidden(
-                self.adapter, self.batch.input_ids, self.batch.attention_mask, record_from=self.start
-            )
-        else:
-            hidden = forward_suffix(self.adapter, self.cache)
+        with self.context():
+            if self.cache is None:
+                hidden, self.cache = forward_hidden(
+                    self.adapter, self.batch.input_ids, self.batch.attention_mask, record_from=self.start
+                )
+            else:
+                hidden = forward_suffix(self.adapter, self.cache)
         logits = self.adapter.logits(self.batch.gather(hidden), fp32=True)
         if self.reference is None:
             self.reference = logits.detach()
         return logits
+
+    def keep(self, positions: Sequence[int]) -> None:
+        """Keep the rows (cases) at ``positions`` only, with their recorded activations and reference logits."""
+        if list(positions) == list(range(self.rows.n_cases)):
+            return
+        self.rows, rows = self.rows.select(positions)
+        index = torch.tensor(rows, dtype=torch.long, device=self.labels.device)
+        self.batch = PairBatch(*(t[index] for t in (self.batch.input_ids, self.batch.attention_mask,
+                                                     self.batch.positions, self.batch.labels)))
+        self.labels = self.batch.labels
+        if self.cache is not None:
+            self.cache = select_rows(self.cache, rows)
+        if self.reference is not None:
+            self.reference = self.reference[index]
 
 
 StopRule = Callable[[float, float | None, ObjectiveOutput], str | None]
@@ -100,6 +129,14 @@ def default_stop(stop_loss: float, stop_when_clipped: bool) -> StopRule:
         return None
 
     return rule
+
+
+def _check_finite(names: str, objective: Objective, loss: float, extra: float | None, step: int) -> None:
+    for term, value in (("loss", loss), ("regulariser", extra)):
+        if value is not None and not math.isfinite(value):
+            raise EditError(
+                f"case {names}: the {objective.name} {term} is {value} at step {step}; the weights were restored"
+            )
 
 
 def optimise(
@@ -133,12 +170,7 @@ def optimise(
         extra = extra_loss() if extra_loss is not None else None
         loss = out.loss.item()
         extra_value = None if extra is None else extra.item()
-        for term, value in (("loss", loss), ("regulariser", extra_value)):
-            if value is not None and not math.isfinite(value):
-                raise EditError(
-                    f"case {names}: the {objective.name} {term} is {value} at step {stats.steps}; "
-                    "the weights were restored"
-                )
+        _check_finite(names, objective, loss, extra_value, stats.steps)
         stats.losses.append(loss)
         if extra_value is not None:
             stats.extra_losses.append(extra_value)
@@ -156,4 +188,109 @@ def optimise(
                 break
         update(out.loss if extra is None else out.loss + extra)
         stats.steps += 1
+    return stats
+
+
+class CaseLogitSource(Protocol):
+    """What ``optimise_cases`` scores: the logits [R, T, V] of the cases still training, their rows
+    consecutive and in case order (``rows``); ``keep(positions)`` drops the other cases' rows."""
+
+    labels: torch.Tensor
+    reference: torch.Tensor | None
+    rows: CaseRows
+
+    def __call__(self) -> torch.Tensor: ...
+
+    def keep(self, positions: Sequence[int]) -> None: ...
+
+
+def optimise_cases(
+    cases: Sequence[EditCase],
+    objective: Objective,
+    source: CaseLogitSource,
+    params: CaseParameters,
+    steps: int,
+    stop: StopRule,
+    on_step: StepCallback | None = None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    check: Callable[[], torch.Tensor] | None = None,
+    exact_steps: Sequence[int | None] | None = None,
+    after_step: Callable[[], None] | None = None,
+    view: Callable[[int], AbstractContextManager[Any]] | None = None,
+) -> list[EditStats]:
+    """``optimise`` for independent cases edited at once: one ``EditStats`` per case, each as if alone.
+
+    Every pass scores the cases still training; case i's loss is the mean over its own rows
+    (``ObjectiveOutput.group_loss``), ``extra_loss()`` gives one regulariser per case, and the update
+    back-propagates the sum of the continuing cases' terms, so each case's parameters get exactly its
+    own gradient. A case is judged by its own stop rule (or runs exactly ``exact_steps[i]`` updates when
+    given) and leaves the batch (``source.keep``, ``params.keep``) when it stops or spends its budget.
+    ``after_step`` runs after every update (projections such as clamps); ``view(p)`` is a context in
+    which forward passes see the present weights of the case at position ``p`` (``StepInfo.weights``).
+    """
+    budgets = list(exact_steps) if exact_steps is not None else [None] * len(cases)
+    if len(budgets) != len(cases):
+        raise ValueError(f"{len(budgets)} step budgets for {len(cases)} cases")
+    exact = [b is not None for b in budgets]
+    limits = [steps if b is None else b for b in budgets]
+    for case, limit in zip(cases, limits, strict=True):
+        if limit < 0:
+            raise ValueError(f"case {case.case_id}: a step budget must be >= 0, got {limit}")
+    stats = [EditStats() for _ in cases]
+    active = list(range(len(cases)))  # the case at each position of the batch
+
+    def keep(positions: list[int]) -> None:
+        nonlocal active
+        source.keep(positions)
+        params.keep(positions)
+        active = [active[p] for p in positions]
+
+    keep([p for p, i in enumerate(active) if limits[i] > 0])
+    while active:
+        logits = source()
+        out = objective(logits, source.labels, source.reference)
+        slices = source.rows.slices
+        losses = torch.stack([out.group_loss(s) for s in slices])
+        extra = extra_loss() if extra_loss is not None else None
+        values = losses.tolist()
+        extra_values: list[float | None] = extra.tolist() if extra is not None else [None] * len(active)
+        for p, i in enumerate(active):
+            _check_finite(cases[i].case_id, objective, values[p], extra_values[p], stats[i].steps)
+            stats[i].losses.append(values[p])
+            if extra_values[p] is not None:
+                stats[i].extra_losses.append(extra_values[p])
+            if on_step is not None:
+                s = slices[p]
+                on_step(StepInfo(step=stats[i].steps, loss=values[p], output=out.select(s, losses[p].detach()),
+                                 cases=[cases[i]], logits=logits[s].detach(), labels=source.labels[s],
+                                 extra_loss=extra_values[p],
+                                 weights=None if view is None else (lambda p=p: view(p))))
+        judged = [p for p, i in enumerate(active) if not exact[i]]
+        stopped: set[int] = set()
+        if judged:
+            decision = out
+            if check is not None:
+                with torch.no_grad():
+                    decision = objective(check(), source.labels, source.reference)
+            for p in judged:
+                s = slices[p]
+                loss = values[p] if decision is out else decision.group_loss(s).item()
+                reason = stop(loss, extra_values[p], decision.select(s, decision.group_loss(s).detach()))
+                if reason is not None:
+                    i = active[p]
+                    stats[i].stopped_early, stats[i].stop_reason = True, reason
+                    stopped.add(p)
+        going = [p for p in range(len(active)) if p not in stopped]
+        if going:
+            terms = losses if extra is None else losses + extra
+            params.backward(terms[going].sum())
+        keep(going)
+        if not active:
+            break
+        params.step()
+        if after_step is not None:
+            after_step()
+        for i in active:
+            stats[i].steps += 1
+        keep([p for p, i in enumerate(active) if stats[i].steps < limits[i]])
     return stats

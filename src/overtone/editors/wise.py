@@ -167,6 +167,9 @@ def _activation(config: Any) -> nn.Module:
 class WISE(Editor):
     name = "wise"
     config_class = WISEConfig
+    # One routed side memory (per-shard thresholds, masks, merges) holds every edit: see docs/parallel.md.
+    parallel_refusal = ("its edits live in one routed side memory, so cases edited side by side would capture "
+                        "each other's rows (docs/parallel.md)")
     needs_routing = True
     # Chosen by `overtone sweep --editor wise --offset 1000 --limit 10 --set threshold_scale=0.6` (ZsRE dev
     # records 1000-1009) over lambda {0.1, 0.5} x n {0.5, 1}, epsilon 0.01: the best Avg., 76.37, ahead of

@@ -27,15 +27,18 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from overtone.benchmarks.cases import Probe
+from overtone.benchmarks.cases import EditCase, Probe
 from overtone.benchmarks.mquake import MULTI_HOP, SINGLE_HOP
-from overtone.evaluation.teacher_forced import Evaluator, PreEdit
+from overtone.evaluation.teacher_forced import Evaluator, PreEdit, PreEdits
 from overtone.models.loading import LoadedModel
+
+if TYPE_CHECKING:
+    from overtone.editors.parallel import CaseEdits
 
 # The prompts of the paper's Appendix B.2, word for word. The extracted paper text lost its line
 # breaks; we put the instructions in the system turn and the example plus the question in the user turn.
@@ -238,3 +241,11 @@ class MQuAKEEvaluator(Evaluator):
         fields["generations"] = single + multi
         fields["eval_s"] += time.perf_counter() - start
         return fields
+
+    def before_cases(self, cases: Sequence[EditCase], record_from: int | None) -> PreEdits:
+        return self.before_each(cases, record_from)
+
+    def after_cases(self, pre: PreEdits, edits: CaseEdits, replay: bool) -> list[dict[str, Any]]:
+        """One case at a time, each with its own edit on every row: a case's answers are sampled from its own
+        seeded stream, which one batch of several cases' questions would not keep."""
+        return self.after_each(pre, edits)

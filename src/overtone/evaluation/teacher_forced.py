@@ -10,6 +10,12 @@
 
 All probes of a case go through the model in one right-padded batch. The unedited pass records the
 inputs of the layers an editor may touch, so the edited pass only runs those layers again.
+
+Parallel editing (``Editor.edit_parallel``) evaluates its B cases together: ``before_cases`` runs the
+probes of all B cases through the unedited model, sorted by length into batches of similar rows (so
+little is padding), and ``after_cases`` runs the same batches again with ``CaseEdits.applied``, so
+each row sees the edit of its own case only. An evaluator that cannot batch B edited models (it
+samples per case, or generates) evaluates them one at a time (``before_each``, ``after_each``).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -26,8 +32,13 @@ from transformers import PreTrainedTokenizerBase
 from overtone.benchmarks.cases import EditCase
 from overtone.generation import greedy_complete
 from overtone.models.loading import LoadedModel
+from overtone.models.per_case import CaseRows
 from overtone.models.replay import SuffixCache, forward_hidden, forward_suffix
-from overtone.tokens import PairBatch, encode_pairs
+from overtone.stats.second_moment import plan_batches
+from overtone.tokens import PairBatch, concat_pairs, encode_pairs
+
+if TYPE_CHECKING:
+    from overtone.editors.parallel import CaseEdits
 
 METRICS = ("rel", "gen", "por", "loc")
 OWN_ANSWER_TOKENS = 8  # tokens of the unedited model's continuation that a prompt-only locality probe scores
@@ -88,6 +99,33 @@ class PreEdit:
     def cache(self) -> SuffixCache | None:
         """Recorded inputs of the upper layers, valid for the edited pass while no lower layer changed."""
         return self.predictions.cache
+
+
+# Padded tokens per batch when the probes of several cases are evaluated together.
+CASES_BATCH_TOKENS = 2048
+
+
+@dataclass
+class ProbeRows:
+    """A batch of probe rows of several cases: row r is probe ``probe[r]`` of case ``rows.owners[r]``."""
+
+    batch: PairBatch
+    rows: CaseRows
+    probe: list[int]
+    cache: SuffixCache | None = None
+
+
+@dataclass
+class PreEdits:
+    """Cases evaluated on the unedited model, waiting for their evaluation after a parallel edit."""
+
+    cases: list[Any]  # per case (a ``PreEdit``, or an evaluator's own); without a cache of their own
+    batches: list[ProbeRows]  # every probe of every case, in batches of rows of similar length (empty: none)
+
+    def replayable(self, first_layer: int) -> bool:
+        """Whether the recorded inputs stay valid for edits that change layers ``first_layer`` and up only."""
+        return bool(self.batches) and all(b.cache is not None and first_layer >= b.cache.start
+                                           for b in self.batches)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -172,8 +210,65 @@ class Evaluator:
         cache = pre.predictions.cache if replay else None
         logits = self.answer_logits(pre.probes, replay=cache)
         post = Predictions(tokens=list(logits.logits.argmax(dim=-1).split(logits.counts)), cache=logits.cache)
-        flatness = self.flatness(pre.probes, logits)
-        seconds = pre.seconds + time.perf_counter() - start
+        flatness = self.flatness(pre.probes, logits.rows())
+        return self._scored(pre, post, flatness, pre.seconds + time.perf_counter() - start)
+
+    def before_cases(self, cases: Sequence[EditCase], record_from: int | None) -> PreEdits:
+        """``before`` for the cases of a parallel edit: their probes on the unedited model, in batches of rows
+        of similar length (at most ``CASES_BATCH_TOKENS`` padded tokens each)."""
+        start = time.perf_counter()
+        probes = [self.probes(case) for case in cases]
+        batches = self._probe_rows(probes)
+        tokens: list[list[torch.Tensor | None]] = [[None] * p.batch.input_ids.size(0) for p in probes]
+        for rows in batches:
+            out = self._answer_logits(rows.batch, record_from=record_from)
+            rows.cache = out.cache
+            for owner, probe, row in zip(rows.rows.owners, rows.probe, out.rows(), strict=True):
+                tokens[owner][probe] = row.argmax(dim=-1)
+        seconds = (time.perf_counter() - start) / len(cases)
+        return PreEdits([PreEdit(p, Predictions(t), seconds) for p, t in zip(probes, tokens, strict=True)], batches)
+
+    def after_cases(self, pre: PreEdits, edits: CaseEdits, replay: bool) -> list[dict[str, Any]]:
+        """``after`` for every case of a parallel edit, batched as ``before_cases`` batched them: each row sees
+        the edit of its own case only (``CaseEdits.applied``). ``replay``: the recorded inputs are still valid."""
+        start = time.perf_counter()
+        logits: list[list[torch.Tensor | None]] = [[None] * len(p.predictions.tokens) for p in pre.cases]
+        for rows in pre.batches:
+            with edits.applied(rows.rows):
+                out = self._answer_logits(rows.batch, replay=rows.cache if replay else None)
+            for owner, probe, row in zip(rows.rows.owners, rows.probe, out.rows(), strict=True):
+                logits[owner][probe] = row
+        share = (time.perf_counter() - start) / len(pre.cases)
+        return [self._scored(p, Predictions([row.argmax(dim=-1) for row in rows]), self.flatness(p.probes, rows),
+                             p.seconds + share) for p, rows in zip(pre.cases, logits, strict=True)]
+
+    def before_each(self, cases: Sequence[EditCase], record_from: int | None) -> PreEdits:
+        """``before_cases`` of an evaluator that evaluates the cases of a parallel edit one at a time."""
+        return PreEdits(list(self.before_many(cases, None)), [])
+
+    def after_each(self, pre: PreEdits, edits: CaseEdits) -> list[dict[str, Any]]:
+        """``after_cases`` one case at a time, each with its own edit on every row (``CaseEdits.only``): the
+        evaluation of each case's edited model alone, whatever the evaluator does with it."""
+        results = []
+        for i, case_pre in enumerate(pre.cases):
+            with edits.only(i):
+                results += self.after_many([case_pre], [False])
+        return results
+
+    def _probe_rows(self, probes: Sequence[ProbeBatch]) -> list[ProbeRows]:
+        """Every probe row of every case, in batches of rows of similar length."""
+        entries = [(i, r) for i, p in enumerate(probes) for r in range(p.batch.input_ids.size(0))]
+        rows = [probes[i].batch.row(r) for i, r in entries]
+        pad = self.lm.tokenizer.pad_token_id if self.lm.tokenizer.pad_token_id is not None else 0
+        out = []
+        for batch in plan_batches([row.input_ids[0] for row in rows], CASES_BATCH_TOKENS):
+            out.append(ProbeRows(concat_pairs([rows[k] for k in batch], pad),
+                                 CaseRows(tuple(entries[k][0] for k in batch), len(probes)),
+                                 [entries[k][1] for k in batch]))
+        return out
+
+    def _scored(self, pre: PreEdit, post: Predictions, flatness: float, seconds: float) -> dict[str, Any]:
+        """The result fields of a case from its predictions before and after the edit."""
         pre_scores = self.score(pre.probes, pre.predictions, reference=None)
         post_scores = self.score(pre.probes, post, reference=pre.predictions)
         return {
@@ -193,15 +288,16 @@ class Evaluator:
         return [self.after(pre, replay) for pre, replay in zip(pres, replays, strict=True)]
 
     @staticmethod
-    def flatness(probes: ProbeBatch, answer: AnswerLogits) -> float:
+    def flatness(probes: ProbeBatch, logits: Sequence[torch.Tensor | None]) -> float:
         """Entropy of the predictions at the rewrites' answer tokens, as a fraction of ln |V| (1 = uniform).
 
-        An edit that wrecked the model (e.g. a huge learning rate) leaves a flat distribution there.
+        ``logits`` holds each probe row's answer logits (only the rewrites' are read). An edit that wrecked
+        the model (e.g. a huge learning rate) leaves a flat distribution there.
         """
-        rows = [row for (metric, _), row in zip(probes.groups, answer.rows(), strict=True) if metric == "rel"]
-        logits = torch.cat(rows).float()
-        entropy = -(torch.softmax(logits, dim=-1) * torch.log_softmax(logits, dim=-1)).sum(dim=-1)
-        return (entropy.mean() / math.log(logits.size(-1))).item()
+        rows = [row for (metric, _), row in zip(probes.groups, logits, strict=True) if metric == "rel"]
+        rewrites = torch.cat([row for row in rows if row is not None]).float()
+        entropy = -(torch.softmax(rewrites, dim=-1) * torch.log_softmax(rewrites, dim=-1)).sum(dim=-1)
+        return (entropy.mean() / math.log(rewrites.size(-1))).item()
 
     def probes(self, case: EditCase) -> ProbeBatch:
         groups, pairs = probe_pairs(case, self.own_answer)
@@ -225,8 +321,12 @@ class Evaluator:
         self, probes: ProbeBatch, record_from: int | None = None, replay: SuffixCache | None = None
     ) -> AnswerLogits:
         """Logits at the answer positions; ``record_from`` keeps a suffix cache, ``replay`` reuses one."""
+        return self._answer_logits(probes.batch, record_from, replay)
+
+    @torch.no_grad()
+    def _answer_logits(self, batch: PairBatch, record_from: int | None = None,
+                       replay: SuffixCache | None = None) -> AnswerLogits:
         adapter = self.lm.adapter
-        batch = probes.batch
         if replay is not None:
             hidden, cache = forward_suffix(adapter, replay), replay
         else:

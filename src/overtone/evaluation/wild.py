@@ -33,14 +33,17 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from overtone.benchmarks import TEACHER_FORCED
 from overtone.benchmarks.cases import EditCase
 from overtone.evaluation.generation import generate_ids
-from overtone.evaluation.teacher_forced import METRICS, Evaluator, PreEdit, by_metric
+from overtone.evaluation.teacher_forced import METRICS, Evaluator, PreEdit, PreEdits, by_metric
 from overtone.models.loading import LoadedModel
 from overtone.models.replay import SuffixCache
+
+if TYPE_CHECKING:
+    from overtone.editors.parallel import CaseEdits
 
 WILD = "wild"
 EVAL_MODES = {TEACHER_FORCED: (TEACHER_FORCED,), WILD: (WILD,), "both": (TEACHER_FORCED, WILD)}
@@ -320,6 +323,14 @@ class WildEvaluator(Evaluator):
             fields["wild"] = self._fields(pre, now, pre.seconds + seconds)
             fields["eval_s"] += pre.seconds + seconds
         return out
+
+    def before_cases(self, cases: Sequence[EditCase], record_from: int | None) -> PreEdits:
+        return self.before_each(cases, record_from)
+
+    def after_cases(self, pre: PreEdits, edits: CaseEdits, replay: bool) -> list[dict[str, Any]]:
+        """The cases of a parallel edit one at a time, each with its own edit (``Evaluator.after_each``); answering
+        them in one batch would go through ``edits.applied(rows)`` with each generated row's case."""
+        return self.after_each(pre, edits)
 
     @staticmethod
     def _fields(pre: WildPreEdit, replies: Sequence[Reply], seconds: float) -> dict[str, Any]:

@@ -22,12 +22,14 @@ constructor never see the prefix pass.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 from overtone.models.adapters import ModelAdapter
+from overtone.models.per_case import take_rows
 from overtone.models.replay import _block_output, _split_hidden
 
 _LIVE_CACHE = object()  # stands for the key/value cache in recorded block arguments
@@ -64,6 +66,19 @@ class TailPass:
                                          position_ids=position_ids[:, :cut], cache=self._prefix, use_cache=True)
         self._hidden: torch.Tensor | None = None  # [B, T - cut, H] entering block ``start``
         self._calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep ``rows`` only (a parallel edit drops the rows of the cases that stopped): their inputs, their
+        cached prefix and their recorded block arguments."""
+        batch = self._inputs[0].size(0)
+        index = torch.tensor(list(rows), dtype=torch.long, device=self._inputs[0].device)
+        self._inputs = tuple(t[index] for t in self._inputs)  # type: ignore[assignment]
+        if self._prefix is not None:
+            self._prefix.batch_select_indices(index)
+        if self._hidden is not None:
+            self._hidden = self._hidden[index]
+            self._calls = [(take_rows(args, rows, batch), take_rows(kwargs, rows, batch))
+                           for args, kwargs in self._calls]
 
     def _fresh_cache(self) -> DynamicCache | None:
         # The prefix is never mutated: every pass appends to a copy of it.

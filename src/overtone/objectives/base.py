@@ -32,11 +32,28 @@ class ObjectiveOutput:
     mixed: torch.Tensor  # [B, T] bool: the target was the smoothed mixture, not the one-hot label
     kept: torch.Tensor  # [B, T] int: size of the top-n-sigma kept set (0 where unused)
     mask: torch.Tensor  # [B, T] bool: positions that were scored
+    example_loss: torch.Tensor | None = None  # [B] each row's reduced loss, with its graph (0 for a row without tokens)
 
     @property
     def active_tokens(self) -> int:
         """Number of scored tokens that still send gradient."""
         return int((self.mask & ~self.clipped).sum())
+
+    def group_loss(self, rows: slice) -> torch.Tensor:
+        """The loss of the edit whose rows are ``rows``, reduced as ``loss`` reduces the whole batch.
+
+        Parallel editing scores many independent edits in one batch: each one's loss is the mean over
+        its own rows, so the value is what the same objective gives that edit alone.
+        """
+        assert self.example_loss is not None
+        scored = self.mask[rows].any(dim=-1)
+        return self.example_loss[rows][scored].mean()
+
+    def select(self, rows: slice, loss: torch.Tensor) -> ObjectiveOutput:
+        """The output restricted to ``rows``, with ``loss`` as its loss (one edit of a parallel batch)."""
+        return ObjectiveOutput(loss=loss, token_loss=self.token_loss[rows], clipped=self.clipped[rows],
+                               mixed=self.mixed[rows], kept=self.kept[rows], mask=self.mask[rows],
+                               example_loss=None if self.example_loss is None else self.example_loss[rows])
 
 
 class Objective(ABC):
@@ -103,4 +120,5 @@ class Objective(ABC):
             mixed=scatter(mixed_n),
             kept=scatter(kept_n),
             mask=mask,
+            example_loss=per_example,
         )

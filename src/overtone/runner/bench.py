@@ -21,6 +21,12 @@ e.g. MEMIT's joint update); their records share that call's statistics: ``steps`
 the batch's divided by its size (so means over cases stay per case), ``losses`` and ``final_loss`` are
 the batch's.
 
+``edit_cases`` is single editing of several cases at once (``--parallel B``): each case is edited against
+the unedited weights as ``edit_chunk`` edits it alone, but B cases share every forward pass, of the
+edit and of the evaluation (``Editor.edit_parallel``, ``Evaluator.before_cases`` / ``after_cases``).
+Its records are those of the cases edited one at a time, up to floating-point summation order;
+``edit_s`` and ``eval_s`` are each case's share of the group's time.
+
 A record's ``losses`` are the objective's loss at every forward pass, ``extra_losses`` (when the
 editor has any) its regularisers', kept apart so that neither a stop rule nor a reader mixes them.
 ``step_budgets`` maps case ids to an exact number of updates: the matched-steps control.
@@ -41,7 +47,7 @@ from typing import Any
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import EditError, Editor, EditStack, EditStats
 from overtone.evaluation.ability import AbilityMonitor
-from overtone.evaluation.teacher_forced import METRICS, Evaluator, PreEdit
+from overtone.evaluation.teacher_forced import METRICS, Evaluator, PreEdit, PreEdits
 from overtone.evaluation.wild import WILD, protocol_records
 
 EVAL_TIMINGS = ("end", "after-each")
@@ -192,15 +198,75 @@ def edit_chunk(
         raise
     if keep is None:
         stack.revert()
-    records = []
-    for case, result, case_stats, size in zip(cases, results, stats, sizes, strict=True):
-        assert result is not None
-        seconds = result.pop("eval_s")
-        record = {"case_id": case.case_id, **result, **_edit_fields(case_stats, size), "eval_s": round(seconds, 4),
-                  **measured}
-        record["diverged"] = divergence(record) is not None
-        records.append(record)
-    return records
+    return [_record(case, result, case_stats, size, measured)
+            for case, result, case_stats, size in zip(cases, results, stats, sizes, strict=True)]
+
+
+def _record(case: EditCase, result: dict[str, Any] | None, stats: Sequence[EditStats], size: int,
+            measured: dict[str, Any]) -> dict[str, Any]:
+    assert result is not None
+    seconds = result.pop("eval_s")
+    record = {"case_id": case.case_id, **result, **_edit_fields(stats, size), "eval_s": round(seconds, 4), **measured}
+    record["diverged"] = divergence(record) is not None
+    return record
+
+
+def check_parallel_cases(cases: Sequence[EditCase]) -> None:
+    """Parallel editing takes cases of one edit each: a bundle's edits build on each other, in order."""
+    bundle = next((c for c in cases if len(c.requests) > 1), None)
+    if bundle is not None:
+        raise ValueError(f"case {bundle.case_id} bundles {len(bundle.requests)} edits applied in order (MQuAKE); "
+                         "--parallel edits cases of one edit each: use --parallel 1")
+
+
+def edit_cases(
+    editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase], parallel: int | None = None,
+    step_budgets: Mapping[str, int] | None = None, ability: AbilityMonitor | None = None,
+) -> list[dict[str, Any]]:
+    """Result records of independent cases edited ``parallel`` at a time (all at once when None), each as
+    ``edit_chunk`` gives it for the case alone, up to floating-point summation order; in case order.
+
+    Cases of similar length share a group (the edit sequences of a group are padded to the longest),
+    which changes nothing in a case's result. The model is left unedited. ``step_budgets``: exact
+    updates per case id (every case must have one). ``ability``: each case's edited model's general ability.
+    """
+    check_parallel_cases(cases)
+    missing = [c.case_id for c in cases if step_budgets is not None and c.case_id not in step_budgets]
+    if missing:
+        raise ValueError(f"no step budget for case(s) {', '.join(missing)}")
+    size = parallel or len(cases)
+    tokenizer = evaluator.lm.tokenizer
+    order = sorted(range(len(cases)), key=lambda i: len(tokenizer(f"{cases[i].prompt} {cases[i].target}").input_ids))
+    records: dict[int, dict[str, Any]] = {}
+    for first in range(0, len(order), size):
+        group = order[first: first + size]
+        records.update(zip(group, _edit_group(editor, evaluator, [cases[i] for i in group], step_budgets, ability),
+                           strict=True))
+    return [records[i] for i in range(len(cases))]
+
+
+def _edit_group(editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase],
+                step_budgets: Mapping[str, int] | None, ability: AbilityMonitor | None) -> list[dict[str, Any]]:
+    """One ``edit_parallel`` call and its batched evaluation."""
+    ids = [c.case_id for c in cases]
+    budgets = None if step_budgets is None else [step_budgets[i] for i in ids]
+    try:
+        pre: PreEdits = evaluator.before_cases(cases, record_from=editor.first_layer)
+        if ability:
+            ability.measure_reference()  # the model is unedited here
+        edits = editor.edit_parallel(cases, steps=budgets)
+        results = evaluator.after_cases(pre, edits, pre.replayable(edits.first_layer))
+    except (EditError, ValueError) as exc:
+        raise CaseError(", ".join(ids), exc) from exc
+    measured = []
+    for i in range(len(cases)):
+        if ability:
+            with edits.only(i):
+                measured.append({"ability": ability.measure()})
+        else:
+            measured.append({})
+    return [_record(case, result, [stats], 1, more)
+            for case, result, stats, more in zip(cases, results, edits.stats, measured, strict=True)]
 
 
 def edit_and_score(editor: Editor, evaluator: Evaluator, case: EditCase) -> dict[str, Any]:

@@ -26,6 +26,12 @@ In single editing every case starts from the unedited model, so the unedited-mod
 (``Evaluator.before_many``) of the next ``PREFETCH`` cases is done together: an evaluator that batches
 across cases (the wild one generates the probes' answers) then does so in single editing too, as it
 does within a chunk of continual editing. Memory then holds those cases' pending evaluations.
+
+Single editing with ``parallel`` = B > 1 hands windows of ``PARALLEL_WINDOW`` x B pending cases to
+``edit_cases``, which edits them B at a time (each against the unedited weights; cases of similar
+length together) and returns their records in case order; a window's records are written together.
+They are the records of B = 1 up to floating-point summation order, so a run may be resumed with
+another B.
 """
 
 from __future__ import annotations
@@ -38,13 +44,25 @@ from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import Editor
 from overtone.evaluation.ability import AbilityMonitor
 from overtone.evaluation.teacher_forced import Evaluator
-from overtone.runner.bench import CaseError, RunError, divergence, edit_chunk, likely_cause, summarize
+from overtone.runner.bench import (
+    CaseError,
+    RunError,
+    check_parallel_cases,
+    divergence,
+    edit_cases,
+    edit_chunk,
+    likely_cause,
+    summarize,
+)
 from overtone.runner.checks import prepare_cases
 from overtone.runner.store import ResultStore
 
 log = logging.getLogger(__name__)
 
 PREFETCH = 16  # cases evaluated on the unedited model together, ahead of their chunks
+# Single editing with --parallel B: cases handed to the parallel edit at a time, in groups of B (more
+# groups to choose from make groups of similar length; a restart redoes at most one window).
+PARALLEL_WINDOW = 4
 
 
 def chunked(cases: Sequence[EditCase], size: int) -> list[Sequence[EditCase]]:
@@ -66,11 +84,19 @@ def run_continual(
     step_budgets: Mapping[str, int] | None = None,
     strict: bool = False,
     ability: AbilityMonitor | None = None,
+    parallel: int = 1,
 ) -> dict[str, Any]:
     """Edit every chunk of ``cases`` not yet in ``store`` (``batch`` cases per edit call, the general ability
     measured at each chunk's end with ``ability``); returns the summary of all stored cases. ``step_budgets``
     gives each case an exact number of updates (matched steps); ``strict``: a diverged edit is an error
-    (default: flagged with a warning)."""
+    (default: flagged with a warning); ``parallel`` > 1 edits that many single-editing cases at once."""
+    if parallel < 1:
+        raise ValueError(f"--parallel must be >= 1, got {parallel}")
+    if parallel > 1:
+        if sequence > 1 or batch > 1:
+            raise ValueError(f"--parallel {parallel} edits independent cases (single editing); the cases of a "
+                             f"--sequence {sequence} / --batch {batch} chunk build on each other: use --parallel 1")
+        check_parallel_cases(cases)
     try:
         prepare_cases(cases, editor.lm.tokenizer, type(editor), editor.config)
     except ValueError as exc:
@@ -79,6 +105,40 @@ def run_continual(
     chunks = chunked(cases, sequence)
     untouched = [not any(c.case_id in by_id for c in chunk) for chunk in chunks]  # no record of the chunk yet
     prefetched: dict[str, Any] = {}
+    waiting: list[EditCase] = []  # --parallel: pending cases, edited together once a window is full
+
+    def failed(exc: CaseError) -> RunError:
+        return RunError(f"{exc}. The {len(store.records)} finished cases are saved in {store.dir}; rerun the same "
+                        "command to resume after fixing the cause.")
+
+    def store_records(records: list[dict[str, Any]], chunk: tuple[int, int] | None) -> None:
+        """Warn about (or, with ``strict``, stop at) diverged edits, then write the records not yet stored.
+        ``chunk``: (index, size) of the continual-editing chunk the records belong to."""
+        for record in records:
+            if chunk is not None:
+                record.update(chunk=chunk[0], chunk_size=chunk[1])
+            why = divergence(record) if record["diverged"] else None
+            if why:
+                message = f"case {record['case_id']}: the edit diverged ({why}); likely cause: {likely_cause(editor)}"
+                if strict:
+                    raise RunError(f"{message}. --strict stops the run here; the {len(store.records)} finished "
+                                   f"cases are saved in {store.dir}")
+                log.warning(message)
+        new = [r for r in records if r["case_id"] not in by_id]
+        store.append_many(new)
+        by_id.update((r["case_id"], r) for r in new)
+        for record in records:
+            if on_case:
+                on_case(record)
+
+    def edit_window() -> None:
+        try:
+            records = edit_cases(editor, evaluator, waiting, parallel, step_budgets, ability)
+        except CaseError as exc:
+            raise failed(exc) from exc
+        waiting.clear()
+        store_records(records, None)
+
     for index, chunk in enumerate(chunks):
         ids = [c.case_id for c in chunk]
         stored = [by_id[i] for i in ids if i in by_id]
@@ -96,6 +156,11 @@ def run_continual(
         if stored:
             log.warning("chunk %d (%s .. %s): a killed run wrote %d of its %d records; editing the chunk again and "
                         "adding the missing ones", index, ids[0], ids[-1], len(stored), len(chunk))
+        if parallel > 1:
+            waiting += chunk
+            if len(waiting) >= PARALLEL_WINDOW * parallel:
+                edit_window()
+            continue
         try:
             if ids[0] not in prefetched:
                 window = list(chunk)  # single editing: and the next untouched cases, up to PREFETCH
@@ -112,26 +177,10 @@ def run_continual(
             records = edit_chunk(editor, evaluator, chunk, eval_timing, batch, step_budgets, ability=ability,
                                  pending=[prefetched.pop(i) for i in ids])
         except CaseError as exc:
-            raise RunError(
-                f"{exc}. The {len(store.records)} finished cases are saved in {store.dir}; rerun the same "
-                "command to resume after fixing the cause."
-            ) from exc
-        for record in records:
-            if sequence > 1:
-                record.update(chunk=index, chunk_size=len(chunk))
-            why = divergence(record) if record["diverged"] else None
-            if why:
-                message = f"case {record['case_id']}: the edit diverged ({why}); likely cause: {likely_cause(editor)}"
-                if strict:
-                    raise RunError(f"{message}. --strict stops the run here; the {len(store.records)} finished "
-                                   f"cases are saved in {store.dir}")
-                log.warning(message)
-        new = [r for r in records if r["case_id"] not in by_id]
-        store.append_many(new)
-        by_id.update((r["case_id"], r) for r in new)
-        for record in records:
-            if on_case:
-                on_case(record)
+            raise failed(exc) from exc
+        store_records(records, (index, len(chunk)) if sequence > 1 else None)
+    if waiting:
+        edit_window()
     wanted = {c.case_id for c in cases}
     summary = summarize([r for r in store.records if r["case_id"] in wanted], evaluator.metrics)
     store.write_summary(summary)

@@ -45,8 +45,9 @@ CONFIG_FILE = "config.yaml"
 CASES_FILE = "cases.jsonl"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = "run.lock"
-# Settings that may differ between a run and its restart without changing results.
-VOLATILE_KEYS = ("threads", "limit", "progress")
+# Settings that may differ between a run and its restart without changing results (``parallel``: cases
+# edited at once, equivalent to one at a time up to floating-point summation order).
+VOLATILE_KEYS = ("threads", "limit", "progress", "parallel")
 
 
 class StoreError(RuntimeError):

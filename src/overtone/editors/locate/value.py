@@ -15,7 +15,7 @@ the blocks from the edited one up and only the token columns from the subject's 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +32,10 @@ from overtone.editors.locate.subject import (
     encode_rows,
     encode_subject_row,
 )
-from overtone.editors.training import default_stop, optimise
+from overtone.editors.parallel import CaseParameters
+from overtone.editors.training import default_stop, optimise_cases
 from overtone.models.loading import LoadedModel
+from overtone.models.per_case import CaseRows
 from overtone.models.tail import TailPass
 from overtone.objectives import Objective
 
@@ -108,34 +110,78 @@ class ValueResult:
 
 
 class ValueLogits:
-    """The logits of one value-optimisation forward pass, with ``delta`` added at the subject's last token.
+    """The logits of one value-optimisation forward pass, with each case's ``delta`` added at its subject's last token.
 
-    A ``LogitSource`` for the shared loop (``editors/training.optimise``): a call returns the logits at
-    the target tokens of every prompt variant ([variants, A, V], the bare prompt first) and keeps the
-    log-probabilities after the KL prompt for ``extra_loss``. The first call's values are the unedited
-    model's (``delta`` is still zero): ``reference``, ``kl_reference`` and ``init``. The hook that adds
-    ``delta`` is in place only during a call, so an ``on_step`` callback sees the unedited model.
+    A ``CaseLogitSource`` for the shared loop (``editors/training.optimise_cases``). The rows are, case
+    after case, the case's ``variants`` prompt variants (the bare prompt first) and its KL prompt. A
+    call returns the logits at the target tokens of every case's variants ([cases x variants, A, V])
+    and keeps each case's log-probabilities after its KL prompt for the regularisers. ``delta()`` is the
+    present [cases, H] change of the cases still training; ``keep`` drops the rows of the others. The
+    first call's values are the unedited model's (``delta`` is still zero): ``reference``,
+    ``kl_reference`` and ``init`` (per case). The hook that adds ``delta`` is in place only during a
+    call, so an ``on_step`` callback sees the unedited model.
     """
 
-    def __init__(self, lm: LoadedModel, batch: AlignedRows, module: nn.Module, block: int) -> None:
+    def __init__(self, lm: LoadedModel, batch: AlignedRows, module: nn.Module, block: int, variants: int,
+                 delta: Callable[[], torch.Tensor]) -> None:
         self.adapter = lm.adapter
         self.module = module
-        self.n_rewrite = batch.input_ids.size(0) - 1  # the last row is the KL prompt
-        self.positions = batch.positions[: self.n_rewrite]
-        self.labels = batch.labels[: self.n_rewrite]
+        self.variants = variants
+        self.delta = delta
         self.tail = TailPass(lm.adapter, batch.input_ids, batch.attention_mask, batch.position_ids, batch.cut, block)
-        self.delta = torch.zeros(lm.model.get_input_embeddings().embedding_dim, device=lm.device, requires_grad=True)
+        self._positions, self._labels = batch.positions, batch.labels
+        self.cases = list(range(batch.input_ids.size(0) // (variants + 1)))  # the case of each present position
+        self._select(self.cases)
         self.reference: torch.Tensor | None = None
-        self.init: torch.Tensor | None = None
-        self.kl_log_probs: torch.Tensor | None = None
+        self.init: torch.Tensor | None = None  # [cases, H] of the cases present
+        self.values0: dict[int, torch.Tensor] = {}  # every case's unedited value, from the first call
+        self.kl_log_probs: torch.Tensor | None = None  # [cases, V]
         self.kl_reference: torch.Tensor | None = None
+
+    def _select(self, cases: list[int]) -> None:
+        """Index the rows of ``cases`` (of the tail pass as it is now)."""
+        per_case = self.variants + 1
+
+        def index(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=self._positions.device)
+
+        self.rows = CaseRows.consecutive([self.variants] * len(cases))
+        self._rewrite = index([c * per_case + v for c in cases for v in range(self.variants)])
+        self._kl = index([c * per_case + self.variants for c in cases])
+        self._bare = index([c * per_case for c in cases])
+        self._owner = index([c for c in range(len(cases)) for _ in range(per_case)])
+        self.positions = self._positions[self._rewrite]
+        self.labels = self._labels[self._rewrite]
+
+    def keep(self, positions: Sequence[int]) -> None:
+        """Keep the cases at ``positions`` only: their rows, references and initial values."""
+        if list(positions) == list(range(self.rows.n_cases)):
+            return
+        per_case = self.variants + 1
+        rows = [c * per_case + v for c in positions for v in range(per_case)]
+        self.tail.keep(rows)
+        index = torch.tensor(rows, dtype=torch.long, device=self._positions.device)
+        self._positions, self._labels = self._positions[index], self._labels[index]
+        cases = torch.tensor(list(positions), dtype=torch.long, device=self._positions.device)
+        if self.init is not None:
+            self.init = self.init[cases]
+        if self.reference is not None:
+            self.reference = self.reference.view(self.rows.n_cases, self.variants, *self.reference.shape[1:])[cases]
+            self.reference = self.reference.flatten(0, 1)
+        if self.kl_reference is not None:
+            self.kl_reference = self.kl_reference[cases]
+        self.cases = [self.cases[p] for p in positions]
+        self._select(list(range(len(positions))))
 
     def _inject(self, _module: nn.Module, _args: object, output: object) -> object:
         hidden = _output_tensor(output)
         if self.init is None:
-            self.init = hidden[0, 0].detach().float().clone()
-        # Column 0 of the tail is the subject's last token in every row.
-        hidden = torch.cat([hidden[:, :1] + self.delta.to(hidden.dtype), hidden[:, 1:]], dim=1)
+            self.init = hidden[self._bare, 0].detach().float().clone()
+            self.values0 = dict(zip(self.cases, self.init, strict=True))
+        delta = self.delta()
+        # Column 0 of the tail is the subject's last token in every row; one case: its delta on every row.
+        added = delta[0] if delta.size(0) == 1 else delta[self._owner][:, None]
+        hidden = torch.cat([hidden[:, :1] + added.to(hidden.dtype), hidden[:, 1:]], dim=1)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     def __call__(self) -> torch.Tensor:
@@ -146,8 +192,7 @@ class ValueLogits:
             handle.remove()
         # One pass through the vocabulary head for every scored position: on a CPU the head's cost is
         # reading its weight, once forward and once backward, whatever the number of positions.
-        rows = torch.arange(self.n_rewrite, device=hidden.device)[:, None]
-        scored = torch.cat([hidden[rows, self.positions].flatten(0, 1), hidden[self.n_rewrite:, 0]])
+        scored = torch.cat([hidden[self._rewrite[:, None], self.positions].flatten(0, 1), hidden[self._kl, 0]])
         all_logits = self.adapter.logits(scored, fp32=True)
         logits = all_logits[: self.positions.numel()].view(*self.positions.shape, -1)
         self.kl_log_probs = torch.log_softmax(all_logits[self.positions.numel():].float(), dim=-1)
@@ -157,51 +202,72 @@ class ValueLogits:
         return logits
 
 
-def optimise_value(
+def optimise_values(
     lm: LoadedModel,
-    case: EditCase,
+    cases: Sequence[EditCase],
     module: nn.Module,
     block: int,
     prefixes: Sequence[str],
     objective: Objective,
     cfg: LocateConfig,
     on_step: StepCallback | None = None,
-    steps: int | None = None,
-) -> ValueResult:
-    """Optimise the change of ``module``'s output (inside decoder block ``block``) at the subject's last token.
+    steps: Sequence[int | None] | None = None,
+) -> list[ValueResult]:
+    """Optimise, for each case on its own, the change of ``module``'s output (inside decoder block ``block``)
+    at the subject's last token; all cases in one batch (one case: the sequential edit).
 
     ``prefixes[0]`` must be "" (the bare prompt), whose unedited output is ``init``. The loop is the one
-    every gradient editor shares: ``cfg.steps`` updates at most (exactly ``steps`` when given), a step
+    every gradient editor shares: ``cfg.steps`` updates at most (exactly ``steps[i]`` when given), a step
     skipped and the optimisation stopped once the objective's loss is below ``cfg.stop_loss`` (or, with
-    ``cfg.stop_when_clipped``, once every target token is clipped).
+    ``cfg.stop_when_clipped``, once every target token is clipped). Every case has its own delta, Adam
+    state, regularisers, clamp and stop (``optimise_cases``).
     """
     if not prefixes or prefixes[0] != "":
         raise ValueError("the first context prefix must be the empty one (the bare prompt)")
-    rows = [drop_last_token(r) for r in encode_rows(lm.tokenizer, case, prefixes, True, cfg.missing_subject)]
-    rows.append(encode_subject_row(lm.tokenizer, case, cfg.kl_prompt))
-    source = ValueLogits(lm, align_rows(rows, pad_id(lm), lm.device), module, block)
-    delta = source.delta
-    optimiser = torch.optim.Adam([delta], lr=cfg.lr)
+    rows = []
+    for case in cases:
+        rows += [drop_last_token(r) for r in encode_rows(lm.tokenizer, case, prefixes, True, cfg.missing_subject)]
+        rows.append(encode_subject_row(lm.tokenizer, case, cfg.kl_prompt))
+    hidden = lm.model.get_input_embeddings().embedding_dim
+    params = CaseParameters({"delta": torch.zeros(len(cases), hidden, device=lm.device)}, cfg.lr)
+    source = ValueLogits(lm, align_rows(rows, pad_id(lm), lm.device), module, block, len(prefixes),
+                         lambda: params["delta"])
 
     def regularisers() -> torch.Tensor:
-        """KL(edited || unedited) after the KL prompt, and the weight decay of delta (the reference code's form)."""
+        """Per case: KL(edited || unedited) after its KL prompt, and the weight decay of its delta (the reference
+        code's form)."""
         assert source.kl_log_probs is not None and source.kl_reference is not None and source.init is not None
         logp = source.kl_log_probs
-        kl = (logp.exp() * (logp - source.kl_reference)).sum(dim=-1).mean()
-        return cfg.kl_factor * kl + cfg.weight_decay * torch.linalg.vector_norm(delta) / source.init.norm() ** 2
+        kl = (logp.exp() * (logp - source.kl_reference)).sum(dim=-1)
+        decay = torch.linalg.vector_norm(params["delta"], dim=-1) / source.init.norm(dim=-1) ** 2
+        return cfg.kl_factor * kl + cfg.weight_decay * decay
 
-    def update(loss: torch.Tensor) -> None:
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
+    def clamp() -> None:
+        """Each case's delta back onto its ball of radius ``clamp_norm_factor * |v0|``."""
         assert source.init is not None
         with torch.no_grad():
-            limit = cfg.clamp_norm_factor * source.init.norm()
-            norm = delta.norm()
-            if norm > limit:
-                delta.mul_(limit / norm)
+            delta = params["delta"]
+            limit = cfg.clamp_norm_factor * source.init.norm(dim=-1)
+            norm = delta.norm(dim=-1)
+            delta.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm))[:, None])
 
-    stats = optimise([case], objective, source, update, cfg.steps, default_stop(cfg.stop_loss, cfg.stop_when_clipped),
-                     on_step, regularisers, exact_steps=steps)
-    assert source.init is not None
-    return ValueResult(init=source.init, delta=delta.detach(), stats=stats)
+    stats = optimise_cases(cases, objective, source, params, cfg.steps,
+                           default_stop(cfg.stop_loss, cfg.stop_when_clipped), on_step, regularisers,
+                           exact_steps=steps, after_step=clamp)
+    deltas = params.finish()["delta"]
+    results = []
+    for i, case_stats in enumerate(stats):
+        init = source.values0.get(i)
+        if init is None:  # a budget of 0 updates: no pass ran, so the unedited value is read here
+            bare = encode_rows(lm.tokenizer, cases[i], [""], False, cfg.missing_subject)
+            init = lookup_activations(lm, bare, [(module, "out")], block)[0][0]
+        results.append(ValueResult(init=init, delta=deltas[i], stats=case_stats))
+    return results
+
+
+def optimise_value(lm: LoadedModel, case: EditCase, module: nn.Module, block: int, prefixes: Sequence[str],
+                   objective: Objective, cfg: LocateConfig, on_step: StepCallback | None = None,
+                   steps: int | None = None) -> ValueResult:
+    """``optimise_values`` for one case: the value of a sequential edit."""
+    return optimise_values(lm, [case], module, block, prefixes, objective, cfg, on_step,
+                           None if steps is None else [steps])[0]
