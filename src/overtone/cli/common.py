@@ -12,8 +12,6 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from overtone import __version__
-
 console = Console()
 if not console.is_terminal:
     console.width = 120  # logs and pipes: wide enough that tables never truncate a number
@@ -42,6 +40,17 @@ LimitOpt = Annotated[int | None, typer.Option("--limit", min=0, help="number of 
 OffsetOpt = Annotated[int, typer.Option("--offset", min=0, help="index of the first case")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
+ExecutorOpt = Annotated[str, typer.Option(
+    "--executor", help="local (this process, one worker) or ray (one worker process per --workers; needs "
+    "pip install 'overtone[ray]')")]
+AddressOpt = Annotated[str | None, typer.Option(
+    "--address", help="ray: a running cluster to use (e.g. auto, or HEAD_IP:6379); default: a private local "
+    "instance on 127.0.0.1")]
+WorkersOpt = Annotated[int | None, typer.Option(
+    "--workers", min=1, help="ray: worker processes, each with its own model (default: as many as CPUs/GPUs "
+    "allow)")]
+ShardOpt = Annotated[int, typer.Option(
+    "--shard-size", min=1, help="cases per unit of work in single editing (a continual chunk is never split)")]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="any editor setting, KEY=VALUE (repeatable), e.g. --set rank=4 --set layers=10,11"),
@@ -177,9 +186,10 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
     ``step_budgets`` trains each case for exactly its number of updates, taken from run ``matched``
     (recorded in the config); only the cases it has a budget for are run.
     """
-    from overtone.benchmarks import BENCHMARKS, TEACHER_FORCED, DatasetError, load_benchmark, resolve_dataset
+    from overtone.benchmarks import TEACHER_FORCED, DatasetError, load_benchmark, resolve_dataset
     from overtone.evaluation import GenerationSettings, make_evaluator
     from overtone.runner import EVAL_TIMINGS, ResultStore, RunError, StoreError, run_continual
+    from overtone.runner.config import run_config
 
     generation = {k: v for k, v in (generation or {}).items() if v is not None}
     try:
@@ -195,24 +205,8 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
         cases = load_benchmark(dataset, limit=limit, offset=offset)
         if step_budgets is not None:
             cases = [c for c in cases if c.case_id in step_budgets]
-        source = {"name": bench.name, "offset": offset}
-        if dataset not in BENCHMARKS:
-            source.update(path=str(bench.file), format=bench.format)
-        config: dict[str, Any] = {
-            "overtone_version": __version__,
-            "protocol": "single" if sequence == 1 else "continual" if batch == 1 else "batch",
-            **({"sequence": sequence, "eval_timing": eval_timing} if sequence > 1 else {}),
-            **({"batch": batch} if batch > 1 else {}),
-            **({"matched_steps": matched} if matched else {}),
-            "model": lm.identity,
-            "editor": editor.describe(),
-            "objective": editor.objective.config() if editor.objective else None,
-            "dataset": source,
-            **({"evaluation": evaluator.describe()} if evaluator.describe() else {}),
-            "limit": limit,
-            "seed": seed,
-            "threads": threads,
-        }
+        config = run_config(lm, editor, evaluator, bench, dataset, offset, limit, seed, threads, sequence,
+                            eval_timing, batch, matched)
         store = ResultStore(out, config)
     except (DatasetError, StoreError, ValueError) as exc:
         fail(str(exc))

@@ -36,6 +36,21 @@ def chunked(cases: Sequence[EditCase], size: int) -> list[Sequence[EditCase]]:
     return [cases[i: i + size] for i in range(0, len(cases), size)]
 
 
+def chunk_records(
+    editor: Editor, evaluator: Evaluator, index: int, chunk: Sequence[EditCase], sequence: int = 1,
+    eval_timing: str = "end", batch: int = 1, step_budgets: Mapping[str, int] | None = None,
+) -> list[dict[str, Any]]:
+    """The records of chunk number ``index`` of a run, as they are stored (continual records name their chunk).
+
+    What every runner does with a chunk: ``run_continual`` here, and a study's workers (study/worker.py).
+    """
+    records = edit_chunk(editor, evaluator, chunk, eval_timing, batch, step_budgets)
+    if sequence > 1:
+        for record in records:
+            record["chunk"] = index
+    return records
+
+
 def run_continual(
     editor: Editor,
     evaluator: Evaluator,
@@ -65,15 +80,12 @@ def run_continual(
                 "while writing it. Use another --out directory."
             )
         try:
-            records = edit_chunk(editor, evaluator, chunk, eval_timing, batch, step_budgets)
+            records = chunk_records(editor, evaluator, index, chunk, sequence, eval_timing, batch, step_budgets)
         except CaseError as exc:
             raise RunError(
                 f"{exc}. The {len(store.records)} finished cases are saved in {store.dir}; rerun the same "
                 "command to resume after fixing the cause."
             ) from exc
-        if sequence > 1:
-            for record in records:
-                record["chunk"] = index
         store.append_many(records)
         for record in records:
             if on_case:

@@ -1,0 +1,151 @@
+"""What a study's worker does: edit and score the cases of a task, with one model kept loaded.
+
+A ``Task`` is a shard of one cell: consecutive chunks of its cases (single editing: chunks of one
+case, so a shard is a few cases; continual editing: whole chunks of T cases, never split). The
+worker yields one ``Delivery`` per chunk, so the driver stores each finished chunk at once; it never
+writes a file itself. The same class runs in the driver's process (the local executor) and inside a
+Ray actor (one per worker process), where it keeps its model between tasks.
+
+A chunk's results do not depend on which worker ran it or on what it ran before: every editor
+derives its random numbers from its ``seed`` setting and the case ids, the global generators are
+seeded from the cell's seed before each chunk, and the weights are reverted bit-exactly after it.
+(Running several cases of a shard side by side, ``--parallel B``, belongs in ``Worker.run``: the
+chunks of a task are the unit it would batch.)
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import random
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from overtone.study.spec import Cell, ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A shard of a cell: chunks (index, case ids) in order, and step budgets for a matched-steps cell."""
+
+    cell: Cell
+    chunks: tuple[tuple[int, tuple[str, ...]], ...]
+    budgets: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def case_ids(self) -> list[str]:
+        return [case_id for _, ids in self.chunks for case_id in ids]
+
+    def __str__(self) -> str:
+        ids = self.case_ids
+        return f"{self.cell.name} [{ids[0]} .. {ids[-1]}, {len(ids)} cases]"
+
+
+@dataclass
+class Delivery:
+    """The records of one finished chunk and the run configuration of its cell (for ``config.yaml``)."""
+
+    cell_id: str
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+
+
+class TaskError(RuntimeError):
+    """A task failed for a reason that running it elsewhere will not fix (a bad setting, a failing case)."""
+
+
+@dataclass
+class _Prepared:
+    editor: Any
+    evaluator: Any
+    cases: dict[str, Any]
+    config: dict[str, Any]
+
+
+class Worker:
+    """Runs tasks; keeps one model and the editor of the last cell it ran."""
+
+    def __init__(self, threads: int = 1) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.threads = threads
+        self.model: ModelSpec | None = None
+        self._lm: Any = None
+        self._cell_id: str | None = None
+        self._prepared: _Prepared | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """Where this worker runs and which code it runs (the driver checks the versions agree)."""
+        from overtone import __version__
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "version": __version__}
+
+    def _load(self, spec: ModelSpec) -> Any:
+        if self.model != spec:
+            from overtone.models import ArchitectureError, ModelLoadError, load_model
+
+            self._lm = self._prepared = self._cell_id = None
+            gc.collect()
+            try:
+                self._lm = load_model(spec.name, device=spec.device, dtype=spec.dtype)
+            except (ModelLoadError, ArchitectureError, FileNotFoundError) as exc:
+                raise TaskError(str(exc)) from exc
+            self.model = spec
+        return self._lm
+
+    def _prepare(self, cell: Cell) -> _Prepared:
+        if self._cell_id == cell.id and self._prepared is not None:
+            return self._prepared
+        from overtone.benchmarks import DatasetError, load_benchmark, resolve_dataset
+        from overtone.editors import make_editor
+        from overtone.evaluation import GenerationSettings, make_evaluator
+        from overtone.models import ArchitectureError
+        from overtone.objectives import make_objective
+        from overtone.runner.config import run_config
+
+        lm = self._load(cell.model)
+        self._prepared = None
+        try:
+            editor = make_editor(cell.editor, lm, make_objective(cell.variant.objective, cell.variant.overtone),
+                                 **cell.editor_settings)
+            bench = resolve_dataset(cell.dataset)
+            evaluator = make_evaluator(bench.evaluation, lm,
+                                       GenerationSettings(seed=cell.seed, **dict(cell.generation)))
+            cases = load_benchmark(cell.dataset, limit=cell.limit, offset=cell.offset)
+        except (ArchitectureError, DatasetError, ValueError, FileNotFoundError) as exc:
+            raise TaskError(f"{cell.name}: {exc}") from exc
+        config = run_config(lm, editor, evaluator, bench, cell.dataset, cell.offset, cell.limit, cell.seed,
+                            self.threads, cell.sequence, cell.eval_timing, cell.batch, cell.variant.match_steps)
+        self._prepared = _Prepared(editor, evaluator, {c.case_id: c for c in cases}, config)
+        self._cell_id = cell.id
+        return self._prepared
+
+    def run(self, task: Task) -> Iterator[Delivery]:
+        """Edit and score the task's chunks in order, yielding each chunk's records as soon as it is done."""
+        import torch
+
+        from overtone.runner.bench import CaseError
+        from overtone.runner.continual import chunk_records
+
+        cell = task.cell
+        prepared = self._prepare(cell)
+        budgets = dict(task.budgets) if task.budgets else None
+        for index, ids in task.chunks:
+            missing = [i for i in ids if i not in prepared.cases]
+            if missing:
+                raise TaskError(f"{cell.name}: the dataset has no case(s) {', '.join(missing)}")
+            torch.manual_seed(cell.seed)
+            random.seed(cell.seed)
+            try:
+                records = chunk_records(prepared.editor, prepared.evaluator, index,
+                                        [prepared.cases[i] for i in ids], cell.sequence, cell.eval_timing,
+                                        cell.batch, budgets)
+            except (CaseError, ValueError) as exc:
+                raise TaskError(f"{cell.name}: {exc}") from exc
+            yield Delivery(cell.id, prepared.config, records)
