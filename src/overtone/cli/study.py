@@ -201,9 +201,11 @@ def status(out: DirArg) -> None:
     for cell in cells:
         total = cell.get("cases")
         counted = f"{cell['done']}/{total}" if total is not None else str(cell["done"])
-        state = cell["status"] + (f": {cell['message']}" if cell["message"] else "")
-        grid.add_row(cell["dir"], cell["label"], counted, state)
+        grid.add_row(cell["dir"], cell["label"], counted, cell["status"])
     console.print(grid)
+    for cell in cells:
+        if cell["message"]:
+            console.print(f"{cell['dir']}: {cell['status']}: {cell['message']}", soft_wrap=True)
     states: dict[str, int] = {}
     for cell in cells:
         states[cell["status"]] = states.get(cell["status"], 0) + 1

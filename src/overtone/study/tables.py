@@ -168,7 +168,8 @@ def paired_tables(rows: Sequence[Row]) -> list[PaperTable]:
             units = next((e for e in estimates.values() if e is not None), None)
             body.append([f"{other.first['label']} − {base.first['label']}",
                          *("–" if estimates[m] is None else estimates[m].signed() for m in [*metrics, "avg"]),
-                         "–" if units is None else f"{units.units} {units.unit}s × {units.seeds} seeds"])
+                         "–" if units is None else f"{units.units} {units.unit}s × {units.seeds} seed"
+                         f"{'s' if units.seeds > 1 else ''}"])
         model, dataset, sequence = setting[0], setting[1], setting[2]
         first = members[0]
         title = (f"{editor_name(setting[5])} on {dataset_name(dataset)}, {Path(model).name}, {_protocol(first)}"

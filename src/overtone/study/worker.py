@@ -72,7 +72,9 @@ class Worker:
 
     def __init__(self, threads: int = 1) -> None:
         import torch
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar per worker and model says nothing
         torch.set_num_threads(threads)
         self.threads = threads
         self.model: ModelSpec | None = None
