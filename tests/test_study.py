@@ -237,8 +237,8 @@ def test_row_estimates_are_the_summary_means_with_an_interval_around_them():
 
 
 def test_paired_estimates_are_the_difference_of_rows_on_common_cases():
-    base = {0: records([0.0, 0.5, 1.0, 0.0]), 1: records([0.0, 1.0, 1.0, 0.5])}
-    other = {0: records([1.0, 0.5, 1.0, 1.0]), 1: records([0.5, 1.0, 1.0, 1.0])[:3]}  # seed 1 lacks case c3
+    base = {0: records([0.0, 0.5, 0.5, 0.0]), 1: records([0.0, 0.5, 0.5, 0.5])}
+    other = {0: records([1.0, 1.0, 1.0, 0.5]), 1: records([0.5, 1.0, 1.0, 1.0])[:3]}  # seed 1 lacks case c3
     diff = paired_estimates(base, other, ["rel", "loc"])
     common = {0: 4, 1: 3}
     rows = {}
