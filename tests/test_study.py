@@ -206,6 +206,7 @@ def test_study_cli_plan_run_status_table(tiny_llama_dir, tmp_path):
     assert "6 cell(s) done" in run.output
     status = runner.invoke(app, ["study", "status", str(out)])
     assert "6 done" in status.output and "no driver is running" in status.output
+    assert "ft-m: " in status.output and "cases per worker-hour" in status.output
     table = runner.invoke(app, ["study", "table", str(out), "--markdown"])
     assert table.exit_code == 0, table.output
     assert "| **LoRA** |" in table.output and "OverTone − CE" in table.output and "3 cases × 2 seeds" in table.output

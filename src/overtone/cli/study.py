@@ -212,6 +212,34 @@ def status(out: DirArg) -> None:
     holder = driver_running(out)
     console.print(", ".join(f"{n} {s}" for s, n in states.items()) + "; " +
                   (f"a driver is running ({holder})" if holder else "no driver is running"))
+    for line in rates(out, cells):
+        console.print(line, soft_wrap=True)
+
+
+def rates(out: Path, cells: list[dict[str, Any]]) -> list[str]:
+    """Measured seconds per case (its edits and evaluation, on one worker) per editor, cases per worker-hour,
+    and what the cells still to run would take: on a GPU, run a few cases first (--limit) to size a study.
+    (A KnowEdit case is one edit; an MQuAKE case bundles several.)"""
+    from overtone.study.driver import read_records
+
+    seconds: dict[str, list[float]] = {}
+    left: dict[str, int] = {}
+    for cell in cells:
+        records = read_records(out / cell["dir"]).values()
+        seconds.setdefault(cell["editor"], []).extend(r["edit_s"] + r["eval_s"] for r in records)
+        if cell["status"] not in ("done", "not needed", "failed") and cell.get("cases") is not None:
+            left[cell["editor"]] = left.get(cell["editor"], 0) + cell["cases"] - cell["done"]
+    lines = []
+    for editor, values in seconds.items():
+        if not values:
+            continue
+        per_case = sum(values) / len(values)
+        line = (f"{editor}: {per_case:.2f} s per case (edit and evaluation) over {len(values)} cases = "
+                f"{3600 / per_case:.0f} cases per worker-hour")
+        if left.get(editor):
+            line += f"; {left[editor]} cases left = {left[editor] * per_case / 3600:.2f} worker-hours"
+        lines.append(line)
+    return lines
 
 
 @study_app.command("table")

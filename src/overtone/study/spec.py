@@ -52,7 +52,7 @@ FIXED_DEFAULTS: dict[str, Any] = {
 }
 REQUIRED = ("editor", "dataset")
 EDITOR_KEYS = ("settings", "overtone", "objective_settings")
-TOP_KEYS = ("name", "description", "fixed", "axes", "editors", "profiles")
+TOP_KEYS = ("name", "description", "fixed", "axes", "editors", "profiles", "profile")
 # Settings a user may override from the command line (``overtone study run --model ...``).
 OVERRIDABLE = ("model", "device", "dtype", "offset", "limit", "threads")
 
@@ -342,6 +342,10 @@ def resolve_spec(spec: dict[str, Any], where: str, profile: str | None = None,
         if bad:
             raise StudyError(f"{where}: profiles.{profile}: unknown key(s) {', '.join(sorted(bad))}")
         spec = _merge(spec, overlay)
+        # a profile may turn a fixed setting into an axis or back
+        for mine, other in (("axes", "fixed"), ("fixed", "axes")):
+            for key in overlay.get(mine) or {}:
+                (spec.get(other) or {}).pop(key, None)
         spec["profile"] = profile
     spec.setdefault("fixed", {})
     spec.setdefault("axes", {})
