@@ -331,7 +331,7 @@ def cell_states(out: Path) -> list[dict[str, Any]]:
         elif cell.get("after") and not done:
             status = WAITING
         else:
-            status = "running" if done else "pending"
+            status = "partial" if done else "pending"
         rows.append({**cell, "done": done, "status": status, "message": ended.get(cell["id"], {}).get("message", "")})
     return rows
 
