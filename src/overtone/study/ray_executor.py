@@ -78,12 +78,9 @@ class RayExecutor:
 
     @contextlib.contextmanager
     def _connected(self) -> Iterator[None]:
-        """Connect for the run: to the cluster at ``address``, an instance already running in this process
-        (left running), or a new private local instance (shut down and cleaned up afterwards)."""
+        """Connect for the run: to the cluster at ``address``, or a new private local instance (shut down and
+        cleaned up afterwards)."""
         ray = self.ray
-        if ray.is_initialized():
-            yield
-            return
         if self.options.address:
             ray.init(address=self.options.address, runtime_env={"py_modules": [str(PACKAGE_DIR)]},
                      log_to_driver=True)
@@ -134,7 +131,10 @@ class RayExecutor:
             actors = [start() for _ in range(count)]
             from overtone import __version__
 
-            infos = ray.get([a.identity.remote() for a in actors])
+            try:
+                infos = ray.get([a.identity.remote() for a in actors])
+            except ray.exceptions.RayActorError as exc:
+                raise ValueError(f"a Ray worker could not start: {exc}") from exc
             for info in infos:
                 if info["version"] != __version__:
                     raise ValueError(f"a worker on {info['host']} runs overtone {info['version']}, the driver "

@@ -90,10 +90,14 @@ class Worker:
 
     def _load(self, spec: ModelSpec) -> Any:
         if self.model != spec:
+            import torch
+
             from overtone.models import ArchitectureError, ModelLoadError, load_model
 
             self._lm = self._prepared = self._cell_id = None
             gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the previous model's memory, before the next one is loaded
             try:
                 self._lm = load_model(spec.name, device=spec.device, dtype=spec.dtype)
             except (ModelLoadError, ArchitectureError, FileNotFoundError) as exc:
