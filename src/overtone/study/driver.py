@@ -189,10 +189,6 @@ class Scheduler:
         return preferred.queue.popleft()
 
     @property
-    def running(self) -> int:
-        return sum(s.running for s in self.cells.values())
-
-    @property
     def finished(self) -> bool:
         """No task queued or running, and no cell that could still become ready."""
         return not any(s.queue or s.running for s in self.cells.values() if s.status != FAILED)
