@@ -36,15 +36,17 @@ def study(cases: int) -> dict:
     }
 
 
-def results(out: Path) -> dict[str, dict]:
-    """Stored records without timings, by cell directory and case id."""
-    found = {}
+def results(out: Path) -> tuple[dict[tuple[str, str], dict], float]:
+    """Stored records without timings, by cell directory and case id, and the seconds the workers spent on
+    them (edit and evaluation, summed over cases)."""
+    found, busy = {}, 0.0
     for path in out.glob("*/cases.jsonl"):
         for line in path.read_text().splitlines():
             record = json.loads(line)
+            busy += record["edit_s"] + record["eval_s"]
             found[(path.parent.name, record["case_id"])] = {k: v for k, v in record.items()
                                                             if k not in ("edit_s", "eval_s")}
-    return found
+    return found, busy
 
 
 def run(executor: str, spec: Path, out: Path, workers: int, shard_size: int) -> float:
@@ -75,9 +77,10 @@ def main() -> None:
         for executor in args.order.split(","):
             load = os.getloadavg()[0]
             seconds[executor] = run(executor, spec, Path(tmp) / executor, args.workers, args.shard_size)
-            stored[executor] = results(Path(tmp) / executor)
+            stored[executor], busy = results(Path(tmp) / executor)
             print(f"{executor:>5}: {seconds[executor]:7.1f} s wall for {2 * args.cases} edits "
-                  f"(load average {load:.1f} before, {os.getloadavg()[0]:.1f} after)")
+                  f"(load average {load:.1f} before, {os.getloadavg()[0]:.1f} after); editing and evaluating "
+                  f"took {busy:.1f} worker-seconds ({busy / (2 * args.cases):.2f} s per edit)")
         same = stored["ray"] == stored["local"]
         print(f"same results from both executors: {same}")
         print(f"wall-time ratio ray/local: {seconds['ray'] / seconds['local']:.2f} "

@@ -98,11 +98,14 @@ def wait_for(condition, process: subprocess.Popen, timeout: float, what: str) ->
         time.sleep(0.05)
 
 
-def kill_at_random_point(process: subprocess.Popen, out: Path, rng: random.Random, timeout: float = 120) -> None:
-    """SIGKILL the driver a random moment after it stored its next record."""
+def kill_at_random_point(process: subprocess.Popen, out: Path, rng: random.Random, total: int,
+                         timeout: float = 180) -> None:
+    """SIGKILL the driver once the study holds a random number of records: more than now, and at most half of
+    what is left (so some work is always left for the next run), plus a few random milliseconds."""
     before = count(stored(out)) if out.exists() else 0
-    wait_for(lambda: out.exists() and count(stored(out)) > before, process, timeout, "a new record")
-    time.sleep(rng.uniform(0.0, 1.0))
+    target = rng.randint(before + 1, before + max(1, (total - before) // 2))
+    wait_for(lambda: out.exists() and count(stored(out)) >= target, process, timeout, f"{target} records")
+    time.sleep(rng.uniform(0.0, 0.05))
     process.kill()
     process.wait()
 
@@ -125,7 +128,7 @@ def test_local_driver_killed_three_times_loses_and_repeats_nothing(study_file, r
     kept: dict[str, dict[str, dict]] = {}
     for kill in range(3):
         process = start(study_file, out, tmp_path / f"run{kill}.log")
-        kill_at_random_point(process, out, rng)
+        kill_at_random_point(process, out, rng, count(reference))
         kept = stored(out)  # what a kill may not take away
     assert 0 < count(kept) < count(reference)
     process = start(study_file, out, tmp_path / "last.log")
@@ -171,11 +174,13 @@ def test_ray_worker_and_driver_killed_lose_and_repeat_nothing(study_file, refere
     rng.choice(workers).send_signal(signal.SIGKILL)
     log = tmp_path / "run0.log"
     wait_for(lambda: "queued again" in log.read_text(), first, 120, "the driver to queue the lost shard again")
-    kill_at_random_point(first, out, rng)
+    kill_at_random_point(first, out, rng, count(reference))
     kept = stored(out)
     assert 0 < count(kept) < count(reference)
     last = start(study_file, out, tmp_path / "run1.log", "--executor", "ray", "--workers", "2")
     wait_for(lambda: len(ray_workers(last.pid)) == 2, last, 240, "the workers of the restart")
+    # the workers run at the driver's priority (Ray's default would lower it by 15)
+    assert [w.nice() for w in ray_workers(last.pid)] == [psutil.Process(last.pid).nice()] * 2
     processes = descendants(last.pid)  # Ray's own processes and the workers, while the run goes on
     listening = {c.laddr.ip for p in processes for c in connections(p) if c.status == "LISTEN"}
     assert last.wait(timeout=300) == 0, (tmp_path / "run1.log").read_text()

@@ -10,7 +10,8 @@ the queue for any worker.
 Without ``--address`` a private Ray instance is started on this machine for the run and shut down at
 its end: on loopback (127.0.0.1; Ray 2.60 turns ``_node_ip_address="127.0.0.1"`` into the machine's
 network address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), without dashboard or usage
-statistics, without an auth token file (``RAY_AUTH_MODE=disabled``), with its session files in a
+statistics, without an auth token file (``RAY_AUTH_MODE=disabled``), with the workers at the driver's
+priority (``RAY_worker_niceness=0``; Ray's default lowers it by 15), with its session files in a
 temporary directory that is removed afterwards (or, after a killed driver, by the next run). With
 ``--address`` the driver joins a running cluster (``ray start --head`` / ``ray start --address``,
 docs/studies.md) and ships this package's code to it (``runtime_env`` ``py_modules``), so every
@@ -38,6 +39,9 @@ LOCAL_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # with it, Ray 2.60 keeps a local node on 127.0.0.1
+    # Ray runs its workers 15 nice levels below the driver; they are the work here, so they keep the driver's
+    # priority (under `nice -n 5` on a shared machine they would otherwise run at 19 and barely run at all)
+    "RAY_worker_niceness": "0",
 }
 TEMP_PREFIX = "overtone-ray-"
 OBJECT_STORE_BYTES = 256 * 2**20  # records are small; the default (30 % of RAM) would compete with the models
