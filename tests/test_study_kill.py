@@ -126,11 +126,14 @@ def test_local_driver_killed_three_times_loses_and_repeats_nothing(study_file, r
     rng = random.Random(15)
     out = tmp_path / "out"
     kept: dict[str, dict[str, dict]] = {}
+    at = []
     for kill in range(3):
         process = start(study_file, out, tmp_path / f"run{kill}.log")
         kill_at_random_point(process, out, rng, count(reference))
         kept = stored(out)  # what a kill may not take away
+        at.append(count(kept))
     assert 0 < count(kept) < count(reference)
+    print(f"driver killed with {at} of {count(reference)} records stored")
     process = start(study_file, out, tmp_path / "last.log")
     assert process.wait(timeout=300) == 0, (tmp_path / "last.log").read_text()
     check_against(reference, out, kept)
@@ -177,6 +180,8 @@ def test_ray_worker_and_driver_killed_lose_and_repeat_nothing(study_file, refere
     kill_at_random_point(first, out, rng, count(reference))
     kept = stored(out)
     assert 0 < count(kept) < count(reference)
+    print(f"worker killed, its shard queued again; driver killed with {count(kept)} of {count(reference)} "
+          "records stored")
     last = start(study_file, out, tmp_path / "run1.log", "--executor", "ray", "--workers", "2")
     wait_for(lambda: len(ray_workers(last.pid)) == 2, last, 240, "the workers of the restart")
     # the workers run at the driver's priority (Ray's default would lower it by 15)
