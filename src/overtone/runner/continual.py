@@ -72,6 +72,26 @@ def chunked(cases: Sequence[EditCase], size: int) -> list[Sequence[EditCase]]:
     return [cases[i: i + size] for i in range(0, len(cases), size)]
 
 
+
+def mark_chunk(records: list[dict[str, Any]], index: int, size: int) -> None:
+    """Name the continual-editing chunk (index, size) in its records, so a restart can tell it apart."""
+    for record in records:
+        record.update(chunk=index, chunk_size=size)
+
+
+def chunk_records(
+    editor: Editor, evaluator: Evaluator, index: int, chunk: Sequence[EditCase], sequence: int = 1,
+    eval_timing: str = "end", batch: int = 1, step_budgets: Mapping[str, int] | None = None,
+    ability: AbilityMonitor | None = None,
+) -> list[dict[str, Any]]:
+    """The records of chunk number ``index`` of a run, as ``run_continual`` stores them; a study's workers
+    (study/worker.py) edit their shards' chunks with it."""
+    records = edit_chunk(editor, evaluator, chunk, eval_timing, batch, step_budgets, ability=ability)
+    if sequence > 1:
+        mark_chunk(records, index, len(chunk))
+    return records
+
+
 def run_continual(
     editor: Editor,
     evaluator: Evaluator,
@@ -114,9 +134,9 @@ def run_continual(
     def store_records(records: list[dict[str, Any]], chunk: tuple[int, int] | None) -> None:
         """Warn about (or, with ``strict``, stop at) diverged edits, then write the records not yet stored.
         ``chunk``: (index, size) of the continual-editing chunk the records belong to."""
+        if chunk is not None:
+            mark_chunk(records, *chunk)
         for record in records:
-            if chunk is not None:
-                record.update(chunk=chunk[0], chunk_size=chunk[1])
             why = divergence(record) if record["diverged"] else None
             if why:
                 message = f"case {record['case_id']}: the edit diverged ({why}); likely cause: {likely_cause(editor)}"

@@ -69,6 +69,19 @@ def stopped_early(records: Sequence[dict[str, Any]]) -> bool:
     return any(r.get("stopped_early") for r in records)
 
 
+def full_overtone(variant: Variant) -> bool:
+    """OverTone with every component on (only such rows get a matched-steps control)."""
+    return variant.objective == "overtone" and all(
+        getattr(variant.overtone, c) for c in ("clip", "dynamic", "mode_check", "filter"))
+
+
+def matched_steps_controls(variants: Sequence[Variant]) -> list[Variant]:
+    """"CE, steps of <row>" for every full-OverTone variant: the control a study runs once that row is done,
+    if it stopped early on some case (``matched_steps_variants``)."""
+    return [Variant(f"ce-steps-of-{v.slug}", f"CE, steps of {v.label}", "ce", v.overtone, match_steps=v.slug)
+            for v in variants if full_overtone(v)]
+
+
 def matched_steps_variants(
     variants: Sequence[Variant], records: dict[str, Sequence[dict[str, Any]]]
 ) -> list[Variant]:
@@ -77,14 +90,7 @@ def matched_steps_variants(
     The control answers "is it OverTone, or just fewer updates?": CE trained on each case for exactly
     the number of updates the OverTone variant took on it (``records`` by variant slug).
     """
-    out = []
-    for v in variants:
-        full = v.objective == "overtone" and all(
-            getattr(v.overtone, c) for c in ("clip", "dynamic", "mode_check", "filter"))
-        if full and stopped_early(records.get(v.slug, ())):
-            out.append(Variant(f"ce-steps-of-{v.slug}", f"CE, steps of {v.label}", "ce", v.overtone,
-                               match_steps=v.slug))
-    return out
+    return [c for c in matched_steps_controls(variants) if stopped_early(records.get(c.match_steps or "", ()))]
 
 
 def step_budgets(records: Sequence[dict[str, Any]]) -> dict[str, int]:

@@ -1,0 +1,279 @@
+"""``overtone study plan|run|status|table``: a grid of runs from one YAML file, locally or on Ray.
+
+    overtone study plan studies/paper-table-4-2.yaml
+    overtone study run studies/paper-table-4-2.yaml --out runs/t42 --executor ray --workers 2
+    overtone study status runs/t42
+    overtone study table runs/t42
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from overtone.cli.app import app
+from overtone.cli.common import (
+    AddressOpt,
+    ExecutorOpt,
+    ShardOpt,
+    VerboseOpt,
+    WorkersOpt,
+    console,
+    fail,
+    precheck,
+    progress_bar,
+    setup,
+)
+
+study_app = typer.Typer(no_args_is_help=True, help="Studies: grids of runs from one YAML file (docs/studies.md).")
+app.add_typer(study_app, name="study")
+
+FileArg = Annotated[Path, typer.Argument(help="study file (YAML; see studies/)")]
+DirArg = Annotated[Path, typer.Argument(help="the study's output directory (--out of study run)")]
+ProfileOpt = Annotated[str | None, typer.Option(
+    "--profile", help="a profile of the study file, e.g. llama-2-7b (default: the file's own settings)")]
+StudyModelOpt = Annotated[str | None, typer.Option("--model", help="override the study's model (path or hub id)")]
+StudyDeviceOpt = Annotated[str | None, typer.Option("--device", help="override the device (cpu, cuda, auto)")]
+StudyDtypeOpt = Annotated[str | None, typer.Option("--dtype", help="override the dtype (fp32, bf16)")]
+StudyLimitOpt = Annotated[int | None, typer.Option("--limit", min=0, help="override the number of cases")]
+StudyOffsetOpt = Annotated[int | None, typer.Option("--offset", min=0, help="override the first case")]
+StudyThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="override torch threads per worker")]
+StudyEvalOpt = Annotated[str | None, typer.Option(
+    "--eval", help="override the evaluation: teacher-forced, wild or both")]
+StudyEvalContextOpt = Annotated[str | None, typer.Option("--eval-context", help="override the wild context: bare, qa")]
+StudyAbilityOpt = Annotated[bool, typer.Option(
+    "--ability", help="measure the general ability at the end of each chunk (continual cells)")]
+StudyParallelOpt = Annotated[str | None, typer.Option(
+    "--parallel", help="override the cases a worker edits side by side in single editing (a number or auto)")]
+MarkdownOpt = Annotated[bool, typer.Option("--markdown", help="print GitHub Markdown")]
+
+
+def load(file: Path | dict[str, Any], profile: str | None = None, **overrides: Any) -> Any:
+    """The expanded study, or a clean exit naming the problem."""
+    from overtone.study import StudyError, load_study
+
+    try:
+        return load_study(file, profile, overrides)
+    except StudyError as exc:
+        fail(str(exc))
+
+
+def precheck_study(study: Any) -> None:
+    """Every cell's cases checked against its editor and evaluation with the tokenizer alone (``precheck``),
+    before any worker loads a model: a bad record fails the study in seconds, naming the cell's settings."""
+    seen = set()
+    for cell in study.cells:
+        key = (cell.model.name, cell.editor, cell.settings, cell.dataset, cell.offset, cell.limit, cell.sequence,
+               cell.batch, cell.generation, cell.evaluation, cell.eval_context)
+        if key in seen:
+            continue
+        seen.add(key)
+        precheck(cell.model.name, cell.editor, cell.editor_settings, cell.dataset, cell.offset, cell.limit,
+                 seed=cell.seed, sequence=cell.sequence, eval_timing=cell.eval_timing,
+                 generation=dict(cell.generation), batch=cell.batch, evaluation=cell.evaluation,
+                 eval_context=cell.eval_context)
+
+
+def run_study_cli(study: Any, out: Path, executor: str, address: str | None, workers: int | None,
+                  shard_size: int, cpus_per_worker: float | None = None,
+                  gpus_per_worker: float | None = None) -> Any:
+    """Run a study with a progress bar; bad options and study errors become clean exits.
+
+    Returns the scheduler (its cells' outcome); a failed cell is reported, not raised.
+    """
+    from overtone.study import StudyError
+    from overtone.study.driver import run_study
+    from overtone.study.executors import ExecutorOptions, make_executor
+
+    precheck_study(study)
+    options = ExecutorOptions(threads=study.threads, workers=workers, address=address,
+                              cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    try:
+        runner = make_executor(executor, options)
+    except ValueError as exc:
+        fail(str(exc))
+    with progress_bar() as progress:
+        bar = progress.add_task(study.name, total=None, status="")
+
+        def on_progress(scheduler: Any, state: Any) -> None:
+            done, total = scheduler.progress()
+            progress.update(bar, completed=done, total=total, status=state.cell.name)
+
+        try:
+            scheduler = run_study(study, out, runner, shard_size, on_progress)
+        except (StudyError, ValueError) as exc:
+            fail(str(exc))
+    for state in scheduler.cells.values():
+        if state.status == "failed":
+            console.print(f"[bold red]failed:[/] {state.cell.name}: {state.message}")
+    return scheduler
+
+
+def print_tables(out: Path, markdown: bool = False) -> None:
+    """Print the study's tables and write them to ``out/table.md``."""
+    from overtone.report.tables import to_markdown, to_rich
+    from overtone.study import StudyError
+    from overtone.study.tables import study_tables
+
+    try:
+        tables = study_tables(out)
+    except StudyError as exc:
+        fail(str(exc))
+    if not tables:
+        console.print(f"{out}: no cell has results yet")
+        return
+    for table in tables:
+        if markdown:
+            console.print(to_markdown(table) + "\n", markup=False, soft_wrap=True)
+        else:
+            console.print(to_rich(table))
+    (out / "table.md").write_text("\n\n".join(to_markdown(t) for t in tables) + "\n")
+    console.print(f"tables in {out / 'table.md'}")
+
+
+@study_app.command("plan")
+def plan(
+    file: FileArg,
+    profile: ProfileOpt = None,
+    model: StudyModelOpt = None,
+    device: StudyDeviceOpt = None,
+    dtype: StudyDtypeOpt = None,
+    limit: StudyLimitOpt = None,
+    offset: StudyOffsetOpt = None,
+) -> None:
+    """Expand a study file into its cells (with their ids) and count the cases and edits it will make."""
+    from overtone.benchmarks import load_benchmark
+    from overtone.study.spec import dataset_short
+
+    study = load(file, profile, model=model, device=device, dtype=dtype, limit=limit, offset=offset)
+    grid = Table(title=f"study {study.name}: {len(study.cells)} cells")
+    for header in ("cell (directory)", "editor", "row", "dataset", "T", "seed", "cases", "edits", "runs"):
+        grid.add_column(header, justify="right" if header in ("T", "seed", "cases", "edits") else "left")
+    sizes: dict[tuple[str, int, int | None], tuple[int, int]] = {}
+    total = conditional = 0
+    for cell in study.cells:
+        key = (cell.dataset, cell.offset, cell.limit)
+        if key not in sizes:
+            cases = load_benchmark(cell.dataset, limit=cell.limit, offset=cell.offset)
+            sizes[key] = (len(cases), sum(len(c.requests) for c in cases))
+        n_cases, n_edits = sizes[key]
+        after = study.cell(cell.after).variant.label if cell.after else ""
+        if after:
+            conditional += n_edits
+        else:
+            total += n_edits
+        grid.add_row(cell.name, cell.editor, cell.variant.label, dataset_short(cell.dataset), str(cell.sequence),
+                      str(cell.seed), str(n_cases), str(n_edits),
+                      f"after {after}, if it stops early" if after else "always")
+    console.print(grid)
+    for note in study.notes:
+        console.print(f"note: {note}")
+    extra = f", and up to {conditional} more in matched-steps controls" if conditional else ""
+    console.print(f"{len(study.cells)} cells, {total} edits{extra}; model {study.cells[0].model.name} "
+                  f"({study.cells[0].model.dtype}, device {study.cells[0].model.device})")
+
+
+@study_app.command("run")
+def run(
+    file: FileArg,
+    out: Annotated[Path, typer.Option("--out", help="output directory: one run directory per cell (resumable)")],
+    executor: ExecutorOpt = "local",
+    address: AddressOpt = None,
+    workers: WorkersOpt = None,
+    shard_size: ShardOpt = 4,
+    cpus_per_worker: Annotated[float | None, typer.Option(
+        "--cpus-per-worker", min=0.0, help="ray: CPUs each worker reserves (default: --threads)")] = None,
+    gpus_per_worker: Annotated[float | None, typer.Option(
+        "--gpus-per-worker", min=0.0, help="ray: GPUs each worker reserves (default: 1 with --device cuda)")] = None,
+    profile: ProfileOpt = None,
+    model: StudyModelOpt = None,
+    device: StudyDeviceOpt = None,
+    dtype: StudyDtypeOpt = None,
+    limit: StudyLimitOpt = None,
+    offset: StudyOffsetOpt = None,
+    threads: StudyThreadsOpt = None,
+    evaluation: StudyEvalOpt = None,
+    eval_context: StudyEvalContextOpt = None,
+    ability: StudyAbilityOpt = False,
+    parallel: StudyParallelOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run every unfinished cell of a study; safe to kill and rerun (finished cases are kept, none is repeated)."""
+    study = load(file, profile, model=model, device=device, dtype=dtype, limit=limit, offset=offset,
+                 threads=threads, evaluation=evaluation, eval_context=eval_context, ability=ability or None,
+                 parallel=parallel)
+    setup(study.threads, 0, verbose)
+    scheduler = run_study_cli(study, out, executor, address, workers, shard_size, cpus_per_worker, gpus_per_worker)
+    print_tables(out)
+    counts = scheduler.summary()
+    console.print(", ".join(f"{n} cell(s) {status}" for status, n in counts.items()))
+    if counts.get("failed"):
+        raise typer.Exit(code=1)
+
+
+@study_app.command("status")
+def status(out: DirArg) -> None:
+    """Progress of a study directory: each cell's stored cases and state."""
+    from overtone.study import StudyError
+    from overtone.study.driver import cell_states, driver_running, read_plan
+
+    try:
+        plan_info = read_plan(out)
+        cells = cell_states(out)
+    except StudyError as exc:
+        fail(str(exc))
+    grid = Table(title=f"study {plan_info['name']} in {out}")
+    for header in ("cell", "row", "cases", "state"):
+        grid.add_column(header)
+    for cell in cells:
+        total = cell.get("cases")
+        counted = f"{cell['done']}/{total}" if total is not None else str(cell["done"])
+        grid.add_row(cell["dir"], cell["label"], counted, cell["status"])
+    console.print(grid)
+    for cell in cells:
+        if cell["message"]:
+            console.print(f"{cell['dir']}: {cell['status']}: {cell['message']}", soft_wrap=True)
+    states: dict[str, int] = {}
+    for cell in cells:
+        states[cell["status"]] = states.get(cell["status"], 0) + 1
+    holder = driver_running(out)
+    console.print(", ".join(f"{n} {s}" for s, n in states.items()) + "; " +
+                  (f"a driver is running ({holder})" if holder else "no driver is running"))
+    for line in rates(out, cells):
+        console.print(line, soft_wrap=True)
+
+
+def rates(out: Path, cells: list[dict[str, Any]]) -> list[str]:
+    """Measured seconds per case (its edits and evaluation, on one worker) per editor, cases per worker-hour,
+    and what the cells still to run would take: on a GPU, run a few cases first (--limit) to size a study.
+    (A KnowEdit case is one edit; an MQuAKE case bundles several.)"""
+    from overtone.study.driver import read_records
+
+    seconds: dict[str, list[float]] = {}
+    left: dict[str, int] = {}
+    for cell in cells:
+        records = read_records(out / cell["dir"]).values()
+        seconds.setdefault(cell["editor"], []).extend(r["edit_s"] + r["eval_s"] for r in records)
+        if cell["status"] not in ("done", "not needed", "failed") and cell.get("cases") is not None:
+            left[cell["editor"]] = left.get(cell["editor"], 0) + cell["cases"] - cell["done"]
+    lines = []
+    for editor, values in seconds.items():
+        if not values:
+            continue
+        per_case = sum(values) / len(values)
+        line = (f"{editor}: {per_case:.2f} s per case (edit and evaluation) over {len(values)} cases = "
+                f"{3600 / per_case:.0f} cases per worker-hour")
+        if left.get(editor):
+            line += f"; {left[editor]} cases left = {left[editor] * per_case / 3600:.2f} worker-hours"
+        lines.append(line)
+    return lines
+
+
+@study_app.command("table")
+def table(out: DirArg, markdown: MarkdownOpt = False) -> None:
+    """Tables of the finished (and partly finished) cells: means over seeds with 95% bootstrap intervals, and
+    paired differences to CE."""
+    print_tables(out, markdown)

@@ -1,0 +1,50 @@
+"""The resolved configuration a run directory records: one definition for ``overtone bench`` and studies.
+
+Everything that changes results is in it (the model's identity, the editor's settings after presets,
+the objective, the dataset, the protocol, the seed), so a restart with other settings is refused
+(``ResultStore``) and reports can tell runs apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from overtone import __version__
+from overtone.benchmarks import BENCHMARKS, Benchmark
+from overtone.editors.base import Editor
+from overtone.evaluation.ability import AbilityMonitor
+from overtone.evaluation.teacher_forced import Evaluator
+from overtone.models.loading import LoadedModel
+
+
+def run_config(lm: LoadedModel, editor: Editor, evaluator: Evaluator, bench: Benchmark, dataset: str, offset: int,
+               limit: int | None, seed: int, threads: int, sequence: int = 1, eval_timing: str = "end",
+               batch: int = 1, matched: str | None = None, *, truncate: bool = False,
+               ability: AbilityMonitor | None = None, parallel: int = 1) -> dict[str, Any]:
+    """The ``config.yaml`` of a run of ``editor`` on ``dataset`` (a benchmark name or a file resolved to ``bench``).
+
+    ``matched``: the run whose per-case update counts this one trains for (matched steps); ``truncate``:
+    over-long cases were cut (``--truncate``); ``ability``: the general-ability monitor of continual editing;
+    ``parallel``: cases edited at once (recorded, but not a setting that changes results).
+    """
+    source: dict[str, Any] = {"name": bench.name, "offset": offset}
+    if dataset not in BENCHMARKS:
+        source.update(path=str(bench.file), format=bench.format)
+    return {
+        "overtone_version": __version__,
+        "protocol": "single" if sequence == 1 else "continual" if batch == 1 else "batch",
+        **({"sequence": sequence, "eval_timing": eval_timing} if sequence > 1 else {}),
+        **({"batch": batch} if batch > 1 else {}),
+        **({"matched_steps": matched} if matched else {}),
+        "model": lm.identity,
+        "editor": editor.describe(),
+        "objective": editor.objective.config() if editor.objective else None,
+        "dataset": source,
+        **({"truncate": True} if truncate else {}),
+        **({"evaluation": evaluator.describe()} if evaluator.describe() else {}),
+        **({"ability": ability.describe()} if ability else {}),
+        "limit": limit,
+        "seed": seed,
+        "threads": threads,
+        "parallel": parallel,
+    }
