@@ -91,7 +91,8 @@ class StepRecorder:
         entropy = -(p * torch.log_softmax(z, dim=-1)).sum(-1)
         active = info.output.active_tokens / int(mask.sum())
         cfg = self.objective.cfg
-        outside = ~top_n_sigma_mask(z, cfg.n_sigma) if cfg.filter and cfg.lam < 1 else torch.zeros_like(p, dtype=torch.bool)
+        filtered = cfg.filter and cfg.lam < 1
+        outside = ~top_n_sigma_mask(z, cfg.n_sigma) if filtered else torch.zeros_like(p, dtype=torch.bool)
         self.rows.append([label.norm(dim=-1).mean().item(), filt.norm(dim=-1).mean().item(),
                           (label @ self.head).norm(dim=-1).mean().item(),
                           (filt @ self.head).norm(dim=-1).mean().item(), active, entropy.mean().item(),
@@ -228,8 +229,9 @@ def main() -> None:
     head = lm.adapter.lm_head.weight.detach().float()
     evaluator = Evaluator(lm)
     cases = load_benchmark("zsre", limit=args.limit, offset=args.offset)
-    print(f"LoRA (AdaLoRA unless 'plain LoRA') on {args.model}, ZsRE cases {args.offset}..{args.offset + len(cases) - 1}"
-          f" ({len(cases)} cases); OverTone λ {BASE.lam}, ε {BASE.epsilon}")
+    last = args.offset + len(cases) - 1
+    print(f"LoRA (AdaLoRA unless 'plain LoRA') on {args.model}, ZsRE cases {args.offset}..{last} ({len(cases)} cases);"
+          f" OverTone λ {BASE.lam}, ε {BASE.epsilon}")
     results: dict[str, list[dict[str, Any]]] = {v.label: [] for v in rows}
     start = time.perf_counter()
     for i, case in enumerate(cases):
