@@ -35,7 +35,7 @@ import torch
 from overtone import Evaluator, load_benchmark, load_model, make_editor
 from overtone.editors import StepInfo
 from overtone.objectives import IGNORE_INDEX, CrossEntropy, OverTone, OverToneConfig, top_n_sigma_mask
-from overtone.report.stats import paired_difference
+from overtone.report.stats import PairedDifference, paired_difference
 from overtone.report.tables import markdown_grid
 from overtone.runner.bench import summarize
 
@@ -49,11 +49,25 @@ class Variant:
     label: str
     overtone: OverToneConfig | None  # None: cross-entropy
     settings: dict[str, Any] = field(default_factory=dict)
-    baseline: str = "CE"  # the CE row its Loc. is paired with
     matched: str | None = None  # train for the per-case update counts of this row
 
     def objective(self) -> CrossEntropy | OverTone:
         return CrossEntropy() if self.overtone is None else OverTone(self.overtone)
+
+
+STOP = ", clip-stop"
+MATCHED = "CE, steps of OverTone n 1 clip-stop"
+# (run, run it is compared with): OverTone against CE in each setting, the filter against no filter, and
+# the all-clipped stop against CE at the same update counts and at 70 steps
+PAIRS = [
+    ("OverTone n 1", "CE"), ("OverTone w/o flt", "CE"), ("OverTone n 1", "OverTone w/o flt"),
+    ("OverTone n 2", "OverTone w/o flt"), ("OverTone n 4", "OverTone w/o flt"),
+    ("OverTone n 1, orth 0", "CE, orth 0"), ("OverTone n 1, plain LoRA", "CE, plain LoRA"),
+    ("CE, orth 0", "CE"), ("CE, plain LoRA", "CE"),
+    ("OverTone n 1" + STOP, MATCHED), ("OverTone w/o flt" + STOP, MATCHED),
+    ("OverTone n 1" + STOP, "OverTone w/o flt" + STOP), ("OverTone n 4" + STOP, "OverTone w/o flt" + STOP),
+    ("OverTone n 1" + STOP, "CE"), ("OverTone w/o flt" + STOP, "CE"), (MATCHED, "CE"),
+]
 
 
 def variants() -> list[Variant]:
@@ -64,13 +78,13 @@ def variants() -> list[Variant]:
         Variant("OverTone n 4", replace(BASE, n_sigma=4.0)),
         Variant("OverTone w/o flt", replace(BASE, filter=False)),
         Variant("CE, orth 0", None, {"orth_reg_weight": 0.0}),
-        Variant("OverTone n 1, orth 0", BASE, {"orth_reg_weight": 0.0}, baseline="CE, orth 0"),
+        Variant("OverTone n 1, orth 0", BASE, {"orth_reg_weight": 0.0}),
         Variant("CE, plain LoRA", None, {"variant": "lora"}),
-        Variant("OverTone n 1, plain LoRA", BASE, {"variant": "lora"}, baseline="CE, plain LoRA"),
+        Variant("OverTone n 1, plain LoRA", BASE, {"variant": "lora"}),
     ]
-    stops = [replace(v, label=f"{v.label}, clip-stop", settings={**v.settings, "stop_when_clipped": True},
-                     baseline=v.baseline) for v in rows if v.overtone is not None]
-    stops.append(Variant("CE, steps of OverTone n 1 clip-stop", None, matched="OverTone n 1, clip-stop"))
+    stops = [replace(v, label=f"{v.label}{STOP}", settings={**v.settings, "stop_when_clipped": True})
+             for v in rows if v.overtone is not None]
+    stops.append(Variant(MATCHED, None, matched="OverTone n 1" + STOP))
     return rows + stops
 
 
@@ -149,6 +163,11 @@ def fmt(value: float, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def cell(d: PairedDifference, scale: float = 1.0, digits: int = 2) -> str:
+    """A paired difference as 'mean ± half-width', starred beyond noise; ``scale`` undoes the metrics' x100."""
+    return f"{d.mean / scale:+.{digits}f} ± {d.half_width / scale:.{digits}f}" + ("*" if d.significant else "")
+
+
 def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
@@ -156,20 +175,31 @@ def mean(values: Sequence[float]) -> float:
 def print_tables(results: dict[str, list[dict[str, Any]]], rows: Sequence[Variant], steps_at: Sequence[int]) -> None:
     by_label = {v.label: v for v in rows}
     n = len(results["CE"])
-    print(f"\nMetrics ({n} cases; ΔLoc. paired with the row's CE baseline, 95% t-interval, * beyond noise)\n")
+    print(f"\nMetrics ({n} cases; H: mean entropy of the next-token distribution at the locality answer tokens, "
+          "before → after the edit; KL loc: KL(before ‖ after) there; H edit: the same at the edit's target tokens)\n")
     table = []
     for label, recs in results.items():
         s = summarize(recs)
-        base = by_label[label].baseline
-        d = paired_difference(results[base], recs, "loc") if label != base else None
-        dl = "" if d is None else f"{d.mean:+.2f} ± {d.half_width:.2f}{'*' if d.significant else ''} ({base})"
-        table.append([label, *(fmt(s[m]) for m in ("rel", "gen", "por", "loc", "avg")), dl,
+        table.append([label, *(fmt(s[m]) for m in ("rel", "gen", "por", "loc", "avg")),
                       fmt(mean([r["steps"] for r in recs]), 1),
                       f"{mean([r['h_loc_before'] for r in recs]):.3f} → {mean([r['h_loc_after'] for r in recs]):.3f}",
                       f"{mean([r['kl_loc'] for r in recs]):.3f}",
                       f"{mean([r['h_rel_before'] for r in recs]):.3f} → {mean([r['h_rel_after'] for r in recs]):.4f}"])
-    print(markdown_grid(["run", "Rel.", "Gen.", "Por.", "Loc.", "Avg.", "ΔLoc.", "steps", "H loc (nats)",
-                         "KL loc", "H edit target"], table))
+    print(markdown_grid(["run", "Rel.", "Gen.", "Por.", "Loc.", "Avg.", "steps", "H loc", "KL loc", "H edit"], table))
+    print("\nPaired differences (first − second run, per case; 95% t-interval, * beyond noise; W/T/L on Loc.)\n")
+    table = []
+    for other, base in PAIRS:
+        if other not in results or base not in results:
+            continue
+        cells = [f"{other} − {base}"]
+        loc = paired_difference(results[base], results[other], "loc")
+        cells += [cell(loc), cell(paired_difference(results[base], results[other], "avg"))]
+        for key in ("kl_loc", "h_loc_after"):  # the same machinery on a per-case float carried as a metric
+            cells.append(cell(paired_difference(*([{"case_id": r["case_id"], "post": {key: r[key]}} for r in recs]
+                                                  for recs in (results[base], results[other])), key), 100.0, 3))
+        cells.append(f"{loc.wins}/{loc.ties}/{loc.losses}")
+        table.append(cells)
+    print(markdown_grid(["pair", "ΔLoc.", "ΔAvg.", "ΔKL loc", "ΔH loc after", "W/T/L Loc."], table))
     for title, columns in (("logit space", (0, 1)), ("through the head (gradient at the last hidden state)", (2, 3))):
         print(f"\nMean per-token norm of the label term λ(p − onehot) / the filter term (1 − λ)(p − π_flt), "
               f"{title}; [unclipped share, entropy at the target tokens]; n = cases still training\n")
@@ -223,8 +253,8 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown rows {unknown}; known: {[v.label for v in rows]}")
         wanted = set(args.rows)
-        wanted |= {v.baseline for v in rows if v.label in wanted} | {v.matched for v in rows if v.label in wanted}
-        rows = [v for v in rows if v.label in wanted]  # with the rows they are paired with or matched to
+        wanted |= {"CE"} | {v.matched for v in rows if v.label in wanted}
+        rows = [v for v in rows if v.label in wanted]  # with CE and the rows they are matched to
     lm = load_model(args.model, device="cpu")
     head = lm.adapter.lm_head.weight.detach().float()
     evaluator = Evaluator(lm)
