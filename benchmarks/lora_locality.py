@@ -174,18 +174,18 @@ def mean(values: Sequence[float]) -> float:
 
 def print_tables(results: dict[str, list[dict[str, Any]]], rows: Sequence[Variant], steps_at: Sequence[int]) -> None:
     by_label = {v.label: v for v in rows}
-    n = len(results["CE"])
-    print(f"\nMetrics ({n} cases; H: mean entropy of the next-token distribution at the locality answer tokens, "
+    print("\nMetrics (H: mean entropy of the next-token distribution at the locality answer tokens, "
           "before → after the edit; KL loc: KL(before ‖ after) there; H edit: the same at the edit's target tokens)\n")
     table = []
     for label, recs in results.items():
         s = summarize(recs)
-        table.append([label, *(fmt(s[m]) for m in ("rel", "gen", "por", "loc", "avg")),
+        table.append([label, *(fmt(s[m]) for m in ("rel", "gen", "por", "loc", "avg")), str(len(recs)),
                       fmt(mean([r["steps"] for r in recs]), 1),
                       f"{mean([r['h_loc_before'] for r in recs]):.3f} → {mean([r['h_loc_after'] for r in recs]):.3f}",
                       f"{mean([r['kl_loc'] for r in recs]):.3f}",
                       f"{mean([r['h_rel_before'] for r in recs]):.3f} → {mean([r['h_rel_after'] for r in recs]):.4f}"])
-    print(markdown_grid(["run", "Rel.", "Gen.", "Por.", "Loc.", "Avg.", "steps", "H loc", "KL loc", "H edit"], table))
+    print(markdown_grid(["run", "Rel.", "Gen.", "Por.", "Loc.", "Avg.", "cases", "steps", "H loc", "KL loc", "H edit"],
+                        table))
     print("\nPaired differences (first − second run, per case; 95% t-interval, * beyond noise; W/T/L on Loc.)\n")
     table = []
     for other, base in PAIRS:
@@ -213,7 +213,7 @@ def print_tables(results: dict[str, list[dict[str, Any]]], rows: Sequence[Varian
                     continue
                 col = [mean([a[i] for a in at]) for i in range(6)]
                 cells.append(f"{col[columns[0]]:.3g} / {col[columns[1]]:.3g} [{100 * col[4]:.0f}%, "
-                             f"{col[5]:.2f}]" + ("" if len(at) == n else f" n={len(at)}"))
+                             f"{col[5]:.2f}]" + ("" if len(at) == len(recs) else f" n={len(at)}"))
             grid.append([label, *cells])
         print(markdown_grid(["run", *(f"step {s}" for s in steps_at)], grid))
     print("\nTop-n-sigma kept set at the target tokens: size / probability mass outside it (what the filter term "
@@ -239,10 +239,14 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", help="run only these variants (labels; default: all)")
     parser.add_argument("--steps-at", type=int, nargs="*", default=[0, 5, 10, 15, 30, 69])
     parser.add_argument("--out", type=Path, help="write the per-case records here (JSON), after each case")
-    parser.add_argument("--tables-from", type=Path, help="print the tables of an --out file and exit")
+    parser.add_argument("--tables-from", type=Path, nargs="+",
+                        help="print the tables of --out files (their cases pooled per row) and exit")
     args = parser.parse_args()
-    if args.tables_from is not None:
-        results = json.loads(args.tables_from.read_text())["results"]
+    if args.tables_from:
+        results: dict[str, list[dict[str, Any]]] = {}
+        for path in args.tables_from:  # runs on other cases add their records to the rows they share
+            for label, recs in json.loads(path.read_text())["results"].items():
+                results.setdefault(label, []).extend(recs)
         print_tables(results, [v for v in variants() if v.label in results], args.steps_at)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -262,7 +266,7 @@ def main() -> None:
     last = args.offset + len(cases) - 1
     print(f"LoRA (AdaLoRA unless 'plain LoRA') on {args.model}, ZsRE cases {args.offset}..{last} ({len(cases)} cases);"
           f" OverTone λ {BASE.lam}, ε {BASE.epsilon}")
-    results: dict[str, list[dict[str, Any]]] = {v.label: [] for v in rows}
+    results = {v.label: [] for v in rows}
     start = time.perf_counter()
     for i, case in enumerate(cases):
         for label, record in run_case(lm, evaluator, case, rows, head).items():
