@@ -207,3 +207,49 @@ def test_low_precision_logits_are_scored_in_fp32():
     out16 = OverTone()(logits.bfloat16(), labels)
     assert out16.loss.dtype == torch.float32
     torch.testing.assert_close(out16.loss, out32.loss, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("cfg", [
+    OverToneConfig(lam=0.5, n_sigma=1.0, epsilon=0.05),
+    OverToneConfig(lam=0.1, n_sigma=0.5, epsilon=0.05),
+    OverToneConfig(lam=0.3, n_sigma=2.0, epsilon=0.05, dynamic=False),
+])
+def test_gradient_terms_sum_to_the_token_gradient(cfg):
+    logits, labels = random_batch(11)
+    logits[1, 0] = -20.0  # one token fitted below epsilon: clipped, no gradient
+    logits[1, 0, labels[1, 0]] = 20.0
+    mask = labels.ne(IGNORE_INDEX)
+    z, y = logits[mask], labels[mask]
+    fitted = int(mask[0].sum())  # token (1, 0) among the scored tokens
+    ref = None
+    if not cfg.dynamic:  # another prior for every token but the fitted one
+        ref = z + torch.randn_like(z)
+        ref[fitted] = z[fitted]
+    objective = OverTone(cfg)
+    leaf = z.clone().requires_grad_(True)
+    loss, clipped, mixed, _ = objective.token_losses(leaf, y, ref)
+    loss.sum().backward()
+    label_term, filter_term = objective.gradient_terms(z, y, ref)
+    torch.testing.assert_close(label_term + filter_term, leaf.grad, rtol=0, atol=1e-6)
+    assert bool(clipped[fitted])
+    assert torch.count_nonzero(label_term[fitted]) == 0 and torch.count_nonzero(filter_term[fitted]) == 0
+    # a token whose target fell back to the one-hot gets no filter term, a mixed unclipped one does
+    assert torch.count_nonzero(filter_term[~mixed]) == 0
+    assert filter_term[mixed & ~clipped].abs().sum(-1).gt(0).all()
+
+
+def test_filter_term_vanishes_without_the_filter_and_sharpens_with_it():
+    logits, labels = random_batch(12)
+    mask = labels.ne(IGNORE_INDEX)
+    labels = torch.where(mask, logits.argmax(-1), labels)  # the label is the mode: every target is mixed
+    z, y = logits[mask], labels[mask]
+    _, no_filter = OverTone(OverToneConfig(lam=0.5, epsilon=0.0, filter=False)).gradient_terms(z, y)
+    assert torch.count_nonzero(no_filter.abs() > 1e-7) == 0  # pi_flt = p: nothing but the scaled CE pull
+    objective = OverTone(OverToneConfig(lam=0.5, n_sigma=1.0, epsilon=0.0))
+    _, filter_term = objective.gradient_terms(z, y)
+    assert filter_term.abs().sum(-1).gt(0).all()
+    # a small step against the filter term moves probability mass from outside the kept set into it
+    outside = ~top_n_sigma_mask(z, 1.0)
+    before = (torch.softmax(z, -1) * outside).sum(-1)
+    after = (torch.softmax(z - 0.1 * filter_term, -1) * outside).sum(-1)
+    assert (after < before).all()

@@ -83,20 +83,22 @@ class OverTone(Objective):
         return {"name": self.name, **asdict(self.cfg)}
 
     @torch.no_grad()
+    def prior(self, prior_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pi_flt [N, V]: the (top-n-sigma filtered) softmax of ``prior_logits``, and the kept-set sizes [N]."""
+        z = prior_logits.float()
+        if self.cfg.filter:
+            keep = top_n_sigma_mask(z, self.cfg.n_sigma)
+            return torch.softmax(torch.where(keep, z, float("-inf")), dim=-1), keep.sum(dim=-1)
+        return torch.softmax(z, dim=-1), torch.full(z.shape[:-1], z.size(-1), dtype=torch.long, device=z.device)
+
+    @torch.no_grad()
     def target(self, prior_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The target distribution pi_tar [N, V] from the logits the prior is read from.
 
         Returns (target, mixed [N] bool, kept [N] int).
         """
         cfg = self.cfg
-        z = prior_logits.float()
-        if cfg.filter:
-            keep = top_n_sigma_mask(z, cfg.n_sigma)
-            prior = torch.softmax(torch.where(keep, z, float("-inf")), dim=-1)
-            kept = keep.sum(dim=-1)
-        else:
-            prior = torch.softmax(z, dim=-1)
-            kept = torch.full_like(labels, z.size(-1))
+        prior, kept = self.prior(prior_logits)
         # candidate = lam * onehot(y) + (1 - lam) * prior, built in place: this runs at every step.
         index = labels[:, None]
         candidate = prior.mul_(1.0 - cfg.lam)
@@ -133,3 +135,28 @@ class OverTone(Objective):
             clipped = torch.zeros_like(mixed)
             loss = kl
         return loss, clipped, mixed, kept
+
+    @torch.no_grad()
+    def gradient_terms(
+        self, logits: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's loss gradient w.r.t. its logits [N, V], split into the label's pull and the filter's push.
+
+        On a mixed, unclipped token d loss_i / d z_i = softmax(z_i) - pi_tar
+        = lam (p - onehot(y)) + (1 - lam) (p - pi_flt): the first term is cross-entropy's gradient
+        scaled by lam; the second moves mass from the tokens outside the kept set to those inside, so
+        it sharpens the prediction (it is zero without the filter and with a dynamic target, where
+        pi_flt = p). A token that fell back to the one-hot has the label term p - onehot(y) alone; a
+        clipped token has neither. ``logits`` [N, V], ``labels`` [N] as in ``token_losses``; the
+        terms sum to the gradient of the per-token loss (the reduction's 1/T is not applied).
+        """
+        z = logits.float()
+        _, clipped, mixed, _ = self.token_losses(z, labels, None if reference is None else reference.float())
+        prior_logits = z if self.cfg.dynamic else reference
+        assert prior_logits is not None
+        prior, _ = self.prior(prior_logits)
+        p = torch.softmax(z, dim=-1)
+        onehot = torch.nn.functional.one_hot(labels, z.size(-1)).to(p.dtype)
+        lam = torch.where(mixed, self.cfg.lam, 1.0)[:, None].to(p.dtype)
+        active = (~clipped)[:, None].to(p.dtype)
+        return active * lam * (p - onehot), active * (1.0 - lam) * (p - prior)
