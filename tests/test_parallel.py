@@ -326,3 +326,13 @@ def test_wild_evaluation_and_the_ability_check_give_the_records_of_one_at_a_time
     one, two = run("one", 1), run("two", 2)
     assert_same_records(one, two)
     assert all("ability" in r and "wild" in r for r in two)
+
+
+def test_an_editor_takes_parallel_exactly_when_it_has_a_parallel_edit():
+    """``parallel_refusal`` is what the CLI and studies read: it must agree with the editor's methods."""
+    from overtone.editors import EDITORS
+    from overtone.editors.base import Editor
+
+    for name, cls in EDITORS.items():
+        has_parallel_edit = cls.edit_parallel is not Editor.edit_parallel
+        assert (cls.parallel_refusal is None) == has_parallel_edit, name

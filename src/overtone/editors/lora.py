@@ -167,6 +167,7 @@ def case_memory(shape: ModelShape, cfg: LoRAConfig, modules: Sequence[tuple[int,
 class LoRA(Editor):
     name = "lora"
     config_class = LoRAConfig
+    parallel_refusal = None
     # Chosen by `overtone sweep --editor lora --offset 1000 --limit 10` (ZsRE dev records 1000-1009) over
     # lambda {0.1, 0.5} x n {0.5, 1} x epsilon {0, 0.01}: the best Avg., 77.60 vs CE 76.12 (paired
     # +1.5 +- 5.2 on 10 cases, within noise), stopping after 16 steps instead of 70.
