@@ -97,3 +97,14 @@ def test_a_wild_study_stores_the_wild_metrics_of_every_case(tiny_llama_dir, tmp_
     for record in records:
         assert set(record["wild"]) >= {"pre", "post"} and "rel" in record["wild"]["post"]
     assert "wild" in summary
+
+
+def test_study_run_refuses_bundled_cases_in_a_parallel_cell_before_any_model_loads(tmp_path, tokenizer_only):
+    file = tmp_path / "study.yaml"
+    file.write_text(yaml.safe_dump({
+        "name": "bundles", "fixed": {"model": str(tokenizer_only), "device": "cpu", "dataset": "mquake", "limit": 2,
+                                     "editor": "ft-m", "variant": ["ce"], "parallel": 2}}))
+    result = runner.invoke(app, ["study", "run", str(file), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "bundles 4 edits applied in order (MQuAKE)" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()

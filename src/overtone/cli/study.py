@@ -78,12 +78,12 @@ def precheck_study(study: Any) -> None:
     seen = set()
     for cell in study.cells:
         key = (cell.model.name, cell.editor, cell.settings, cell.dataset, cell.offset, cell.limit, cell.sequence,
-               cell.batch, cell.generation, cell.evaluation, cell.eval_context)
+               cell.batch, cell.generation, cell.evaluation, cell.eval_context, cell.parallel != 1)
         if key in seen:
             continue
         seen.add(key)
         precheck(cell.model.name, cell.editor, cell.editor_settings, cell.dataset, cell.offset, cell.limit,
-                 seed=cell.seed, sequence=cell.sequence, eval_timing=cell.eval_timing,
+                 cell.parallel, seed=cell.seed, sequence=cell.sequence, eval_timing=cell.eval_timing,
                  generation=dict(cell.generation), batch=cell.batch, evaluation=cell.evaluation,
                  eval_context=cell.eval_context)
 
