@@ -65,6 +65,14 @@ def tiny_llama_dir(tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.fixture
+def tokenizer_only(tmp_path, tokenizer) -> Path:
+    """A model folder with a tokenizer and no weights: any command that loaded the model here would fail."""
+    path = tmp_path / "tokenizer-only"
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
 def corpus(tmp_path, monkeypatch, zsre_cases):
     """ZsRE text as a stand-in corpus for ROME/MEMIT statistics, cached under tmp_path."""
     monkeypatch.setenv("OVERTONE_CACHE", str(tmp_path / "cache"))

@@ -22,14 +22,6 @@ runner = CliRunner()
 ZSRE = DATA_DIR / "knowedit" / "ZsRE" / "ZsRE-test-all.json"
 
 
-@pytest.fixture
-def tokenizer_only(tmp_path, tokenizer):
-    """A model folder with a tokenizer and no weights: any command that loaded the model here would fail."""
-    path = tmp_path / "tokenizer-only"
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def dataset(tmp_path, change) -> str:
     """The first three ZsRE records with ``change(records)`` applied, as a dataset file."""
     records = json.loads(ZSRE.read_text())[:3]

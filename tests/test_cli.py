@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
+import pytest
+import typer
 import yaml
 from typer.testing import CliRunner
 
 from overtone.benchmarks import DATA_DIR
 from overtone.cli import app
+from overtone.cli.common import EditorOptions, ModelOptions, OptionGroup, SeedOpt, grouped
 
 runner = CliRunner()
 
@@ -129,3 +133,33 @@ def test_datasets_lists_benchmarks_and_formats():
     assert result.exit_code == 0
     assert all(name in result.output for name in ("wikidata-recent", "wikibio", "zsre-mend", "mquake"))
     assert "counterfact-mend" in result.output and "SOURCES.md" in result.output
+
+
+
+@dataclass(frozen=True)
+class Outer(OptionGroup):
+    editing: EditorOptions = field(default_factory=EditorOptions)
+    seed: SeedOpt = 0
+
+
+def test_an_option_group_is_one_parameter_with_its_options_in_its_place():
+    seen = []
+    demo = typer.Typer()
+
+    @demo.command()
+    @grouped
+    def show(*, model: ModelOptions, name: str = "x", outer: Outer) -> None:
+        seen.append((model, name, outer))
+
+    result = runner.invoke(demo, ["--model", "m", "--threads", "2", "--steps", "5", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert seen == [(ModelOptions(model="m", threads=2), "x", Outer(EditorOptions(steps=5), 3))]
+    help_text = runner.invoke(demo, ["--help"], env={"COLUMNS": "200"}).output
+    flags = ["--model", "--device", "--dtype", "--threads", "--name", "--layer", "--lr", "--steps", "--seed"]
+    assert sorted(flags, key=help_text.index) == flags  # each group's options stand where the group does
+
+    def clash(*, model: str = "", group: ModelOptions) -> None:
+        """``--model`` twice."""
+
+    with pytest.raises(TypeError, match="options named twice: model"):
+        grouped(clash)

@@ -12,6 +12,7 @@ from overtone.cli.app import app
 from overtone.cli.common import (
     BaseDtypeOpt,
     BaseModelOpt,
+    BaseModelOptions,
     DeviceOpt,
     EditDirsArg,
     MaxNewTokensOpt,
@@ -21,6 +22,7 @@ from overtone.cli.common import (
     VerboseOpt,
     console,
     fail,
+    grouped,
     load_artifacts,
     load_base,
     setup,
@@ -44,12 +46,11 @@ def _apply_all(lm: Any, artifacts: list[Any]) -> Any:
 
 
 @app.command("apply")
+@grouped
 def apply_edits(
     edits: EditDirsArg,
-    model: BaseModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: BaseDtypeOpt = None,
-    threads: ThreadsOpt = 1,
+    *,
+    base: BaseModelOptions,
     max_new_tokens: MaxNewTokensOpt = 12,
     show: ShowOpt = 20,
     verbose: VerboseOpt = False,
@@ -61,8 +62,8 @@ def apply_edits(
     from overtone.generation import greedy_complete
 
     artifacts = load_artifacts(edits)
-    setup(threads, 0, verbose)
-    lm = load_base(artifacts, model, device, dtype)
+    setup(base.threads, 0, verbose)
+    lm = base.load(artifacts)
     cases = [case for artifact in artifacts for case in artifact.facts]
     touched = {name: lm.adapter.parameter(name) for a in artifacts for name in a.base_names if _has(lm, name)}
     hashes = {name: tensor_sha256(t) for name, t in touched.items()}
@@ -103,13 +104,12 @@ def _has(lm: Any, name: str) -> bool:
 
 
 @app.command()
+@grouped
 def export(
     edits: EditDirsArg,
+    *,
     out: Annotated[Path, typer.Option("--out", help="the model folder to write (a new folder)")],
-    model: BaseModelOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: BaseDtypeOpt = None,
-    threads: ThreadsOpt = 1,
+    base: BaseModelOptions,
     check: Annotated[bool, typer.Option(
         "--check/--no-check", help="reload the folder with transformers and compare its logits with the edited "
         "model's on the facts' prompts")] = True,
@@ -126,8 +126,8 @@ def export(
         new_folder(out)
     except ArtifactError as exc:
         fail(str(exc))
-    setup(threads, 0, verbose)
-    lm = load_base(artifacts, model, device, dtype)
+    setup(base.threads, 0, verbose)
+    lm = base.load(artifacts)
     try:
         export_model(lm, artifacts, out)
     except (ArtifactError, EditMismatchError) as exc:

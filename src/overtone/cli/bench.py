@@ -10,40 +10,29 @@ import typer
 from overtone.cli.app import app
 from overtone.cli.common import (
     AbilityOpt,
+    AblationOptions,
     BatchOpt,
     DatasetOpt,
-    DeviceOpt,
-    DtypeOpt,
     EditorOpt,
-    EpsilonOpt,
-    EvalContextOpt,
-    EvalOpt,
-    LambdaOpt,
-    LayerOpt,
+    EditorOptions,
+    EvalOptions,
     LimitOpt,
-    LrOpt,
-    ModelOpt,
-    NoCheckOpt,
-    NoClipOpt,
-    NoFilterOpt,
-    NSigmaOpt,
+    ModelOptions,
     ObjectiveOpt,
     OffsetOpt,
+    OverToneOptions,
     ParallelOpt,
     SeedOpt,
     SetOpt,
-    StaticOpt,
-    StepsOpt,
     StopLossOpt,
     StrictOpt,
-    ThreadsOpt,
     TruncateOpt,
     VerboseOpt,
     build,
     console,
-    editor_settings,
     exit_on_interrupt,
     fail,
+    grouped,
     hold_run_dir,
     overtone_config,
     parallel_option,
@@ -68,27 +57,19 @@ TemperatureOpt = Annotated[float | None, typer.Option(
 
 
 @app.command()
+@grouped
 def bench(
+    *,
     out: Annotated[Path, typer.Option("--out", help="run directory (resumed if it exists)")],
     editor: EditorOpt = "ft-m",
     objective: ObjectiveOpt = "overtone",
     dataset: DatasetOpt = "zsre",
     limit: LimitOpt = None,
     offset: OffsetOpt = 0,
-    model: ModelOpt = "smollm2-135m",
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
-    threads: ThreadsOpt = 1,
-    lam: LambdaOpt = None,
-    n_sigma: NSigmaOpt = None,
-    epsilon: EpsilonOpt = None,
-    no_clip: NoClipOpt = False,
-    static_target: StaticOpt = False,
-    no_mode_check: NoCheckOpt = False,
-    no_filter: NoFilterOpt = False,
-    layer: LayerOpt = None,
-    lr: LrOpt = None,
-    steps: StepsOpt = None,
+    model: ModelOptions,
+    overtone: OverToneOptions,
+    ablation: AblationOptions,
+    editing: EditorOptions,
     stop_loss: StopLossOpt = None,
     settings: SetOpt = None,
     sequence: SequenceOpt = 1,
@@ -99,8 +80,7 @@ def bench(
     multi_hop_tokens: MultiTokensOpt = None,
     multi_hop_questions: MultiQuestionsOpt = None,
     temperature: TemperatureOpt = None,
-    evaluation: EvalOpt = "teacher-forced",
-    eval_context: EvalContextOpt = "bare",
+    scoring: EvalOptions,
     ability: AbilityOpt = False,
     strict: StrictOpt = False,
     truncate: TruncateOpt = False,
@@ -125,42 +105,39 @@ def bench(
     from overtone.report.tables import protocol_title
     from overtone.runner import read_run
 
-    setup(threads, seed, verbose)
+    setup(model.threads, seed, verbose)
     cases_at_once = parallel_option(parallel, editor, sequence, batch)
-    cfg = overtone_config(editor, lam, n_sigma, epsilon, no_clip, static_target, no_mode_check, no_filter)
-    overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps, stop_loss=stop_loss)
+    cfg = overtone_config(editor, overtone, ablation)
+    overrides = editing.settings(editor, settings, stop_loss=stop_loss)
     generation = {"single_hop_tokens": single_hop_tokens, "multi_hop_tokens": multi_hop_tokens,
                   "multi_hop_questions": multi_hop_questions, "temperature": temperature}
     with exit_on_interrupt(out):
-        inputs = precheck(model, editor, overrides, dataset, offset, limit, cases_at_once, seed=seed,
+        inputs = precheck(model.model, editor, overrides, dataset, offset, limit, cases_at_once, seed=seed,
                           sequence=sequence, eval_timing=eval_timing, generation=generation, batch=batch,
-                          truncate=truncate, evaluation=evaluation, eval_context=eval_context)
+                          truncate=truncate, evaluation=scoring.evaluation, eval_context=scoring.eval_context)
         with hold_run_dir(out) as lock:
-            lm, ed = build(model, device, dtype, editor, objective, cfg, overrides)
-            summary = run_bench(lm, ed, dataset, offset, limit, out, seed, threads, f"{editor}/{objective}",
+            lm, ed = build(model, editor, objective, cfg, overrides)
+            summary = run_bench(lm, ed, dataset, offset, limit, out, seed, model.threads, f"{editor}/{objective}",
                                 sequence, eval_timing, generation, batch, inputs=inputs, lock=lock, strict=strict,
                                 ability=ability, parallel=cases_at_once)
     config, _, _ = read_run(out)
     rows = [(f"{editor} {objective}", summary)]
-    console.print(summary_table(rows, title=f"{protocol_title(config)}, {model}"))
+    console.print(summary_table(rows, title=f"{protocol_title(config)}, {model.model}"))
     for extra in extra_tables(rows):
         console.print(to_rich(extra))
     console.print(f"results in {out}")
 
 
 @app.command()
+@grouped
 def demo(
+    *,
     limit: LimitOpt = 40,
     out: Annotated[Path, typer.Option("--out", help="parent directory of the two runs")] = Path("runs/demo"),
     editor: EditorOpt = "ft-m",
     dataset: DatasetOpt = "zsre",
-    model: ModelOpt = "smollm2-135m",
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
-    threads: ThreadsOpt = 1,
-    lam: LambdaOpt = None,
-    n_sigma: NSigmaOpt = None,
-    epsilon: EpsilonOpt = None,
+    model: ModelOptions,
+    overtone: OverToneOptions,
     parallel: ParallelOpt = "auto",
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
@@ -172,22 +149,22 @@ def demo(
     from overtone.editors import EDITORS
     from overtone.report import markdown_table, summary_table
 
-    setup(threads, seed, verbose)
+    setup(model.threads, seed, verbose)
     if parallel == "auto" and editor in EDITORS and EDITORS[editor].parallel_refusal:
         parallel = "1"
     cases_at_once = parallel_option(parallel, editor)
-    cfg = overtone_config(editor, lam, n_sigma, epsilon)
-    inputs = precheck(model, editor, {}, dataset, 0, limit, cases_at_once, seed=seed)
+    cfg = overtone_config(editor, overtone)
+    inputs = precheck(model.model, editor, {}, dataset, 0, limit, cases_at_once, seed=seed)
     rows = []
     lm = None
     for objective in ("ce", "overtone"):
         run = out / f"{editor}-{objective}"
         with exit_on_interrupt(run):
-            lm, ed = build(model, device, dtype, editor, objective, cfg, {}, lm)
-            summary = run_bench(lm, ed, dataset, 0, limit, run, seed, threads, f"{editor}/{objective}", inputs=inputs,
-                                parallel=cases_at_once)
+            lm, ed = build(model, editor, objective, cfg, {}, lm)
+            summary = run_bench(lm, ed, dataset, 0, limit, run, seed, model.threads, f"{editor}/{objective}",
+                                inputs=inputs, parallel=cases_at_once)
         rows.append((f"{editor} + {'CE' if objective == 'ce' else 'OverTone'}", summary))
-    console.print(summary_table(rows, title=f"{dataset}, first {limit} cases, {model}, single editing (x100)",
+    console.print(summary_table(rows, title=f"{dataset}, first {limit} cases, {model.model}, single editing (x100)",
                                 caption=f"OverTone λ={cfg.lam} n={cfg.n_sigma} ε={cfg.epsilon}"))
     (out / "table.md").write_text(markdown_table(rows) + "\n")
     console.print(f"runs in {out}/, Markdown table in {out / 'table.md'}")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import logging
+import operator
 import random
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +106,143 @@ TruncateOpt = Annotated[bool, typer.Option(
     "--truncate", help="cut edit inputs longer than the editor's max_length to it (default: refuse them)")]
 
 
+class OptionGroup:
+    """Options that several commands take together, declared once as the fields of a frozen dataclass: each
+    field's ``Annotated`` type is its typer option and its default the option's default; a field may be a
+    group itself (its default from ``field(default_factory=...)``). A command made ``grouped`` takes the group
+    as one parameter."""
+
+
+def _is_group(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, OptionGroup)
+
+
+def _expand(kind: type, defaults: Any) -> tuple[list[inspect.Parameter], Callable[[dict[str, Any]], Any]]:
+    """The options of group ``kind`` with the values of ``defaults`` as defaults, and what builds the group
+    from the parsed options (taking them out of the dict it is given)."""
+    hints = typing.get_type_hints(kind, include_extras=True)
+    params: list[inspect.Parameter] = []
+    parts: dict[str, Callable[[dict[str, Any]], Any]] = {}
+    for field in dataclasses.fields(kind):
+        value, annotation = getattr(defaults, field.name), hints[field.name]
+        if _is_group(annotation):
+            inner, parts[field.name] = _expand(annotation, value)
+            params += inner
+        else:
+            params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=value,
+                                            annotation=annotation))
+            parts[field.name] = operator.methodcaller("pop", field.name)
+    return params, lambda given: kind(**{name: part(given) for name, part in parts.items()})
+
+
+def grouped(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Let typer see each ``OptionGroup`` parameter of ``command`` as the group's options, in its place (flags,
+    help and order as if written out), and hand ``command`` one group object built from them."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    params: list[inspect.Parameter] = []
+    groups: dict[str, Callable[[dict[str, Any]], Any]] = {}
+    for param in inspect.signature(command).parameters.values():
+        kind = hints.get(param.name, param.annotation)
+        if not _is_group(kind):
+            params.append(param.replace(annotation=kind, kind=inspect.Parameter.KEYWORD_ONLY))
+            continue
+        defaults = kind() if param.default is inspect.Parameter.empty else param.default
+        inner, groups[param.name] = _expand(kind, defaults)
+        params += inner
+    names = [p.name for p in params]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise TypeError(f"{command.__name__}: options named twice: {', '.join(twice)}")
+
+    @functools.wraps(command)
+    def run(**given: Any) -> Any:
+        for name, build_group in groups.items():
+            given[name] = build_group(given)
+        return command(**given)
+
+    run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]  # what typer reads
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    return run
+
+
+@dataclass(frozen=True)
+class ModelOptions(OptionGroup):
+    """The model to load, where and how, and the torch threads."""
+
+    model: ModelOpt = "smollm2-135m"
+    device: DeviceOpt = "auto"
+    dtype: DtypeOpt = "fp32"
+    threads: ThreadsOpt = 1
+
+
+@dataclass(frozen=True)
+class BaseModelOptions(OptionGroup):
+    """The model that saved edits go on: by default the one they were made on, in its dtype."""
+
+    model: BaseModelOpt = None
+    device: DeviceOpt = "auto"
+    dtype: BaseDtypeOpt = None
+    threads: ThreadsOpt = 1
+
+    def load(self, artifacts: list[Any]) -> Any:
+        """The model, loaded (``load_base``)."""
+        return load_base(artifacts, self.model, self.device, self.dtype)
+
+
+@dataclass(frozen=True)
+class OverToneOptions(OptionGroup):
+    """OverTone's hyper-parameters; None keeps the editor's tuned default."""
+
+    lam: LambdaOpt = None
+    n_sigma: NSigmaOpt = None
+    epsilon: EpsilonOpt = None
+
+    def given(self) -> dict[str, float]:
+        """The hyper-parameters given on the command line."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class AblationOptions(OptionGroup):
+    """The paper's ablation switches, each turning off one part of OverTone."""
+
+    no_clip: NoClipOpt = False
+    static_target: StaticOpt = False
+    no_mode_check: NoCheckOpt = False
+    no_filter: NoFilterOpt = False
+
+
+@dataclass(frozen=True)
+class EditorOptions(OptionGroup):
+    """The editor settings most often changed, each with its own option (None: the editor's default)."""
+
+    layer: LayerOpt = None
+    lr: LrOpt = None
+    steps: StepsOpt = None
+
+    def settings(self, editor: str, items: list[str] | None, **more: Any) -> dict[str, Any]:
+        """These settings, ``more`` named ones and the ``--set KEY=VALUE`` items, as ``editor_settings``."""
+        return editor_settings(editor, items, **dataclasses.asdict(self), **more)
+
+
+@dataclass(frozen=True)
+class EvalOptions(OptionGroup):
+    """How edits are scored: the evaluation protocol and the wild evaluation's context."""
+
+    evaluation: EvalOpt = "teacher-forced"
+    eval_context: EvalContextOpt = "bare"
+
+
+@dataclass(frozen=True)
+class ExecutionOptions(OptionGroup):
+    """Where a study's cells run: the executor, its cluster and workers, and the unit of work."""
+
+    executor: ExecutorOpt = "local"
+    address: AddressOpt = None
+    workers: WorkersOpt = None
+    shard_size: ShardOpt = 4
+
+
 def setup(threads: int, seed: int, verbose: bool) -> None:
     import torch
     from transformers.utils import logging as hf_logging
@@ -151,9 +293,8 @@ def parallel_option(value: str, editor: str, sequence: int = 1, batch: int = 1) 
     return value if value == "auto" else int(value)
 
 
-def overtone_config(editor: str, lam: float | None = None, n_sigma: float | None = None,
-                    epsilon: float | None = None, no_clip: bool = False, static_target: bool = False,
-                    no_mode_check: bool = False, no_filter: bool = False) -> Any:
+def overtone_config(editor: str, overtone: OverToneOptions | None = None,
+                    ablation: AblationOptions | None = None) -> Any:
     """OverTone settings: the editor's tuned defaults, overridden by what the user gave."""
     from dataclasses import replace
 
@@ -161,12 +302,10 @@ def overtone_config(editor: str, lam: float | None = None, n_sigma: float | None
     from overtone.objectives import OverToneConfig
 
     base = EDITORS[editor].overtone_defaults if editor in EDITORS else OverToneConfig()
-    given = {"lam": lam, "n_sigma": n_sigma, "epsilon": epsilon}
+    off = ablation or AblationOptions()
     try:
-        return replace(
-            base, **{k: v for k, v in given.items() if v is not None},
-            clip=not no_clip, dynamic=not static_target, mode_check=not no_mode_check, filter=not no_filter,
-        )
+        return replace(base, **(overtone or OverToneOptions()).given(), clip=not off.no_clip,
+                       dynamic=not off.static_target, mode_check=not off.no_mode_check, filter=not off.no_filter)
     except ValueError as exc:
         fail(str(exc))
 
@@ -224,15 +363,15 @@ def editor_settings(editor: str, items: list[str] | None, **given: Any) -> dict[
     return settings
 
 
-def build(model: str, device: str, dtype: str, editor: str, objective: str, overtone_cfg: Any,
-          settings: dict[str, Any], lm: Any = None) -> tuple[Any, Any]:
+def build(model: ModelOptions, editor: str, objective: str, overtone_cfg: Any, settings: dict[str, Any],
+          lm: Any = None) -> tuple[Any, Any]:
     """Load the model (unless given) and build the editor; user errors become clean exits."""
     from overtone.editors import make_editor
     from overtone.models import ArchitectureError, ModelLoadError, load_model
     from overtone.objectives import make_objective
 
     try:
-        lm = lm or load_model(model, device=device, dtype=dtype)
+        lm = lm or load_model(model.model, device=model.device, dtype=model.dtype)
         return lm, make_editor(editor, lm, make_objective(objective, overtone_cfg), **settings)
     except (ModelLoadError, ArchitectureError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))

@@ -6,6 +6,7 @@ runner, the same executors (``--executor ray``), one run directory per row, resu
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,33 +14,23 @@ import typer
 
 from overtone.cli.app import app
 from overtone.cli.common import (
-    AddressOpt,
     DatasetOpt,
-    DeviceOpt,
-    DtypeOpt,
     EditorOpt,
-    EpsilonOpt,
-    EvalContextOpt,
-    EvalOpt,
-    ExecutorOpt,
-    LambdaOpt,
-    LayerOpt,
+    EditorOptions,
+    EvalOptions,
+    ExecutionOptions,
     LimitOpt,
-    LrOpt,
-    ModelOpt,
-    NSigmaOpt,
+    ModelOptions,
     OffsetOpt,
+    OptionGroup,
+    OverToneOptions,
     ParallelOpt,
     SeedOpt,
     SetOpt,
-    ShardOpt,
-    StepsOpt,
-    ThreadsOpt,
     VerboseOpt,
-    WorkersOpt,
     console,
-    editor_settings,
     fail,
+    grouped,
     log,
     parallel_option,
     setup,
@@ -59,23 +50,36 @@ def _floats(text: str, option: str) -> list[float]:
 Result = tuple[str, dict[str, Any], list[dict[str, Any]]]
 
 
-def _run_variants(out: Path, editor: str, variants: dict[str, Any], model: str, device: str, dtype: str,
-                  dataset: str, offset: int, limit: int | None, settings: dict[str, Any], overtone: dict[str, Any],
-                  seed: int, threads: int, executor: str, address: str | None, workers: int | None,
-                  shard_size: int, evaluation: str, eval_context: str,
-                  parallel: int | str) -> tuple[list[Any], dict[str, Result]]:
+@dataclass(frozen=True)
+class VariantOptions(OptionGroup):
+    """What ``ablate`` and ``sweep`` take after the model: the editor's settings, the evaluation, how many cases
+    are edited side by side, the seed, where the study runs, and the logging."""
+
+    editing: EditorOptions = field(default_factory=EditorOptions)
+    settings: SetOpt = None
+    scoring: EvalOptions = field(default_factory=EvalOptions)
+    parallel: ParallelOpt = "1"
+    seed: SeedOpt = 0
+    execution: ExecutionOptions = field(default_factory=ExecutionOptions)
+    verbose: VerboseOpt = False
+
+
+def _run_variants(out: Path, editor: str, variants: dict[str, Any], model: ModelOptions, dataset: str, offset: int,
+                  limit: int | None, overtone: OverToneOptions,
+                  options: VariantOptions) -> tuple[list[Any], dict[str, Result]]:
     """Build the study of one editor's variants on the same cases, run it into ``out``, and return its cells
     and, by cell id, the (label, summary, records) of every cell that ran."""
     from overtone.runner import read_run
 
     study = load({
         "name": f"{editor}-{next(iter(variants))}",
-        "fixed": {"model": model, "device": device, "dtype": dtype, "threads": threads, "dataset": dataset,
-                  "offset": offset, "limit": limit, "seed": seed, "editor": editor, "variant": [variants],
-                  "evaluation": evaluation, "eval_context": eval_context, "parallel": parallel},
-        "editors": {editor: {"settings": settings, "overtone": overtone}},
+        "fixed": {**asdict(model), "dataset": dataset, "offset": offset, "limit": limit, "seed": options.seed,
+                  "editor": editor, "variant": [variants], **asdict(options.scoring),
+                  "parallel": parallel_option(options.parallel, editor)},
+        "editors": {editor: {"settings": options.editing.settings(editor, options.settings),
+                             "overtone": overtone.given()}},
     })
-    scheduler = run_study_cli(study, out, executor, address, workers, shard_size)
+    scheduler = run_study_cli(study, out, options.execution)
     failed = [s for s in scheduler.cells.values() if s.status == "failed"]
     if failed:
         fail(f"{failed[0].cell.name}: {failed[0].message}")
@@ -109,7 +113,9 @@ def _report(results: list[Result], out: Path, title: str, matched: list[tuple[Re
 
 
 @app.command()
+@grouped
 def ablate(
+    *,
     out: Annotated[Path, typer.Option("--out", help="parent directory of the variant runs (resumable)")],
     editor: EditorOpt = "lora",
     dataset: DatasetOpt = "zsre",
@@ -121,26 +127,9 @@ def ablate(
         "--chk-lambda", min=0.0, max=1.0,
         help="when the editor's lambda leaves the mode check nothing to do (>= 0.5), also run OverTone and "
              "w/o chk at this lambda")] = 0.1,
-    model: ModelOpt = "smollm2-135m",
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
-    threads: ThreadsOpt = 1,
-    lam: LambdaOpt = None,
-    n_sigma: NSigmaOpt = None,
-    epsilon: EpsilonOpt = None,
-    layer: LayerOpt = None,
-    lr: LrOpt = None,
-    steps: StepsOpt = None,
-    settings: SetOpt = None,
-    evaluation: EvalOpt = "teacher-forced",
-    eval_context: EvalContextOpt = "bare",
-    parallel: ParallelOpt = "1",
-    seed: SeedOpt = 0,
-    executor: ExecutorOpt = "local",
-    address: AddressOpt = None,
-    workers: WorkersOpt = None,
-    shard_size: ShardOpt = 4,
-    verbose: VerboseOpt = False,
+    model: ModelOptions,
+    overtone: OverToneOptions,
+    options: VariantOptions,
 ) -> None:
     """The paper's ablation (Table 4.4) in the host editor's loop, with this project's controls.
 
@@ -150,24 +139,22 @@ def ablate(
     exactly as many updates as that row) for every OverTone row that stopped early. Paired statistics
     to CE, and of each early-stopping row to its matched-steps CE.
     """
-    setup(threads, seed, verbose)
-    cases_at_once = parallel_option(parallel, editor)
-    overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps)
+    setup(model.threads, options.seed, options.verbose)
     grid = _floats(stop_grid, "--stop-grid")
     cells, results = _run_variants(out, editor, {"ablation": {"stop_grid": grid, "chk_lambda": chk_lambda}}, model,
-                                   device, dtype, dataset, offset, limit, overrides,
-                                   _overtone(lam, n_sigma, epsilon), seed, threads, executor, address, workers,
-                                   shard_size, evaluation, eval_context, cases_at_once)
+                                   dataset, offset, limit, overtone, options)
     rows = [results[c.id] for c in cells if c.id in results and not c.after]
     matched = [(results[c.id], results[c.after]) for c in cells if c.id in results and c.after]
     first = rows[0][1]
     _report(rows + [control for control, _ in matched], out,
-            f"Ablation: {editor} on {dataset} cases {offset}..{offset + first['n_cases'] - 1}, {model}, "
+            f"Ablation: {editor} on {dataset} cases {offset}..{offset + first['n_cases'] - 1}, {model.model}, "
             "single editing (x100)", matched)
 
 
 @app.command()
+@grouped
 def sweep(
+    *,
     out: Annotated[Path, typer.Option("--out", help="parent directory of the grid's runs (resumable)")],
     editor: EditorOpt = "ft-m",
     dataset: DatasetOpt = "zsre",
@@ -177,42 +164,20 @@ def sweep(
     lambdas: Annotated[str, typer.Option("--lambdas", help="grid of lambda")] = "0.1,0.3,0.5",
     n_sigmas: Annotated[str, typer.Option("--n-sigmas", help="grid of n")] = "0.5,1,2",
     epsilons: Annotated[str, typer.Option("--epsilons", help="grid of epsilon")] = "0,0.01",
-    model: ModelOpt = "smollm2-135m",
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
-    threads: ThreadsOpt = 1,
-    layer: LayerOpt = None,
-    lr: LrOpt = None,
-    steps: StepsOpt = None,
-    settings: SetOpt = None,
-    evaluation: EvalOpt = "teacher-forced",
-    eval_context: EvalContextOpt = "bare",
-    parallel: ParallelOpt = "1",
-    seed: SeedOpt = 0,
-    executor: ExecutorOpt = "local",
-    address: AddressOpt = None,
-    workers: WorkersOpt = None,
-    shard_size: ShardOpt = 4,
-    verbose: VerboseOpt = False,
+    model: ModelOptions,
+    options: VariantOptions,
 ) -> None:
     """Tune OverTone's lambda, n and epsilon for one editor on a development slice, against CE."""
-    setup(threads, seed, verbose)
-    cases_at_once = parallel_option(parallel, editor)
+    setup(model.threads, options.seed, options.verbose)
     if dataset == "zsre" and offset < DEV_OFFSET:
         log.warning("cases %d.. overlap the reported ZsRE slice (0..%d): tuned numbers there are not reportable",
                     offset, DEV_OFFSET - 1)
     grid = {"lambda": _floats(lambdas, "--lambdas"), "n_sigma": _floats(n_sigmas, "--n-sigmas"),
             "epsilon": _floats(epsilons, "--epsilons")}
-    overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps)
-    cells, results = _run_variants(out, editor, {"sweep": grid}, model, device, dtype, dataset, offset, limit,
-                                   overrides, {}, seed, threads, executor, address, workers, shard_size,
-                                   evaluation, eval_context, cases_at_once)
+    cells, results = _run_variants(out, editor, {"sweep": grid}, model, dataset, offset, limit, OverToneOptions(),
+                                   options)
     rows = [results[c.id] for c in cells if c.id in results]
     ranked = [rows[0], *sorted(rows[1:], key=lambda r: -(r[1].get("avg") or 0.0))]
     _report(ranked, out, f"Sweep: {editor} on {dataset} cases from {offset} ({rows[0][1]['n_cases']} cases), "
-                         f"{model} (x100), best Avg. first")
+                         f"{model.model} (x100), best Avg. first")
 
-
-def _overtone(lam: float | None, n_sigma: float | None, epsilon: float | None) -> dict[str, float]:
-    """The OverTone hyper-parameters given on the command line (the editor's tuned defaults for the rest)."""
-    return {k: v for k, v in {"lam": lam, "n_sigma": n_sigma, "epsilon": epsilon}.items() if v is not None}

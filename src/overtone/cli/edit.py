@@ -12,31 +12,25 @@ from rich.table import Table
 from overtone.cli.app import app
 from overtone.cli.common import (
     BatchOpt,
-    DeviceOpt,
-    DtypeOpt,
     EditorOpt,
-    EpsilonOpt,
+    EditorOptions,
     FactsOpt,
-    LambdaOpt,
-    LayerOpt,
     LimitOpt,
-    LrOpt,
     MaxNewTokensOpt,
     ModelOpt,
-    NSigmaOpt,
+    ModelOptions,
     ObjectiveOpt,
     OffsetOpt,
+    OverToneOptions,
     SaveOpt,
     SeedOpt,
     SetOpt,
     ShowOpt,
-    StepsOpt,
-    ThreadsOpt,
     VerboseOpt,
     build,
     console,
-    editor_settings,
     fail,
+    grouped,
     overtone_config,
     precheck_cases,
     setup,
@@ -124,7 +118,9 @@ def _read_cases(facts: Any, prompt: str | None, target: str | None, subject: str
 
 
 @app.command()
+@grouped
 def edit(
+    *,
     prompt: Annotated[str | None, typer.Option("--prompt", help="one fact: the prompt whose answer is edited")] = None,
     target: Annotated[str | None, typer.Option("--target", help="one fact: the new answer")] = None,
     paraphrase: Annotated[list[str] | None, typer.Option("--paraphrase", help="paraphrases (repeatable)")] = None,
@@ -137,16 +133,9 @@ def edit(
     save: SaveOpt = None,
     editor: EditorOpt = "ft-m",
     objective: ObjectiveOpt = "overtone",
-    model: ModelOpt = "smollm2-135m",
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
-    threads: ThreadsOpt = 1,
-    lam: LambdaOpt = None,
-    n_sigma: NSigmaOpt = None,
-    epsilon: EpsilonOpt = None,
-    layer: LayerOpt = None,
-    lr: LrOpt = None,
-    steps: StepsOpt = None,
+    model: ModelOptions,
+    overtone: OverToneOptions,
+    editing: EditorOptions,
     settings: SetOpt = None,
     max_new_tokens: MaxNewTokensOpt = 12,
     show: ShowOpt = 20,
@@ -168,11 +157,11 @@ def edit(
             new_folder(save)
         except ArtifactError as exc:
             fail(str(exc))
-    setup(threads, seed, verbose)
-    cfg = overtone_config(editor, lam, n_sigma, epsilon)
-    overrides = editor_settings(editor, settings, layer=layer, lr=lr, steps=steps)
-    cases = precheck_cases(model, editor, overrides, cases)  # before the model (and ROME/MEMIT's statistics)
-    lm, ed = build(model, device, dtype, editor, objective, cfg, overrides)
+    setup(model.threads, seed, verbose)
+    cfg = overtone_config(editor, overtone)
+    overrides = editing.settings(editor, settings)
+    cases = precheck_cases(model.model, editor, overrides, cases)  # before the model (and ROME/MEMIT's statistics)
+    lm, ed = build(model, editor, objective, cfg, overrides)
     rows = probe_prompts(cases[:show])
     before = greedy_complete(lm, [text for *_, text in rows], max_new_tokens)
     stack = EditStack()

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from overtone.cli.app import app
-from overtone.cli.common import EvalOpt, console, fail, setup
+from overtone.cli.common import EvalOpt, VerboseOpt, console, fail, setup
 
 
 @app.command()
@@ -18,7 +18,7 @@ def report(
         "report"),
     title: Annotated[str, typer.Option("--title", help="page title")] = "overtone report",
     evaluation: EvalOpt = "both",
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Write one self-contained HTML page (and Markdown) with the paper's tables, Fig. 3 bars and trace plots."""
     from overtone.diagnostics import TraceError

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,13 +17,12 @@ from rich.table import Table
 
 from overtone.cli.app import app
 from overtone.cli.common import (
-    AddressOpt,
-    ExecutorOpt,
-    ShardOpt,
+    ExecutionOptions,
+    OptionGroup,
     VerboseOpt,
-    WorkersOpt,
     console,
     fail,
+    grouped,
     precheck,
     progress_bar,
     setup,
@@ -33,13 +33,6 @@ app.add_typer(study_app, name="study")
 
 FileArg = Annotated[Path, typer.Argument(help="study file (YAML; see studies/)")]
 DirArg = Annotated[Path, typer.Argument(help="the study's output directory (--out of study run)")]
-ProfileOpt = Annotated[str | None, typer.Option(
-    "--profile", help="a profile of the study file, e.g. llama-2-7b (default: the file's own settings)")]
-StudyModelOpt = Annotated[str | None, typer.Option("--model", help="override the study's model (path or hub id)")]
-StudyDeviceOpt = Annotated[str | None, typer.Option("--device", help="override the device (cpu, cuda, auto)")]
-StudyDtypeOpt = Annotated[str | None, typer.Option("--dtype", help="override the dtype (fp32, bf16)")]
-StudyLimitOpt = Annotated[int | None, typer.Option("--limit", min=0, help="override the number of cases")]
-StudyOffsetOpt = Annotated[int | None, typer.Option("--offset", min=0, help="override the first case")]
 StudyThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="override torch threads per worker")]
 StudyEvalOpt = Annotated[str | None, typer.Option(
     "--eval", help="override the evaluation: teacher-forced, wild or both")]
@@ -49,6 +42,24 @@ StudyAbilityOpt = Annotated[bool, typer.Option(
 StudyParallelOpt = Annotated[str | None, typer.Option(
     "--parallel", help="override the cases a worker edits side by side in single editing (a number or auto)")]
 MarkdownOpt = Annotated[bool, typer.Option("--markdown", help="print GitHub Markdown")]
+
+
+@dataclass(frozen=True)
+class StudyOverrides(OptionGroup):
+    """A profile of the study file and the settings given on the command line; None keeps the file's."""
+
+    profile: Annotated[str | None, typer.Option(
+        "--profile", help="a profile of the study file, e.g. llama-2-7b (default: the file's own settings)")] = None
+    model: Annotated[str | None, typer.Option("--model", help="override the study's model (path or hub id)")] = None
+    device: Annotated[str | None, typer.Option("--device", help="override the device (cpu, cuda, auto)")] = None
+    dtype: Annotated[str | None, typer.Option("--dtype", help="override the dtype (fp32, bf16)")] = None
+    limit: Annotated[int | None, typer.Option("--limit", min=0, help="override the number of cases")] = None
+    offset: Annotated[int | None, typer.Option("--offset", min=0, help="override the first case")] = None
+
+    def load(self, file: Path, **more: Any) -> Any:
+        """The study in ``file`` with this profile, these overrides and ``more`` (None = not given)."""
+        settings = {k: v for k, v in asdict(self).items() if k != "profile"}
+        return load(file, self.profile, **settings, **more)
 
 
 def load(file: Path | dict[str, Any], profile: str | None = None, **overrides: Any) -> Any:
@@ -67,18 +78,17 @@ def precheck_study(study: Any) -> None:
     seen = set()
     for cell in study.cells:
         key = (cell.model.name, cell.editor, cell.settings, cell.dataset, cell.offset, cell.limit, cell.sequence,
-               cell.batch, cell.generation, cell.evaluation, cell.eval_context)
+               cell.batch, cell.generation, cell.evaluation, cell.eval_context, cell.parallel != 1)
         if key in seen:
             continue
         seen.add(key)
         precheck(cell.model.name, cell.editor, cell.editor_settings, cell.dataset, cell.offset, cell.limit,
-                 seed=cell.seed, sequence=cell.sequence, eval_timing=cell.eval_timing,
+                 cell.parallel, seed=cell.seed, sequence=cell.sequence, eval_timing=cell.eval_timing,
                  generation=dict(cell.generation), batch=cell.batch, evaluation=cell.evaluation,
                  eval_context=cell.eval_context)
 
 
-def run_study_cli(study: Any, out: Path, executor: str, address: str | None, workers: int | None,
-                  shard_size: int, cpus_per_worker: float | None = None,
+def run_study_cli(study: Any, out: Path, execution: ExecutionOptions, cpus_per_worker: float | None = None,
                   gpus_per_worker: float | None = None) -> Any:
     """Run a study with a progress bar; bad options and study errors become clean exits.
 
@@ -89,10 +99,10 @@ def run_study_cli(study: Any, out: Path, executor: str, address: str | None, wor
     from overtone.study.executors import ExecutorOptions, make_executor
 
     precheck_study(study)
-    options = ExecutorOptions(threads=study.threads, workers=workers, address=address,
+    options = ExecutorOptions(threads=study.threads, workers=execution.workers, address=execution.address,
                               cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
     try:
-        runner = make_executor(executor, options)
+        runner = make_executor(execution.executor, options)
     except ValueError as exc:
         fail(str(exc))
     with progress_bar() as progress:
@@ -103,7 +113,7 @@ def run_study_cli(study: Any, out: Path, executor: str, address: str | None, wor
             progress.update(bar, completed=done, total=total, status=state.cell.name)
 
         try:
-            scheduler = run_study(study, out, runner, shard_size, on_progress)
+            scheduler = run_study(study, out, runner, execution.shard_size, on_progress)
         except (StudyError, ValueError) as exc:
             fail(str(exc))
     for state in scheduler.cells.values():
@@ -135,20 +145,13 @@ def print_tables(out: Path, markdown: bool = False) -> None:
 
 
 @study_app.command("plan")
-def plan(
-    file: FileArg,
-    profile: ProfileOpt = None,
-    model: StudyModelOpt = None,
-    device: StudyDeviceOpt = None,
-    dtype: StudyDtypeOpt = None,
-    limit: StudyLimitOpt = None,
-    offset: StudyOffsetOpt = None,
-) -> None:
+@grouped
+def plan(file: FileArg, *, overrides: StudyOverrides) -> None:
     """Expand a study file into its cells (with their ids) and count the cases and edits it will make."""
     from overtone.benchmarks import load_benchmark
     from overtone.study.spec import dataset_short
 
-    study = load(file, profile, model=model, device=device, dtype=dtype, limit=limit, offset=offset)
+    study = overrides.load(file)
     grid = Table(title=f"study {study.name}: {len(study.cells)} cells")
     for header in ("cell (directory)", "editor", "row", "dataset", "T", "seed", "cases", "edits", "runs"):
         grid.add_column(header, justify="right" if header in ("T", "seed", "cases", "edits") else "left")
@@ -177,23 +180,17 @@ def plan(
 
 
 @study_app.command("run")
+@grouped
 def run(
     file: FileArg,
+    *,
     out: Annotated[Path, typer.Option("--out", help="output directory: one run directory per cell (resumable)")],
-    executor: ExecutorOpt = "local",
-    address: AddressOpt = None,
-    workers: WorkersOpt = None,
-    shard_size: ShardOpt = 4,
+    execution: ExecutionOptions,
     cpus_per_worker: Annotated[float | None, typer.Option(
         "--cpus-per-worker", min=0.0, help="ray: CPUs each worker reserves (default: --threads)")] = None,
     gpus_per_worker: Annotated[float | None, typer.Option(
         "--gpus-per-worker", min=0.0, help="ray: GPUs each worker reserves (default: 1 with --device cuda)")] = None,
-    profile: ProfileOpt = None,
-    model: StudyModelOpt = None,
-    device: StudyDeviceOpt = None,
-    dtype: StudyDtypeOpt = None,
-    limit: StudyLimitOpt = None,
-    offset: StudyOffsetOpt = None,
+    overrides: StudyOverrides,
     threads: StudyThreadsOpt = None,
     evaluation: StudyEvalOpt = None,
     eval_context: StudyEvalContextOpt = None,
@@ -202,11 +199,10 @@ def run(
     verbose: VerboseOpt = False,
 ) -> None:
     """Run every unfinished cell of a study; safe to kill and rerun (finished cases are kept, none is repeated)."""
-    study = load(file, profile, model=model, device=device, dtype=dtype, limit=limit, offset=offset,
-                 threads=threads, evaluation=evaluation, eval_context=eval_context, ability=ability or None,
-                 parallel=parallel)
+    study = overrides.load(file, threads=threads, evaluation=evaluation, eval_context=eval_context,
+                           ability=ability or None, parallel=parallel)
     setup(study.threads, 0, verbose)
-    scheduler = run_study_cli(study, out, executor, address, workers, shard_size, cpus_per_worker, gpus_per_worker)
+    scheduler = run_study_cli(study, out, execution, cpus_per_worker, gpus_per_worker)
     print_tables(out)
     counts = scheduler.summary()
     console.print(", ".join(f"{n} cell(s) {status}" for status, n in counts.items()))

@@ -15,30 +15,21 @@ import typer
 from overtone import __version__
 from overtone.cli.app import app
 from overtone.cli.common import (
+    AblationOptions,
     DatasetOpt,
-    DeviceOpt,
-    DtypeOpt,
     EditorOpt,
-    EpsilonOpt,
-    LambdaOpt,
-    LayerOpt,
-    LrOpt,
-    ModelOpt,
-    NoCheckOpt,
-    NoClipOpt,
-    NoFilterOpt,
-    NSigmaOpt,
+    EditorOptions,
+    ModelOptions,
     OffsetOpt,
+    OverToneOptions,
     ParallelOpt,
     SeedOpt,
-    StaticOpt,
-    StepsOpt,
     StopLossOpt,
-    ThreadsOpt,
     VerboseOpt,
     build,
     console,
     fail,
+    grouped,
     overtone_config,
     parallel_option,
     setup,
@@ -46,26 +37,18 @@ from overtone.cli.common import (
 
 
 @app.command()
+@grouped
 def trace(
+    *,
     out: Annotated[Path, typer.Option("--out", help="output directory")] = Path("runs/trace"),
     dataset: DatasetOpt = "zsre",
     offset: OffsetOpt = 0,
     limit: Annotated[int, typer.Option("--limit", min=1, help="number of cases, each edited on its own")] = 1,
     editor: EditorOpt = "ft-m",
-    model: ModelOpt = "smollm2-135m",
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "fp32",
-    threads: ThreadsOpt = 1,
-    lam: LambdaOpt = None,
-    n_sigma: NSigmaOpt = None,
-    epsilon: EpsilonOpt = None,
-    no_clip: NoClipOpt = False,
-    static_target: StaticOpt = False,
-    no_mode_check: NoCheckOpt = False,
-    no_filter: NoFilterOpt = False,
-    layer: LayerOpt = None,
-    lr: LrOpt = None,
-    steps: StepsOpt = None,
+    model: ModelOptions,
+    overtone: OverToneOptions,
+    ablation: AblationOptions,
+    editing: EditorOptions,
     stop_loss: StopLossOpt = None,
     parallel: ParallelOpt = "1",
     seed: SeedOpt = 0,
@@ -82,10 +65,10 @@ def trace(
     from overtone.report.figures import png, trace_figures
     from overtone.report.tables import to_markdown, to_rich, token_table, trace_summary_table, write_csv
 
-    setup(threads, seed, verbose)
+    setup(model.threads, seed, verbose)
     cases_at_once = parallel_option(parallel, editor)
-    cfg = overtone_config(editor, lam, n_sigma, epsilon, no_clip, static_target, no_mode_check, no_filter)
-    settings = {"layer": layer, "lr": lr, "steps": steps, "stop_loss": stop_loss}
+    cfg = overtone_config(editor, overtone, ablation)
+    settings = editing.settings(editor, None, stop_loss=stop_loss)
     try:
         cases = load_benchmark(dataset, limit=limit, offset=offset)
     except DatasetError as exc:
@@ -94,7 +77,7 @@ def trace(
         fail(f"dataset {dataset!r} has no case at offset {offset}")
     lm, traces, error = None, [], None
     for objective in ("ce", "overtone"):
-        lm, ed = build(model, device, dtype, editor, objective, cfg, settings, lm)
+        lm, ed = build(model, editor, objective, cfg, settings, lm)
         evaluator = Evaluator(lm)
         if cases_at_once == "auto":
             cases_at_once = parallel_size(ed.case_memory(), lm.device, len(cases))
