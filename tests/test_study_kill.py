@@ -176,12 +176,14 @@ def test_ray_worker_and_driver_killed_lose_and_repeat_nothing(study_file, refere
     time.sleep(rng.uniform(0.0, 0.5))
     rng.choice(workers).send_signal(signal.SIGKILL)
     log = tmp_path / "run0.log"
-    wait_for(lambda: "queued again" in log.read_text(), first, 120, "the driver to queue the lost shard again")
+    # the driver queues the shard again, or (a kill just after the shard's last delivery) has nothing to rerun
+    wait_for(lambda: "its worker died" in log.read_text(), first, 120, "the driver to notice the lost worker")
     kill_at_random_point(first, out, rng, count(reference))
     kept = stored(out)
     assert 0 < count(kept) < count(reference)
-    print(f"worker killed, its shard queued again; driver killed with {count(kept)} of {count(reference)} "
-          "records stored")
+    requeued = "queued again" in log.read_text()
+    print(f"worker killed, its shard {'queued again' if requeued else 'already delivered'}; driver killed with "
+          f"{count(kept)} of {count(reference)} records stored")
     last = start(study_file, out, tmp_path / "run1.log", "--executor", "ray", "--workers", "2")
     wait_for(lambda: len(ray_workers(last.pid)) == 2, last, 240, "the workers of the restart")
     # the workers run at the driver's priority (Ray's default would lower it by 15)

@@ -246,6 +246,8 @@ class Scheduler:
                 return
             log.warning("%s: its worker died (%s); %d case(s) queued again", task, reason, len(key))
             state.queue.appendleft(Task(task.cell, left, task.budgets))
+        else:
+            log.warning("%s: its worker died (%s) after delivering every chunk; nothing to run again", task, reason)
         self._maybe_finish(state)
 
     def _undelivered(self, state: CellState, task: Task) -> tuple[tuple[int, tuple[str, ...]], ...]:
