@@ -268,7 +268,7 @@ def test_traces_of_a_parallel_edit_are_those_of_each_case_alone(name, tiny_llama
     from overtone.editors import make_editor
 
     cases = zsre_cases[:3]
-    settings = {"ft-m": {"layer": 2, "steps": 4, "lr": 0.1}, "lora": {"steps": 4}}[name]
+    settings = {"ft-m": {"layer": 2, "steps": 4, "lr": 0.1}, "lora": {"steps": 12}}[name]
     editor = make_editor(name, tiny_llama, OverTone(OverToneConfig(epsilon=0.05)), **settings)
     evaluator = Evaluator(tiny_llama)
     alone = [t for case in cases for t in trace_edit(editor, evaluator, [case])]
@@ -308,7 +308,7 @@ def test_demo_prints_the_same_table_with_parallel_cases(tmp_path, tiny_llama_dir
 
 
 def test_wild_evaluation_and_the_ability_check_give_the_records_of_one_at_a_time(tmp_path, tiny_llama, zsre_cases):
-    """Evaluators that cannot batch B edited models evaluate each case with its own edit on every row."""
+    """The wild evaluator answers a group's B edited models together, the ability check one case at a time."""
     from test_ability import monitor_for
 
     from overtone.evaluation import WildEvaluator, WildSettings
@@ -336,3 +336,53 @@ def test_an_editor_takes_parallel_exactly_when_it_has_a_parallel_edit():
     for name, cls in EDITORS.items():
         has_parallel_edit = cls.edit_parallel is not Editor.edit_parallel
         assert (cls.parallel_refusal is None) == has_parallel_edit, name
+
+
+WILD_EDITORS = {"ft-m": {"layer": 2, "lr": 0.2, "steps": 4}, "lora": {"steps": 12}}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", sorted(WILD_EDITORS))
+def test_eval_both_of_parallel_edits_gives_the_records_and_token_ids_of_one_at_a_time(arch, name, tokenizer,
+                                                                                     zsre_cases, tmp_path,
+                                                                                     monkeypatch):
+    """``--eval both`` with B = 3 over 5 cases: both protocols batched over the B edited models (the
+    teacher-forced rows and the generated ones each with their own case's edit) give every record field
+    and every generated token id of each case edited alone. Generate calls of ``MAX_ROWS`` rows cut across
+    cases, so some hold only part of a group's cases."""
+    from overtone.editors import make_editor
+    from overtone.evaluation import WildEvaluator, WildSettings, wild
+
+    lm = tiny_model(arch, tokenizer)
+    before = state(lm)
+    cases = zsre_cases[:5]
+    editor = make_editor(name, lm, CrossEntropy(), **WILD_EDITORS[name])
+    evaluator = WildEvaluator(lm, WildSettings(max_new_tokens=12), inner=Evaluator(lm))
+    monkeypatch.setattr(wild, "MAX_ROWS", 5)
+    fields = wild.WildEvaluator._fields
+
+    def run(directory, parallel):
+        """The records, and per case (its rewrite prompt) the token ids of every reply before and after the edit."""
+        ids = {}
+
+        def spy(pre, replies, seconds):
+            ids[pre.probes[0].prompt] = ([r.ids for r in pre.replies], [r.ids for r in replies])
+            return fields(pre, replies, seconds)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(wild.WildEvaluator, "_fields", staticmethod(spy))
+            with ResultStore(tmp_path / directory, {"parallel": parallel}) as store:
+                run_continual(editor, evaluator, cases, store, parallel=parallel)
+        return read_run(tmp_path / directory)[1], ids
+
+    one, alone = run("one", 1)
+
+    def one_at_a_time(*args):
+        raise AssertionError("the teacher-forced evaluation of a parallel edit runs case by case")
+
+    monkeypatch.setattr(Evaluator, "after_each", one_at_a_time)
+    three, together = run("three", B)
+    assert_same_state(lm, before)
+    assert_same_records(one, three)
+    assert len(alone) == len(cases) and together == alone
+    assert any(pre != post for pre, post in alone.values()), "the edits should change some replies"

@@ -14,8 +14,8 @@ inputs of the layers an editor may touch, so the edited pass only runs those lay
 Parallel editing (``Editor.edit_parallel``) evaluates its B cases together: ``before_cases`` runs the
 probes of all B cases through the unedited model, sorted by length into batches of similar rows (so
 little is padding), and ``after_cases`` runs the same batches again with ``CaseEdits.applied``, so
-each row sees the edit of its own case only. An evaluator that cannot batch B edited models (it
-samples per case, or generates) evaluates them one at a time (``before_each``, ``after_each``).
+each row sees the edit of its own case only. An evaluator that cannot batch B edited models (MQuAKE's
+samples per case) evaluates them one at a time (``before_each``, ``after_each``).
 """
 
 from __future__ import annotations

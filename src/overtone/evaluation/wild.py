@@ -21,12 +21,14 @@ record keeps the teacher-forced ``pre``/``post`` (when that protocol runs too) a
 
 All probes of a case, and of every case evaluated on the same model (a chunk of continual editing at
 its end), are answered in left-padded batches (``generation.generate_ids``); a row's reply does not
-depend on the other rows, so rows of several cases (or, later, of several edited models) share a batch:
-``answer`` takes any list of prompts, and scoring only reads the replies.
+depend on the other rows, so rows of several cases share a batch: ``answer`` takes any list of prompts,
+and scoring only reads the replies. The B edited models of a parallel edit share a batch too
+(``after_cases``): each row generates with its own case's edit (``CaseEdits.applied``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import string
 import time
@@ -40,6 +42,7 @@ from overtone.benchmarks.cases import EditCase
 from overtone.evaluation.generation import generate_ids
 from overtone.evaluation.teacher_forced import METRICS, Evaluator, PreEdit, PreEdits, by_metric
 from overtone.models.loading import LoadedModel
+from overtone.models.per_case import CaseRows
 from overtone.models.replay import SuffixCache
 
 if TYPE_CHECKING:
@@ -271,7 +274,8 @@ class WildEvaluator(Evaluator):
     ``inner`` is the benchmark's own evaluator (teacher-forced, or MQuAKE's) when ``--eval both``;
     its fields stay where they are and the wild metrics go under ``wild``. The probes of every case
     handed to ``before_many``/``after_many`` (a chunk evaluated at its end) are answered together, in
-    generate calls of up to ``MAX_ROWS`` rows; each case is charged an equal share of the time.
+    generate calls of up to ``MAX_ROWS`` rows; each case is charged an equal share of the time. So are
+    the cases of a parallel edit (``before_cases``/``after_cases``), each row by its own case's edited model.
     """
 
     wild_metrics: ClassVar[tuple[str, ...]] = METRICS
@@ -287,18 +291,44 @@ class WildEvaluator(Evaluator):
         protocols = [TEACHER_FORCED, WILD] if self.inner else [WILD]
         return {**inner, "protocols": protocols, WILD: asdict(self.settings)}
 
-    def _answer(self, groups: Sequence[Sequence[WildProbe]]) -> tuple[list[list[Reply]], float]:
-        """Replies to every group's probes (rows of all groups batched together), and seconds per group."""
+    def _answer(self, groups: Sequence[Sequence[WildProbe]], edits: CaseEdits | None = None,
+                ) -> tuple[list[list[Reply]], float]:
+        """Replies to every group's probes (rows of all groups batched together), and seconds per group.
+
+        ``edits``: group i is case i of a parallel edit, and each row is answered by its own case's edited
+        model. ``generate`` keeps a finished row in the batch (padded) to the last step, so the row map
+        holds at every decoding step.
+        """
         start = time.perf_counter()
         prompts = [p.prompt for group in groups for p in group]
+        owners = tuple(i for i, group in enumerate(groups) for _ in group)
         replies: list[Reply] = []
         for first in range(0, len(prompts), MAX_ROWS):
-            replies += answer(self.lm, prompts[first: first + MAX_ROWS], self.settings)
+            part = slice(first, first + MAX_ROWS)
+            with edits.applied(CaseRows(owners[part], len(groups))) if edits else contextlib.nullcontext():
+                replies += answer(self.lm, prompts[part], self.settings)
         out, at = [], 0
         for group in groups:
             out.append(replies[at: at + len(group)])
             at += len(group)
         return out, (time.perf_counter() - start) / max(1, len(groups))
+
+    def _pending(self, cases: Sequence[EditCase], inner: Sequence[PreEdit | None]) -> list[WildPreEdit]:
+        """The cases answered by the unedited model, beside the inner evaluator's pending state."""
+        probes = [wild_probes(case) for case in cases]
+        replies, seconds = self._answer(probes)
+        return [WildPreEdit(i, p, r, seconds) for i, p, r in zip(inner, probes, replies, strict=True)]
+
+    def _with_wild(self, inner: list[dict[str, Any]] | None, pres: Sequence[WildPreEdit],
+                   edits: CaseEdits | None = None) -> list[dict[str, Any]]:
+        """The inner evaluator's result fields (None: wild only) plus ``wild``, from the model's replies now
+        (``edits``: case i's edited model answers case i's probes)."""
+        out = inner if inner is not None else [{"eval_s": 0.0} for _ in pres]
+        replies, seconds = self._answer([p.probes for p in pres], edits)
+        for fields, pre, now in zip(out, pres, replies, strict=True):
+            fields["wild"] = self._fields(pre, now, pre.seconds + seconds)
+            fields["eval_s"] += pre.seconds + seconds
+        return out
 
     def before(self, case: EditCase, record_from: int | None) -> WildPreEdit:  # type: ignore[override]
         return self.before_many([case], record_from)[0]
@@ -307,30 +337,28 @@ class WildEvaluator(Evaluator):
                     ) -> list[WildPreEdit]:
         inner: list[PreEdit | None] = (list(self.inner.before_many(cases, record_from)) if self.inner
                                        else [None] * len(cases))
-        probes = [wild_probes(case) for case in cases]
-        replies, seconds = self._answer(probes)
-        return [WildPreEdit(i, p, r, seconds) for i, p, r in zip(inner, probes, replies, strict=True)]
+        return self._pending(cases, inner)
 
     def after(self, pre: WildPreEdit, replay: bool) -> dict[str, Any]:  # type: ignore[override]
         return self.after_many([pre], [replay])[0]
 
     def after_many(self, pres: Sequence[WildPreEdit], replays: Sequence[bool],  # type: ignore[override]
                    ) -> list[dict[str, Any]]:
-        out = (self.inner.after_many([p.inner for p in pres], replays) if self.inner  # type: ignore[misc]
-               else [{"eval_s": 0.0} for _ in pres])
-        replies, seconds = self._answer([p.probes for p in pres])
-        for fields, pre, now in zip(out, pres, replies, strict=True):
-            fields["wild"] = self._fields(pre, now, pre.seconds + seconds)
-            fields["eval_s"] += pre.seconds + seconds
-        return out
+        inner = self.inner.after_many([p.inner for p in pres], replays) if self.inner else None  # type: ignore[misc]
+        return self._with_wild(inner, pres)
 
     def before_cases(self, cases: Sequence[EditCase], record_from: int | None) -> PreEdits:
-        return self.before_each(cases, record_from)
+        """The inner evaluator's ``before_cases`` (teacher forcing batches the B cases), and the unedited
+        model's replies to every case's probes in shared batches."""
+        inner = self.inner.before_cases(cases, record_from) if self.inner else PreEdits([None] * len(cases), [])
+        return PreEdits(self._pending(cases, inner.cases), inner.batches)
 
     def after_cases(self, pre: PreEdits, edits: CaseEdits, replay: bool) -> list[dict[str, Any]]:
-        """The cases of a parallel edit one at a time, each with its own edit (``Evaluator.after_each``); answering
-        them in one batch would go through ``edits.applied(rows)`` with each generated row's case."""
-        return self.after_each(pre, edits)
+        """Every case of a parallel edit: the inner evaluator's ``after_cases``, and the replies of the B edited
+        models to their own cases' probes in shared batches (``CaseEdits.applied``)."""
+        inner = (self.inner.after_cases(PreEdits([p.inner for p in pre.cases], pre.batches), edits, replay)
+                 if self.inner else None)
+        return self._with_wild(inner, pre.cases, edits)
 
     @staticmethod
     def _fields(pre: WildPreEdit, replies: Sequence[Reply], seconds: float) -> dict[str, Any]:
