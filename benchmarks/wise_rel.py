@@ -173,10 +173,15 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", help="run only these variants (labels; default: all)")
     parser.add_argument("--steps-at", type=int, nargs="*", default=[0, 2, 5, 10, 20, 34, 69])
     parser.add_argument("--out", type=Path, help="write the per-case records here (JSON), after each case")
-    parser.add_argument("--tables-from", type=Path, help="print the tables of an --out file and exit")
+    parser.add_argument("--tables-from", type=Path, nargs="+",
+                        help="print the tables of --out files (their cases pooled per row) and exit")
     args = parser.parse_args()
-    if args.tables_from is not None:
-        print_tables(json.loads(args.tables_from.read_text())["results"], args.steps_at)
+    if args.tables_from:
+        results: dict[str, list[dict[str, Any]]] = {}
+        for path in args.tables_from:  # runs on other cases add their records to the rows they share
+            for label, recs in json.loads(path.read_text())["results"].items():
+                results.setdefault(label, []).extend(recs)
+        print_tables(results, args.steps_at)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -192,7 +197,7 @@ def main() -> None:
     cases = load_benchmark("zsre", limit=args.limit, offset=args.offset)
     print(f"WISE on {args.model}, ZsRE cases {args.offset}..{args.offset + len(cases) - 1} ({len(cases)} cases); "
           f"OverTone λ {BASE.lam}, n {BASE.n_sigma}, ε {BASE.epsilon} unless stated")
-    results: dict[str, list[dict[str, Any]]] = {v.label: [] for v in rows}
+    results = {v.label: [] for v in rows}
     start = time.perf_counter()
     for i, case in enumerate(cases):
         for label, record in run_case(lm, evaluator, case, rows).items():
