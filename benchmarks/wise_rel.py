@@ -14,7 +14,11 @@ the argmax and the margin loss; after the edit, the Rel. metrics, the side memor
 and, for every target token whose label is not the argmax of the edited model (a Rel. miss), whether
 the objective clips it and uses the mixture there: misses that are clipped cannot be fixed by lr.
 
-    nice -n 5 python benchmarks/wise_rel.py --offset 1000 --limit 50 --threads 1 --out /tmp/wise-rel.json
+What it found (docs/wise-melo.md, "Why WISE + OverTone loses Rel."): no missed token is clipped, ε 0.001
+does not help, and lr 8 gives Rel. back. The misses are mixed tokens whose label trails a rival that the
+mixture raises too, so the push that separates them is about λ times CE's.
+
+    nice -n 10 python benchmarks/wise_rel.py --offset 1000 --limit 10 --threads 1 --out /tmp/wise-rel.json
 """
 
 from __future__ import annotations
