@@ -68,6 +68,7 @@ def variants() -> list[Variant]:
         Variant("OverTone ×0.6, λ 0.5", replace(BASE, lam=0.5), SHRINK),
         Variant("CE ×1", None),
         Variant("OverTone ×1", BASE),
+        Variant("CE ×0.6, lr 8", None, {**SHRINK, "lr": 8.0}),  # does CE gain from lr 8 as well?
     ]
 
 
