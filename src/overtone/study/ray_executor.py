@@ -59,11 +59,24 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temp_dirs() -> None:
-    """Session directories of local instances whose driver was killed (named after the driver's pid)."""
+    """Session directories of local instances whose driver was killed (named after the driver's pid), and the Ray
+    processes (GCS, raylet, workers) still running from them: orphans that would write into the directory again."""
+    import psutil  # a dependency of Ray
+
     for path in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
         pid = path.name[len(TEMP_PREFIX):].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)) and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
+        if not (pid.isdigit() and not _alive(int(pid)) and path.is_dir()):
+            continue
+        orphans = []
+        for process in psutil.process_iter(["cmdline"]):
+            if any(str(path) in part for part in process.info["cmdline"] or ()):
+                orphans.append(process)
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+        psutil.wait_procs(orphans, timeout=10)
+        log.info("removed the session directory %s of a killed run (%d leftover process(es) stopped)", path,
+                 len(orphans))
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class RayExecutor:
