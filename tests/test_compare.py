@@ -34,6 +34,16 @@ def test_paired_difference_mean_interval_and_counts():
     assert not d.significant  # three cases cannot exclude zero here
 
 
+def test_fewer_than_three_units_give_no_interval():
+    """Two chunks that both lose 2.5 points would give a zero-width t-interval and a false '*'."""
+    base = [{**rec(f"c{i}", rel=1.0), "chunk": i // 2} for i in range(4)]
+    other = [{**rec(f"c{i}", rel=0.95), "chunk": i // 2} for i in range(4)]
+    d = paired_difference(base, other, "rel")
+    assert (d.n, d.unit, d.cases) == (2, "chunk", 4) and d.mean == pytest.approx(-5.0)
+    assert math.isinf(d.half_width) and not d.significant
+    assert str(d) == "-5.00 (no interval: 2 chunks)"
+
+
 def test_case_avg_uses_the_metrics_a_case_has():
     base = [rec("a", rel=1.0, loc=0.5)]
     other = [rec("a", rel=1.0, loc=1.0)]

@@ -26,6 +26,9 @@ from scipy import stats
 TIE = 1e-9
 
 
+MIN_UNITS = 3  # independent units below which no interval is given (a t-interval over 2 says nothing)
+
+
 @dataclass(frozen=True)
 class PairedDifference:
     """Mean of (other - base) over paired units, x100, with a 95% interval half-width."""
@@ -42,9 +45,11 @@ class PairedDifference:
 
     @property
     def significant(self) -> bool:
-        return self.n > 1 and abs(self.mean) > self.half_width
+        return self.n >= MIN_UNITS and abs(self.mean) > self.half_width
 
     def __str__(self) -> str:
+        if self.n < MIN_UNITS:  # two chunks that happen to agree would give a zero-width "interval"
+            return f"{self.mean:+.2f} (no interval: {self.n} {self.unit}{'s' if self.n != 1 else ''})"
         return f"{self.mean:+.2f} ± {self.half_width:.2f}"
 
 
@@ -102,7 +107,7 @@ def paired_difference(
     if n == 0:
         return PairedDifference(metric, math.nan, math.nan, 0, 0, 0, 0, 0, unit)
     mean = sum(values) / n
-    if n > 1:
+    if n >= MIN_UNITS:
         sd = math.sqrt(sum((d - mean) ** 2 for d in values) / (n - 1))
         half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
     else:

@@ -306,7 +306,7 @@ def _delta_cell(ce: RunInfo, overtone: RunInfo, metric: str) -> str:
     d = paired_difference(ce.records, overtone.records, metric)
     if d.n == 0:
         return "–"
-    return f"{d.mean:+.2f}" + (f" ± {d.half_width:.2f}" + ("*" if d.significant else "") if d.n > 1 else "")
+    return str(d) + ("*" if d.significant else "")
 
 
 def _delta_rows(members: Sequence[RunInfo], keys: Sequence[Any], metrics: dict[Any, list[str]],
@@ -435,14 +435,14 @@ def gain_table(pairs: Sequence[Pair]) -> PaperTable | None:
         label = f"{editor_name(p.ce.editor)}, {dataset_name(p.ce.dataset)}, T={p.ce.sequence}"
         if p.overtone.tag:
             label += f" ({p.overtone.tag})"
-        paired = p.avg if p.avg is not None and p.avg.n > 1 else None
+        paired = p.avg if p.avg is not None and p.avg.n > 0 else None
         section = p.ce.model
         if p.ce.evaluation != TEACHER_FORCED:
             section += f", {PROTOCOL_NAMES[p.ce.evaluation]}"
         sections.setdefault(section, []).append([
             label, str(p.n_cases or "–"), _fmt(p.ce_summary.get("avg")), _fmt(p.overtone_summary.get("avg")),
             *(_signed(p.delta[m]) for m in ("rel", "gen", "por", "loc", "avg")),
-            "–" if paired is None else f"{paired.mean:+.2f} ± {paired.half_width:.2f}",
+            "–" if paired is None else str(paired),
             "–" if paired is None else f"{paired.wins}/{paired.ties}/{paired.losses}", verdict,
         ])
     columns = ["cases", "CE Avg.", "OverTone Avg.", "ΔRel.", "ΔGen.", "ΔPor.", "ΔLoc.", "ΔAvg.",
