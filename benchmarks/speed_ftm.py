@@ -234,6 +234,18 @@ def sizes_option(text: str) -> list[int]:
     return sizes
 
 
+def speed_arguments(description: str | None, cases: int, reps: int) -> argparse.ArgumentParser:
+    """The options every speed script takes (each adds its own)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--cases", type=int, default=cases, help="ZsRE cases (first N) to time")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=reps)
+    parser.add_argument("--parallel", type=sizes_option, default=sizes_option("1,4,8,16"),
+                        help="numbers of cases edited at once, comma-separated (1 included)")
+    return parser
+
+
 def print_units(u_full: float, u_ref: float, label: str, ours: list[float], steps: list[int],
                 reference: list[float]) -> None:
     """The yardsticks, then seconds per edit in both units for ours and the reference-style procedure."""
@@ -247,14 +259,7 @@ def print_units(u_full: float, u_ref: float, label: str, ours: list[float], step
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--cases", type=int, default=64, help="ZsRE cases (first N) to time")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--parallel", type=sizes_option, default=sizes_option("1,4,8,16"),
-                        help="numbers of cases edited at once, comma-separated (1 included)")
-    args = parser.parse_args()
+    args = speed_arguments(__doc__, cases=64, reps=15).parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, device="cpu")
     cases = load_benchmark("zsre", limit=args.cases)

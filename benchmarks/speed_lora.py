@@ -26,7 +26,7 @@ from speed_ftm import (
     print_parallel,
     print_units,
     reference_style_probes,
-    sizes_option,
+    speed_arguments,
     target_labels,
     time_parallel,
     typical_case,
@@ -65,14 +65,7 @@ def reference_style_edit(lm, editor: LoRA, case: EditCase) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--cases", type=int, default=16, help="ZsRE cases (first N) to time")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--parallel", type=sizes_option, default=sizes_option("1,4,8,16"),
-                        help="numbers of cases edited at once, comma-separated (1 included)")
-    args = parser.parse_args()
+    args = speed_arguments(__doc__, cases=16, reps=10).parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, device="cpu")
     cases = load_benchmark("zsre", limit=args.cases)

@@ -32,7 +32,7 @@ from speed_ftm import (
     load,
     median_time,
     print_parallel,
-    sizes_option,
+    speed_arguments,
     time_parallel,
     typical_case,
     yardsticks,
@@ -78,14 +78,8 @@ def reference_style_step(lm, editor, case, reps: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    parser = speed_arguments(__doc__, cases=16, reps=5)
     parser.add_argument("--editor", default="rome", choices=["rome", "memit"])
-    parser.add_argument("--cases", type=int, default=16, help="ZsRE cases (first N) to time")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--parallel", type=sizes_option, default=sizes_option("1,4,8,16"),
-                        help="numbers of cases edited at once, comma-separated (1 included)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, device="cpu")
