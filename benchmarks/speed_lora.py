@@ -15,7 +15,6 @@ toolkit's FT-M step). Compared on the same cases:
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch

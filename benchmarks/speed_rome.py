@@ -21,7 +21,6 @@ about 440 ``U_ref``. Then, on the first N ZsRE cases:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
