@@ -536,7 +536,8 @@ def _paired_layout(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[st
             avg = diffs["avg"]
             cells += [str(diffs[key]) + ("*" if diffs[key].significant else "") for key, _ in columns[protocol]]
             cells.append(f"{avg.wins}/{avg.ties}/{avg.losses}")
-            paired = paired or (str(avg.cases) if avg.unit == "case" else f"{avg.cases} in {avg.n} chunks")
+            chunks = f"{avg.n} chunk{'s' if avg.n != 1 else ''}"
+            paired = paired or (str(avg.cases) if avg.unit == "case" else f"{avg.cases} in {chunks}")
         body.append([*cells, paired])
     single = len(blocks) == 1 and blocks[0][0] == TEACHER_FORCED
     groups = [("" if single else PROTOCOL_SHORT[p], [*(f"Δ{h}" for _, h in columns[p]), "W/T/L (Avg.)"])
