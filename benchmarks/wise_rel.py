@@ -142,7 +142,7 @@ def print_tables(results: dict[str, list[dict[str, Any]]], steps_at: Sequence[in
         diffs = []
         for metric in ("rel", "avg"):
             d = paired_difference(results[base], recs, metric) if label != base and base in results else None
-            diffs.append("" if d is None else f"{d.mean:+.2f} ± {d.half_width:.2f}{'*' if d.significant else ''}")
+            diffs.append("" if d is None else d.marked)
         misses = sum(r["misses"] for r in recs)
         tokens = sum(r["tokens"] for r in recs)
         clipped = sum(r["miss_clipped"] for r in recs)

@@ -52,6 +52,11 @@ class PairedDifference:
             return f"{self.mean:+.2f} (no interval: {self.n} {self.unit}{'s' if self.n != 1 else ''})"
         return f"{self.mean:+.2f} ± {self.half_width:.2f}"
 
+    @property
+    def marked(self) -> str:
+        """As printed in tables: ``str`` and a ``*`` when the interval excludes 0."""
+        return str(self) + ("*" if self.significant else "")
+
 
 def _value(record: dict[str, Any], metric: str) -> float | None:
     value = record["post"].get(metric)

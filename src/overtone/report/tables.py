@@ -306,7 +306,7 @@ def _delta_cell(ce: RunInfo, overtone: RunInfo, metric: str) -> str:
     d = paired_difference(ce.records, overtone.records, metric)
     if d.n == 0:
         return "–"
-    return str(d) + ("*" if d.significant else "")
+    return d.marked
 
 
 def _delta_rows(members: Sequence[RunInfo], keys: Sequence[Any], metrics: dict[Any, list[str]],
@@ -534,7 +534,7 @@ def _paired_layout(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[st
             diffs = paired_differences(base_records[protocol], protocol_records(records, protocol),
                                        [key for key, _ in columns[protocol]])
             avg = diffs["avg"]
-            cells += [str(diffs[key]) + ("*" if diffs[key].significant else "") for key, _ in columns[protocol]]
+            cells += [diffs[key].marked for key, _ in columns[protocol]]
             cells.append(f"{avg.wins}/{avg.ties}/{avg.losses}")
             chunks = f"{avg.n} chunk{'s' if avg.n != 1 else ''}"
             paired = paired or (str(avg.cases) if avg.unit == "case" else f"{avg.cases} in {chunks}")
