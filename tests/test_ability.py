@@ -10,7 +10,7 @@ from helpers import assert_same_state, state
 
 from overtone.editors import FTM, FTMConfig
 from overtone.evaluation import Evaluator, WildSettings
-from overtone.evaluation.ability import AbilityMonitor, Fact, load_facts
+from overtone.evaluation.ability import AbilityMonitor, AbilitySettings, Fact, load_facts
 from overtone.evaluation.wild import answer, normalize_answer
 from overtone.objectives import CrossEntropy
 from overtone.runner import edit_chunk, summarize
@@ -91,3 +91,29 @@ def test_a_chunk_measures_its_ability_with_every_edit_applied(tiny_llama, zsre_c
     drift = ((measured[0]["ppl"] / measured[0]["ppl_unedited"] - 1) + 1.0) / 2
     assert summary["ppl_drift_pct"] == pytest.approx(100 * drift, abs=0.01)
     assert summary["facts_right"] == pytest.approx(100 * (measured[0]["facts_right"] + 0.0) / 2, abs=0.01)
+
+
+def test_ability_every_k_edits_draws_the_drift_curve_of_a_chunk(tiny_llama, zsre_cases):
+    monitor = monitor_for(tiny_llama, n_samples=2)
+    monitor.settings = AbilitySettings(every=2)
+    editor = FTM(tiny_llama, FTMConfig(layer=1, lr=0.5, steps=3), CrossEntropy())
+    records = edit_chunk(editor, Evaluator(tiny_llama), zsre_cases[:5], ability=monitor)
+    curve = records[0]["ability_curve"]
+    assert [p["edits"] for p in curve] == [2, 4, 5] and all(r["ability_curve"] == curve for r in records)
+    assert {k: v for k, v in curve[-1].items() if k != "edits"} == records[0]["ability"]  # the end, measured once
+    assert curve[0]["ppl"] != pytest.approx(curve[-1]["ppl"])  # measured with 2 edits applied, not 5
+    for r in records:
+        r["chunk"] = 0  # as run_continual numbers them: one chunk
+    summary = summarize(records)["ability"]
+    assert [p["edits"] for p in summary["curve"]] == [2, 4, 5] and summary["curve"][-1]["n_measured"] == 1
+    assert summary["curve"][-1]["ppl_drift_pct"] == summary["ppl_drift_pct"]
+    assert "every" in monitor.describe() and "every" not in AbilityMonitor(tiny_llama).describe()
+
+
+def test_a_batch_edit_that_steps_over_a_multiple_of_k_is_measured_after_it():
+    monitor = AbilityMonitor.__new__(AbilityMonitor)
+    monitor.settings = AbilitySettings(every=2)
+    assert [after for before, after in ((0, 3), (3, 6), (6, 7)) if monitor.due(before, after, 7)] == [3, 6]
+    assert not monitor.due(6, 8, 8)  # the chunk's end is measured anyway
+    with pytest.raises(ValueError, match="every >= 0"):
+        AbilitySettings(every=-1)

@@ -93,6 +93,19 @@ def test_table_command_prints_the_wild_scores_cost_and_ability(runs):
     assert "eval s/case TF" in result.output and "perplexity drift %" in result.output
 
 
+def test_ability_every_prints_the_drift_curve_and_is_checked_before_the_model_loads(tmp_path, tiny_llama_dir):
+    bench(tmp_path / "curve", tiny_llama_dir, "--sequence", "2", "--ability-every", "1")
+    summary = json.loads((tmp_path / "curve" / "summary.json").read_text())
+    assert [p["edits"] for p in summary["ability"]["curve"]] == [1, 2]
+    assert yaml.safe_load((tmp_path / "curve" / "config.yaml").read_text())["ability"]["every"] == 1
+    result = runner.invoke(app, ["table", str(tmp_path / "curve"), "--markdown"])
+    assert result.exit_code == 0 and "General ability along each chunk of edits" in result.output, result.output
+    result = runner.invoke(app, ["bench", "--out", str(tmp_path / "x"), "--model", "no-such-model", "--sequence", "2",
+                                 "--ability-every", "2"])
+    assert result.exit_code != 0 and "--ability-every 2 measures within a chunk of --sequence 2" in result.output
+    assert not (tmp_path / "x").exists()
+
+
 def test_eval_options_are_checked_before_any_case_runs(tmp_path, tiny_llama_dir):
     base = ["bench", "--out", str(tmp_path / "x"), "--model", str(tiny_llama_dir), "--device", "cpu"]
     result = runner.invoke(app, [*base, "--eval", "generated"])

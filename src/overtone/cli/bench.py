@@ -9,6 +9,7 @@ import typer
 
 from overtone.cli.app import app
 from overtone.cli.common import (
+    AbilityEveryOpt,
     AbilityOpt,
     AblationOptions,
     BatchOpt,
@@ -82,6 +83,7 @@ def bench(
     temperature: TemperatureOpt = None,
     scoring: EvalOptions,
     ability: AbilityOpt = False,
+    ability_every: AbilityEveryOpt = 0,
     strict: StrictOpt = False,
     truncate: TruncateOpt = False,
     seed: SeedOpt = 0,
@@ -94,7 +96,8 @@ def bench(
     model (or each after its edit, --eval-timing after-each), then the chunk is reverted; metrics are
     averaged over chunks. With --batch B, each chunk's edits are made B cases per edit call (batch
     editing: --sequence 100 --batch 100 edits 100 facts in one MEMIT update). --eval wild or both scores
-    generated answers too (docs/wild.md); --ability tracks perplexity and general facts after each chunk.
+    generated answers too (docs/wild.md); --ability tracks perplexity and general facts after each chunk
+    (and --ability-every K after every K edits within it).
     With --parallel B, single editing edits B cases at once, each against the unedited model (the same
     results, faster; docs/parallel.md).
 
@@ -107,6 +110,9 @@ def bench(
 
     setup(model.threads, seed, verbose)
     cases_at_once = parallel_option(parallel, editor, sequence, batch)
+    if ability_every and ability_every >= sequence:
+        fail(f"--ability-every {ability_every} measures within a chunk of --sequence {sequence} edits: give K below "
+             f"T (the chunk's end is measured anyway with --ability)")
     cfg = overtone_config(editor, overtone, ablation)
     overrides = editing.settings(editor, settings, stop_loss=stop_loss)
     generation = {"single_hop_tokens": single_hop_tokens, "multi_hop_tokens": multi_hop_tokens,
@@ -119,7 +125,7 @@ def bench(
             lm, ed = build(model, editor, objective, cfg, overrides)
             summary = run_bench(lm, ed, dataset, offset, limit, out, seed, model.threads, f"{editor}/{objective}",
                                 sequence, eval_timing, generation, batch, inputs=inputs, lock=lock, strict=strict,
-                                ability=ability, parallel=cases_at_once)
+                                ability=ability, ability_every=ability_every, parallel=cases_at_once)
     config, _, _ = read_run(out)
     rows = [(f"{editor} {objective}", summary)]
     console.print(summary_table(rows, title=f"{protocol_title(config)}, {model.model}"))

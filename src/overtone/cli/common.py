@@ -69,6 +69,9 @@ EvalContextOpt = Annotated[str, typer.Option(
     help="wild: the bare probe prompt, or qa (the study's QA instruction in the chat template)")]
 AbilityOpt = Annotated[bool, typer.Option(
     "--ability", help="measure held-out perplexity and general facts at the end of each chunk (continual editing)")]
+AbilityEveryOpt = Annotated[int, typer.Option(
+    "--ability-every", min=0, metavar="K",
+    help="and after every K edits within a chunk (implies --ability; K below --sequence): the drift curve")]
 BatchOpt = Annotated[int, typer.Option(
     "--batch", min=1, help="batch editing: B cases per edit call within each chunk of --sequence T (MEMIT)")]
 FactsOpt = Annotated[Path | None, typer.Option(
@@ -508,7 +511,7 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
               step_budgets: dict[str, int] | None = None, matched: str | None = None, *,
               inputs: RunInputs | None = None, lock: Any = None, strict: bool = False,
               evaluation: str = "teacher-forced", eval_context: str = "bare", ability: bool = False,
-              parallel: int | str = 1) -> dict[str, Any]:
+              ability_every: int = 0, parallel: int | str = 1) -> dict[str, Any]:
     """Run ``editor`` over a dataset into ``out``: single editing (``sequence`` 1), continual editing, or
     batch editing (``batch`` cases per edit call, within chunks of ``sequence``).
 
@@ -519,12 +522,13 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
     tokenizer); ``lock``: the directory's ``RunLock`` when the caller took it before loading the model;
     ``strict``: a diverged edit stops the run. ``evaluation`` is ``--eval`` (the benchmark's own protocol,
     wild, or both) with the wild ``eval_context`` (both taken from ``inputs`` when given); ``ability``
-    measures the general ability at the end of each chunk. ``parallel``: single-editing cases edited at once
+    measures the general ability at the end of each chunk, and after every ``ability_every`` edits within
+    it when that is set. ``parallel``: single-editing cases edited at once
     (a number, or ``auto`` from free memory; see ``parallel_option``).
     """
     from overtone.editors.parallel import parallel_size
     from overtone.evaluation import make_evaluator
-    from overtone.evaluation.ability import AbilityMonitor
+    from overtone.evaluation.ability import AbilityMonitor, AbilitySettings
     from overtone.runner import ResultStore, RunError, StoreError, run_continual
     from overtone.runner.bench import check_parallel_cases
     from overtone.runner.config import run_config
@@ -546,7 +550,7 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
         parallel = parallel_size(editor.case_memory(), lm.device, max(1, len(cases) // PARALLEL_WINDOW))
     evaluator = make_evaluator(bench.evaluation, lm, inputs.generation, inputs.evaluation, inputs.wild)
     try:
-        monitor = AbilityMonitor(lm) if ability else None
+        monitor = AbilityMonitor(lm, AbilitySettings(every=ability_every)) if ability or ability_every else None
     except CorpusError as exc:
         fail(str(exc))
     config = run_config(lm, editor, evaluator, bench, dataset, offset, limit, seed, threads, sequence, eval_timing,

@@ -1,7 +1,8 @@
 """General ability during continual editing: does the edited model still model text and recall other facts?
 
-At the end of each chunk of edits (before the revert) two fixed probes are measured and compared with
-the unedited model:
+At the end of each chunk of edits (before the revert), and with ``every`` = K also after every K edits
+of the chunk (the drift curve of a long sequence, e.g. after 10, 20, ..., 100 edits of T = 100), two fixed
+probes are measured and compared with the unedited model:
 
 * perplexity on a held-out slice of the offline Wikipedia text: the first 64 tokens of each of the 64
   held-out articles of ``wiki.utf8`` (every 36th article, ``stats.corpus``), which the ROME/MEMIT
@@ -48,10 +49,11 @@ class AbilitySettings:
     corpus: str = field(default="wikipedia", metadata={"help": "corpus whose held-out documents give the perplexity"})
     doc_tokens: int = field(default=64, metadata={"help": "first tokens of each held-out document scored"})
     fact_tokens: int = field(default=16, metadata={"help": "max new tokens of a fact's answer"})
+    every: int = field(default=0, metadata={"help": "also measure after every K edits of a chunk (0: at its end only)"})
 
     def __post_init__(self) -> None:
-        if self.doc_tokens < 2 or self.fact_tokens < 1:
-            raise ValueError("doc_tokens must be >= 2 and fact_tokens >= 1")
+        if self.doc_tokens < 2 or self.fact_tokens < 1 or self.every < 0:
+            raise ValueError("doc_tokens must be >= 2, fact_tokens >= 1 and every >= 0")
 
 
 def load_facts() -> list[Fact]:
@@ -76,8 +78,17 @@ class AbilityMonitor:
         self.reference: dict[str, Any] | None = None
 
     def describe(self) -> dict[str, Any]:
-        return {**asdict(self.settings), "documents": len(self.samples), "tokens": sum(map(len, self.samples)),
+        settings = asdict(self.settings)
+        if not settings["every"]:  # the default is left out, so that runs recorded before the option resume
+            del settings["every"]
+        return {**settings, "documents": len(self.samples), "tokens": sum(map(len, self.samples)),
                 "facts": len(self.facts)}
+
+    def due(self, before: int, after: int, total: int) -> bool:
+        """Whether a measurement inside a chunk of ``total`` edits is due after edits ``before`` .. ``after``
+        (a batch edit may step over a multiple of ``every``); the chunk's end is measured anyway."""
+        every = self.settings.every
+        return bool(every) and after < total and after // every > before // every
 
     @torch.no_grad()
     def perplexity(self) -> float:

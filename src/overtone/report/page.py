@@ -23,6 +23,7 @@ from overtone.report.tables import (
     TEACHER_FORCED,
     WILD,
     PaperTable,
+    ability_curve_table,
     ability_rows,
     ability_table,
     ablation_tables,
@@ -162,11 +163,12 @@ def build_sections(inputs: Inputs, max_heatmaps: int = 12,
         wild = _wild_section(runs) if set(protocols) >= {TEACHER_FORCED, WILD} else None
         if wild:
             sections.append(wild)
-        ability = ability_table(ability_rows(runs))
+        measured = ability_rows(runs)
+        ability = [t for t in (ability_table(measured), ability_curve_table(measured)) if t]
         if ability:
             sections.append(Section("ability", "General ability during continual editing",
                                     "Held-out perplexity and general facts after each chunk's edits, against the "
-                                    "unedited model (docs/wild.md).", [ability]))
+                                    "unedited model (docs/wild.md).", ability))
     for i, path in enumerate(inputs.traces):
         meta, traces = load_traces(path)
         cases = list(dict.fromkeys(t.case_id for t in traces))

@@ -217,8 +217,9 @@ def wild_detail_table(rows: Sequence[Row], title: str = "") -> PaperTable | None
 
 
 def extra_tables(rows: Sequence[Row]) -> list[PaperTable]:
-    """The tables that follow a summary table when its runs have them: wild scores and cost, general ability."""
-    return [t for t in (wild_detail_table(rows), ability_table(rows)) if t]
+    """The tables that follow a summary table when its runs have them: wild scores and cost, general ability
+    (at chunk ends, and along the chunk with ``--ability-every``)."""
+    return [t for t in (wild_detail_table(rows), ability_table(rows), ability_curve_table(rows)) if t]
 
 
 def ability_table(rows: Sequence[Row], title: str = "") -> PaperTable | None:
@@ -243,6 +244,23 @@ def ability_table(rows: Sequence[Row], title: str = "") -> PaperTable | None:
                 "drift = edited / unedited - 1. General facts: the n shipped facts the unedited model answers "
                 "right; right % still answered right, same %: the same generated tokens as the unedited model. "
                 "s/check: seconds per measurement.",
+    )
+
+
+def ability_curve_table(rows: Sequence[Row], title: str = "") -> PaperTable | None:
+    """General ability after every K edits of a chunk (``--ability-every K``), one section per run."""
+    sections = [(label, [[str(p["edits"]), _fmt(p.get("ppl"), 3), _signed(p.get("ppl_drift_pct")),
+                          _fmt(p.get("facts_right")), _fmt(p.get("facts_same")), str(p.get("n_measured", "–"))]
+                         for p in summary["ability"]["curve"]])
+                for label, summary in rows if summary.get("ability", {}).get("curve")]
+    if not sections:
+        return None
+    return PaperTable(
+        title=title or "General ability along each chunk of edits",
+        groups=[("perplexity", ["edited", "drift %"]), ("general facts", ["right %", "same %"]), ("", ["chunks"])],
+        sections=sections, stub="edits",
+        caption="The same measurements as the table above, made after every K edits of a chunk (--ability-every "
+                "K), before the chunk's later edits; means over chunks.",
     )
 
 

@@ -14,7 +14,9 @@ when no edit of the chunk (so far) changed a layer below it.
 
 With an ``AbilityMonitor``, the edited model's general ability (held-out perplexity, general facts) is
 measured after step 3, before the revert, and stored in every record of the chunk under ``ability``
-next to the unedited model's (measured once, before the first edit of the run).
+next to the unedited model's (measured once, before the first edit of the run). When the monitor measures
+every K edits as well, the records also hold ``ability_curve``: one measurement per K edits (``edits``:
+how many cases of the chunk were edited then), the chunk's end last.
 
 With ``batch`` B > 1, step 2 edits B consecutive cases at a time in one ``edit`` call (batch editing,
 e.g. MEMIT's joint update); their records share that call's statistics: ``steps`` and ``edit_s`` are
@@ -161,6 +163,7 @@ def edit_chunk(
     stats: list[list[EditStats]] = []
     sizes = [1] * len(cases)  # how many cases shared each case's edit call
     results: list[dict[str, Any] | None] = [None] * len(cases)
+    curve: list[dict[str, Any]] = []  # the general ability after every K edits (``ability.due``)
 
     def evaluate(indices: range) -> None:
         """Evaluate these cases on the model as it is now, in one ``after_many`` call."""
@@ -190,9 +193,13 @@ def edit_chunk(
                 raise CaseError(", ".join(c.case_id for c in group), exc) from exc
             if eval_timing == "after-each":
                 evaluate(range(first, first + len(group)))
+            if ability and ability.due(first, first + len(group), len(cases)):
+                curve.append({"edits": first + len(group), **ability.measure()})
         if eval_timing == "end":
             evaluate(range(len(cases)))
         measured = {"ability": ability.measure()} if ability else {}
+        if curve:
+            measured["ability_curve"] = [*curve, {"edits": len(cases), **measured["ability"]}]
     except BaseException:
         stack.revert()
         raise
@@ -322,9 +329,8 @@ def _summarize_metrics(records: Sequence[dict[str, Any]], metrics: Sequence[str]
     return summary
 
 
-def _summarize_ability(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Per chunk the ability after its edits (shared by its records), averaged over chunks; drift vs unedited."""
-    measured = [chunk[0]["ability"] for chunk in _chunks([r for r in records if "ability" in r])]
+def _ability_means(measured: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Means over chunks of the ability measurements ``measured``; perplexity drift vs the unedited model."""
     ppl, base = _mean([m["ppl"] for m in measured]), _mean([m["ppl_unedited"] for m in measured])
     return {
         "ppl": None if ppl is None else round(ppl, 3),
@@ -332,10 +338,21 @@ def _summarize_ability(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "ppl_drift_pct": _x100(_mean([m["ppl"] / m["ppl_unedited"] - 1 for m in measured])),
         "facts_right": _x100(_mean([m["facts_right"] for m in measured])),
         "facts_same": _x100(_mean([m["facts_same"] for m in measured])),
-        "facts": measured[0]["facts"] if measured else None,
         "n_measured": len(measured),
-        "mean_s": _mean([m["seconds"] for m in measured]),
     }
+
+
+def _summarize_ability(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per chunk the ability after its edits (shared by its records), averaged over chunks; with
+    ``ability_curve`` records, the same after each number of edits measured (``curve``)."""
+    measured = [chunk[0]["ability"] for chunk in _chunks([r for r in records if "ability" in r])]
+    summary = {**_ability_means(measured), "facts": measured[0]["facts"] if measured else None,
+               "mean_s": _mean([m["seconds"] for m in measured])}
+    points = [p for chunk in _chunks([r for r in records if "ability_curve" in r]) for p in chunk[0]["ability_curve"]]
+    if points:
+        summary["curve"] = [{"edits": n, **_ability_means([p for p in points if p["edits"] == n])}
+                            for n in sorted({p["edits"] for p in points})]
+    return summary
 
 
 def summarize(records: Sequence[dict[str, Any]], metrics: Sequence[str] | None = None) -> dict[str, Any]:
