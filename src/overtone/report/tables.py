@@ -255,8 +255,9 @@ def ability_curve_table(rows: Sequence[Row], title: str = "") -> PaperTable | No
                 for label, summary in rows if summary.get("ability", {}).get("curve")]
     if not sections:
         return None
+    named = f": {sections[0][0]}" if len(sections) == 1 else ""  # one section is printed without its header
     return PaperTable(
-        title=title or "General ability along each chunk of edits",
+        title=title or f"General ability along each chunk of edits{named}",
         groups=[("perplexity", ["edited", "drift %"]), ("general facts", ["right %", "same %"]), ("", ["chunks"])],
         sections=sections, stub="edits",
         caption="The same measurements as the table above, made after every K edits of a chunk (--ability-every "
