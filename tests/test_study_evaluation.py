@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from overtone.cli import app
 from overtone.runner import read_run
-from overtone.study import load_study
+from overtone.study import StudyError, load_study
 from overtone.study.driver import DONE, Scheduler, run_study
 from overtone.study.executors import ExecutorOptions, LocalExecutor
 
@@ -32,6 +32,31 @@ def test_ids_change_with_the_wild_evaluation_and_the_ability_check_but_not_with_
     for other in changed:
         assert not set(other) & set(plain)
     assert len({tuple(other) for other in changed}) == len(changed)
+
+
+def test_ability_every_enters_the_id_only_when_set_and_stays_below_the_sequence_length():
+    at_chunk_end = ids(sequence=4, ability=True)
+    assert at_chunk_end == ids(sequence=4, ability=True, ability_every=0)
+    curve = ids(sequence=4, ability_every=2)  # implies the ability check
+    assert curve == ids(sequence=4, ability=True, ability_every=2) and not set(curve) & set(at_chunk_end)
+    assert {c.ability_every for c in load_study(spec("m", fixed={"sequence": 4, "ability_every": 2})).cells} == {2}
+    with pytest.raises(StudyError, match="ability_every 4 measures within a chunk of T = 4 edits"):
+        ids(sequence=4, ability_every=4)
+    with pytest.raises(StudyError, match="ability_every must be >= 0"):
+        ids(sequence=4, ability_every=-1)
+
+
+def test_a_study_measures_the_ability_curve_with_ability_every(tiny_llama_dir, tmp_path):
+    file = tmp_path / "curve.yaml"
+    file.write_text(yaml.safe_dump(spec(tiny_llama_dir, fixed={"limit": 2, "sequence": 2},
+                                        axes={"editor": ["ft-m"], "variant": ["ce"], "seed": [0]},
+                                        editors={"ft-m": {"settings": {"layer": 2, "steps": 2}}})))
+    result = runner.invoke(app, ["study", "run", str(file), "--out", str(tmp_path / "out"), "--ability-every", "1"])
+    assert result.exit_code == 0, result.output
+    (cell,) = load_study(file, overrides={"ability_every": 1}).cells
+    config, records, _ = read_run(tmp_path / "out" / cell.name)
+    assert config["ability"]["every"] == 1
+    assert [p["edits"] for p in records[0]["ability_curve"]] == [1, 2]
 
 
 def test_only_single_editing_cells_of_editors_that_can_edit_side_by_side_get_parallel():

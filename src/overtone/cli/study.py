@@ -39,6 +39,8 @@ StudyEvalOpt = Annotated[str | None, typer.Option(
 StudyEvalContextOpt = Annotated[str | None, typer.Option("--eval-context", help="override the wild context: bare, qa")]
 StudyAbilityOpt = Annotated[bool, typer.Option(
     "--ability", help="measure the general ability at the end of each chunk (continual cells)")]
+StudyAbilityEveryOpt = Annotated[int | None, typer.Option(
+    "--ability-every", min=0, metavar="K", help="and after every K edits within each chunk (implies --ability)")]
 StudyParallelOpt = Annotated[str | None, typer.Option(
     "--parallel", help="override the cases a worker edits side by side in single editing (a number or auto)")]
 MarkdownOpt = Annotated[bool, typer.Option("--markdown", help="print GitHub Markdown")]
@@ -195,12 +197,13 @@ def run(
     evaluation: StudyEvalOpt = None,
     eval_context: StudyEvalContextOpt = None,
     ability: StudyAbilityOpt = False,
+    ability_every: StudyAbilityEveryOpt = None,
     parallel: StudyParallelOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run every unfinished cell of a study; safe to kill and rerun (finished cases are kept, none is repeated)."""
     study = overrides.load(file, threads=threads, evaluation=evaluation, eval_context=eval_context,
-                           ability=ability or None, parallel=parallel)
+                           ability=ability or None, ability_every=ability_every, parallel=parallel)
     setup(study.threads, 0, verbose)
     scheduler = run_study_cli(study, out, execution, cpus_per_worker, gpus_per_worker)
     print_tables(out)

@@ -5,7 +5,8 @@ OverTone, its ablations, a tuning grid) x seeds. The YAML file (docs/studies.md)
 
 * ``fixed``: settings shared by every cell (model, device, dtype, dataset, offset, limit, sequence,
   eval_timing, batch, seed, threads, generation; ``evaluation`` and ``eval_context`` as ``--eval`` and
-  ``--eval-context``, ``ability`` as ``--ability``, ``parallel`` as ``--parallel``);
+  ``--eval-context``, ``ability`` as ``--ability``, ``ability_every`` as ``--ability-every``, ``parallel``
+  as ``--parallel``);
 * ``axes``: lists of values of ``model``, ``dataset``, ``sequence``, ``editor``, ``variant``, ``seed``;
   a key is either fixed or an axis;
 * ``editors``: per editor, its ``settings``, its ``overtone`` hyper-parameters (over the editor's tuned
@@ -53,14 +54,14 @@ AXES = ("model", "dataset", "sequence", "editor", "variant", "seed")  # expansio
 FIXED_DEFAULTS: dict[str, Any] = {
     "model": "smollm2-135m", "device": "auto", "dtype": "fp32", "offset": 0, "limit": None, "sequence": 1,
     "eval_timing": "end", "batch": 1, "seed": 0, "threads": 1, "generation": {}, "variant": ["ce", "overtone"],
-    "evaluation": "teacher-forced", "eval_context": "bare", "ability": False, "parallel": 1,
+    "evaluation": "teacher-forced", "eval_context": "bare", "ability": False, "ability_every": 0, "parallel": 1,
 }
 REQUIRED = ("editor", "dataset")
 EDITOR_KEYS = ("settings", "overtone", "objective_settings")
 TOP_KEYS = ("name", "description", "fixed", "axes", "editors", "profiles", "profile")
 # Settings a user may override from the command line (``overtone study run --model ...``).
 OVERRIDABLE = ("model", "device", "dtype", "offset", "limit", "threads", "evaluation", "eval_context", "ability",
-               "parallel")
+               "ability_every", "parallel")
 
 
 class StudyError(ValueError):
@@ -102,6 +103,7 @@ class Cell:
     evaluation: str = "teacher-forced"  # --eval
     eval_context: str = "bare"  # --eval-context
     ability: bool = False  # --ability
+    ability_every: int = 0  # --ability-every
     parallel: int | str = 1  # --parallel (1 for cells that cannot edit side by side)
 
     @property
@@ -126,7 +128,8 @@ class Cell:
                 "eval_timing": self.eval_timing, "batch": self.batch, "seed": self.seed,
                 "deterministic": self.deterministic, "after": self.after,
                 "match_steps": self.variant.match_steps, "evaluation": self.evaluation,
-                "eval_context": self.eval_context, "ability": self.ability, "parallel": self.parallel}
+                "eval_context": self.eval_context, "ability": self.ability, "ability_every": self.ability_every,
+                "parallel": self.parallel}
 
 
 @dataclass
@@ -418,9 +421,12 @@ def _evaluation(values: dict[str, Any], where: str) -> dict[str, Any]:
         raise StudyError(f"{where}: eval_context {context!r} is not one of {', '.join(CONTEXTS)}")
     if context != "bare" and mode == "teacher-forced":
         raise StudyError(f"{where}: eval_context {context} applies to the wild evaluation (evaluation: wild or both)")
-    ability = coerce(values["ability"], bool, f"{where}: ability")
+    every = coerce(values["ability_every"], int, f"{where}: ability_every")
+    if every < 0:
+        raise StudyError(f"{where}: ability_every must be >= 0 (0: at each chunk's end only)")
+    ability = coerce(values["ability"], bool, f"{where}: ability") or every > 0
     return {**({"evaluation": {"mode": mode, "context": context}} if mode != "teacher-forced" else {}),
-            **({"ability": True} if ability else {})}
+            **({"ability": True} if ability else {}), **({"ability_every": every} if every else {})}
 
 
 def _parallel(value: Any, where: str) -> int | str:
@@ -487,6 +493,9 @@ def expand(spec: dict[str, Any], where: str = "study") -> Study:
                 if sequence < 1 or scalars["batch"] > sequence:
                     raise StudyError(f"{where}: sequence {sequence}: T must be >= 1 and >= batch "
                                      f"({scalars['batch']})")
+                if evaluation.get("ability_every", 0) >= sequence:
+                    raise StudyError(f"{where}: ability_every {evaluation['ability_every']} measures within a chunk "
+                                     f"of T = {sequence} edits: give it below every sequence length")
                 protocol: dict[str, Any] = {"sequence": sequence}
                 if sequence > 1:
                     protocol.update(eval_timing=scalars["eval_timing"], batch=scalars["batch"])
@@ -543,7 +552,8 @@ def expand(spec: dict[str, Any], where: str = "study") -> Study:
                             cell = Cell(cell_id(material), model, editor, variant, _hashable(merged), dataset,
                                         scalars["offset"], limit, sequence, scalars["eval_timing"],
                                         scalars["batch"], seed, given_generation, after, deterministic,
-                                        values["evaluation"], values["eval_context"], bool(values["ability"]),
+                                        values["evaluation"], values["eval_context"],
+                                        bool(evaluation.get("ability")), evaluation.get("ability_every", 0),
                                         side_by_side)
                             by_key[(model, dataset, sequence, editor, seed, variant.slug)] = cell.id
                             cells.append(cell)

@@ -117,7 +117,7 @@ class Worker:
         from overtone.editors import make_editor
         from overtone.editors.parallel import parallel_size
         from overtone.evaluation import GenerationSettings, WildSettings, make_evaluator
-        from overtone.evaluation.ability import AbilityMonitor
+        from overtone.evaluation.ability import AbilityMonitor, AbilitySettings
         from overtone.models import ArchitectureError
         from overtone.objectives import make_objective
         from overtone.runner.checks import prepare_cases
@@ -135,7 +135,7 @@ class Worker:
                                        cell.evaluation, WildSettings(context=cell.eval_context))
             cases = prepare_cases(load_benchmark(cell.dataset, limit=cell.limit, offset=cell.offset),
                                   lm.tokenizer, type(editor), editor.config)
-            ability = AbilityMonitor(lm) if cell.ability else None
+            ability = AbilityMonitor(lm, AbilitySettings(every=cell.ability_every)) if cell.ability else None
         except (ArchitectureError, CorpusError, DatasetError, ValueError, FileNotFoundError) as exc:
             raise TaskError(f"{cell.name}: {exc}") from exc
         parallel = cell.parallel
