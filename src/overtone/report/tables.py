@@ -222,6 +222,12 @@ def extra_tables(rows: Sequence[Row]) -> list[PaperTable]:
     return [t for t in (wild_detail_table(rows), ability_table(rows), ability_curve_table(rows)) if t]
 
 
+def _ability_cells(measured: dict[str, Any]) -> list[str]:
+    """Edited perplexity, its drift, general facts right and same: the cells both ability tables share."""
+    return [_fmt(measured.get("ppl"), 3), _signed(measured.get("ppl_drift_pct")), _fmt(measured.get("facts_right")),
+            _fmt(measured.get("facts_same"))]
+
+
 def ability_table(rows: Sequence[Row], title: str = "") -> PaperTable | None:
     """General ability at the end of each chunk of edits, against the unedited model."""
     chosen = [(label, s) for label, s in rows if s.get("ability")]
@@ -230,8 +236,7 @@ def ability_table(rows: Sequence[Row], title: str = "") -> PaperTable | None:
     body = []
     for label, summary in chosen:
         a = summary["ability"]
-        body.append([label, _fmt(a.get("ppl_unedited"), 3), _fmt(a.get("ppl"), 3), _signed(a.get("ppl_drift_pct")),
-                     _fmt(a.get("facts_right")), _fmt(a.get("facts_same")), str(a.get("facts", "–")),
+        body.append([label, _fmt(a.get("ppl_unedited"), 3), *_ability_cells(a), str(a.get("facts", "–")),
                      str(a.get("n_measured", "–")), _fmt(a.get("mean_s"), 1)])
     return PaperTable(
         title=title or "General ability after each chunk of edits",
@@ -249,8 +254,7 @@ def ability_table(rows: Sequence[Row], title: str = "") -> PaperTable | None:
 
 def ability_curve_table(rows: Sequence[Row], title: str = "") -> PaperTable | None:
     """General ability after every K edits of a chunk (``--ability-every K``), one section per run."""
-    sections = [(label, [[str(p["edits"]), _fmt(p.get("ppl"), 3), _signed(p.get("ppl_drift_pct")),
-                          _fmt(p.get("facts_right")), _fmt(p.get("facts_same")), str(p.get("n_measured", "–"))]
+    sections = [(label, [[str(p["edits"]), *_ability_cells(p), str(p.get("n_measured", "–"))]
                          for p in summary["ability"]["curve"]])
                 for label, summary in rows if summary.get("ability", {}).get("curve")]
     if not sections:
