@@ -9,8 +9,6 @@ The Python API in five lines::
     record = ot.edit_and_score(editor, evaluator, ot.EditCase("demo", "The capital of France is", "Rome"))
 """
 
-__version__ = "0.1.0"
-
 from overtone.artifacts import EditArtifact, export_model, load_edit, save_edit
 from overtone.benchmarks import EditCase, Probe, load_benchmark
 from overtone.editors import EDITORS, EditError, EditHandle, Editor, make_editor
@@ -19,6 +17,7 @@ from overtone.generation import greedy_complete
 from overtone.models import LoadedModel, load_model
 from overtone.objectives import CrossEntropy, Objective, OverTone, OverToneConfig, make_objective
 from overtone.runner import ResultStore, edit_and_score, run_single_editing
+from overtone.version import __version__
 
 __all__ = [
     "EDITORS",

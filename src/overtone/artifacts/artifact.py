@@ -32,7 +32,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from overtone import __version__
+from overtone.version import __version__
 from overtone.artifacts.identity import EditMismatchError, base_identity, differences, dtype_name
 from overtone.benchmarks.cases import EditCase, Probe
 from overtone.editors import EDITORS, EditHandle, Editor

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from overtone import __version__
+from overtone.version import __version__
 from overtone.cli.app import app
 from overtone.cli.common import (
     AblationOptions,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from overtone import __version__
+from overtone.version import __version__
 from overtone.diagnostics import load_traces
 from overtone.report.figures import Bar, Shrink, avg_bars_figure, png, shrink_figure, trace_figures
 from overtone.report.runs import Inputs, Pair, RunInfo, collect, model_name, pair_runs

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from overtone import __version__
+from overtone.version import __version__
 from overtone.benchmarks import BENCHMARKS, Benchmark
 from overtone.editors.base import Editor
 from overtone.evaluation.ability import AbilityMonitor

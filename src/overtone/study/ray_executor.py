@@ -146,7 +146,7 @@ class RayExecutor:
                 return remote.remote(self.options.threads)
 
             actors = [start() for _ in range(count)]
-            from overtone import __version__
+            from overtone.version import __version__
 
             try:
                 infos = ray.get([a.identity.remote() for a in actors])

@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from overtone import __version__
+from overtone.version import __version__
 from overtone.objectives import OBJECTIVES, OverToneConfig, make_objective
 from overtone.runner.variants import (
     Variant,

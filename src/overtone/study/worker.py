@@ -89,7 +89,7 @@ class Worker:
 
     def identity(self) -> dict[str, Any]:
         """Where this worker runs and which code it runs (the driver checks the versions agree)."""
-        from overtone import __version__
+        from overtone.version import __version__
 
         return {"pid": os.getpid(), "host": socket.gethostname(), "version": __version__}
 
