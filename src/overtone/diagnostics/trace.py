@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import Editor, EditStats, StepInfo
+from overtone.editors.base import Editor
+from overtone.editors.reports import EditStats, StepInfo
 from overtone.evaluation.teacher_forced import Evaluator, ProbeBatch
 from overtone.models.replay import SuffixCache
 from overtone.objectives import IGNORE_INDEX, objective_label

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from overtone.editors.base import EditError, EditHandle, Editor, EditStack, EditStats, StepCallback, StepInfo
+from overtone.editors.base import EditError, EditHandle, Editor, EditStack
 from overtone.editors.ft_m import FTM, FTMConfig
 from overtone.editors.lora import LoRA, LoRAConfig
 from overtone.editors.melo import MELO, MELOConfig
 from overtone.editors.memit import MEMIT, MEMITConfig
+from overtone.editors.reports import EditStats, StepCallback, StepInfo
 from overtone.editors.rome import ROME, ROMEConfig
 from overtone.editors.wise import WISE, WISEConfig
 from overtone.models.loading import LoadedModel

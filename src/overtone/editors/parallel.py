@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditStats
+from overtone.editors.reports import EditStats
 from overtone.models.per_case import CaseChange, CaseRows, patched
 
 log = logging.getLogger(__name__)

@@ -36,8 +36,9 @@ from typing import Any, Protocol
 import torch
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditError, EditStats, StepCallback, StepInfo
+from overtone.editors.base import EditError
 from overtone.editors.parallel import CaseParameters
+from overtone.editors.reports import EditStats, StepCallback, StepInfo
 from overtone.models.adapters import ModelAdapter
 from overtone.models.per_case import CaseRows, select_rows
 from overtone.models.replay import SuffixCache, forward_hidden, forward_suffix
