@@ -8,13 +8,13 @@ import pytest
 import torch
 from helpers import assert_same_state, state
 
+from overtone.corpus import load_corpus
 from overtone.editors import FTM, FTMConfig
 from overtone.evaluation import Evaluator, WildSettings
 from overtone.evaluation.ability import AbilityMonitor, AbilitySettings, Fact, load_facts
 from overtone.evaluation.wild import answer, normalize_answer
 from overtone.objectives import CrossEntropy
 from overtone.runner import edit_chunk, summarize
-from overtone.stats import load_corpus
 
 
 def test_the_held_out_slice_is_disjoint_from_the_statistics_documents():

@@ -33,8 +33,8 @@ import pytest
 from typer.testing import CliRunner
 
 from overtone.cli import app
+from overtone.corpus import load_corpus
 from overtone.runner.store import CASES_FILE, RunLock, scan_cases
-from overtone.stats import load_corpus
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,10 @@ import importlib.util
 import pytest
 import torch
 
-from overtone.stats import Corpus, CorpusError, MomentSpec, key_weights, load_corpus, second_moments, weight_hashes
-from overtone.stats.second_moment import corpus_samples, plan_batches
+from overtone.corpus import Corpus, CorpusError, load_corpus
+from overtone.stats import MomentSpec, key_weights, second_moments, weight_hashes
+from overtone.stats.second_moment import corpus_samples
+from overtone.tokens import plan_batches
 
 ARTICLES = [
     "Paris\n\nParis is the capital and largest city of France. It lies on the Seine.",

@@ -8,7 +8,8 @@ it, and avoids the off-by-one the reference toolkit gets when the prompt's separ
 differs from its tokenisation inside the joint text.
 
 Batches are right-padded: every real token keeps its unpadded position, so a sequence gives the
-same logits alone or in a batch.
+same logits alone or in a batch. ``plan_batches`` groups sequences of similar length, so that padding
+stays small; the evaluation and the second-moment statistics batch their sequences with it.
 """
 
 from __future__ import annotations
@@ -108,3 +109,15 @@ def encode_pairs(
         positions[i, : len(span)] = torch.tensor(span) - 1
         labels[i, : len(span)] = torch.tensor([ids[j] for j in span])
     return PairBatch(input_ids, attention, positions, labels).to(torch.device(device))
+
+
+def plan_batches(samples: Sequence[Sequence[int]], batch_tokens: int) -> list[list[int]]:
+    """Sample indices grouped into batches of similar length, each at most ``batch_tokens`` padded tokens."""
+    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i]), i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * len(samples[batches[-1][0]]) <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches

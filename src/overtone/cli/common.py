@@ -526,6 +526,7 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
     it when that is set. ``parallel``: single-editing cases edited at once
     (a number, or ``auto`` from free memory; see ``parallel_option``).
     """
+    from overtone.corpus import CorpusError
     from overtone.editors.parallel import parallel_size
     from overtone.evaluation import make_evaluator
     from overtone.evaluation.ability import AbilityMonitor, AbilitySettings
@@ -533,7 +534,6 @@ def run_bench(lm: Any, editor: Any, dataset: str, offset: int, limit: int | None
     from overtone.runner.bench import check_parallel_cases
     from overtone.runner.config import run_config
     from overtone.runner.continual import PARALLEL_WINDOW
-    from overtone.stats import CorpusError
 
     if inputs is None:
         inputs = check_inputs(lm.tokenizer, editor.name, editor.config, dataset, offset, limit, seed, sequence,

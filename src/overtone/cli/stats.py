@@ -38,10 +38,11 @@ def stats(
     verbose: VerboseOpt = False,
 ) -> None:
     """Compute (or find in the cache) E[k k^T] of MLP keys at some layers; rerun after an interruption to resume."""
+    from overtone.corpus import CorpusError
     from overtone.editors.memit import default_layers
     from overtone.editors.rome import default_layer
     from overtone.models import ArchitectureError, ModelLoadError, load_model
-    from overtone.stats import CorpusError, MomentSpec, second_moments
+    from overtone.stats import MomentSpec, second_moments
 
     setup(threads, 0, verbose)
     try:

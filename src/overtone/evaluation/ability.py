@@ -5,7 +5,7 @@ of the chunk (the drift curve of a long sequence, e.g. after 10, 20, ..., 100 ed
 probes are measured and compared with the unedited model:
 
 * perplexity on a held-out slice of the offline Wikipedia text: the first 64 tokens of each of the 64
-  held-out articles of ``wiki.utf8`` (every 36th article, ``stats.corpus``), which the ROME/MEMIT
+  held-out articles of ``wiki.utf8`` (every 36th article, ``overtone.corpus``), which the ROME/MEMIT
   statistics never read: 2,042 SmolLM2 tokens, 1,978 of them predicted;
 * greedy answers to general facts (``data/ability/general_facts.json``, SOURCES.md): the fact's cloze
   prompt is continued with the wild protocol's stop rule, at most 16 new tokens, and the fact is right
@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
+from overtone.corpus import CorpusError, load_corpus
 from overtone.evaluation.wild import WildSettings, answer, contains
 from overtone.models.loading import LoadedModel
 from overtone.models.replay import forward_hidden
-from overtone.stats.corpus import CorpusError, load_corpus
-from overtone.stats.second_moment import plan_batches
+from overtone.tokens import plan_batches
 
 FACTS_FILE = "ability/general_facts.json"
 

@@ -34,8 +34,7 @@ from overtone.generation import greedy_complete
 from overtone.models.loading import LoadedModel
 from overtone.models.per_case import CaseRows
 from overtone.models.replay import SuffixCache, forward_hidden, forward_suffix
-from overtone.stats.second_moment import plan_batches
-from overtone.tokens import PairBatch, concat_pairs, encode_pairs
+from overtone.tokens import PairBatch, concat_pairs, encode_pairs, plan_batches
 
 if TYPE_CHECKING:
     from overtone.editors.parallel import CaseEdits

@@ -3,7 +3,7 @@
 ROME's rank-one update and MEMIT's least-squares update weigh a new key against the keys the layer
 already serves, summarised by the uncentred second moment of the ``mlp_out`` input (``down_proj``'s
 input: the gated activation) over ordinary text. Here it is estimated on an offline corpus
-(``stats.corpus``):
+(``overtone.corpus``):
 
 * every document but the corpus's held-out ones (``Corpus.held_out``, kept for the perplexity check
   of continual editing) is tokenised as the prompts are, and split into samples of at most
@@ -39,9 +39,10 @@ import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
+from overtone.corpus import Corpus, load_corpus
 from overtone.models.embedded import cache_root
 from overtone.models.loading import LoadedModel
-from overtone.stats.corpus import Corpus, load_corpus
+from overtone.tokens import plan_batches
 
 log = logging.getLogger(__name__)
 
@@ -164,18 +165,6 @@ def corpus_samples(lm: LoadedModel, corpus: Corpus, spec: MomentSpec) -> list[li
     samples = [ids[s:s + spec.max_tokens] for ids in encoded for s in range(0, len(ids), spec.max_tokens)]
     samples = [s for s in samples if len(s) >= 2]
     return samples[: spec.samples] if spec.samples is not None else samples
-
-
-def plan_batches(samples: Sequence[Sequence[int]], batch_tokens: int) -> list[list[int]]:
-    """Sample indices grouped into batches of similar length, each at most ``batch_tokens`` padded tokens."""
-    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i]), i))
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and (len(batches[-1]) + 1) * len(samples[batches[-1][0]]) <= batch_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
 
 
 # ---------------------------------------------------------------------------------------------- compute

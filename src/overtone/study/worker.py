@@ -114,6 +114,7 @@ class Worker:
         if self._cell_id == cell.id and self._prepared is not None:
             return self._prepared
         from overtone.benchmarks import DatasetError, load_benchmark, resolve_dataset
+        from overtone.corpus import CorpusError
         from overtone.editors import make_editor
         from overtone.editors.parallel import parallel_size
         from overtone.evaluation import GenerationSettings, WildSettings, make_evaluator
@@ -122,7 +123,6 @@ class Worker:
         from overtone.objectives import make_objective
         from overtone.runner.checks import prepare_cases
         from overtone.runner.config import run_config
-        from overtone.stats import CorpusError
 
         lm = self._load(cell.model)
         self._prepared = None
