@@ -1,4 +1,4 @@
-"""OverTone: a clipped forward KL to an adaptive, per-token target (Zhang et al., ICML 2025, Sec. 3.1).
+"""OverTone: a clipped forward KL to an adaptive, per-token target (Liu et al., ICML 2025, Sec. 3.1).
 
 For each target token y_i with logits z_i the target distribution is built from the model's own
 prediction, treated as a constant (stop-gradient):
