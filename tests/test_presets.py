@@ -101,7 +101,7 @@ def test_a_good_file_loads(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    (GOOD.replace("steps: 4", "radius: 4"), r"models\.smollm2-135m\.settings: unknown setting 'radius'.*known: variant"),
+    (GOOD.replace("steps: 4", "radius: 4"), r"models\.smollm2-135m\.settings: unknown setting 'radius'.*variant"),
     (GOOD.replace("smollm2-135m", "gpt-5"), r"models: unknown model 'gpt-5'; known: llama-2-7b"),
     (GOOD.replace("lam: 0.5", "lambda: 0.5"), r"overtone\.settings: unknown setting 'lambda'"),
     (GOOD.replace("    source: measured\n", ""), r"models\.smollm2-135m: needs 'source'"),

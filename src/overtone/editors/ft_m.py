@@ -38,7 +38,7 @@ from overtone.editors.parallel import (
     CaseParameters,
     ModelShape,
 )
-from overtone.editors.presets import overtone_defaults
+from overtone.editors.presets import overtone_preset
 from overtone.editors.training import TargetLogits, default_stop, optimise, optimise_cases, stop_when_clipped_field
 from overtone.models.loading import LoadedModel
 from overtone.models.per_case import CaseWeights, patched
@@ -92,7 +92,7 @@ class FTM(Editor):
     name = "ft-m"
     config_class = FTMConfig
     parallel_refusal = None
-    overtone_defaults = overtone_defaults("ft-m", FTMConfig)  # chosen on ZsRE dev records: presets/ft-m.yaml
+    overtone_defaults = overtone_preset("ft-m", FTMConfig)  # chosen on ZsRE dev records: presets/ft-m.yaml
 
     def __init__(self, lm: LoadedModel, config: FTMConfig | None = None, objective: Objective | None = None):
         config = config or FTMConfig()

@@ -29,7 +29,7 @@ from overtone.editors.lora.config import LoRAConfig
 from overtone.editors.lora.factors import edit_generator, initial_factors, orthogonality
 from overtone.editors.lora.per_case import case_memory, edit_cases
 from overtone.editors.parallel import CaseEdits, CaseMemory, ModelShape
-from overtone.editors.presets import overtone_defaults
+from overtone.editors.presets import overtone_preset
 from overtone.editors.training import TargetLogits, default_stop, optimise
 from overtone.models.loading import LoadedModel
 from overtone.models.per_case import dropout_noise
@@ -57,7 +57,7 @@ class LoRA(Editor):
     name = "lora"
     config_class = LoRAConfig
     parallel_refusal = None
-    overtone_defaults = overtone_defaults("lora", LoRAConfig)  # chosen on ZsRE dev records: presets/lora.yaml
+    overtone_defaults = overtone_preset("lora", LoRAConfig)  # chosen on ZsRE dev records: presets/lora.yaml
 
     def __init__(self, lm: LoadedModel, config: LoRAConfig | None = None, objective: Objective | None = None):
         config = config or LoRAConfig()

@@ -23,7 +23,7 @@ from overtone.editors.base import EditHandle, Editor, EditStats, SavedEdit, Step
 from overtone.editors.melo.codebook import Cluster, Codebook, row_keys
 from overtone.editors.melo.config import MELOConfig
 from overtone.editors.memory import Journal, edit_seed
-from overtone.editors.presets import editor_presets, overtone_defaults, resolve_preset
+from overtone.editors.presets import editor_presets, overtone_preset, resolve_preset
 from overtone.editors.training import TargetLogits, default_stop, optimise
 from overtone.models.loading import LoadedModel
 from overtone.objectives import CrossEntropy, Objective
@@ -50,7 +50,7 @@ class MELO(Editor):
     parallel_refusal = ("its edits live in one routed codebook of LoRA blocks, so cases edited side by side would "
                         "capture each other's rows (docs/parallel.md)")
     needs_routing = True
-    overtone_defaults = overtone_defaults("melo", MELOConfig)  # chosen on ZsRE dev records: presets/melo.yaml
+    overtone_defaults = overtone_preset("melo", MELOConfig)  # chosen on ZsRE dev records: presets/melo.yaml
 
     def __init__(self, lm: LoadedModel, config: MELOConfig | None = None, objective: Objective | None = None):
         config = resolve_preset(config or MELOConfig(), editor_presets("melo", MELOConfig), lm, "MELO",

@@ -147,7 +147,7 @@ def editor_presets(editor: str, config_class: type) -> EditorPresets:
     return load_presets(path, config_class) if path.is_file() else EditorPresets(str(path), MappingProxyType({}))
 
 
-def overtone_defaults(editor: str, config_class: type) -> OverToneConfig:
+def overtone_preset(editor: str, config_class: type) -> OverToneConfig:
     """The editor's OverTone defaults from its preset file, else the objective's own."""
     return editor_presets(editor, config_class).overtone or OverToneConfig()
 

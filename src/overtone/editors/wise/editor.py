@@ -25,7 +25,7 @@ from overtone.benchmarks.irrelevant import DEFAULT_SOURCE, load_irrelevant
 from overtone.benchmarks.knowedit import DatasetError
 from overtone.editors.base import EditHandle, Editor, EditStats, SavedEdit, StepCallback
 from overtone.editors.memory import Journal
-from overtone.editors.presets import editor_presets, overtone_defaults, resolve_preset
+from overtone.editors.presets import editor_presets, overtone_preset, resolve_preset
 from overtone.editors.training import TargetLogits, optimise
 from overtone.editors.wise.config import WISEConfig
 from overtone.editors.wise.memory import Shard, State, activation, distance, project, ties_merge
@@ -52,7 +52,7 @@ class WISE(Editor):
     parallel_refusal = ("its edits live in one routed side memory, so cases edited side by side would capture "
                         "each other's rows (docs/parallel.md)")
     needs_routing = True
-    overtone_defaults = overtone_defaults("wise", WISEConfig)  # chosen on ZsRE dev records: presets/wise.yaml
+    overtone_defaults = overtone_preset("wise", WISEConfig)  # chosen on ZsRE dev records: presets/wise.yaml
 
     def __init__(self, lm: LoadedModel, config: WISEConfig | None = None, objective: Objective | None = None):
         # The margins and thresholds are in units of the model's activations: a preset of another model
