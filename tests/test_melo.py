@@ -8,7 +8,7 @@ from test_memory_editors import CASE, SETTINGS
 
 from overtone.benchmarks import EditCase
 from overtone.editors import MELO, make_editor
-from overtone.editors.melo import PRESETS, Codebook
+from overtone.editors.melo import Codebook
 from overtone.objectives import CrossEntropy
 
 
@@ -79,7 +79,6 @@ def test_keys_come_from_below_the_lora_layers(tiny_llama):
 
 
 def test_presets_and_a_missing_radius(tiny_llama):
-    assert PRESETS["llama-2-7b"]["init_radius"] == 60.0 and PRESETS["llama-3-8b"]["init_radius"] == 30.0
     ed = make_editor("melo", tiny_llama, CrossEntropy(), preset="llama-3-8b", layers=(2, 3))
     assert ed.config.init_radius == 30.0 and ed.config.key_layer == 2 and ed.config.lr == 1e-3
     with pytest.raises(ValueError, match=r"set init_radius .*benchmarks/melo_key_distances.py"):

@@ -13,7 +13,8 @@ from test_memory_editors import CASE, SETTINGS, routed
 from overtone.benchmarks import DatasetError, EditCase
 from overtone.benchmarks.irrelevant import load_irrelevant
 from overtone.editors import WISE, EditStack, WISEConfig, make_editor
-from overtone.editors.wise import PRESETS, ties_merge
+from overtone.editors.presets import editor_presets, matching_preset, model_shapes
+from overtone.editors.wise import ties_merge
 from overtone.objectives import CrossEntropy
 
 
@@ -112,7 +113,6 @@ def test_irrelevant_sentences_come_from_the_zsre_train_split(tiny_llama, tmp_pat
 
 
 def test_presets_and_validation(tiny_llama):
-    assert PRESETS["llama-2-7b"]["layer"] == 27 and PRESETS["llama-3-8b"]["act_ratio"] == 0.5
     ed = make_editor("wise", tiny_llama, CrossEntropy(), preset="llama-3-8b", layer=1)
     assert ed.config.layer == 1 and ed.config.lr == 0.9 and ed.config.steps == 30  # explicit fields win
     # a model of no preset's shape gets no borrowed preset: its activation scale may differ
@@ -130,7 +130,6 @@ def test_presets_and_validation(tiny_llama):
 
 def test_presets_match_the_model_shape_not_its_name(tokenizer):
     """A Llama-3-8B-shaped model gets the llama-3-8b preset whatever it is called (e.g. an Instruct hub id)."""
-    from overtone.editors.memory import PRESET_SHAPES, matching_preset
     from overtone.models.loading import LoadedModel
 
     class Shaped:  # only the config is read
@@ -138,7 +137,8 @@ def test_presets_match_the_model_shape_not_its_name(tokenizer):
             self.model = type("M", (), {"config": type("C", (), shape)()})()
             self.name = "meta-llama/Meta-Llama-3-8B-Instruct"
 
-    lm: LoadedModel = Shaped(**PRESET_SHAPES["llama-3-8b"])  # type: ignore[assignment]
-    assert matching_preset(lm, PRESETS) == "llama-3-8b"
-    other = Shaped(**{**PRESET_SHAPES["llama-3-8b"], "num_hidden_layers": 80})
-    assert matching_preset(other, PRESETS) is None
+    presets = editor_presets("wise", WISEConfig).settings()
+    lm: LoadedModel = Shaped(**model_shapes()["llama-3-8b"])  # type: ignore[assignment]
+    assert matching_preset(lm, presets) == "llama-3-8b"
+    other = Shaped(**{**model_shapes()["llama-3-8b"], "num_hidden_layers": 80})
+    assert matching_preset(other, presets) is None

@@ -1,4 +1,5 @@
-"""Editors, registered by name. A new editor is a module with an ``Editor`` subclass plus one line here."""
+"""Editors, registered by name. A new editor is a module (or a package, when it holds more than one idea) with
+an ``Editor`` subclass plus one line here; its per-model settings go in ``editors/presets/<name>.yaml``."""
 
 from __future__ import annotations
 

@@ -38,10 +38,11 @@ from overtone.editors.parallel import (
     CaseParameters,
     ModelShape,
 )
+from overtone.editors.presets import overtone_preset
 from overtone.editors.training import TargetLogits, default_stop, optimise, optimise_cases, stop_when_clipped_field
 from overtone.models.loading import LoadedModel
 from overtone.models.per_case import CaseWeights, patched
-from overtone.objectives import Objective, OverToneConfig
+from overtone.objectives import Objective
 from overtone.tokens import encode_pairs
 
 # EasyEdit edits layer 21 of Llama-2-7B's 32 (relative depth 0.66). We keep that depth for any model:
@@ -91,10 +92,7 @@ class FTM(Editor):
     name = "ft-m"
     config_class = FTMConfig
     parallel_refusal = None
-    # Chosen by `overtone sweep --editor ft-m --offset 1000 --limit 20` (ZsRE dev records 1000-1019, disjoint
-    # from reported cases) over lambda {0.1, 0.3, 0.5} x n {0.5, 1, 2} x epsilon {0, 0.01}: the best Avg.,
-    # 83.04 vs CE 83.00 (paired +0.04 +- 0.09, within noise); epsilon 0 and 0.01 tied, 0.01 keeps the clip.
-    overtone_defaults = OverToneConfig(lam=0.5, n_sigma=1.0, epsilon=0.01)
+    overtone_defaults = overtone_preset("ft-m", FTMConfig)  # chosen on ZsRE dev records: presets/ft-m.yaml
 
     def __init__(self, lm: LoadedModel, config: FTMConfig | None = None, objective: Objective | None = None):
         config = config or FTMConfig()

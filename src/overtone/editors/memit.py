@@ -24,7 +24,7 @@ Batch editing (``--batch``) is the other protocol: one joint update for all case
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -37,6 +37,7 @@ from overtone.editors.locate.editor import LocateEditor
 from overtone.editors.locate.update import add_update, apply_factors, factor_product, saved_factors, snapshot
 from overtone.editors.locate.value import optimise_values
 from overtone.editors.parallel import CaseEdits, CaseMemory, ModelShape
+from overtone.editors.presets import editor_presets
 from overtone.editors.rome import value_memory
 from overtone.models.loading import LoadedModel
 from overtone.models.per_case import CaseChange, CaseLowRank, CaseRows, patched
@@ -44,26 +45,10 @@ from overtone.objectives import Objective
 from overtone.stats import log_progress, second_moments
 
 # The reference toolkit's MEMIT edits layers 4..8 of Llama-2-7B's 32 with lambda 15000; other models keep
-# those relative depths and that lambda. For the embedded model (docs/locate.md, ZsRE development records
-# 1000-1011, CE): lambda 15000 leaves most edits unmade there (Rel. 41.5 at layers 4..8) while 500 / 1000 /
-# 2000 reach Rel. 97 / 96 / 91 (Avg. 66.6 / 67.2 / 66.3); at lambda 1000, layers 3..7 / 4..8 / 5..9 give
-# Avg. 70.2 / 67.2 / 70.5, within noise of each other on 12 cases, so the reference depths are kept.
+# those relative depths and that lambda, unless editors/presets/memit.yaml names layers or a lambda for
+# the model (by its name; the embedded model's lambda 1000 comes from ZsRE development cases, docs/locate.md).
 REFERENCE_DEPTHS = (4 / 32, 8 / 32)
 REFERENCE_UPDATE_WEIGHT = 15000.0
-EMBEDDED_LAYERS: dict[str, tuple[int, ...]] = {"smollm2-135m": (4, 5, 6, 7, 8)}
-EMBEDDED_UPDATE_WEIGHTS: dict[str, float] = {"smollm2-135m": 1000.0}
-
-
-def default_layers(lm: LoadedModel) -> tuple[int, ...]:
-    if lm.name in EMBEDDED_LAYERS:
-        return EMBEDDED_LAYERS[lm.name]
-    n = lm.adapter.num_layers
-    low, high = (min(n - 1, round(d * n)) for d in REFERENCE_DEPTHS)
-    return tuple(range(low, high + 1))
-
-
-def default_update_weight(lm: LoadedModel) -> float:
-    return EMBEDDED_UPDATE_WEIGHTS.get(lm.name, REFERENCE_UPDATE_WEIGHT)
 
 
 @dataclass(frozen=True)
@@ -84,6 +69,23 @@ class MEMITConfig(LocateConfig):
             object.__setattr__(self, "layers", layers)
         if self.mom2_update_weight is not None and self.mom2_update_weight < 0:
             raise ValueError(f"mom2_update_weight must be >= 0, got {self.mom2_update_weight}")
+
+
+def _preset(lm: LoadedModel) -> Mapping[str, Any]:
+    preset = editor_presets("memit", MEMITConfig).models.get(lm.name)
+    return {} if preset is None else preset.settings
+
+
+def default_layers(lm: LoadedModel) -> tuple[int, ...]:
+    if "layers" in _preset(lm):
+        return _preset(lm)["layers"]
+    n = lm.adapter.num_layers
+    low, high = (min(n - 1, round(d * n)) for d in REFERENCE_DEPTHS)
+    return tuple(range(low, high + 1))
+
+
+def default_update_weight(lm: LoadedModel) -> float:
+    return _preset(lm).get("mom2_update_weight", REFERENCE_UPDATE_WEIGHT)
 
 
 class MEMIT(LocateEditor):

@@ -37,24 +37,16 @@ from overtone.editors.locate.editor import LocateEditor
 from overtone.editors.locate.update import add_update, apply_factors, factor_product, saved_factors, snapshot
 from overtone.editors.locate.value import optimise_values
 from overtone.editors.parallel import TARGET_TOKENS, CaseEdits, CaseMemory, ModelShape
+from overtone.editors.presets import editor_presets
 from overtone.models.loading import LoadedModel
 from overtone.models.per_case import CaseLowRank
 from overtone.objectives import Objective
 from overtone.stats import log_progress, second_moments
 
-# The reference toolkit's ROME edits layer 5 of Llama-2-7B's 32; other models keep that relative depth.
-# For the embedded model a layer sweep on ZsRE development cases (records 1000+, CE, 12 cases per layer,
-# 24 for layers 4 and 7; docs/locate.md) gave Avg 66.8 / 71.1 / 67.7 / 70.3 / 70.6 / 68.6 at layers
-# 3 / 4 / 5 / 6 / 7 / 8 and 68.8 (layer 4) vs 70.3 (layer 7) on 24 cases: layers 4-7 are within noise of
-# each other; 7 is the best on 24 cases and the cheapest of them (fewer blocks above it to run).
+# The reference toolkit's ROME edits layer 5 of Llama-2-7B's 32; other models keep that relative depth,
+# unless editors/presets/rome.yaml names a layer for the model (by its name; the embedded model's layer 7
+# comes from a layer sweep on ZsRE development cases, docs/locate.md).
 REFERENCE_DEPTH = 5 / 32
-EMBEDDED_LAYERS: dict[str, int] = {"smollm2-135m": 7}
-
-
-def default_layer(lm: LoadedModel) -> int:
-    if lm.name in EMBEDDED_LAYERS:
-        return EMBEDDED_LAYERS[lm.name]
-    return min(lm.adapter.num_layers - 1, round(REFERENCE_DEPTH * lm.adapter.num_layers))
 
 
 @dataclass(frozen=True)
@@ -65,6 +57,13 @@ class ROMEConfig(LocateConfig):
     mom2_adjustment: bool = field(
         default=True, metadata={"help": "u = C^-1 k* (the paper); False: u = k* (the toolkit's Llama setting)"}
     )
+
+
+def default_layer(lm: LoadedModel) -> int:
+    preset = editor_presets("rome", ROMEConfig).models.get(lm.name)
+    if preset is not None and "layer" in preset.settings:
+        return preset.settings["layer"]
+    return min(lm.adapter.num_layers - 1, round(REFERENCE_DEPTH * lm.adapter.num_layers))
 
 
 def value_memory(shape: ModelShape, cfg: LocateConfig, block: int) -> CaseMemory:

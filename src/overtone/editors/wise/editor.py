@@ -1,35 +1,9 @@
-"""WISE: edits written into a side copy of one FFN output matrix, routed per sequence.
+"""The WISE editor: hooks that route each row of a batch to a side memory, and the training of an edit.
 
-After Wang et al. 2024, *WISE: Rethinking the Knowledge Memory for Lifelong Model Editing*, as the
-OverTone paper ran it (docs/protocol.md (e), paper Appendix B):
-
-* **Side memory.** A copy W' of the ``mlp_out`` matrix W of one late layer; the model's own weights
-  never change. An edit trains W' with SGD on the objective (CE or OverTone: OverTone replaces only
-  this term) plus the activation-margin loss below, with the gradient masked by a random
-  Bernoulli(``mask_ratio``) mask drawn once per shard, and W' clamped element-wise to
-  W ± ``norm_constraint`` after every step. No data augmentation (the paper removed WISE's
-  context-template copies to measure heterogeneous token overfitting).
-* **Activation distance.** ``d(x) = mean_t ‖act(W'a_t) − act(W a_t)‖₂`` over the real tokens of a
-  sequence, where a_t is the FFN's inner activation and act the model's activation function (the
-  reference toolkit's form; the paper writes it without act).
-* **Margin loss.** With d_in the distance on the edit and d_out on an irrelevant sentence (ZsRE train
-  ``loc + " " + loc_ans``, ``benchmarks.irrelevant``): ``[d_out − d_in + γ]₊ + [d_out − α]₊ + [β − d_in]₊``.
-* **Routing.** A shard's threshold is ``min over its edits of d_in`` (measured after each edit) ×
-  ``act_ratio`` × ``threshold_scale``. At inference every sequence of a batch computes d for every
-  shard; it takes the shard with the largest d among those above their thresholds, or the original
-  output if none is. Padding is ignored (``models.routing``), so a row routes the same alone or in a batch.
-* **Shards.** Every ``save_freq`` edits the current shard is closed and a new one (with a new mask) is
-  opened; every ``merge_freq`` edits the shards closed since the last merge are merged with TIES
-  (trim to ``density``, elect signs, disjoint mean) into one memory whose threshold is the smallest of
-  theirs. Routing retrieves across all memories (WISE-Retrieve, the toolkit's default).
-
-Differences from the reference toolkit, all deliberate: distances ignore padding; a shard's threshold
-uses each edit's distance after its last update (the toolkit records it one step earlier); with
-several cases in one call each case is an edit with its own irrelevant sentence.
-
-Speed: the FFN input at the side-memory layer cannot change, so training replays only the layers from
-it up (``models.replay``), and the irrelevant sentence's distance is a product with its recorded FFN
-input, with no forward pass at all after the first.
+Every forward pass goes through two hooks: the block's pre-hook reads which tokens of each row are
+real, the ``mlp_out`` module's hook replaces its output by the side memory a row routes to (or, while
+training, by the weight being trained). An edit trains the open shard on the objective plus WISE's
+margin loss, then records the shard's threshold and closes or merges shards (package docstring).
 """
 
 from __future__ import annotations
@@ -39,129 +13,36 @@ import math
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
 
 from overtone.benchmarks.cases import EditCase
 from overtone.benchmarks.irrelevant import DEFAULT_SOURCE, load_irrelevant
 from overtone.benchmarks.knowedit import DatasetError
-from overtone.editors.base import EditHandle, Editor, EditStats, SavedEdit, StepCallback, max_length_field
-from overtone.editors.memory import Journal, resolve_preset
-from overtone.editors.training import TargetLogits, optimise, stop_when_clipped_field
-from overtone.models.adapters import ArchitectureError
+from overtone.editors.base import EditHandle, Editor, EditStats, SavedEdit, StepCallback
+from overtone.editors.memory import Journal
+from overtone.editors.presets import editor_presets, overtone_preset, resolve_preset
+from overtone.editors.training import TargetLogits, optimise
+from overtone.editors.wise.config import WISEConfig
+from overtone.editors.wise.memory import Shard, State, activation, distance, project, ties_merge
 from overtone.models.loading import LoadedModel
 from overtone.models.replay import forward_hidden
 from overtone.models.routing import real_tokens
-from overtone.objectives import CrossEntropy, Objective, ObjectiveOutput, OverToneConfig
+from overtone.objectives import CrossEntropy, Objective, ObjectiveOutput
 from overtone.tokens import encode_pairs
 
 log = logging.getLogger(__name__)
 
-# The reference toolkit's WISE configurations, and ours for the embedded model (docs/wise-melo.md).
-# Llama-2-7B edits layer 27 of 32 (relative depth 0.84); a model without a preset gets that depth.
-PRESETS: dict[str, dict[str, Any]] = {
-    "llama-2-7b": dict(layer=27, lr=1.0, steps=70, alpha=5.0, beta=20.0, gamma=10.0, act_ratio=0.88),
-    "llama-3-8b": dict(layer=29, lr=0.9, steps=30, alpha=2.0, beta=20.0, gamma=10.0, act_ratio=0.5),
-    "smollm2-135m": dict(layer=25, lr=2.0, steps=35, alpha=5.0, beta=20.0, gamma=10.0, act_ratio=0.88),
-}
+# A model without a preset edits the reference's relative depth: layer 27 of Llama-2-7B's 32.
 DEFAULT_RELATIVE_DEPTH = 27 / 32
-
-
-@dataclass(frozen=True)
-class WISEConfig:
-    """WISE hyper-parameters; unset (None) fields come from the model's preset."""
-
-    preset: str | None = field(default=None, metadata={"help": "llama-2-7b, llama-3-8b or smollm2-135m"})
-    layer: int | None = field(default=None, metadata={"help": "layer whose mlp_out matrix gets the side memory"})
-    lr: float | None = field(default=None, metadata={"help": "SGD learning rate"})
-    steps: int | None = field(default=None, metadata={"help": "maximum optimisation steps per edit"})
-    alpha: float | None = field(default=None, metadata={"help": "margin: irrelevant distance should stay below"})
-    beta: float | None = field(default=None, metadata={"help": "margin: edit distance should exceed"})
-    gamma: float | None = field(default=None, metadata={"help": "margin: edit minus irrelevant distance"})
-    act_ratio: float | None = field(default=None, metadata={"help": "threshold = min edit distance x this"})
-    threshold_scale: float = field(
-        default=1.0, metadata={"help": "extra factor on every threshold (the paper used 0.6 with OverTone)"})
-    mask_ratio: float = field(default=0.2, metadata={"help": "fraction of W' each shard may change"})
-    norm_constraint: float = field(default=1.0, metadata={"help": "element-wise clamp of W' around W"})
-    weight_decay: float = field(default=1e-5, metadata={"help": "SGD weight decay"})
-    stop_loss: float = field(
-        default=0.02, metadata={"help": "stop once objective + margin loss is below this and changed by <= 1e-4 "
-                                        "(the reference's rule)"})
-    stop_when_clipped: bool = stop_when_clipped_field()
-    save_freq: int = field(default=500, metadata={"help": "edits per shard"})
-    merge_freq: int = field(default=1000, metadata={"help": "edits between TIES merges (a multiple of save_freq)"})
-    density: float = field(default=0.53, metadata={"help": "TIES: fraction of each shard's delta kept"})
-    irrelevant: str = field(
-        default=DEFAULT_SOURCE, metadata={"help": "dataset (name or file) whose locality probes are the irrelevant "
-                                                  "sentences (default: ZsRE train, MEND format)"})
-    seed: int = field(default=0, metadata={"help": "seed of the gradient masks"})
-    max_length: int | None = max_length_field()
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.steps is not None and self.steps < 1:
-            problems.append(f"steps must be >= 1, got {self.steps}")
-        if self.lr is not None and self.lr <= 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if not 0 < self.mask_ratio <= 1:
-            problems.append(f"mask_ratio must be in (0, 1], got {self.mask_ratio}")
-        if not 0 < self.density <= 1:
-            problems.append(f"density must be in (0, 1], got {self.density}")
-        if self.save_freq < 1 or self.merge_freq < 1 or self.merge_freq % self.save_freq:
-            problems.append(f"merge_freq ({self.merge_freq}) must be a positive multiple of save_freq "
-                            f"({self.save_freq})")
-        if self.norm_constraint <= 0 or self.threshold_scale <= 0:
-            problems.append("norm_constraint and threshold_scale must be > 0")
-        if problems:
-            raise ValueError("WISE: " + "; ".join(problems))
-
-
-@dataclass(frozen=True)
-class Shard:
-    """One side memory. Immutable: an edit replaces the open shard by a new one, so snapshots stay valid."""
-
-    weight: torch.Tensor  # fp32, the layout of the module's own weight
-    min_act: float = math.inf  # smallest edit distance seen; the routing threshold before scaling
-    edits: int = 0
-    closed: bool = False
-    mask: torch.Tensor | None = None  # gradient mask while the shard is open
-
-
-@dataclass(frozen=True)
-class _State:
-    shards: tuple[Shard, ...] = ()
-    opened: int = 0  # shards opened so far: indexes the mask's seed
-    unmerged: int = 0  # shards closed since the last merge
-
-
-def ties_merge(base: torch.Tensor, weights: Sequence[torch.Tensor], density: float) -> torch.Tensor:
-    """TIES merging (Yadav et al. 2023) of ``weights`` around ``base``: trim, elect sign, disjoint mean."""
-    deltas = torch.stack([w - base for w in weights])
-    keep = max(1, int(density * base.numel()))
-    flat = deltas.flatten(1)
-    cutoff = flat.abs().topk(keep, dim=1).values[:, -1:]
-    trimmed = torch.where(flat.abs() >= cutoff, flat, torch.zeros_like(flat)).view_as(deltas)
-    sign = torch.where(trimmed.sum(dim=0) >= 0, 1.0, -1.0)
-    agree = trimmed.sign() == sign
-    count = agree.sum(dim=0).clamp_min(1)
-    return base + (trimmed * agree).sum(dim=0) / count
 
 
 def _round(values: list[float]) -> list[float]:
     return [round(v, 3) for v in values]
-
-
-def _activation(config: Any) -> nn.Module:
-    for name in ("hidden_act", "hidden_activation", "activation_function"):
-        value = getattr(config, name, None)
-        if isinstance(value, str) and value in ACT2FN:
-            return ACT2FN[value]
-    raise ArchitectureError(f"WISE: cannot find the activation function in the {config.model_type} config")
 
 
 class WISE(Editor):
@@ -171,16 +52,12 @@ class WISE(Editor):
     parallel_refusal = ("its edits live in one routed side memory, so cases edited side by side would capture "
                         "each other's rows (docs/parallel.md)")
     needs_routing = True
-    # Chosen by `overtone sweep --editor wise --offset 1000 --limit 10 --set threshold_scale=0.6` (ZsRE dev
-    # records 1000-1009) over lambda {0.1, 0.5} x n {0.5, 1}, epsilon 0.01: the best Avg., 76.37, ahead of
-    # lambda 0.5 / n 0.5 by 0.02; every variant was 1.4-3.9 below CE at the same threshold (77.74), each
-    # paired difference within noise on 10 cases (docs/wise-melo.md).
-    overtone_defaults = OverToneConfig(lam=0.1, n_sigma=1.0, epsilon=0.01)
+    overtone_defaults = overtone_preset("wise", WISEConfig)  # chosen on ZsRE dev records: presets/wise.yaml
 
     def __init__(self, lm: LoadedModel, config: WISEConfig | None = None, objective: Objective | None = None):
         # The margins and thresholds are in units of the model's activations: a preset of another model
         # size would be wrong silently, so without a matching preset they must be given.
-        config = resolve_preset(config or WISEConfig(), PRESETS, lm, "WISE",
+        config = resolve_preset(config or WISEConfig(), editor_presets("wise", WISEConfig), lm, "WISE",
                                 required=("lr", "steps", "alpha", "beta", "gamma", "act_ratio"))
         if config.layer is None:
             n = lm.adapter.num_layers
@@ -193,10 +70,10 @@ class WISE(Editor):
         self.module = lm.adapter.module("mlp_out", config.layer)
         self.block = lm.adapter.layers[config.layer]
         self.conv1d = lm.adapter.arch.conv1d
-        self.act = _activation(lm.model.config)
+        self.act = activation(lm.model.config)
         self.sentences = load_irrelevant(config.irrelevant)
-        self.state = _State()
-        self.journal: Journal[_State] = Journal()
+        self.state = State()
+        self.journal: Journal[State] = Journal()
         self.last_routes: torch.Tensor | None = None  # shard index per row of the last routed batch, -1 = none
         self._hooks: list[Any] = []
         self._real: torch.Tensor | None = None  # real tokens of the batch now inside the block
@@ -211,22 +88,10 @@ class WISE(Editor):
     # --- the side-memory forward -------------------------------------------------------------------
 
     def _project(self, inner: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The module's output with ``weight`` in place of its own, computed in the weight's precision."""
-        inner = inner.to(weight.dtype)
-        bias = self.module.bias
-        bias = None if bias is None else bias.to(weight.dtype)
-        if self.conv1d:
-            out = inner @ weight
-            return out if bias is None else out + bias
-        return F.linear(inner, weight, bias)
+        return project(inner, weight, self.module.bias, self.conv1d)
 
     def _distance(self, side: torch.Tensor, original: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
-        """Per-row activation distance [B], averaged over the real tokens."""
-        token = (self.act(side.float()) - self.act(original.float())).norm(dim=-1)
-        if real is None:
-            return token.mean(dim=-1)
-        real = real.to(token.dtype)
-        return (token * real).sum(dim=-1) / real.sum(dim=-1).clamp_min(1)
+        return distance(self.act, side, original, real)
 
     def _threshold(self, shard: Shard) -> float:
         return shard.min_act * self.config.act_ratio * self.config.threshold_scale
@@ -274,7 +139,7 @@ class WISE(Editor):
                 self.module.register_forward_hook(self._module_hook),
             ]
 
-    def _restore(self, state: _State) -> None:
+    def _restore(self, state: State) -> None:
         self.state = state
         if not state.shards:
             for hook in self._hooks:
@@ -292,7 +157,7 @@ class WISE(Editor):
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.state.opened)
         mask = (torch.rand(original.shape, generator=generator) < self.config.mask_ratio).to(original.device)
         shard = Shard(weight=original.clone(), mask=mask)
-        self.state = _State((*shards, shard), self.state.opened + 1, self.state.unmerged)
+        self.state = State((*shards, shard), self.state.opened + 1, self.state.unmerged)
         return shard
 
     def _close_and_merge(self) -> None:
@@ -313,7 +178,7 @@ class WISE(Editor):
             shards = (*shards[:-group], merged)
             unmerged = 0
             log.info("WISE: merged %d shards with TIES (%d memories now)", group, len(shards))
-        self.state = _State(shards, state.opened, unmerged)
+        self.state = State(shards, state.opened, unmerged)
 
     def _irrelevant_for(self, cases: Sequence[EditCase]) -> list[str]:
         """One irrelevant sentence per case, chosen by the case id so that it never depends on run order."""
@@ -449,5 +314,5 @@ class WISE(Editor):
                                 mask=None if mask is None else mask.to(device)))
         before = editor.state
         editor._install()
-        editor.state = _State(tuple(shards), saved.state["opened"], saved.state["unmerged"])
+        editor.state = State(tuple(shards), saved.state["opened"], saved.state["unmerged"])
         return editor.journal.handle(before, editor._restore, editor.config.layer, EditStats())
