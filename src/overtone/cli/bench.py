@@ -182,9 +182,10 @@ def table(
         to_markdown,
         to_rich,
     )
+    from overtone.report.runs import mixed_code
     from overtone.runner import StoreError, read_run, summarize
 
-    loaded, records = [], {}
+    loaded, records, configs = [], {}, []
     for run in runs:
         try:
             config, cases, summary = read_run(run)
@@ -194,6 +195,10 @@ def table(
         label = f"{run.name} ({objective.get('name', '-')})"
         loaded.append((label, config, summary or summarize(cases)))
         records[label] = cases
+        configs.append((str(run), config))
+    warning = mixed_code(configs)
+    if warning:
+        console.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True)
     for title, rows in dataset_tables(loaded):
         if markdown:
             console.print(f"{title}\n\n{markdown_table(rows)}\n", markup=False, soft_wrap=True)

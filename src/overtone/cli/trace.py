@@ -103,7 +103,10 @@ def trace(
     inputs = check_spec(specs[0])
     if not inputs.cases:
         fail(f"dataset {dataset!r} has no case at offset {offset}")
-    collector, meta, lm = TraceCollector(), {}, None
+    order = {case.case_id: i for i, case in enumerate(inputs.cases)}
+    traces: list[Any] = []
+    meta: dict[str, Any] = {}
+    lm = None
     try:
         for spec in specs:
             prepared = prepare_spec(spec, inputs, lm)
@@ -112,7 +115,11 @@ def trace(
             meta["dataset"] = {"name": dataset, "offset": offset}
             run = out / spec.objective
             _fresh(run)
-            execute(prepared, run, f"{editor}/{spec.objective}", observer=collector)
+            collector = TraceCollector()
+            try:
+                execute(prepared, run, f"{editor}/{spec.objective}", observer=collector)
+            finally:  # in case order (a parallel edit groups cases by length)
+                traces += sorted(collector.traces, key=lambda t: order[t.case_id])
     finally:  # the traces recorded before an error are written too
-        if collector.traces:
-            _write(out, collector.traces, meta, len(inputs.cases))
+        if traces:
+            _write(out, traces, meta, len(inputs.cases))
