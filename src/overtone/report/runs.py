@@ -9,6 +9,10 @@ computed over the cases both runs finished, paired case by case.
 A run evaluated with several protocols (``--eval both``) is seen through one ``RunInfo`` per protocol
 (``RunInfo.views``): the same run, its records and summary projected onto that protocol's metrics, so
 every table, pairing and statistic works the same for teacher-forced and wild numbers.
+
+Runs made by different code (``code`` in ``config.yaml``: version, git revision, dirtiness) are still
+combined, with one warning naming each run's code (``mixed_code``): ``overtone table`` and ``report``
+give it.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ OverTone, its ablations, a tuning grid) x seeds. The YAML file (docs/studies.md)
 A cell's id is a hash of everything that changes its results: the package version, the model (name,
 device, dtype), the dataset (and a file's content), the protocol, the editor's full resolved settings,
 the objective, the seed, the evaluation (wild, ability) and the id of the cell it takes step budgets
-from. ``limit``, ``threads`` and ``parallel`` are not in it: a larger ``limit`` extends the same cells,
+from. The code's git revision is not in it (each cell's ``config.yaml`` records it, ``runner.config``).
+``limit``, ``threads`` and ``parallel`` are not in it: a larger ``limit`` extends the same cells,
 and cases edited side by side give the results of one at a time. ``parallel`` applies to the
 single-editing cells of editors that can edit side by side; the others run one case at a time.
 Editors without a ``seed`` setting (FT-M, ROME, MEMIT) have no random parts: a seed axis collapses

@@ -6,12 +6,14 @@ worker yields one ``Delivery`` per chunk, so the driver stores each finished chu
 writes a file itself. The same class runs in the driver's process (the local executor) and inside a
 Ray actor (one per worker process), where it keeps its model between tasks.
 
-A chunk's results do not depend on which worker ran it or on what it ran before: every editor
-derives its random numbers from its ``seed`` setting and the case ids, the global generators are
-seeded from the cell's seed before each chunk, and the weights are reverted bit-exactly after it.
-A single-editing cell with ``parallel`` B > 1 edits the cases of a shard B at a time
-(``runner.bench.edit_cases``, the records of one at a time up to float rounding) and delivers the
-shard's records together.
+A cell is run by the runner like ``overtone bench``'s run: ``Cell.run_spec`` is its ``RunSpec`` and
+``runner.run.prepare_run`` builds the editor, evaluator and configuration on the worker's model. A
+chunk's results do not depend on which worker ran it or on what it ran before: every editor derives
+its random numbers from its ``seed`` setting and the case ids, the global generators are seeded from
+the cell's seed before each chunk (``runner.continual.reseed``, the rule of every run), and the
+weights are reverted bit-exactly after it. A single-editing cell with ``parallel`` B > 1 edits the
+cases of a shard B at a time (``PreparedRun.window``, the records of one at a time up to float
+rounding) and delivers the shard's records together.
 """
 
 from __future__ import annotations
