@@ -134,8 +134,10 @@ class EditObserver(Protocol):
 def _edit(stack: EditStack, editor: Editor, requests: Sequence[EditCase], steps: int | None,
           observer: EditObserver | None) -> EditStats:
     """One edit call, its handle pushed on ``stack`` (so an error reverts it), shown to ``observer``."""
-    handle = stack.push(editor.edit(requests, on_step=observer.on_step(editor, requests) if observer else None,
-                                    steps=steps))
+    given: dict[str, Any] = {"steps": steps} if steps is not None else {}
+    if observer:
+        given["on_step"] = observer.on_step(editor, requests)
+    handle = stack.push(editor.edit(requests, **given))
     if observer:
         observer.edited(handle)
     return handle.stats
