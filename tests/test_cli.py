@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from overtone.benchmarks import DATA_DIR
 from overtone.cli import app
-from overtone.cli.common import EditorOptions, ModelOptions, OptionGroup, SeedOpt, grouped
+from overtone.cli.options import EditorOptions, ModelOptions, OptionGroup, SeedOpt, grouped
 
 runner = CliRunner()
 

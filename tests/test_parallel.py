@@ -230,10 +230,14 @@ def test_runs_with_parallel_cases_give_the_records_of_one_at_a_time_also_when_re
 
 
 def test_parallel_refuses_bundles_and_sequences(tmp_path, tiny_llama, zsre_cases):
+    from overtone.runner import RunSpec, SpecError
+
     editor, evaluator = FTM(tiny_llama, FTMConfig(layer=2), CrossEntropy()), Evaluator(tiny_llama)
     store = ResultStore(tmp_path, {"editor": "ft-m"})
-    with pytest.raises(ValueError, match="the cases of a --sequence 2 / --batch 1 chunk build on each other"):
-        run_continual(editor, evaluator, zsre_cases[:2], store, sequence=2, parallel=2)
+    with pytest.raises(SpecError, match="the cases of a --sequence 2 / --batch 1 chunk build on each other"):
+        RunSpec(editor="ft-m", sequence=2, parallel=2)
+    with pytest.raises(SpecError, match="editor wise edits one case at a time"):
+        RunSpec(editor="wise", parallel="auto")
     bundle = EditCase("b/0", "q", "a", edits=(zsre_cases[0], zsre_cases[1]))
     with pytest.raises(ValueError, match="case b/0 bundles 2 edits applied in order"):
         run_continual(editor, evaluator, [bundle], store, parallel=2)

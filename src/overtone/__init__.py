@@ -16,7 +16,7 @@ from overtone.evaluation import Evaluator
 from overtone.generation import greedy_complete
 from overtone.models import LoadedModel, load_model
 from overtone.objectives import CrossEntropy, Objective, OverTone, OverToneConfig, make_objective
-from overtone.runner import ResultStore, edit_and_score, run_single_editing
+from overtone.runner import ResultStore, RunSpec, check_run, edit_and_score, prepare_run, run_single_editing
 from overtone.version import __version__
 
 __all__ = [
@@ -34,7 +34,9 @@ __all__ = [
     "OverToneConfig",
     "Probe",
     "ResultStore",
+    "RunSpec",
     "__version__",
+    "check_run",
     "edit_and_score",
     "export_model",
     "greedy_complete",
@@ -43,6 +45,7 @@ __all__ = [
     "load_model",
     "make_editor",
     "make_objective",
+    "prepare_run",
     "run_single_editing",
     "save_edit",
 ]

@@ -32,13 +32,13 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from overtone.version import __version__
 from overtone.artifacts.identity import EditMismatchError, base_identity, differences, dtype_name
 from overtone.benchmarks.cases import EditCase, Probe
 from overtone.editors import EDITORS, EditHandle, Editor
 from overtone.editors.base import SavedEdit
 from overtone.models.loading import LoadedModel
 from overtone.objectives import Objective, OverToneConfig, make_objective
+from overtone.version import __version__
 
 FORMAT = "overtone-edit"
 FORMAT_VERSION = 1

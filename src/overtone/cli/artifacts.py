@@ -9,7 +9,9 @@ from typing import Annotated, Any
 import typer
 
 from overtone.cli.app import app
-from overtone.cli.common import (
+from overtone.cli.common import console, fail, setup
+from overtone.cli.edit import print_completions, print_metrics, probe_prompts
+from overtone.cli.options import (
     BaseDtypeOpt,
     BaseModelOpt,
     BaseModelOptions,
@@ -20,14 +22,33 @@ from overtone.cli.common import (
     ShowOpt,
     ThreadsOpt,
     VerboseOpt,
-    console,
-    fail,
     grouped,
-    load_artifacts,
-    load_base,
-    setup,
 )
-from overtone.cli.edit import print_completions, print_metrics, probe_prompts
+
+
+def load_artifacts(paths: list[Path]) -> list[Any]:
+    """The edit artifacts at ``paths``; a bad folder is a clean exit naming it."""
+    from overtone.artifacts import ArtifactError, load_edit
+
+    try:
+        return [load_edit(path) for path in paths]
+    except ArtifactError as exc:
+        fail(str(exc))
+
+
+def load_base(artifacts: list[Any], model: str | None, device: str, dtype: str | None) -> Any:
+    """The model to apply ``artifacts`` to: ``model``, else the one the first edit was made on, in its dtype."""
+    from overtone.models import DEFAULT_MODEL, ModelLoadError, load_model
+    from overtone.models.loading import DTYPES
+
+    if dtype is None and artifacts:
+        saved = artifacts[0].manifest["model"]["dtype"]
+        dtype = next((name for name, value in DTYPES.items() if str(value) == f"torch.{saved}"), "fp32")
+    source = model or (artifacts[0].model_source if artifacts else DEFAULT_MODEL)
+    try:
+        return load_model(source, device=device, dtype=dtype or "fp32")
+    except (ModelLoadError, ValueError) as exc:
+        fail(str(exc))
 
 
 def _apply_all(lm: Any, artifacts: list[Any]) -> Any:
@@ -62,8 +83,8 @@ def apply_edits(
     from overtone.generation import greedy_complete
 
     artifacts = load_artifacts(edits)
-    setup(base.threads, 0, verbose)
-    lm = base.load(artifacts)
+    setup(base.threads, verbose)
+    lm = load_base(artifacts, base.model, base.device, base.dtype)
     cases = [case for artifact in artifacts for case in artifact.facts]
     touched = {name: lm.adapter.parameter(name) for a in artifacts for name in a.base_names if _has(lm, name)}
     hashes = {name: tensor_sha256(t) for name, t in touched.items()}
@@ -126,8 +147,8 @@ def export(
         new_folder(out)
     except ArtifactError as exc:
         fail(str(exc))
-    setup(base.threads, 0, verbose)
-    lm = base.load(artifacts)
+    setup(base.threads, verbose)
+    lm = load_base(artifacts, base.model, base.device, base.dtype)
     try:
         export_model(lm, artifacts, out)
     except (ArtifactError, EditMismatchError) as exc:
@@ -179,7 +200,7 @@ def generate(
     if not prompt and not interactive:
         fail("give --prompt TEXT (repeatable) or --interactive")
     artifacts = load_artifacts(edit or [])
-    setup(threads, seed, verbose)
+    setup(threads, verbose)
     lm = load_base(artifacts, model, device, dtype)
     stack = _apply_all(lm, artifacts)
     chat = bool(lm.tokenizer.chat_template) and not raw

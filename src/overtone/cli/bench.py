@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -9,6 +10,17 @@ import typer
 
 from overtone.cli.app import app
 from overtone.cli.common import (
+    check_spec,
+    console,
+    execute,
+    exit_on_interrupt,
+    fail,
+    hold_run_dir,
+    prepare_spec,
+    setup,
+    specified,
+)
+from overtone.cli.options import (
     AbilityEveryOpt,
     AbilityOpt,
     AblationOptions,
@@ -17,6 +29,8 @@ from overtone.cli.common import (
     EditorOpt,
     EditorOptions,
     EvalOptions,
+    EvalTimingOpt,
+    GenerationOptions,
     LimitOpt,
     ModelOptions,
     ObjectiveOpt,
@@ -24,37 +38,14 @@ from overtone.cli.common import (
     OverToneOptions,
     ParallelOpt,
     SeedOpt,
+    SequenceOpt,
     SetOpt,
     StopLossOpt,
     StrictOpt,
     TruncateOpt,
     VerboseOpt,
-    build,
-    console,
-    exit_on_interrupt,
-    fail,
     grouped,
-    hold_run_dir,
-    overtone_config,
-    parallel_option,
-    precheck,
-    run_bench,
-    setup,
 )
-
-SequenceOpt = Annotated[int, typer.Option(
-    "--sequence", min=1, help="continual editing: T edits in sequence per chunk, reverted between chunks (1: single)")]
-EvalTimingOpt = Annotated[str, typer.Option(
-    "--eval-timing", help="continual editing: evaluate a chunk's cases at its end, or each right after its edit "
-    "(end, after-each)")]
-SingleTokensOpt = Annotated[int | None, typer.Option(
-    "--single-hop-tokens", min=1, help="MQuAKE: max new tokens of a single-hop answer (paper: 30)")]
-MultiTokensOpt = Annotated[int | None, typer.Option(
-    "--multi-hop-tokens", min=1, help="MQuAKE: max new tokens of a multi-hop answer (paper: 200)")]
-MultiQuestionsOpt = Annotated[int | None, typer.Option(
-    "--multi-hop-questions", min=1, help="MQuAKE: ask the first k of the 3 multi-hop paraphrases (default all)")]
-TemperatureOpt = Annotated[float | None, typer.Option(
-    "--temperature", min=0.0, help="MQuAKE: sampling temperature, seeded by --seed (paper: 0.1)")]
 
 
 @app.command()
@@ -77,10 +68,7 @@ def bench(
     eval_timing: EvalTimingOpt = "end",
     batch: BatchOpt = 1,
     parallel: ParallelOpt = "1",
-    single_hop_tokens: SingleTokensOpt = None,
-    multi_hop_tokens: MultiTokensOpt = None,
-    multi_hop_questions: MultiQuestionsOpt = None,
-    temperature: TemperatureOpt = None,
+    generation: GenerationOptions,
     scoring: EvalOptions,
     ability: AbilityOpt = False,
     ability_every: AbilityEveryOpt = 0,
@@ -107,25 +95,21 @@ def bench(
     from overtone.report import extra_tables, summary_table, to_rich
     from overtone.report.tables import protocol_title
     from overtone.runner import read_run
+    from overtone.runner.spec import RunSpec, overtone_for
 
-    setup(model.threads, seed, verbose)
-    cases_at_once = parallel_option(parallel, editor, sequence, batch)
-    if ability_every and ability_every >= sequence:
-        fail(f"--ability-every {ability_every} measures within a chunk of --sequence {sequence} edits: give K below "
-             f"T (the chunk's end is measured anyway with --ability)")
-    cfg = overtone_config(editor, overtone, ablation)
-    overrides = editing.settings(editor, settings, stop_loss=stop_loss)
-    generation = {"single_hop_tokens": single_hop_tokens, "multi_hop_tokens": multi_hop_tokens,
-                  "multi_hop_questions": multi_hop_questions, "temperature": temperature}
+    setup(model.threads, verbose)
+    spec = specified(lambda: RunSpec(
+        editor=editor, objective=objective, dataset=dataset, offset=offset, limit=limit, model=model.model,
+        device=model.device, dtype=model.dtype, threads=model.threads,
+        overtone=overtone_for(editor, ablation.switches(), **overtone.given()),
+        settings=tuple(editing.settings(editor, settings, stop_loss=stop_loss).items()), sequence=sequence,
+        batch=batch, eval_timing=eval_timing, evaluation=scoring.evaluation, eval_context=scoring.eval_context,
+        generation=tuple(asdict(generation).items()), ability=ability, ability_every=ability_every,
+        parallel=parallel, seed=seed, strict=strict, truncate=truncate))
     with exit_on_interrupt(out):
-        inputs = precheck(model.model, editor, overrides, dataset, offset, limit, cases_at_once, seed=seed,
-                          sequence=sequence, eval_timing=eval_timing, generation=generation, batch=batch,
-                          truncate=truncate, evaluation=scoring.evaluation, eval_context=scoring.eval_context)
+        inputs = check_spec(spec)
         with hold_run_dir(out) as lock:
-            lm, ed = build(model, editor, objective, cfg, overrides)
-            summary = run_bench(lm, ed, dataset, offset, limit, out, seed, model.threads, f"{editor}/{objective}",
-                                sequence, eval_timing, generation, batch, inputs=inputs, lock=lock, strict=strict,
-                                ability=ability, ability_every=ability_every, parallel=cases_at_once)
+            summary = execute(prepare_spec(spec, inputs), out, f"{editor}/{objective}", lock)
     config, _, _ = read_run(out)
     rows = [(f"{editor} {objective}", summary)]
     console.print(summary_table(rows, title=f"{protocol_title(config)}, {model.model}"))
@@ -154,22 +138,26 @@ def demo(
     one at a time for an editor that cannot edit side by side."""
     from overtone.editors import EDITORS
     from overtone.report import markdown_table, summary_table
+    from overtone.runner.spec import RunSpec, overtone_for
 
-    setup(model.threads, seed, verbose)
+    setup(model.threads, verbose)
     if parallel == "auto" and editor in EDITORS and EDITORS[editor].parallel_refusal:
         parallel = "1"
-    cases_at_once = parallel_option(parallel, editor)
-    cfg = overtone_config(editor, overtone)
-    inputs = precheck(model.model, editor, {}, dataset, 0, limit, cases_at_once, seed=seed)
+    cfg = specified(lambda: overtone_for(editor, **overtone.given()))
+    specs = [specified(lambda objective=objective: RunSpec(
+        editor=editor, objective=objective, dataset=dataset, limit=limit, model=model.model, device=model.device,
+        dtype=model.dtype, threads=model.threads, overtone=cfg, parallel=parallel, seed=seed))
+        for objective in ("ce", "overtone")]
+    inputs = check_spec(specs[0])
     rows = []
     lm = None
-    for objective in ("ce", "overtone"):
-        run = out / f"{editor}-{objective}"
+    for spec in specs:
+        run = out / f"{editor}-{spec.objective}"
         with exit_on_interrupt(run):
-            lm, ed = build(model, editor, objective, cfg, {}, lm)
-            summary = run_bench(lm, ed, dataset, 0, limit, run, seed, model.threads, f"{editor}/{objective}",
-                                inputs=inputs, parallel=cases_at_once)
-        rows.append((f"{editor} + {'CE' if objective == 'ce' else 'OverTone'}", summary))
+            prepared = prepare_spec(spec, inputs, lm)
+            lm = prepared.lm
+            summary = execute(prepared, run, f"{editor}/{spec.objective}")
+        rows.append((f"{editor} + {'CE' if spec.objective == 'ce' else 'OverTone'}", summary))
     console.print(summary_table(rows, title=f"{dataset}, first {limit} cases, {model.model}, single editing (x100)",
                                 caption=f"OverTone λ={cfg.lam} n={cfg.n_sigma} ε={cfg.epsilon}"))
     (out / "table.md").write_text(markdown_table(rows) + "\n")
@@ -194,9 +182,10 @@ def table(
         to_markdown,
         to_rich,
     )
+    from overtone.report.runs import mixed_code
     from overtone.runner import StoreError, read_run, summarize
 
-    loaded, records = [], {}
+    loaded, records, configs = [], {}, []
     for run in runs:
         try:
             config, cases, summary = read_run(run)
@@ -206,6 +195,10 @@ def table(
         label = f"{run.name} ({objective.get('name', '-')})"
         loaded.append((label, config, summary or summarize(cases)))
         records[label] = cases
+        configs.append((str(run), config))
+    warning = mixed_code(configs)
+    if warning:
+        console.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True)
     for title, rows in dataset_tables(loaded):
         if markdown:
             console.print(f"{title}\n\n{markdown_table(rows)}\n", markup=False, soft_wrap=True)

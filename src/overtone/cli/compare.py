@@ -13,7 +13,8 @@ from typing import Annotated, Any
 import typer
 
 from overtone.cli.app import app
-from overtone.cli.common import (
+from overtone.cli.common import console, fail, log, setup, specified
+from overtone.cli.options import (
     DatasetOpt,
     EditorOpt,
     EditorOptions,
@@ -28,12 +29,7 @@ from overtone.cli.common import (
     SeedOpt,
     SetOpt,
     VerboseOpt,
-    console,
-    fail,
     grouped,
-    log,
-    parallel_option,
-    setup,
 )
 from overtone.cli.study import load, run_study_cli
 
@@ -75,8 +71,8 @@ def _run_variants(out: Path, editor: str, variants: dict[str, Any], model: Model
         "name": f"{editor}-{next(iter(variants))}",
         "fixed": {**asdict(model), "dataset": dataset, "offset": offset, "limit": limit, "seed": options.seed,
                   "editor": editor, "variant": [variants], **asdict(options.scoring),
-                  "parallel": parallel_option(options.parallel, editor)},
-        "editors": {editor: {"settings": options.editing.settings(editor, options.settings),
+                  "parallel": options.parallel},
+        "editors": {editor: {"settings": specified(lambda: options.editing.settings(editor, options.settings)),
                              "overtone": overtone.given()}},
     })
     scheduler = run_study_cli(study, out, options.execution)
@@ -139,7 +135,7 @@ def ablate(
     exactly as many updates as that row) for every OverTone row that stopped early. Paired statistics
     to CE, and of each early-stopping row to its matched-steps CE.
     """
-    setup(model.threads, options.seed, options.verbose)
+    setup(model.threads, options.verbose)
     grid = _floats(stop_grid, "--stop-grid")
     cells, results = _run_variants(out, editor, {"ablation": {"stop_grid": grid, "chk_lambda": chk_lambda}}, model,
                                    dataset, offset, limit, overtone, options)
@@ -168,7 +164,7 @@ def sweep(
     options: VariantOptions,
 ) -> None:
     """Tune OverTone's lambda, n and epsilon for one editor on a development slice, against CE."""
-    setup(model.threads, options.seed, options.verbose)
+    setup(model.threads, options.verbose)
     if dataset == "zsre" and offset < DEV_OFFSET:
         log.warning("cases %d.. overlap the reported ZsRE slice (0..%d): tuned numbers there are not reportable",
                     offset, DEV_OFFSET - 1)

@@ -10,7 +10,8 @@ import typer
 from rich.table import Table
 
 from overtone.cli.app import app
-from overtone.cli.common import (
+from overtone.cli.common import check_spec, console, fail, prepare_spec, setup, specified
+from overtone.cli.options import (
     BatchOpt,
     EditorOpt,
     EditorOptions,
@@ -27,13 +28,7 @@ from overtone.cli.common import (
     SetOpt,
     ShowOpt,
     VerboseOpt,
-    build,
-    console,
-    fail,
     grouped,
-    overtone_config,
-    precheck_cases,
-    setup,
 )
 
 
@@ -147,9 +142,9 @@ def edit(
     from overtone.artifacts import ArtifactError, folder_bytes, save_edit
     from overtone.artifacts.artifact import new_folder
     from overtone.editors import EditStack
-    from overtone.evaluation import Evaluator
     from overtone.generation import greedy_complete
-    from overtone.runner import CaseError, edit_chunk
+    from overtone.runner import CaseError
+    from overtone.runner.spec import RunSpec, overtone_for
 
     cases = _read_cases(facts, prompt, target, subject, paraphrase, locality, limit, offset)
     if save is not None:
@@ -157,16 +152,19 @@ def edit(
             new_folder(save)
         except ArtifactError as exc:
             fail(str(exc))
-    setup(model.threads, seed, verbose)
-    cfg = overtone_config(editor, overtone)
-    overrides = editing.settings(editor, settings)
-    cases = precheck_cases(model.model, editor, overrides, cases)  # before the model (and ROME/MEMIT's statistics)
-    lm, ed = build(model, editor, objective, cfg, overrides)
+    setup(model.threads, verbose)
+    spec = specified(lambda: RunSpec(
+        editor=editor, objective=objective, model=model.model, device=model.device, dtype=model.dtype,
+        threads=model.threads, overtone=overtone_for(editor, **overtone.given()),
+        settings=tuple(editing.settings(editor, settings).items()), cases=tuple(cases),
+        sequence=max(len(cases), batch), batch=batch, seed=seed))
+    prepared = prepare_spec(spec, check_spec(spec))  # the cases checked before the model (and ROME/MEMIT's statistics)
+    lm, ed, cases = prepared.lm, prepared.editor, prepared.cases
     rows = probe_prompts(cases[:show])
     before = greedy_complete(lm, [text for *_, text in rows], max_new_tokens)
     stack = EditStack()
     try:
-        records = edit_chunk(ed, Evaluator(lm), cases, eval_timing="end", batch=batch, keep=stack)
+        records = prepared.edit_kept(stack)
     except CaseError as exc:
         fail(str(exc))
     after = greedy_complete(lm, [text for *_, text in rows], max_new_tokens)
@@ -194,7 +192,7 @@ def prepare(
     """Build the embedded model's safetensors cache now (otherwise the first load does it)."""
     from overtone.models import embedded
 
-    setup(1, 0, verbose)
+    setup(1, verbose)
     if model not in embedded.EMBEDDED:
         fail(f"{model!r} is not an embedded model; embedded: {', '.join(embedded.EMBEDDED)}")
     try:

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from overtone.cli.app import app
-from overtone.cli.common import EvalOpt, VerboseOpt, console, fail, setup
+from overtone.cli.common import console, fail, setup
+from overtone.cli.options import EvalOpt, VerboseOpt
 
 
 @app.command()
@@ -25,7 +26,7 @@ def report(
     from overtone.report.page import write_report
     from overtone.report.runs import ReportError
 
-    setup(1, 0, verbose)
+    setup(1, verbose)
     try:
         protocols = ("teacher-forced", "wild") if evaluation == "both" else (evaluation,)
         files = write_report(paths, out, title, protocols)

@@ -9,17 +9,8 @@ import typer
 from rich.table import Table
 
 from overtone.cli.app import app
-from overtone.cli.common import (
-    DeviceOpt,
-    DtypeOpt,
-    ModelOpt,
-    ThreadsOpt,
-    VerboseOpt,
-    console,
-    fail,
-    progress_bar,
-    setup,
-)
+from overtone.cli.common import console, fail, progress_bar, setup
+from overtone.cli.options import DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, VerboseOpt
 
 
 @app.command()
@@ -44,7 +35,7 @@ def stats(
     from overtone.models import ArchitectureError, ModelLoadError, load_model
     from overtone.stats import MomentSpec, second_moments
 
-    setup(threads, 0, verbose)
+    setup(threads, verbose)
     try:
         lm = load_model(model, device=device, dtype=dtype)
         if layers is None:

@@ -16,17 +16,8 @@ import typer
 from rich.table import Table
 
 from overtone.cli.app import app
-from overtone.cli.common import (
-    ExecutionOptions,
-    OptionGroup,
-    VerboseOpt,
-    console,
-    fail,
-    grouped,
-    precheck,
-    progress_bar,
-    setup,
-)
+from overtone.cli.common import check_spec, console, fail, progress_bar, setup
+from overtone.cli.options import ExecutionOptions, OptionGroup, VerboseOpt, grouped
 
 study_app = typer.Typer(no_args_is_help=True, help="Studies: grids of runs from one YAML file (docs/studies.md).")
 app.add_typer(study_app, name="study")
@@ -75,8 +66,11 @@ def load(file: Path | dict[str, Any], profile: str | None = None, **overrides: A
 
 
 def precheck_study(study: Any) -> None:
-    """Every cell's cases checked against its editor and evaluation with the tokenizer alone (``precheck``),
-    before any worker loads a model: a bad record fails the study in seconds, naming the cell's settings."""
+    """Every cell's cases checked against its editor and evaluation with the tokenizer alone (the runner's
+    ``check_run``, as ``bench`` checks its run), before any worker loads a model: a bad record fails the study
+    in seconds, naming the cell's settings."""
+    from overtone.runner.spec import SpecError
+
     seen = set()
     for cell in study.cells:
         key = (cell.model.name, cell.editor, cell.settings, cell.dataset, cell.offset, cell.limit, cell.sequence,
@@ -84,10 +78,11 @@ def precheck_study(study: Any) -> None:
         if key in seen:
             continue
         seen.add(key)
-        precheck(cell.model.name, cell.editor, cell.editor_settings, cell.dataset, cell.offset, cell.limit,
-                 cell.parallel, seed=cell.seed, sequence=cell.sequence, eval_timing=cell.eval_timing,
-                 generation=dict(cell.generation), batch=cell.batch, evaluation=cell.evaluation,
-                 eval_context=cell.eval_context)
+        try:
+            spec = cell.run_spec(study.threads)
+        except SpecError as exc:
+            fail(f"{cell.name}: {exc}")
+        check_spec(spec)
 
 
 def run_study_cli(study: Any, out: Path, execution: ExecutionOptions, cpus_per_worker: float | None = None,
@@ -204,7 +199,7 @@ def run(
     """Run every unfinished cell of a study; safe to kill and rerun (finished cases are kept, none is repeated)."""
     study = overrides.load(file, threads=threads, evaluation=evaluation, eval_context=eval_context,
                            ability=ability or None, ability_every=ability_every, parallel=parallel)
-    setup(study.threads, 0, verbose)
+    setup(study.threads, verbose)
     scheduler = run_study_cli(study, out, execution, cpus_per_worker, gpus_per_worker)
     print_tables(out)
     counts = scheduler.summary()

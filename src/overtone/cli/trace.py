@@ -1,20 +1,24 @@
 """``overtone trace``: edit cases with CE and with OverTone while recording per-token traces.
 
-Writes, in ``--out``: ``trace.json`` (everything recorded, which ``overtone report`` reads back),
-``fig1_probe_loss.png`` (paper Fig. 1), one ``fig2_ud_<case>.png`` per case (Fig. 2), and the
-per-token table as ``tokens.csv`` and ``tokens.md``.
+Each objective's edits are a run of the runner (runner/run.py) like ``bench``'s, with a ``TraceCollector``
+watching every edit call: its records (scores, ``diverged``) go to the run directories ``ce/`` and
+``overtone/`` in ``--out`` (written afresh: every case is edited again to be traced). Besides them, in
+``--out``: ``trace.json`` (every trace, which ``overtone report`` reads back), ``fig1_probe_loss.png``
+(paper Fig. 1), one ``fig2_ud_<case>.png`` per case (Fig. 2), and the per-token table as ``tokens.csv``
+and ``tokens.md``.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from overtone.version import __version__
 from overtone.cli.app import app
-from overtone.cli.common import (
+from overtone.cli.common import check_spec, console, execute, fail, prepare_spec, setup, specified
+from overtone.cli.options import (
     AblationOptions,
     DatasetOpt,
     EditorOpt,
@@ -26,14 +30,42 @@ from overtone.cli.common import (
     SeedOpt,
     StopLossOpt,
     VerboseOpt,
-    build,
-    console,
-    fail,
     grouped,
-    overtone_config,
-    parallel_option,
-    setup,
 )
+
+log = logging.getLogger(__name__)
+
+
+def _fresh(run: Path) -> None:
+    """Remove what an earlier trace wrote in run directory ``run``: a trace edits every case again."""
+    from overtone.runner.store import CASES_FILE, CONFIG_FILE, SUMMARY_FILE
+
+    old = [run / name for name in (CONFIG_FILE, CASES_FILE, SUMMARY_FILE) if (run / name).exists()]
+    if old:
+        log.info("%s: replacing the records of an earlier trace", run)
+    for path in old:
+        path.unlink()
+
+
+def _write(out: Path, traces: list[Any], meta: dict[str, Any], n_cases: int) -> None:
+    """``trace.json``, the figures and the per-token tables of ``traces``."""
+    from overtone.diagnostics import TRACE_FILE, save_traces
+    from overtone.report.figures import png, trace_figures
+    from overtone.report.tables import to_markdown, to_rich, token_table, trace_summary_table, write_csv
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_traces(out / TRACE_FILE, traces, meta)
+    written = [out / TRACE_FILE]
+    for stem, _caption, figure in trace_figures(traces, max_cases=n_cases):
+        path = out / f"{stem}.png"
+        path.write_bytes(png(figure))
+        written.append(path)
+    summary, tokens = trace_summary_table(traces), token_table(traces)
+    write_csv(out / "tokens.csv", tokens)
+    (out / "tokens.md").write_text(f"{to_markdown(summary)}\n\n{to_markdown(tokens)}\n", encoding="utf-8")
+    written += [out / "tokens.csv", out / "tokens.md"]
+    console.print(to_rich(summary))
+    console.print("wrote " + ", ".join(str(p) for p in written))
 
 
 @app.command()
@@ -56,56 +88,38 @@ def trace(
 ) -> None:
     """Edit cases with CE and with OverTone, recording per-token UD and per-step probe losses; save plots.
 
-    With --parallel B, B cases are edited at once, each on its own (the same traces)."""
-    from overtone.benchmarks import DatasetError, load_benchmark
-    from overtone.diagnostics import TRACE_FILE, TraceError, save_traces, trace_edit, trace_parallel
-    from overtone.editors import EditError
-    from overtone.editors.parallel import parallel_size
-    from overtone.evaluation import Evaluator
-    from overtone.report.figures import png, trace_figures
-    from overtone.report.tables import to_markdown, to_rich, token_table, trace_summary_table, write_csv
+    The records are scored and flagged like bench's (in --out/ce and --out/overtone). With --parallel B,
+    B cases are edited at once, each on its own (the same traces)."""
+    from overtone.diagnostics import TraceCollector
+    from overtone.runner.spec import RunSpec, overtone_for
 
-    setup(model.threads, seed, verbose)
-    cases_at_once = parallel_option(parallel, editor)
-    cfg = overtone_config(editor, overtone, ablation)
-    settings = editing.settings(editor, None, stop_loss=stop_loss)
-    try:
-        cases = load_benchmark(dataset, limit=limit, offset=offset)
-    except DatasetError as exc:
-        fail(str(exc))
-    if not cases:
+    setup(model.threads, verbose)
+    cfg = specified(lambda: overtone_for(editor, ablation.switches(), **overtone.given()))
+    overrides = specified(lambda: tuple(editing.settings(editor, None, stop_loss=stop_loss).items()))
+    specs = [specified(lambda objective=objective: RunSpec(
+        editor=editor, objective=objective, dataset=dataset, offset=offset, limit=limit, model=model.model,
+        device=model.device, dtype=model.dtype, threads=model.threads, overtone=cfg, settings=overrides,
+        parallel=parallel, seed=seed)) for objective in ("ce", "overtone")]
+    inputs = check_spec(specs[0])
+    if not inputs.cases:
         fail(f"dataset {dataset!r} has no case at offset {offset}")
-    lm, traces, error = None, [], None
-    for objective in ("ce", "overtone"):
-        lm, ed = build(model, editor, objective, cfg, settings, lm)
-        evaluator = Evaluator(lm)
-        if cases_at_once == "auto":
-            cases_at_once = parallel_size(ed.case_memory(), lm.device, len(cases))
-        size = int(cases_at_once)
-        for first in range(0, len(cases), size):
-            group = cases[first: first + size]
+    order = {case.case_id: i for i, case in enumerate(inputs.cases)}
+    traces: list[Any] = []
+    meta: dict[str, Any] = {}
+    lm = None
+    try:
+        for spec in specs:
+            prepared = prepare_spec(spec, inputs, lm)
+            lm = prepared.lm
+            meta = {key: prepared.config[key] for key in ("overtone_version", "code", "model")}
+            meta["dataset"] = {"name": dataset, "offset": offset}
+            run = out / spec.objective
+            _fresh(run)
+            collector = TraceCollector()
             try:
-                traces += trace_edit(ed, evaluator, group) if size == 1 else trace_parallel(ed, evaluator, group)
-            except (EditError, TraceError, ValueError) as exc:
-                error = f"{editor} + {objective}, case {', '.join(c.case_id for c in group)}: {exc}"
-                break
-        if error:
-            break
-    if not traces:
-        fail(str(error))
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"overtone_version": __version__, "model": lm.identity, "dataset": {"name": dataset, "offset": offset}}
-    save_traces(out / TRACE_FILE, traces, meta)
-    written = [out / TRACE_FILE]
-    for stem, _caption, figure in trace_figures(traces, max_cases=len(cases)):
-        path = out / f"{stem}.png"
-        path.write_bytes(png(figure))
-        written.append(path)
-    summary, tokens = trace_summary_table(traces), token_table(traces)
-    write_csv(out / "tokens.csv", tokens)
-    (out / "tokens.md").write_text(f"{to_markdown(summary)}\n\n{to_markdown(tokens)}\n", encoding="utf-8")
-    written += [out / "tokens.csv", out / "tokens.md"]
-    console.print(to_rich(summary))
-    console.print("wrote " + ", ".join(str(p) for p in written))
-    if error:
-        fail(f"{error}; the {len(traces)} trace(s) recorded before it are saved in {out}")
+                execute(prepared, run, f"{editor}/{spec.objective}", observer=collector)
+            finally:  # in case order (a parallel edit groups cases by length)
+                traces += sorted(collector.traces, key=lambda t: order[t.case_id])
+    finally:  # the traces recorded before an error are written too
+        if traces:
+            _write(out, traces, meta, len(inputs.cases))

@@ -3,6 +3,7 @@
 from overtone.diagnostics.trace import (
     TRACE_FILE,
     CaseTrace,
+    TraceCollector,
     TraceError,
     TraceRecorder,
     load_traces,
@@ -11,5 +12,5 @@ from overtone.diagnostics.trace import (
     trace_parallel,
 )
 
-__all__ = ["TRACE_FILE", "CaseTrace", "TraceError", "TraceRecorder", "load_traces", "save_traces", "trace_edit",
-           "trace_parallel"]
+__all__ = ["TRACE_FILE", "CaseTrace", "TraceCollector", "TraceError", "TraceRecorder", "load_traces", "save_traces",
+           "trace_edit", "trace_parallel"]

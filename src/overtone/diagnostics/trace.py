@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import Editor
+from overtone.editors.base import EditHandle, Editor
 from overtone.editors.reports import EditStats, StepInfo
 from overtone.evaluation.teacher_forced import Evaluator, ProbeBatch
 from overtone.models.replay import SuffixCache
@@ -274,6 +274,31 @@ def trace_parallel(editor: Editor, evaluator: Evaluator, cases: Sequence[EditCas
     traces of ``trace_edit`` on each case alone, up to floating-point summation order. The model is unchanged."""
     recorder = TraceRecorder(editor, evaluator, cases)
     return recorder.finish_parallel(editor.edit_parallel(cases, on_step=recorder))
+
+
+class TraceCollector:
+    """Records the trace of every edit call of a run: an ``EditObserver`` (runner/bench.py), so ``overtone
+    trace`` edits and scores its cases through the runner like ``bench`` (records, divergence, a run
+    directory) and gets each edit's trace besides."""
+
+    def __init__(self) -> None:
+        self.traces: list[CaseTrace] = []
+        self._recorder: TraceRecorder | None = None
+        self._evaluator: Evaluator | None = None
+
+    def on_step(self, editor: Editor, cases: Sequence[EditCase]) -> TraceRecorder:
+        if self._evaluator is None or self._evaluator.lm is not editor.lm:
+            self._evaluator = Evaluator(editor.lm)
+        self._recorder = TraceRecorder(editor, self._evaluator, cases)
+        return self._recorder
+
+    def edited(self, result: EditHandle | CaseEdits) -> None:
+        assert self._recorder is not None, "edited() without on_step()"
+        if isinstance(result, EditHandle):
+            self.traces += self._recorder.finish(result.stats)
+        else:
+            self.traces += self._recorder.finish_parallel(result)
+        self._recorder = None
 
 
 def save_traces(path: Path | str, traces: Sequence[CaseTrace], meta: dict[str, Any]) -> None:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from overtone.version import __version__
 from overtone.diagnostics import load_traces
 from overtone.report.figures import Bar, Shrink, avg_bars_figure, png, shrink_figure, trace_figures
 from overtone.report.runs import Inputs, Pair, RunInfo, collect, model_name, pair_runs
@@ -39,6 +38,7 @@ from overtone.report.tables import (
     trace_summary_table,
     wild_detail_table,
 )
+from overtone.version import __version__
 
 log = logging.getLogger(__name__)
 HTML_FILE = "report.html"

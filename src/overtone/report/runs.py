@@ -9,11 +9,17 @@ computed over the cases both runs finished, paired case by case.
 A run evaluated with several protocols (``--eval both``) is seen through one ``RunInfo`` per protocol
 (``RunInfo.views``): the same run, its records and summary projected onto that protocol's metrics, so
 every table, pairing and statistic works the same for teacher-forced and wild numbers.
+
+Runs made by different code (``code`` in ``config.yaml``: version, git revision, dirtiness) are still
+combined, with one warning naming each run's code (``mixed_code``): ``overtone table`` and ``report``
+give it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -26,10 +32,14 @@ from overtone.objectives import objective_label
 from overtone.report.stats import PairedDifference, paired_difference
 from overtone.runner.bench import summarize
 from overtone.runner.store import CONFIG_FILE, VOLATILE_KEYS, StoreError, read_run
+from overtone.version import describe
+
+log = logging.getLogger(__name__)
 
 TEACHER_FORCED = "teacher-forced"
 
-# Keys that never change results: left out when deciding whether two runs differ only in the objective.
+# Keys that never change results: left out when deciding whether two runs differ only in the objective (the
+# code that made them is warned about instead, ``mixed_code``).
 NON_RESULT_KEYS = (*VOLATILE_KEYS, "overtone_version")
 
 
@@ -131,6 +141,26 @@ class RunInfo:
 
 
 
+def code_identities(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The code identities (``version.code_identity``) a run was made with, the latest last; a run older than
+    these records gives its version with no revision."""
+    latest = config.get("code") or {"version": config.get("overtone_version", "?"), "revision": None}
+    return [*(config.get("code_before") or []), latest]
+
+
+def mixed_code(runs: Sequence[tuple[str, dict[str, Any]]]) -> str | None:
+    """One line naming the runs and their code when ``runs`` (name, config) were not all made by one clean
+    revision: different versions or revisions, a dirty tree, or a revision not recorded beside others; None
+    when they were."""
+    labels = {name: [describe(code) for code in code_identities(config)] for name, config in runs}
+    codes = [code for _, config in runs for code in code_identities(config)]
+    distinct = {json.dumps(code, sort_keys=True, default=str) for code in codes}
+    if len(distinct) < 2 and not any(code.get("dirty") for code in codes):
+        return None
+    named = "; ".join(f"{name}: {' then '.join(found)}" for name, found in labels.items())
+    return f"these runs were made by different or uncommitted code, so their numbers may not be comparable ({named})"
+
+
 def read_run_info(path: Path) -> RunInfo:
     try:
         config, records, summary = read_run(path)
@@ -171,6 +201,9 @@ def collect(paths: list[Path]) -> Inputs:
             run_dirs += found_runs
             traces += found_traces
     runs = [read_run_info(p) for p in dict.fromkeys(p.resolve() for p in run_dirs)]
+    warning = mixed_code([(str(run.path), run.config) for run in runs])
+    if warning:
+        log.warning(warning)
     tag_runs(runs)
     return Inputs(runs=runs, traces=list(dict.fromkeys(p.resolve() for p in traces)))
 

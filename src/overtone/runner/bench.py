@@ -44,13 +44,16 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditError, Editor, EditStack, EditStats
+from overtone.editors.base import EditError, EditHandle, Editor, EditStack, EditStats, StepCallback
 from overtone.evaluation.ability import AbilityMonitor
 from overtone.evaluation.teacher_forced import METRICS, Evaluator, PreEdit, PreEdits
 from overtone.evaluation.wild import WILD, protocol_records
+
+if TYPE_CHECKING:
+    from overtone.editors.parallel import CaseEdits
 
 EVAL_TIMINGS = ("end", "after-each")
 # Column order of summaries and tables; an evaluator's metrics come in this order.
@@ -119,6 +122,27 @@ def likely_cause(editor: Editor) -> str:
     return f"{editor.name}'s learning rate lr={lr:g} (try a smaller one: --lr or --set lr=...)"
 
 
+class EditObserver(Protocol):
+    """Sees every edit call of a run while its edit is applied (``overtone trace`` records token traces with
+    one): ``on_step`` gives the call's step callback, ``edited`` its result before anything is reverted."""
+
+    def on_step(self, editor: Editor, cases: Sequence[EditCase]) -> StepCallback: ...
+
+    def edited(self, result: EditHandle | CaseEdits) -> None: ...
+
+
+def _edit(stack: EditStack, editor: Editor, requests: Sequence[EditCase], steps: int | None,
+          observer: EditObserver | None) -> EditStats:
+    """One edit call, its handle pushed on ``stack`` (so an error reverts it), shown to ``observer``."""
+    given: dict[str, Any] = {"steps": steps} if steps is not None else {}
+    if observer:
+        given["on_step"] = observer.on_step(editor, requests)
+    handle = stack.push(editor.edit(requests, **given))
+    if observer:
+        observer.edited(handle)
+    return handle.stats
+
+
 def _replay(pre: PreEdit | None, stack: EditStack) -> bool:
     """Whether the edits so far left every layer below the recorded one unchanged (the cheaper edited pass)."""
     cache = pre.cache if pre is not None else None
@@ -129,6 +153,7 @@ def edit_chunk(
     editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase], eval_timing: str = "end", batch: int = 1,
     step_budgets: Mapping[str, int] | None = None, keep: EditStack | None = None,
     ability: AbilityMonitor | None = None, pending: Sequence[PreEdit] | None = None,
+    observer: EditObserver | None = None,
 ) -> list[dict[str, Any]]:
     """Result records of ``cases`` edited in sequence (``batch`` cases per edit) and evaluated at ``eval_timing``.
 
@@ -136,7 +161,8 @@ def edit_chunk(
     edits stay applied, their handles on that (empty) stack, instead of being reverted at the end (step 4):
     ``overtone edit`` saves them. They are reverted when an error interrupts the chunk. ``ability``: the
     general ability of the model with every edit of the chunk applied. ``pending``: the cases' evaluation
-    on the unedited model when the caller already made it (``Evaluator.before_many``).
+    on the unedited model when the caller already made it (``Evaluator.before_many``). ``observer`` sees
+    every edit call (``EditObserver``).
     """
     if eval_timing not in EVAL_TIMINGS:
         raise ValueError(f"unknown eval timing {eval_timing!r}; choose one of {', '.join(EVAL_TIMINGS)}")
@@ -183,10 +209,9 @@ def edit_chunk(
             try:
                 if batch == 1:
                     budget = None if step_budgets is None else step_budgets[group[0].case_id]
-                    stats.append([stack.push(editor.edit([request], steps=budget)).stats
-                                  for request in group[0].requests])
+                    stats.append([_edit(stack, editor, [request], budget, observer) for request in group[0].requests])
                 else:
-                    shared = stack.push(editor.edit([r for case in group for r in case.requests])).stats
+                    shared = _edit(stack, editor, [r for case in group for r in case.requests], None, observer)
                     stats += [[shared]] * len(group)
                     sizes[first: first + len(group)] = [len(group)] * len(group)
             except (EditError, ValueError) as exc:
@@ -229,6 +254,7 @@ def check_parallel_cases(cases: Sequence[EditCase]) -> None:
 def edit_cases(
     editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase], parallel: int | None = None,
     step_budgets: Mapping[str, int] | None = None, ability: AbilityMonitor | None = None,
+    observer: EditObserver | None = None,
 ) -> list[dict[str, Any]]:
     """Result records of independent cases edited ``parallel`` at a time (all at once when None), each as
     ``edit_chunk`` gives it for the case alone, up to floating-point summation order; in case order.
@@ -236,6 +262,7 @@ def edit_cases(
     Cases of similar length share a group (the edit sequences of a group are padded to the longest),
     which changes nothing in a case's result. The model is left unedited. ``step_budgets``: exact
     updates per case id (every case must have one). ``ability``: each case's edited model's general ability.
+    ``observer`` sees every ``edit_parallel`` call.
     """
     check_parallel_cases(cases)
     missing = [c.case_id for c in cases if step_budgets is not None and c.case_id not in step_budgets]
@@ -247,13 +274,14 @@ def edit_cases(
     records: dict[int, dict[str, Any]] = {}
     for first in range(0, len(order), size):
         group = order[first: first + size]
-        records.update(zip(group, _edit_group(editor, evaluator, [cases[i] for i in group], step_budgets, ability),
-                           strict=True))
+        records.update(zip(group, _edit_group(editor, evaluator, [cases[i] for i in group], step_budgets, ability,
+                                              observer), strict=True))
     return [records[i] for i in range(len(cases))]
 
 
 def _edit_group(editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase],
-                step_budgets: Mapping[str, int] | None, ability: AbilityMonitor | None) -> list[dict[str, Any]]:
+                step_budgets: Mapping[str, int] | None, ability: AbilityMonitor | None,
+                observer: EditObserver | None) -> list[dict[str, Any]]:
     """One ``edit_parallel`` call and its batched evaluation."""
     ids = [c.case_id for c in cases]
     budgets = None if step_budgets is None else [step_budgets[i] for i in ids]
@@ -261,7 +289,10 @@ def _edit_group(editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase],
         pre: PreEdits = evaluator.before_cases(cases, record_from=editor.first_layer)
         if ability:
             ability.measure_reference()  # the model is unedited here
-        edits = editor.edit_parallel(cases, steps=budgets)
+        edits = editor.edit_parallel(cases, on_step=observer.on_step(editor, cases) if observer else None,
+                                     steps=budgets)
+        if observer:
+            observer.edited(edits)
         results = evaluator.after_cases(pre, edits, pre.replayable(edits.first_layer))
     except (EditError, ValueError) as exc:
         raise CaseError(", ".join(ids), exc) from exc

@@ -37,8 +37,11 @@ another B.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import torch
 
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import Editor
@@ -46,8 +49,8 @@ from overtone.evaluation.ability import AbilityMonitor
 from overtone.evaluation.teacher_forced import Evaluator
 from overtone.runner.bench import (
     CaseError,
+    EditObserver,
     RunError,
-    check_parallel_cases,
     divergence,
     edit_cases,
     edit_chunk,
@@ -63,6 +66,14 @@ PREFETCH = 16  # cases evaluated on the unedited model together, ahead of their 
 # Single editing with --parallel B: cases handed to the parallel edit at a time, in groups of B (more
 # groups to choose from make groups of similar length; a restart redoes at most one window).
 PARALLEL_WINDOW = 4
+
+
+def reseed(seed: int | None) -> None:
+    """Seed the global generators before a chunk (or a window of parallel cases), so that its records do not
+    depend on what ran before it: the one seeding rule of every run (None: leave them as they are)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+        random.seed(seed)
 
 
 def chunked(cases: Sequence[EditCase], size: int) -> list[Sequence[EditCase]]:
@@ -82,10 +93,11 @@ def mark_chunk(records: list[dict[str, Any]], index: int, size: int) -> None:
 def chunk_records(
     editor: Editor, evaluator: Evaluator, index: int, chunk: Sequence[EditCase], sequence: int = 1,
     eval_timing: str = "end", batch: int = 1, step_budgets: Mapping[str, int] | None = None,
-    ability: AbilityMonitor | None = None,
+    ability: AbilityMonitor | None = None, seed: int | None = None,
 ) -> list[dict[str, Any]]:
-    """The records of chunk number ``index`` of a run, as ``run_continual`` stores them; a study's workers
-    (study/worker.py) edit their shards' chunks with it."""
+    """The records of chunk number ``index`` of a run, as ``run_continual`` stores them (the global generators
+    seeded from ``seed`` first); a study's workers (study/worker.py) edit their shards' chunks with it."""
+    reseed(seed)
     records = edit_chunk(editor, evaluator, chunk, eval_timing, batch, step_budgets, ability=ability)
     if sequence > 1:
         mark_chunk(records, index, len(chunk))
@@ -105,18 +117,15 @@ def run_continual(
     strict: bool = False,
     ability: AbilityMonitor | None = None,
     parallel: int = 1,
+    seed: int | None = None,
+    observer: EditObserver | None = None,
 ) -> dict[str, Any]:
     """Edit every chunk of ``cases`` not yet in ``store`` (``batch`` cases per edit call, the general ability
     measured at each chunk's end with ``ability``); returns the summary of all stored cases. ``step_budgets``
     gives each case an exact number of updates (matched steps); ``strict``: a diverged edit is an error
-    (default: flagged with a warning); ``parallel`` > 1 edits that many single-editing cases at once."""
-    if parallel < 1:
-        raise ValueError(f"--parallel must be >= 1, got {parallel}")
-    if parallel > 1:
-        if sequence > 1 or batch > 1:
-            raise ValueError(f"--parallel {parallel} edits independent cases (single editing); the cases of a "
-                             f"--sequence {sequence} / --batch {batch} chunk build on each other: use --parallel 1")
-        check_parallel_cases(cases)
+    (default: flagged with a warning); ``parallel`` > 1 edits that many single-editing cases at once (the
+    runner's ``RunSpec`` checks the protocol allows it); ``seed`` reseeds the global generators before each
+    chunk and window (``reseed``); ``observer`` sees every edit call (``bench.EditObserver``)."""
     try:
         prepare_cases(cases, editor.lm.tokenizer, type(editor), editor.config)
     except ValueError as exc:
@@ -152,8 +161,9 @@ def run_continual(
                 on_case(record)
 
     def edit_window() -> None:
+        reseed(seed)
         try:
-            records = edit_cases(editor, evaluator, waiting, parallel, step_budgets, ability)
+            records = edit_cases(editor, evaluator, waiting, parallel, step_budgets, ability, observer)
         except CaseError as exc:
             raise failed(exc) from exc
         waiting.clear()
@@ -194,8 +204,9 @@ def run_continual(
                 except ValueError as exc:
                     raise CaseError(", ".join(c.case_id for c in window), exc) from exc
             # handed over without a name here, so edit_chunk can free each case's pending state once used
+            reseed(seed)
             records = edit_chunk(editor, evaluator, chunk, eval_timing, batch, step_budgets, ability=ability,
-                                 pending=[prefetched.pop(i) for i in ids])
+                                 pending=[prefetched.pop(i) for i in ids], observer=observer)
         except CaseError as exc:
             raise failed(exc) from exc
         store_records(records, (index, len(chunk)) if sequence > 1 else None)

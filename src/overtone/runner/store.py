@@ -46,8 +46,10 @@ CASES_FILE = "cases.jsonl"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = "run.lock"
 # Settings that may differ between a run and its restart without changing results (``parallel``: cases
-# edited at once, equivalent to one at a time up to floating-point summation order).
-VOLATILE_KEYS = ("threads", "limit", "progress", "parallel")
+# edited at once, equivalent to one at a time up to floating-point summation order). ``code`` (the code's
+# version, git revision and dirtiness, ``version.code_identity``) may change too: a restart with other code
+# records the earlier identities under ``code_before``, so reports can say the run mixes them.
+VOLATILE_KEYS = ("threads", "limit", "progress", "parallel", "code", "code_before")
 
 
 class StoreError(RuntimeError):
@@ -285,7 +287,20 @@ class ResultStore:
                     f"{self.dir} holds a run with another configuration ({'; '.join(diff)}); "
                     "use another --out directory"
                 )
+            self._keep_earlier_code(old)
         _atomic_write(config_path, yaml.safe_dump(self.config, sort_keys=False))
+
+    def _keep_earlier_code(self, old: dict[str, Any]) -> None:
+        """Record the code identities of the run so far when this restart runs other code."""
+        if "code" not in self.config:
+            return
+        earlier = list(old.get("code_before") or [])
+        previous = old.get("code") or {"version": old.get("overtone_version"), "revision": None}
+        if previous not in earlier:
+            earlier.append(previous)
+        earlier = [code for code in earlier if code != self.config["code"]]
+        if earlier:
+            self.config["code_before"] = earlier
 
     def _open_cases(self) -> list[dict[str, Any]]:
         """The stored records, after repairing what a kill can leave at the end of the file."""

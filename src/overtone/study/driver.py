@@ -37,7 +37,7 @@ from overtone.runner.continual import PARALLEL_WINDOW
 from overtone.runner.store import CONFIG_FILE, ResultStore, StoreError, read_run
 from overtone.runner.variants import step_budgets, stopped_early
 from overtone.study.spec import Cell, ModelSpec, Study, StudyError
-from overtone.study.worker import PARALLEL_AUTO_MOST, Delivery, Task
+from overtone.study.worker import Delivery, Task
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ STATE_FILE = "state.json"
 LOCK_FILE = "study.lock"
 MAX_LOSSES = 3  # workers a shard may take down before its cell is failed
 DEFAULT_SHARD = 4  # cases per task in single editing: small, so a lost worker costs little
+AUTO_SHARD = 64  # cases per task of a cell with parallel auto: room for groups of similar length
 
 
 class Executor(Protocol):
@@ -147,7 +148,7 @@ class Scheduler:
         if isinstance(state.cell.parallel, int) and state.cell.parallel > 1:  # room for groups of similar length
             per_task = max(per_task, PARALLEL_WINDOW * state.cell.parallel)
         elif state.cell.parallel == "auto":
-            per_task = max(per_task, PARALLEL_WINDOW * PARALLEL_AUTO_MOST)
+            per_task = max(per_task, AUTO_SHARD)
         for first in range(0, len(pending), per_task):
             chunks = tuple(pending[first: first + per_task])
             ids = [i for _, chunk in chunks for i in chunk]

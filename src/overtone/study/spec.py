@@ -17,7 +17,8 @@ OverTone, its ablations, a tuning grid) x seeds. The YAML file (docs/studies.md)
 A cell's id is a hash of everything that changes its results: the package version, the model (name,
 device, dtype), the dataset (and a file's content), the protocol, the editor's full resolved settings,
 the objective, the seed, the evaluation (wild, ability) and the id of the cell it takes step budgets
-from. ``limit``, ``threads`` and ``parallel`` are not in it: a larger ``limit`` extends the same cells,
+from. The code's git revision is not in it (each cell's ``config.yaml`` records it, ``runner.config``).
+``limit``, ``threads`` and ``parallel`` are not in it: a larger ``limit`` extends the same cells,
 and cases edited side by side give the results of one at a time. ``parallel`` applies to the
 single-editing cells of editors that can edit side by side; the others run one case at a time.
 Editors without a ``seed`` setting (FT-M, ROME, MEMIT) have no random parts: a seed axis collapses
@@ -30,8 +31,6 @@ import copy
 import hashlib
 import json
 import re
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cache
@@ -40,8 +39,9 @@ from typing import Any
 
 import yaml
 
-from overtone.version import __version__
 from overtone.objectives import OBJECTIVES, OverToneConfig, make_objective
+from overtone.runner.settings import SettingError, typed
+from overtone.runner.settings import coerce as settings_coerce
 from overtone.runner.variants import (
     Variant,
     ablation_variants,
@@ -49,6 +49,7 @@ from overtone.runner.variants import (
     matched_steps_controls,
     sweep_variants,
 )
+from overtone.version import __version__
 
 AXES = ("model", "dataset", "sequence", "editor", "variant", "seed")  # expansion order, outermost first
 FIXED_DEFAULTS: dict[str, Any] = {
@@ -120,6 +121,19 @@ class Cell:
     def protocol(self) -> str:
         return "single" if self.sequence == 1 else "continual" if self.batch == 1 else "batch"
 
+    def run_spec(self, threads: int = 1) -> Any:
+        """The cell as the runner takes it (``runner.spec.RunSpec``): what a worker runs and what is
+        checked with the tokenizer before the study starts."""
+        from overtone.runner.spec import RunSpec
+
+        return RunSpec(
+            editor=self.editor, dataset=self.dataset, objective=self.variant.objective, model=self.model.name,
+            device=self.model.device, dtype=self.model.dtype, threads=threads, offset=self.offset, limit=self.limit,
+            settings=self.settings, overtone=self.variant.overtone, sequence=self.sequence, batch=self.batch,
+            eval_timing=self.eval_timing, evaluation=self.evaluation, eval_context=self.eval_context,
+            generation=self.generation, ability=self.ability, ability_every=self.ability_every,
+            parallel=self.parallel, seed=self.seed, matched=self.variant.match_steps)
+
     def describe(self) -> dict[str, Any]:
         """The cell as ``plan.json`` lists it."""
         return {"id": self.id, "dir": self.name, "model": asdict(self.model), "editor": self.editor,
@@ -165,63 +179,20 @@ def _hashable(value: Any) -> Any:
 
 
 def coerce(value: Any, kind: Any, where: str) -> Any:
-    """A YAML value as the dataclass field type ``kind`` wants it (lists become tuples; ``5e-3`` a float)."""
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return coerce(value, arg, where)
-            except StudyError as exc:
-                errors.append(str(exc))
-        raise StudyError(errors[0])
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise StudyError(f"{where}: expected a list, got {value!r}")
-        if args and args[-1] is Ellipsis:
-            return tuple(coerce(v, args[0], where) for v in value)
-        if len(value) != len(args):
-            raise StudyError(f"{where}: expected {len(args)} values, got {value!r}")
-        return tuple(coerce(v, a, where) for v, a in zip(value, args, strict=True))
-    if origin is typing.Literal:
-        if value not in args:
-            raise StudyError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
-        return value
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise StudyError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if kind in (int, float):
-        if isinstance(value, bool):
-            raise StudyError(f"{where}: expected a number, got {value!r}")
-        try:
-            number = kind(value) if isinstance(value, str | int | float) else None
-        except ValueError:
-            number = None
-        if number is None or (kind is int and isinstance(value, float) and not value.is_integer()):
-            raise StudyError(f"{where}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
-        return number
-    if kind is str:
-        if not isinstance(value, str):
-            raise StudyError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
+    """A YAML value as the field type ``kind`` wants it (``runner.settings.coerce``, the one coercer of
+    settings, which ``--set`` uses too); a ``StudyError`` naming ``where``."""
+    try:
+        return settings_coerce(value, kind, where)
+    except SettingError as exc:
+        raise StudyError(str(exc)) from exc
 
 
 def _typed(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
     """``values`` checked against the fields of dataclass ``cls`` and coerced to their types."""
-    if not isinstance(values, Mapping):
-        raise StudyError(f"{where}: expected a mapping of settings, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in fields(cls)]
-    out = {}
-    for key, value in values.items():
-        if key not in known:
-            raise StudyError(f"{where}: unknown setting {key!r}; known: {', '.join(known)}")
-        out[key] = coerce(value, hints[key], f"{where}.{key}")
-    return out
+    try:
+        return typed(cls, values, where)
+    except SettingError as exc:
+        raise StudyError(str(exc)) from exc
 
 
 def _merge(base: Any, overlay: Any) -> Any:

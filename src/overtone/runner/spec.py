@@ -1,0 +1,138 @@
+"""A run's specification: everything a run of an editor over cases depends on, checked once, when it is built.
+
+``bench``, ``demo``, ``edit``, ``trace`` and every study cell (so ``ablate`` and ``sweep``) describe their
+run as a ``RunSpec`` and hand it to the runner (runner/run.py). Its checks need no tokenizer and no model
+(those that do are ``run.check_run``); a problem is a ``SpecError`` naming the option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from overtone.benchmarks.cases import EditCase
+from overtone.evaluation.wild import CONTEXTS, EVAL_MODES
+from overtone.objectives import OBJECTIVES, OverToneConfig
+from overtone.runner.bench import EVAL_TIMINGS
+
+
+class SpecError(ValueError):
+    """A run cannot be made as specified; the message names the option or record."""
+
+
+def parse_parallel(value: int | str) -> int | str:
+    """``--parallel``: a number of cases >= 1, or ``auto``."""
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise SpecError(f"--parallel takes a number of cases or auto, got {value!r}") from None
+    if number < 1:
+        raise SpecError(f"--parallel must be >= 1, got {number}")
+    return number
+
+
+def overtone_for(editor: str, ablation: dict[str, bool] | None = None, **given: float | None) -> OverToneConfig:
+    """OverTone settings: the editor's tuned defaults, overridden by ``given`` (None: not given) and the
+    ablation switches (``clip``, ``dynamic``, ``mode_check``, ``filter``)."""
+    from overtone.editors import EDITORS
+
+    base = EDITORS[editor].overtone_defaults if editor in EDITORS else OverToneConfig()
+    try:
+        return replace(base, **{k: v for k, v in given.items() if v is not None}, **(ablation or {}))
+    except ValueError as exc:
+        raise SpecError(str(exc)) from exc
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: the model, the cases, the editor and its objective, the protocol and the evaluation.
+
+    ``cases`` are ad-hoc cases (``overtone edit``'s facts) used instead of ``dataset``'s; ``parallel``
+    cases are edited at once in single editing (``auto``: runner.run.auto_parallel); ``budgets`` train
+    each case for exactly its number of updates, taken from run ``matched``.
+    """
+
+    editor: str
+    dataset: str = "zsre"
+    objective: str = "overtone"
+    model: str = "smollm2-135m"
+    device: str = "auto"
+    dtype: str = "fp32"
+    threads: int = 1
+    offset: int = 0
+    limit: int | None = None
+    cases: tuple[EditCase, ...] | None = None
+    settings: tuple[tuple[str, Any], ...] = ()  # editor config overrides
+    overtone: OverToneConfig | None = None  # None: the editor's tuned defaults
+    sequence: int = 1
+    batch: int = 1
+    eval_timing: str = "end"
+    evaluation: str = "teacher-forced"
+    eval_context: str = "bare"
+    generation: tuple[tuple[str, Any], ...] = ()  # MQuAKE's generation settings given (None values dropped)
+    ability: bool = False
+    ability_every: int = 0
+    parallel: int | str = 1
+    seed: int = 0
+    strict: bool = False
+    truncate: bool = False
+    matched: str | None = None
+    budgets: tuple[tuple[str, int], ...] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        from overtone.editors import EDITORS
+
+        if self.editor not in EDITORS:
+            raise SpecError(f"unknown editor {self.editor!r}; available: {', '.join(sorted(EDITORS))}")
+        if self.objective not in OBJECTIVES:
+            raise SpecError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.overtone is None:
+            object.__setattr__(self, "overtone", EDITORS[self.editor].overtone_defaults)
+        object.__setattr__(self, "settings", tuple(sorted(dict(self.settings).items())))
+        object.__setattr__(self, "generation",
+                           tuple(sorted((k, v) for k, v in dict(self.generation).items() if v is not None)))
+        parallel = parse_parallel(self.parallel)
+        object.__setattr__(self, "parallel", parallel)
+        if self.threads < 1 or self.offset < 0 or (self.limit is not None and self.limit < 0):
+            raise SpecError("--threads must be >= 1, --offset and --limit >= 0")
+        if self.sequence < 1 or self.batch < 1:
+            raise SpecError("--sequence and --batch must be >= 1")
+        if self.eval_timing not in EVAL_TIMINGS:
+            raise SpecError(f"unknown --eval-timing {self.eval_timing!r}; choose one of {', '.join(EVAL_TIMINGS)}")
+        if self.batch > self.sequence:
+            raise SpecError(f"--batch {self.batch} needs --sequence >= {self.batch} (a chunk of T cases holds the "
+                            "batches)")
+        if self.evaluation not in EVAL_MODES:
+            raise SpecError(f"unknown --eval {self.evaluation!r}; choose one of {', '.join(EVAL_MODES)}")
+        if self.eval_context not in CONTEXTS:
+            raise SpecError(f"unknown --eval-context {self.eval_context!r}; choose one of {', '.join(CONTEXTS)}")
+        if self.eval_context != "bare" and self.evaluation == "teacher-forced":
+            raise SpecError(f"--eval-context {self.eval_context} applies to the wild evaluation: add --eval wild or "
+                            "both")
+        if self.generation and self.evaluation == "wild":
+            raise SpecError(f"{', '.join(k for k, _ in self.generation)}: MQuAKE's generation settings need --eval "
+                            "teacher-forced or both")
+        if self.ability_every < 0:
+            raise SpecError(f"--ability-every must be >= 0, got {self.ability_every}")
+        if self.ability_every and self.ability_every >= self.sequence:
+            raise SpecError(f"--ability-every {self.ability_every} measures within a chunk of --sequence "
+                            f"{self.sequence} edits: give K below T (the chunk's end is measured anyway with "
+                            "--ability)")
+        if parallel != 1:
+            if self.sequence > 1 or self.batch > 1:
+                raise SpecError(f"--parallel {parallel} edits independent cases (single editing); the cases of a "
+                                f"--sequence {self.sequence} / --batch {self.batch} chunk build on each other: use "
+                                "--parallel 1")
+            refusal = EDITORS[self.editor].parallel_refusal
+            if refusal:
+                raise SpecError(f"--parallel {parallel}: editor {self.editor} edits one case at a time: {refusal}")
+
+    @property
+    def editor_settings(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+    @property
+    def measures_ability(self) -> bool:
+        return self.ability or self.ability_every > 0
