@@ -1,10 +1,16 @@
-"""Test helpers: tiny random models of every supported architecture and weight snapshots."""
+"""Test helpers: tiny random models of every supported architecture, weight snapshots and fingerprints, and the
+command line run in this process."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+from typer.testing import CliRunner, Result
 
+from overtone.cli import app
 from overtone.editors import FTM, FTMConfig
 from overtone.models.loading import LoadedModel, prepare_model
 from overtone.objectives import CrossEntropy, Objective
@@ -48,6 +54,46 @@ def assert_same_state(lm: LoadedModel, before: dict[str, torch.Tensor]) -> None:
     after = lm.model.state_dict()
     changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
     assert not changed, f"weights differ: {changed}"
+
+
+def fingerprint(lm: LoadedModel) -> dict[str, str]:
+    """A digest of every tensor's bytes by name, and what else a test could leave behind that changes the next test's
+    forward pass: training mode, hooks, which parameters train. A model shared between tests is checked with this
+    instead of a copy (the real model's copy would take 0.5 GB); a tensor a wrapper adds or removes shows by name."""
+    model = lm.model
+    prints = {name: hashlib.blake2b(tensor.detach().cpu().contiguous().view(torch.uint8).numpy(), digest_size=16)
+              .hexdigest() for name, tensor in model.state_dict().items()}
+    prints["(training mode)"] = str(model.training or any(m.training for m in model.modules()))
+    prints["(forward hooks)"] = str(sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()))
+    prints["(trainable parameters)"] = " ".join(n for n, p in model.named_parameters() if p.requires_grad)
+    return prints
+
+
+def fingerprint_changes(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """What differs between two fingerprints, one line per tensor."""
+    return sorted([f"{name}: differs" for name in before.keys() & after.keys() if before[name] != after[name]]
+                  + [f"{name}: removed" for name in before.keys() - after.keys()]
+                  + [f"{name}: added" for name in after.keys() - before.keys()])
+
+
+def cli(*args: str | Path, code: int | None = 0, **kwargs) -> Result:
+    """``overtone ARGS`` in this process; unless ``code`` is None, fails with the command's output when it exits with
+    another status. ``kwargs`` go to ``CliRunner.invoke`` (``input``, ``env``)."""
+    result = CliRunner().invoke(app, [str(a) for a in args], **kwargs)
+    if code is not None:
+        assert result.exit_code == code, result.output
+    return result
+
+
+def bench(out: Path, model: Path, *extra: str) -> Result:
+    """A two-case FT-M ``overtone bench`` on a tiny model folder (layer 2, three steps) that must succeed."""
+    return cli("bench", "--limit", "2", "--out", out, "--model", model, "--device", "cpu", "--layer", "2",
+               "--steps", "3", *extra)
+
+
+def said(result: Result) -> str:
+    """The output as one line: rich wraps long lines (paths) at the console width."""
+    return " ".join(result.output.split())
 
 
 class NaNObjective(Objective):
