@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ARCHS, fingerprint, fingerprint_changes, tiny_model
+from helpers import ARCHS, WeightGuard, tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -86,27 +86,27 @@ def corpus(tmp_path, monkeypatch, zsre_cases):
 
 
 class SharedModel:
-    """The real embedded model, loaded on first use and then shared by every slow test that asks for it, with the
-    fingerprint of its weights as loaded."""
+    """The real embedded model, loaded on first use and then shared by every slow test that asks for it, with a guard
+    that says how its weights differ from those loaded."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._lm: LoadedModel | None = None
-        self.loaded: dict[str, str] = {}
+        self._guard: WeightGuard | None = None
 
     def get(self) -> LoadedModel:
         if self._lm is None:
             self._lm = load_model(self.name, device="cpu")
-            self.loaded = fingerprint(self._lm)
+            self._guard = WeightGuard(self._lm.model)
         return self._lm
 
     def changes(self) -> list[str]:
-        """How the weights differ from those loaded; empty while every test has reverted its edits."""
-        return fingerprint_changes(self.loaded, fingerprint(self._lm)) if self._lm is not None else []
+        """How the model differs from the one loaded; empty while every test has reverted its edits."""
+        return self._guard.changes() if self._guard is not None else []
 
     def discard(self) -> None:
         """Forget a model a test has changed, so that the next test starts from a fresh load."""
-        self._lm = None
+        self._lm = self._guard = None
 
 
 @pytest.fixture(scope="session")
@@ -118,13 +118,12 @@ def shared_smollm() -> SharedModel:
 def smollm(shared_smollm, request) -> Iterator[LoadedModel]:
     """SmolLM2-135M-Instruct on the CPU, loaded once for the session.
 
-    Sharing is safe only while every test leaves the weights as it found them, so after each test this compares a
-    fingerprint of every tensor with that of the loaded model and fails the test that changed one (the next test
-    then loads the model afresh).
+    Sharing is safe only while every test leaves the model as it found it, so after each test this compares it with
+    the model as loaded and fails the test that changed it (the next test then loads the model afresh).
     """
     yield shared_smollm.get()
     changes = shared_smollm.changes()
     if changes:
         shared_smollm.discard()
-        pytest.fail(f"{request.node.nodeid} left the shared real model changed ({len(changes)} tensors): "
+        pytest.fail(f"{request.node.nodeid} left the shared real model changed ({len(changes)} differences): "
                     f"{'; '.join(changes[:5])}", pytrace=False)

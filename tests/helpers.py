@@ -56,24 +56,49 @@ def assert_same_state(lm: LoadedModel, before: dict[str, torch.Tensor]) -> None:
     assert not changed, f"weights differ: {changed}"
 
 
-def fingerprint(lm: LoadedModel) -> dict[str, str]:
-    """A digest of every tensor's bytes by name, and what else a test could leave behind that changes the next test's
-    forward pass: training mode, hooks, which parameters train. A model shared between tests is checked with this
-    instead of a copy (the real model's copy would take 0.5 GB); a tensor a wrapper adds or removes shows by name."""
-    model = lm.model
-    prints = {name: hashlib.blake2b(tensor.detach().cpu().contiguous().view(torch.uint8).numpy(), digest_size=16)
-              .hexdigest() for name, tensor in model.state_dict().items()}
-    prints["(training mode)"] = str(model.training or any(m.training for m in model.modules()))
-    prints["(forward hooks)"] = str(sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()))
-    prints["(trainable parameters)"] = " ".join(n for n, p in model.named_parameters() if p.requires_grad)
-    return prints
+def digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha1(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest()
 
 
-def fingerprint_changes(before: dict[str, str], after: dict[str, str]) -> list[str]:
-    """What differs between two fingerprints, one line per tensor."""
-    return sorted([f"{name}: differs" for name in before.keys() & after.keys() if before[name] != after[name]]
-                  + [f"{name}: removed" for name in before.keys() - after.keys()]
-                  + [f"{name}: added" for name in after.keys() - before.keys()])
+class WeightGuard:
+    """Says how a model differs from when the guard was made: its tensors' values, names (a wrapper adds or removes
+    some), training mode, hooks and which parameters train.
+
+    Cheap enough to ask after every test of a shared model: every tensor is hashed once, at the start; later only a
+    tensor that was replaced or written in place (its version counter moved) is hashed again, so a test that edits
+    one matrix and reverts it costs the hash of that matrix. A write through ``.data`` bypasses the version counter
+    and is not seen (the library makes none).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.tensors = model.state_dict(keep_vars=True)
+        self.versions = {name: tensor._version for name, tensor in self.tensors.items()}
+        self.digests = {name: digest(tensor) for name, tensor in self.tensors.items()}
+        self.settings = self._settings()
+
+    def _settings(self) -> dict[str, object]:
+        """What a test could leave behind, besides the values, that changes the next test's forward pass."""
+        modules = list(self.model.modules())
+        return {"training mode": [m.training for m in modules],
+                "forward hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in modules),
+                "trainable parameters": [n for n, p in self.model.named_parameters() if p.requires_grad]}
+
+    def changes(self) -> list[str]:
+        """One line per difference; empty while the model is as it was."""
+        now = self.model.state_dict(keep_vars=True)
+        found = [f"{name}: removed" for name in self.tensors.keys() - now.keys()]
+        found += [f"{name}: added" for name in now.keys() - self.tensors.keys()]
+        for name in self.tensors.keys() & now.keys():
+            tensor, same_object = now[name], now[name] is self.tensors[name]
+            if same_object and tensor._version == self.versions[name]:
+                continue
+            if digest(tensor) != self.digests[name]:
+                found.append(f"{name}: values differ")
+            elif same_object:
+                self.versions[name] = tensor._version  # written and restored: not hashed again until written again
+        found += [f"{key} differs" for key, value in self._settings().items() if value != self.settings[key]]
+        return sorted(found)
 
 
 def cli(*args: str | Path, code: int | None = 0, **kwargs) -> Result:
