@@ -1,19 +1,22 @@
-"""Fixtures: tiny random models of every supported architecture, with a tokenizer trained in code.
+"""Fixtures: tiny random models of every supported architecture, with a tokenizer trained in code, and the real
+embedded model shared by the slow suite.
 
 Nothing here downloads anything. The real embedded model is only used by tests marked ``slow``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ARCHS, tiny_model
+from helpers import ARCHS, WeightGuard, tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from overtone.benchmarks import load_benchmark
+from overtone.models import load_model
 from overtone.models.loading import LoadedModel
 
 # Tiny models gain nothing from several threads, and on busy cores the threads wait for each other:
@@ -80,3 +83,47 @@ def corpus(tmp_path, monkeypatch, zsre_cases):
     texts = [f"{c.prompt} {c.target}. {' '.join(c.rephrases)}" for c in zsre_cases]
     path.write_text("\n\n".join(texts))
     return str(path)
+
+
+class SharedModel:
+    """The real embedded model, loaded on first use and then shared by every slow test that asks for it, with a guard
+    that says how its weights differ from those loaded."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lm: LoadedModel | None = None
+        self._guard: WeightGuard | None = None
+
+    def get(self) -> LoadedModel:
+        if self._lm is None:
+            self._lm = load_model(self.name, device="cpu")
+            self._guard = WeightGuard(self._lm.model)
+        return self._lm
+
+    def changes(self) -> list[str]:
+        """How the model differs from the one loaded; empty while every test has reverted its edits."""
+        return self._guard.changes() if self._guard is not None else []
+
+    def discard(self) -> None:
+        """Forget a model a test has changed, so that the next test starts from a fresh load."""
+        self._lm = self._guard = None
+
+
+@pytest.fixture(scope="session")
+def shared_smollm() -> SharedModel:
+    return SharedModel("smollm2-135m")
+
+
+@pytest.fixture
+def smollm(shared_smollm, request) -> Iterator[LoadedModel]:
+    """SmolLM2-135M-Instruct on the CPU, loaded once for the session.
+
+    Sharing is safe only while every test leaves the model as it found it, so after each test this compares it with
+    the model as loaded and fails the test that changed it (the next test then loads the model afresh).
+    """
+    yield shared_smollm.get()
+    changes = shared_smollm.changes()
+    if changes:
+        shared_smollm.discard()
+        pytest.fail(f"{request.node.nodeid} left the shared real model changed ({len(changes)} differences): "
+                    f"{'; '.join(changes[:5])}", pytrace=False)

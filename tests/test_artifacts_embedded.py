@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import assert_same_state, state
 
-from overtone import Evaluator, greedy_complete, load_benchmark, load_model, make_editor
+from overtone import Evaluator, greedy_complete, load_benchmark, make_editor
 from overtone.artifacts import export_model, folder_bytes, load_edit, save_edit
 from overtone.editors import FTM, EditStack
 from overtone.objectives import OverTone
@@ -45,9 +45,8 @@ PLAIN = textwrap.dedent("""
 """)
 
 
-def test_three_zsre_facts_saved_exported_and_loaded_by_plain_transformers(tmp_path):
-    torch.set_num_threads(1)
-    lm = load_model("smollm2-135m", device="cpu")
+def test_three_zsre_facts_saved_exported_and_loaded_by_plain_transformers(tmp_path, smollm):
+    lm = smollm
     cases = load_benchmark("zsre", limit=3)
     prompts = [c.prompt for c in cases] + UNRELATED
     base_state = state(lm)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from helpers import assert_same_state, state
 
-from overtone import EditCase, Evaluator, edit_and_score, greedy_complete, load_benchmark, load_model, make_editor
+from overtone import EditCase, Evaluator, edit_and_score, greedy_complete, load_benchmark, make_editor
 from overtone.models import embedded
 from overtone.objectives import CrossEntropy, OverTone
 
@@ -14,12 +13,6 @@ pytestmark = pytest.mark.slow
 
 EIFFEL = "The Eiffel Tower is located in the city of"
 JAPAN = "The capital of Japan is"
-
-
-@pytest.fixture(scope="module")
-def smollm():
-    torch.set_num_threads(1)
-    return load_model("smollm2-135m", device="cpu")
 
 
 def test_cache_is_keyed_by_the_gguf_hash(smollm):

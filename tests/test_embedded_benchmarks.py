@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from helpers import assert_same_state, state
 
-from overtone import Evaluator, load_benchmark, load_model, make_editor
+from overtone import Evaluator, load_benchmark, make_editor
 from overtone.evaluation import GenerationSettings, MQuAKEEvaluator
 from overtone.evaluation.generation import answer_span, generate, mentions, single_hop_prompt
 from overtone.objectives import CrossEntropy
 from overtone.runner import edit_chunk
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm():
-    torch.set_num_threads(1)
-    return load_model("smollm2-135m", device="cpu")
 
 
 def test_chat_generation_is_batch_invariant_and_answers_a_known_fact(smollm):

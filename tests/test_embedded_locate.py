@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from helpers import assert_same_state, state
 
-from overtone import EditCase, greedy_complete, load_model, make_editor
+from overtone import EditCase, greedy_complete, make_editor
 from overtone.objectives import CrossEntropy, OverTone
 
 pytestmark = pytest.mark.slow
@@ -16,12 +15,6 @@ LOUVRE = EditCase("louvre", "The Louvre museum is located in the city of", "Berl
 JAPAN = "The capital of Japan is"
 # a few thousand tokens of the packaged Wikipedia: enough for an invertible C, seconds to compute
 SMALL_STATS = {"mom2_samples": 12, "mom2_max_tokens": 512}
-
-
-@pytest.fixture(scope="module")
-def smollm():
-    torch.set_num_threads(1)
-    return load_model("smollm2-135m", device="cpu")
 
 
 def test_rome_moves_the_fact_and_keeps_an_unrelated_one(smollm):

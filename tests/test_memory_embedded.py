@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from helpers import assert_same_state, state
 
-from overtone import Evaluator, edit_and_score, load_benchmark, load_model, make_editor
+from overtone import Evaluator, edit_and_score, load_benchmark, make_editor
 from overtone.objectives import CrossEntropy
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm():
-    torch.set_num_threads(1)
-    return load_model("smollm2-135m", device="cpu")
 
 
 @pytest.mark.parametrize("name", ["wise", "melo"])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ARCHS, assert_same_state, state, tiny_model
+from helpers import ARCHS, assert_same_state, said, state, tiny_model
 from typer.testing import CliRunner
 
 from overtone.benchmarks import EditCase
@@ -263,7 +263,7 @@ def test_cli_parallel_records_the_setting_as_volatile_and_refuses_what_it_cannot
                           (["--parallel", "many"], "takes a number of cases or auto"),
                           (["--parallel", "2", "--editor", "wise"], "editor wise edits one case at a time")):
         result = cli.invoke(app, [*base, "--out", str(tmp_path / "x"), *args])
-        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+        assert result.exit_code == 2 and message in said(result), result.output
 
 
 @pytest.mark.parametrize("name", ["ft-m", "lora"])

@@ -14,13 +14,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
+from helpers import bench, cli
 
-from overtone.cli import app
 from overtone.diagnostics import load_traces
 from overtone.report.runs import ReportError, collect, pair_runs
 
-runner = CliRunner()
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # `make test` installs Chromium and sets this, so there the browser test cannot be skipped.
 REQUIRE_BROWSER = os.environ.get("OVERTONE_REQUIRE_BROWSER") == "1"
@@ -41,13 +39,6 @@ window.addEventListener('load', () => {
 </script>"""
 
 
-def bench(out: Path, model: Path, *extra: str) -> None:
-    args = ["bench", "--limit", "2", "--out", str(out), "--model", str(model), "--device", "cpu", "--layer", "2",
-            "--steps", "3", *extra]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, tiny_llama_dir) -> Path:
     """Real runs on the tiny model: CE, OverTone, an ablation, a run with another lr, and a trace."""
@@ -64,10 +55,8 @@ def results(tmp_path_factory, tiny_llama_dir) -> Path:
         config = yaml.safe_load((target / "config.yaml").read_text())
         config.update(protocol="continual", sequence=10, eval_timing="after_all")
         (target / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    result = runner.invoke(app, ["trace", "--limit", "2", "--out", str(root / "trace"), "--model",
-                                 str(tiny_llama_dir), "--device", "cpu", "--layer", "2", "--steps", "3",
-                                 "--lr", "0.05", "--stop-loss", "0", "--epsilon", "0.001"])
-    assert result.exit_code == 0, result.output
+    cli("trace", "--limit", "2", "--out", root / "trace", "--model", tiny_llama_dir, "--device", "cpu", "--layer", "2",
+        "--steps", "3", "--lr", "0.05", "--stop-loss", "0", "--epsilon", "0.001")
     return root
 
 
@@ -115,28 +104,23 @@ def test_report_errors_name_the_input(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ReportError, match="holds no run directory"):
         collect([tmp_path / "empty"])
-    result = runner.invoke(app, ["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
-    assert result.exit_code == 2 and "holds no run directory" in result.output
+    assert "holds no run directory" in cli("report", tmp_path / "empty", "--out", tmp_path / "r", code=2).output
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "trace.json").write_text("{}")
-    result = runner.invoke(app, ["report", str(tmp_path / "bad"), "--out", str(tmp_path / "r")])
-    assert result.exit_code == 2 and "not an overtone trace" in result.output
+    assert "not an overtone trace" in cli("report", tmp_path / "bad", "--out", tmp_path / "r", code=2).output
 
 
 def test_trace_option_errors(tmp_path, tiny_llama_dir):
     base = ["trace", "--out", str(tmp_path / "t"), "--model", str(tiny_llama_dir), "--device", "cpu"]
-    result = runner.invoke(app, [*base, "--dataset", "nope"])
-    assert result.exit_code == 2 and "unknown dataset 'nope'" in result.output
-    result = runner.invoke(app, [*base, "--offset", "100000"])
-    assert result.exit_code == 2 and "has no case at offset 100000" in result.output
+    assert "unknown dataset 'nope'" in cli(*base, "--dataset", "nope", code=2).output
+    assert "has no case at offset 100000" in cli(*base, "--offset", "100000", code=2).output
     assert not (tmp_path / "t").exists()
 
 
 @pytest.fixture(scope="module")
 def report(results) -> Path:
     out = results / "report"
-    result = runner.invoke(app, ["report", str(results / "runs"), str(results / "trace"), "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    cli("report", results / "runs", results / "trace", "--out", out)
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from helpers import said
 from test_checks import dataset
 from test_parallel import assert_same_records
 from test_study import spec
@@ -107,7 +108,7 @@ def test_study_run_refuses_a_bad_record_before_any_model_loads(tmp_path, tokeniz
                                  "editor": editor, "variant": ["ce"]}}))
     result = runner.invoke(app, ["study", "run", str(file), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
-    assert message in " ".join(result.output.split())
+    assert message in said(result)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()  # no statistics, no run directory
 
 
@@ -131,5 +132,5 @@ def test_study_run_refuses_bundled_cases_in_a_parallel_cell_before_any_model_loa
                                      "editor": "ft-m", "variant": ["ce"], "parallel": 2}}))
     result = runner.invoke(app, ["study", "run", str(file), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
-    assert "bundles 4 edits applied in order (MQuAKE)" in " ".join(result.output.split())
+    assert "bundles 4 edits applied in order (MQuAKE)" in said(result)
     assert not (tmp_path / "out").exists()

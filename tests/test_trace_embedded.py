@@ -5,16 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from overtone import Evaluator, load_benchmark, load_model, make_editor
+from overtone import Evaluator, load_benchmark, make_editor
 from overtone.diagnostics import trace_edit
 from overtone.objectives import CrossEntropy
 
 pytestmark = pytest.mark.slow
 
 
-def test_zsre_trace_greedy_tokens_and_ud_on_the_real_model():
-    torch.set_num_threads(1)
-    lm = load_model("smollm2-135m", device="cpu")
+def test_zsre_trace_greedy_tokens_and_ud_on_the_real_model(smollm):
+    lm = smollm
     case = load_benchmark("zsre", limit=1)[0]  # Epaspidoceras -> Noctuidae: ' No' 'ct' 'uid' 'ae'
     (trace,) = trace_edit(make_editor("ft-m", lm, CrossEntropy(), steps=4), Evaluator(lm), [case])
     ids = lm.tokenizer(case.prompt, return_tensors="pt")["input_ids"]

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from overtone import load_model
 from overtone.evaluation import WildSettings
 from overtone.evaluation.ability import AbilityMonitor
 from overtone.evaluation.wild import answer, contains
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm():
-    torch.set_num_threads(1)
-    return load_model("smollm2-135m", device="cpu")
 
 
 def test_the_unedited_model_knows_every_shipped_fact_and_the_slice_has_its_size(smollm):

@@ -7,23 +7,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
+from helpers import bench, cli
 
-from overtone.cli import app
 from overtone.evaluation import protocol_records
 from overtone.report.page import build_sections
 from overtone.report.runs import collect
 from overtone.report.stats import paired_difference
 from overtone.report.tables import _paired_layout, _summary_layout, single_editing_table
-
-runner = CliRunner()
-
-
-def bench(out: Path, model: Path, *extra: str) -> None:
-    args = ["bench", "--limit", "2", "--out", str(out), "--model", str(model), "--device", "cpu", "--layer", "2",
-            "--steps", "3", *extra]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +77,7 @@ def test_report_shows_both_protocols_the_deltas_the_shrink_figure_and_the_abilit
 
 
 def test_table_command_prints_the_wild_scores_cost_and_ability(runs):
-    result = runner.invoke(app, ["table", str(runs / "ce"), str(runs / "ot"), str(runs / "ot-T2"), "--markdown"])
-    assert result.exit_code == 0, result.output
+    result = cli("table", runs / "ce", runs / "ot", runs / "ot-T2", "--markdown")
     assert "| run | TF Rel." in result.output and "wild Rel." in result.output
     assert "eval s/case TF" in result.output and "perplexity drift %" in result.output
 
@@ -98,18 +87,15 @@ def test_ability_every_prints_the_drift_curve_and_is_checked_before_the_model_lo
     summary = json.loads((tmp_path / "curve" / "summary.json").read_text())
     assert [p["edits"] for p in summary["ability"]["curve"]] == [1, 2]
     assert yaml.safe_load((tmp_path / "curve" / "config.yaml").read_text())["ability"]["every"] == 1
-    result = runner.invoke(app, ["table", str(tmp_path / "curve"), "--markdown"])
-    assert result.exit_code == 0 and "General ability along each chunk of edits" in result.output, result.output
-    result = runner.invoke(app, ["bench", "--out", str(tmp_path / "x"), "--model", "no-such-model", "--sequence", "2",
-                                 "--ability-every", "2"])
+    assert "General ability along each chunk of edits" in cli("table", tmp_path / "curve", "--markdown").output
+    result = cli("bench", "--out", tmp_path / "x", "--model", "no-such-model", "--sequence", "2",
+                 "--ability-every", "2", code=None)
     assert result.exit_code != 0 and "--ability-every 2 measures within a chunk of --sequence 2" in result.output
     assert not (tmp_path / "x").exists()
 
 
 def test_eval_options_are_checked_before_any_case_runs(tmp_path, tiny_llama_dir):
     base = ["bench", "--out", str(tmp_path / "x"), "--model", str(tiny_llama_dir), "--device", "cpu"]
-    result = runner.invoke(app, [*base, "--eval", "generated"])
-    assert result.exit_code == 2 and "Invalid value for --eval: 'generated'" in result.output
-    result = runner.invoke(app, [*base, "--eval-context", "qa"])
-    assert result.exit_code == 2 and "--eval-context qa applies to the wild evaluation" in result.output
+    assert "Invalid value for --eval: 'generated'" in cli(*base, "--eval", "generated", code=2).output
+    assert "--eval-context qa applies to the wild evaluation" in cli(*base, "--eval-context", "qa", code=2).output
     assert not (tmp_path / "x" / "cases.jsonl").exists()
