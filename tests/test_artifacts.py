@@ -3,6 +3,7 @@ checks, several artifacts in sequence, and export to a folder that plain transfo
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -14,7 +15,16 @@ from test_memory_editors import UNRELATED, logits_of, structure
 from test_rome_memit import CASE, FAST, OTHER
 from transformers import AutoModelForCausalLM
 
-from overtone.artifacts import ArtifactError, EditMismatchError, export_model, folder_bytes, load_edit, save_edit
+from overtone.artifacts import (
+    ArtifactError,
+    EditMismatchError,
+    export_model,
+    folder_bytes,
+    load_edit,
+    save_edit,
+    tensor_sha256,
+)
+from overtone.artifacts.manifest import manifest_sha256
 from overtone.editors import EditStack, make_editor
 from overtone.evaluation import Evaluator
 from overtone.models.loading import prepare_model
@@ -220,7 +230,7 @@ def test_manifest_describes_the_edit_and_the_folder_is_small(tokenizer, corpus, 
     artifact = save_edit(editor, tmp_path / "edit", facts=[CASE, OTHER], metrics={"cases": records},
                          protocol={"order": "sequence"})
     manifest = json.loads((artifact.path / "manifest.json").read_text())
-    assert manifest["format"] == "overtone-edit" and manifest["format_version"] == 1
+    assert manifest["format"] == "overtone-edit" and manifest["format_version"] == 2
     assert manifest["overtone_version"] == __import__("overtone").__version__
     model = manifest["model"]
     assert model["name"] == "tiny-llama" and model["config"]["hidden_size"] == 32 and len(model["config_sha256"]) == 64
@@ -230,6 +240,13 @@ def test_manifest_describes_the_edit_and_the_folder_is_small(tokenizer, corpus, 
     assert manifest["objective"]["name"] == "overtone" and manifest["objective"]["lam"] == 0.1
     assert [f["id"] for f in manifest["facts"]] == ["t/0", "t/1"] and manifest["facts"][0]["subject"] == CASE.subject
     assert manifest["metrics"]["cases"][0]["post"]["rel"] == records[0]["post"]["rel"]
+    (delta_name, delta), = manifest["edit"]["tensors"].items()
+    assert delta_name == name and delta["shape"] == [32, 64] and delta["dtype"] == "float64"
+    assert delta["sha256"] == tensor_sha256(artifact.saved.tensors[name])
+    file = artifact.path / "edit.safetensors"
+    assert manifest["files"] == {"edit.safetensors": {"sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+                                                      "bytes": file.stat().st_size}}
+    assert manifest["manifest_sha256"] == manifest_sha256(manifest)
     model_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     assert folder_bytes(artifact.path) < model_bytes / 5  # the changed matrix only, never the model
     stack.revert()
@@ -249,5 +266,6 @@ def test_saving_without_live_edits_and_unreadable_folders_are_clear_errors(token
         load_edit(tmp_path)
     manifest = json.loads((artifact.path / "manifest.json").read_text())
     (artifact.path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 9}))
-    with pytest.raises(ArtifactError, match=r"format version 9, written by overtone .* reads up to 1"):
+    with pytest.raises(ArtifactError, match=r"field format_version: format version 9, written by overtone .* reads "
+                                            r"version 2"):
         load_edit(artifact.path)
