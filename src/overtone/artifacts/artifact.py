@@ -159,6 +159,10 @@ class EditArtifact:
         return self.editor in PEFT_EDITORS
 
     @property
+    def tensor_file(self) -> str:
+        return PEFT_TENSORS if self.is_peft_adapter else TENSORS
+
+    @property
     def facts(self) -> list[EditCase]:
         return [fact_case(r) for r in self.manifest["facts"]]
 
@@ -197,8 +201,8 @@ class EditArtifact:
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
             raise EditMismatchError(
-                f"{self.path} was made on {self.manifest['model']['name']}; the model {lm.name} differs: "
-                + "; ".join(problems[:5]) + more, file=MANIFEST, field="model")
+                f"{self.path / MANIFEST}: field model: the edit was made on {self.manifest['model']['name']}; the "
+                f"model {lm.name} differs: " + "; ".join(problems[:5]) + more, file=MANIFEST, field="model")
 
     def apply(self, lm: LoadedModel, check: bool = True) -> EditHandle:
         """Apply the edit to ``lm`` in place; the handle's ``revert`` restores ``lm`` bit for bit.
@@ -211,7 +215,8 @@ class EditArtifact:
         try:
             return self.editor_class.apply_saved(lm, self.config(), self.saved, self.objective())
         except (*_BAD_VALUE, RuntimeError) as exc:
-            raise ArtifactError(f"{self.path}: the {self.editor} edit does not apply to {lm.name}: {exc}") from None
+            raise refuse(self.path, self.tensor_file, None, f"the {self.editor} edit does not apply to {lm.name}: "
+                                                            f"{exc}") from None
 
 
 def save_edit(editor: Editor, path: Path | str, facts: Sequence[EditCase] = (), metrics: dict[str, Any] | None = None,
@@ -271,7 +276,7 @@ def _read_files(folder: Path, manifest: dict[str, Any]) -> dict[str, bytes]:
     for name in sorted(expected):
         record, file = listed[name], folder / name
         if not file.is_file():
-            raise refuse(folder, name, None, "missing (the manifest lists it)")
+            raise refuse(folder, name, None, "missing or not a file (the manifest lists it)")
         size = file.stat().st_size
         if size != record["bytes"]:
             raise refuse(folder, name, "bytes", f"{size} bytes, the manifest records {record['bytes']}: the file is "

@@ -88,7 +88,7 @@ def differences(lm: LoadedModel, recorded: dict[str, Any]) -> list[str]:
     problems = []
     here, saved_gguf = lm.identity.get("gguf_sha256"), recorded["identity"].get("gguf_sha256")
     if here and saved_gguf and here != saved_gguf:
-        problems.append(f"identity gguf_sha256: {here[:12]} here, {saved_gguf[:12]} in the edit's base")
+        problems.append(f"identity gguf_sha256: {here} here, {saved_gguf} in the edit's base")
     config = model_config(lm)
     if config_sha256(config) != recorded["config_sha256"]:
         saved = recorded["config"]
@@ -113,8 +113,8 @@ def differences(lm: LoadedModel, recorded: dict[str, Any]) -> list[str]:
                 break
         else:
             if got["sha256"] != expected["sha256"]:
-                problems.append(f"{name}: values differ from the edit's base (sha256 {got['sha256'][:12]} here, "
-                                f"{expected['sha256'][:12]} saved): another model, or another edit changed it")
+                problems.append(f"{name}: values differ from the edit's base (sha256 {got['sha256']} here, "
+                                f"{expected['sha256']} saved): another model, or another edit changed it")
     return problems
 
 
