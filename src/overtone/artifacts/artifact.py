@@ -75,6 +75,7 @@ PEFT_EDITORS = frozenset({"lora"})  # editors whose folder is a peft adapter fol
 # What a value of the wrong type or range raises where a config, objective or fact is built from the manifest.
 _BAD_VALUE = (TypeError, ValueError, AttributeError, KeyError, IndexError)
 
+
 def fact_record(case: EditCase) -> dict[str, Any]:
     """A case as JSON, in the field names of hand-written facts where they exist (``benchmarks.facts``)."""
     record: dict[str, Any] = {"id": case.case_id, "prompt": case.prompt, "target": case.target}
