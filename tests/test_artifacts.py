@@ -3,19 +3,36 @@ checks, several artifacts in sequence, and export to a folder that plain transfo
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+from dataclasses import replace
 
 import pytest
 import torch
 from helpers import assert_same_state, state, tiny_model
 from peft import PeftModel
+from safetensors.torch import save_file
 from test_memory_editors import SETTINGS as MEMORY_SETTINGS
 from test_memory_editors import UNRELATED, logits_of, structure
 from test_rome_memit import CASE, FAST, OTHER
 from transformers import AutoModelForCausalLM
 
-from overtone.artifacts import ArtifactError, EditMismatchError, export_model, folder_bytes, load_edit, save_edit
-from overtone.editors import EditStack, make_editor
+from overtone.artifacts import (
+    ArtifactError,
+    BaseChoice,
+    EditMismatchError,
+    choose_base,
+    export_model,
+    folder_bytes,
+    load_edit,
+    save_edit,
+    tensor_sha256,
+)
+from overtone.artifacts.identity import tensor_record
+from overtone.artifacts.manifest import manifest_sha256, sealed
+from overtone.editors import FTM, EditStack, FTMConfig, make_editor
+from overtone.editors.base import SavedEdit
 from overtone.evaluation import Evaluator
 from overtone.models.loading import prepare_model
 from overtone.objectives import CrossEntropy, OverTone
@@ -96,7 +113,8 @@ def test_a_model_that_is_not_the_base_is_refused_with_what_differs(tokenizer, co
     other = tiny_model("llama", tokenizer, seed=1)
     before = state(other)
     touched = next(iter(artifact.manifest["model"]["tensors"]))
-    with pytest.raises(EditMismatchError, match=rf"the model tiny-llama differs: {touched}: values differ"):
+    with pytest.raises(EditMismatchError, match=rf"manifest.json: field model: the edit was made on tiny-llama; the "
+                                                rf"model tiny-llama differs: {touched}: values differ"):
         artifact.apply(other)
     assert_same_state(other, before)
     with pytest.raises(EditMismatchError, match=r"config model_type: 'qwen2' here, 'llama' in the edit's base"):
@@ -220,7 +238,7 @@ def test_manifest_describes_the_edit_and_the_folder_is_small(tokenizer, corpus, 
     artifact = save_edit(editor, tmp_path / "edit", facts=[CASE, OTHER], metrics={"cases": records},
                          protocol={"order": "sequence"})
     manifest = json.loads((artifact.path / "manifest.json").read_text())
-    assert manifest["format"] == "overtone-edit" and manifest["format_version"] == 1
+    assert manifest["format"] == "overtone-edit" and manifest["format_version"] == 2
     assert manifest["overtone_version"] == __import__("overtone").__version__
     model = manifest["model"]
     assert model["name"] == "tiny-llama" and model["config"]["hidden_size"] == 32 and len(model["config_sha256"]) == 64
@@ -230,6 +248,13 @@ def test_manifest_describes_the_edit_and_the_folder_is_small(tokenizer, corpus, 
     assert manifest["objective"]["name"] == "overtone" and manifest["objective"]["lam"] == 0.1
     assert [f["id"] for f in manifest["facts"]] == ["t/0", "t/1"] and manifest["facts"][0]["subject"] == CASE.subject
     assert manifest["metrics"]["cases"][0]["post"]["rel"] == records[0]["post"]["rel"]
+    (delta_name, delta), = manifest["edit"]["tensors"].items()
+    assert delta_name == name and delta["shape"] == [32, 64] and delta["dtype"] == "float64"
+    assert delta["sha256"] == tensor_sha256(artifact.saved.tensors[name])
+    file = artifact.path / "edit.safetensors"
+    assert manifest["files"] == {"edit.safetensors": {"sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+                                                      "bytes": file.stat().st_size}}
+    assert manifest["manifest_sha256"] == manifest_sha256(manifest)
     model_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     assert folder_bytes(artifact.path) < model_bytes / 5  # the changed matrix only, never the model
     stack.revert()
@@ -249,5 +274,169 @@ def test_saving_without_live_edits_and_unreadable_folders_are_clear_errors(token
         load_edit(tmp_path)
     manifest = json.loads((artifact.path / "manifest.json").read_text())
     (artifact.path / "manifest.json").write_text(json.dumps({**manifest, "format_version": 9}))
-    with pytest.raises(ArtifactError, match=r"format version 9, written by overtone .* reads up to 1"):
+    with pytest.raises(ArtifactError, match=r"field format_version: format version 9, written by overtone .* reads "
+                                            r"version 2"):
         load_edit(artifact.path)
+
+
+# ---- verification: every file, tensor and field checked before any model is loaded -------------------------
+
+
+def reseal(folder) -> None:
+    """Record the folder's files as they are now and seal the manifest again: a consistent crafted artifact."""
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["files"] = {name: {"sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest(),
+                                "bytes": (folder / name).stat().st_size} for name in manifest["files"]}
+    path.write_text(json.dumps(sealed({k: v for k, v in manifest.items() if k != "manifest_sha256"})))
+
+
+def rewrite(folder, change, seal: bool = False) -> None:
+    """``change(manifest)`` in place, written back with the old hashes (or sealed again)."""
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+    if seal:
+        reseal(folder)
+
+
+@pytest.fixture
+def ft_m_artifact(tokenizer, corpus, tmp_path):
+    lm = tiny_model("llama", tokenizer)
+    editor, stack = edit("ft-m", lm, corpus)
+    artifact = save_edit(editor, tmp_path / "edit", facts=[CASE, OTHER])
+    stack.revert()
+    return artifact
+
+
+def test_a_corrupted_byte_inside_the_tensor_file_is_refused_naming_folder_and_file(ft_m_artifact):
+    file = ft_m_artifact.path / "edit.safetensors"
+    data = bytearray(file.read_bytes())
+    data[len(data) - 100] ^= 0x40  # inside the tensor data: safetensors alone would read it without complaint
+    file.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=rf"^{file}: field sha256: \w+ differs from the manifest's") as refused:
+        load_edit(ft_m_artifact.path)
+    assert (refused.value.file, refused.value.field) == ("edit.safetensors", "sha256")
+
+
+def test_a_truncated_or_missing_file_is_refused(ft_m_artifact):
+    file = ft_m_artifact.path / "edit.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match=rf"^{file}: field bytes: {len(data) // 2} bytes, the manifest records "
+                                            rf"{len(data)}: the file is truncated"):
+        load_edit(ft_m_artifact.path)
+    reseal(ft_m_artifact.path)  # the hashes of the truncated file: still not a safetensors file
+    with pytest.raises(ArtifactError, match=rf"^{file}: not a readable safetensors file"):
+        load_edit(ft_m_artifact.path)
+    file.unlink()
+    with pytest.raises(ArtifactError, match=rf"^{file}: missing or not a file \(the manifest lists it\)"):
+        load_edit(ft_m_artifact.path)
+
+
+def test_a_changed_config_with_the_old_hash_and_a_changed_identity_are_refused(ft_m_artifact, tokenizer):
+    folder = ft_m_artifact.path
+    original = (folder / "manifest.json").read_text()
+    rewrite(folder, lambda m: m["model"]["config"].update(hidden_size=64))
+    with pytest.raises(ArtifactError, match=r"manifest.json: field model.config: its sha256 differs from "
+                                            r"model.config_sha256"):
+        load_edit(folder)
+    (folder / "manifest.json").write_text(original)
+    rewrite(folder, lambda m: m["model"]["identity"].update(gguf_sha256="0" * 64))
+    with pytest.raises(ArtifactError, match=r"manifest.json: field manifest_sha256: does not match the manifest's"):
+        load_edit(folder)
+    reseal(folder)  # consistent, but not the model's identity: refused when applied, naming it
+    lm = tiny_model("llama", tokenizer)
+    lm.identity["gguf_sha256"] = "1" * 64
+    before = state(lm)
+    with pytest.raises(EditMismatchError, match=rf"manifest.json: field model: .*identity gguf_sha256: {'1' * 64} "
+                                                rf"here, {'0' * 64} in the edit's base"):
+        load_edit(folder).apply(lm)
+    assert_same_state(lm, before)
+
+
+def test_whitespace_and_key_order_of_the_manifest_do_not_count(ft_m_artifact, tokenizer):
+    path = ft_m_artifact.path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(reversed(manifest.items())), indent=7))
+    assert load_edit(ft_m_artifact.path).manifest == manifest
+    path.write_text(path.read_text().replace('"format": "overtone-edit"', '"format": "overtone-edit", "format": 1'))
+    with pytest.raises(ArtifactError, match=r"not valid JSON: field 'format' appears twice"):
+        load_edit(ft_m_artifact.path)
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (64, 32), (32, 64, 1)])
+def test_a_wrongly_shaped_tensor_is_refused_never_broadcast(ft_m_artifact, tokenizer, shape):
+    folder = ft_m_artifact.path
+    (name, delta), = ft_m_artifact.saved.tensors.items()
+    wrong = torch.ones(shape, dtype=delta.dtype)  # (1, 64) would broadcast into every row of the weight
+    save_file({name: wrong}, str(folder / "edit.safetensors"))
+    with pytest.raises(ArtifactError, match=r"edit.safetensors: field (bytes|sha256): "):
+        load_edit(folder)  # not the file that was saved
+    reseal(folder)
+    with pytest.raises(ArtifactError, match=rf"edit.safetensors: field {name}: shape \[{shape[0]}, .* differs from the "
+                                            r"manifest's \[32, 64\] \(edit.tensors\)"):
+        load_edit(folder)  # the file's hash recorded, but not the tensor the manifest lists
+    rewrite(folder, lambda m: m["edit"]["tensors"][name].update(tensor_record(wrong)), seal=True)
+    with pytest.raises(ArtifactError, match=rf"edit.safetensors: field {name}: shape \[.*\] differs from the weight's "
+                                            r"\[32, 64\] \(a change is added element by element, never broadcast\)"):
+        load_edit(folder)  # consistent files, but not a change of that weight
+    lm = tiny_model("llama", tokenizer)
+    before = state(lm)
+    with pytest.raises(ValueError, match=rf"FT-M: a saved change does not have its weight's shape: {name}"):
+        FTM.apply_saved(lm, FTMConfig(layer=3), SavedEdit(tensors={name: wrong}))  # the editor refuses it too
+    assert_same_state(lm, before)
+
+
+def test_an_edit_that_names_another_weight_is_refused(tokenizer, corpus, tmp_path):
+    lm = tiny_model("llama", tokenizer)
+    editor, stack = edit("rome", lm, corpus)
+    folder = save_edit(editor, tmp_path / "edit").path
+    stack.revert()
+    other = "model.layers.2.mlp.down_proj.weight"  # same shape, but its original values are not recorded
+    rewrite(folder, lambda m: m["edit"]["state"]["updates"].__setitem__(0, other), seal=True)
+    with pytest.raises(ArtifactError, match=rf"manifest.json: field edit.state.updates\[0\]: refers to '{other}', "
+                                            r"which is not among the parameters"):
+        load_edit(folder)
+
+
+def test_a_previous_format_version_is_refused_with_how_to_save_it_again(ft_m_artifact):
+    rewrite(ft_m_artifact.path, lambda m: m.update(format_version=1))
+    with pytest.raises(ArtifactError, match=r"field format_version: format version 1 .* records no hashes of its "
+                                            r"files, so it cannot be verified; edit the facts again and save with "
+                                            r"`overtone edit --save`"):
+        load_edit(ft_m_artifact.path)
+
+
+def test_the_base_model_is_the_users_choice(ft_m_artifact, tmp_path, monkeypatch):
+    """A manifest's folder or hub id needs --model or --trust-manifest-model; a relative path is never used."""
+    artifact = ft_m_artifact
+    model = artifact.manifest["model"]
+    assert choose_base([artifact], "some/model", False) == BaseChoice("some/model", "given with --model")
+    assert choose_base([], None, False).source == "smollm2-135m"
+    embedded = dict(artifact.manifest, model=dict(model, identity={"name": "smollm2-135m", "gguf_sha256": "a" * 64}))
+    assert choose_base([replace(artifact, manifest=embedded)], None, False).source == "smollm2-135m"
+
+    def named(identity, name="tiny-llama"):
+        return [replace(artifact, manifest=dict(artifact.manifest, model=dict(model, identity=identity, name=name)))]
+
+    folder = str(tmp_path)
+    with pytest.raises(ArtifactError, match=rf"field model.identity: the edit was made on the local folder {folder}; "
+                                            r"give the base model with --model .* or accept the manifest's with "
+                                            r"--trust-manifest-model"):
+        choose_base(named({"path": folder}), None, False)
+    assert choose_base(named({"path": folder}), None, True).source == folder
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "etc").mkdir()
+    for relative in ("etc", "../../../etc"):
+        with pytest.raises(ArtifactError, match=rf"field model.identity.path: '{re.escape(relative)}' is a relative "
+                                                r"path, which would depend on the current folder"):
+            choose_base(named({"path": relative}), None, True)
+    with pytest.raises(ArtifactError, match=r"the edit was made on the hub model 'org/model', which would be "
+                                            r"downloaded; give the base model with --model"):
+        choose_base(named({"name": "org/model"}, "org/model"), None, False)
+    assert choose_base(named({"name": "org/model"}, "org/model"), None, True).source == "org/model"
+    for not_hub in ("../../../etc", "/etc", "etc"):  # "etc" is a folder here: a hub id must not mean a path
+        with pytest.raises(ArtifactError, match=r"field model.name: '.*' is (not a hub id|a hub id and also a path)"):
+            choose_base(named({"name": not_hub}, not_hub), None, True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from helpers import cli, said, tiny_model
@@ -34,7 +35,8 @@ def edit(tiny_llama_dir, facts, out, *extra: str):
                "--max-new-tokens", "3", "--save", str(out), *extra)
 
 
-def test_edit_saves_then_apply_re_measures_and_reverts(tmp_path, tiny_llama_dir, facts):
+def test_edit_saves_then_apply_re_measures_and_reverts(tmp_path, tiny_llama_dir, facts, caplog):
+    caplog.set_level(logging.INFO)
     out = tmp_path / "edit"
     result = edit(tiny_llama_dir, facts, out)
     assert "greedy completions" in said(result) and "teacher-forced metrics" in said(result)
@@ -44,7 +46,12 @@ def test_edit_saves_then_apply_re_measures_and_reverts(tmp_path, tiny_llama_dir,
     saved = artifact.manifest["metrics"]["summary"]
     assert artifact.manifest["protocol"] == {"order": "sequence", "batch": 1, "eval_timing": "end"}
 
-    applied = run("apply", str(out), "--max-new-tokens", "3")  # the base model comes from the manifest
+    refused = run("apply", str(out), "--max-new-tokens", "3", code=2)  # a folder named by the manifest: not without consent
+    assert f"the edit was made on the local folder {tiny_llama_dir}" in said(refused)
+    assert "--trust-manifest-model" in said(refused)
+    applied = run("apply", str(out), "--max-new-tokens", "3", "--trust-manifest-model")
+    assert f"base model: {tiny_llama_dir} (the folder the edit's manifest names, accepted with " \
+           "--trust-manifest-model)" in caplog.messages
     assert "at save time: Rel. " + f"{saved['rel']:.1f}" in said(applied)
     assert f"2 facts: Rel. {saved['pre']['rel']:.1f} → {saved['rel']:.1f}" in said(applied)  # measured again
     assert "reverted: the 1 touched tensor(s) are bit for bit as before" in said(applied)
@@ -65,7 +72,8 @@ def test_apply_refuses_another_model_and_export_refuses_routed_edits(tmp_path, t
         "--save", str(wise))
     export = run("export", str(wise), "--out", str(tmp_path / "model"), code=2)
     assert f"overtone generate --edit {wise}" in said(export)
-    served = run("generate", "--edit", str(wise), "--prompt", FACTS[0]["prompt"], "--max-new-tokens", "3")
+    served = run("generate", "--edit", str(wise), "--prompt", FACTS[0]["prompt"], "--max-new-tokens", "3",
+                 "--model", str(tiny_llama_dir))
     assert "1 edit(s) applied, plain text" in said(served)  # the tiny tokenizer has no chat template
 
 
@@ -73,11 +81,11 @@ def test_export_writes_a_folder_transformers_loads(tmp_path, tiny_llama_dir, fac
     out = tmp_path / "edit"
     edit(tiny_llama_dir, facts, out)
     model = tmp_path / "model"
-    result = run("export", str(out), "--out", str(model))
-    assert "check: max |logit difference| between the exported folder and the edited model over 4 prompts: 0" \
-        in said(result)
+    result = run("export", str(out), "--out", str(model), "--model", str(tiny_llama_dir))
+    assert "check: max |logit difference| between the exported folder and the saved edits applied over 4 prompts: " \
+           "0" in said(result)
     AutoModelForCausalLM.from_pretrained(model)
-    again = run("export", str(out), "--out", str(model), code=2)
+    again = run("export", str(out), "--out", str(model), "--model", str(tiny_llama_dir), code=2)
     assert "already exists and is not an empty folder" in said(again)
 
 
@@ -123,3 +131,79 @@ def test_generate_uses_the_chat_template_and_keeps_the_conversation(tmp_path, ti
     assert "0 edit(s) applied, chat template" in said(result)
     assert seen[0] == "user: first\nassistant:"
     assert seen[1].startswith("user: first\nassistant: ") and seen[1].endswith("user: second\nassistant:")
+
+
+def test_a_damaged_edit_is_refused_by_apply_export_and_generate_before_the_model_loads(
+        tmp_path, tiny_llama_dir, facts, monkeypatch):
+    out = tmp_path / "edit"
+    edit(tiny_llama_dir, facts, out)
+    file = out / "edit.safetensors"
+    data = bytearray(file.read_bytes())
+    for i in range(len(data) - 4096, len(data)):  # 4 KiB of flipped bytes inside the tensor data
+        data[i] ^= 0xFF
+    file.write_bytes(bytes(data))
+    from overtone import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for command in (["apply", str(out)], ["export", str(out), "--out", str(tmp_path / "model")],
+                    ["generate", "--edit", str(out), "--prompt", "Hi"]):
+        result = run(*command, "--model", str(tiny_llama_dir), code=None)
+        assert result.exit_code == 2, (command, result.output)
+        assert result.output.strip().count("\n") == 0 and "Traceback" not in result.output  # one line
+        assert f"error: {file}: field sha256: " in said(result) and "differs from the manifest's" in said(result)
+    assert not (tmp_path / "model").exists()
+    file.write_bytes(bytes(data[:100]))  # truncated
+    truncated = run("apply", str(out), "--model", str(tiny_llama_dir), code=None)
+    assert truncated.exit_code == 2 and f"{file}: field bytes: 100 bytes, the manifest records" in said(truncated)
+
+
+def test_a_hub_id_in_a_manifest_is_loaded_only_when_the_user_confirms_it(tmp_path, tiny_llama_dir, facts,
+                                                                         monkeypatch, caplog):
+    from test_artifacts import rewrite
+
+    from overtone import models
+
+    out = tmp_path / "edit"
+    edit(tiny_llama_dir, facts, out)
+    rewrite(out, lambda m: m["model"].update(name="org/model", identity={"name": "org/model", "dtype": "fp32"}),
+            seal=True)
+    caplog.set_level(logging.INFO)
+    loaded = []
+    monkeypatch.setattr(models, "load_model", lambda source, **k: loaded.append(source) or pytest.fail("loaded"))
+    refused = run("apply", str(out), code=None)
+    assert refused.exit_code == 2 and not loaded
+    assert "the edit was made on the hub model 'org/model', which would be downloaded" in said(refused)
+
+    def no_network(source, **kwargs):
+        loaded.append(source)
+        raise models.ModelLoadError(f"could not load model {source!r}: no network here")
+
+    monkeypatch.setattr(models, "load_model", no_network)
+    confirmed = run("apply", str(out), "--trust-manifest-model", code=None)
+    assert loaded == ["org/model"] and confirmed.exit_code == 2
+    assert "base model: org/model (the hub model the edit's manifest names, accepted with --trust-manifest-model)" \
+        in caplog.messages
+    rewrite(out, lambda m: m["model"].update(identity={"path": "../../../etc"}), seal=True)
+    relative = run("apply", str(out), "--trust-manifest-model", code=None)
+    assert relative.exit_code == 2 and loaded == ["org/model"]
+    assert "field model.identity.path: '../../../etc' is a relative path" in said(relative)
+
+
+def test_export_check_compares_with_the_edit_as_saved(tmp_path, tiny_llama_dir, facts, monkeypatch):
+    """A fault between reading the artifact and merging it shows in the check, which reads the folder again."""
+    from overtone import artifacts
+
+    out = tmp_path / "edit"
+    edit(tiny_llama_dir, facts, out)
+    export_model = artifacts.export_model
+
+    def faulty(lm, loaded, folder):
+        for artifact in loaded:
+            for tensor in artifact.saved.tensors.values():
+                tensor.mul_(3)  # in memory only: the files stay as saved
+        return export_model(lm, loaded, folder)
+
+    monkeypatch.setattr(artifacts, "export_model", faulty)
+    result = run("export", str(out), "--out", str(tmp_path / "model"), "--model", str(tiny_llama_dir), code=None)
+    assert result.exit_code == 1, result.output
+    assert f"error: {tmp_path / 'model'} does not reproduce the saved edits" in said(result)

@@ -1,17 +1,22 @@
-"""An edit as a folder: the changed tensors (never the whole model) plus a self-describing manifest.
+"""An edit as a folder: the changed tensors (never the whole model) plus a self-describing, self-verifying manifest.
 
 Layout of an artifact folder::
 
-    manifest.json               format version, package version, base model identity (name, config,
-                                hashes of the touched tensors' original values), editor and objective
-                                settings, the facts, the metrics measured at save time
+    manifest.json               format version, package version, base model identity (name, config and
+                                its hash, hashes of the touched tensors' original values), editor and
+                                objective settings, the facts, the metrics measured at save time; size and
+                                sha256 of every other file, name, shape, dtype and sha256 of every edit
+                                tensor, and a hash of itself (``manifest.py``)
     edit.safetensors            the editor's tensors (``Editor.saved_edit``): FT-M the delta of each
                                 edited matrix, ROME/MEMIT the factors of their low-rank updates,
                                 WISE its side memories, MELO its LoRA blocks and key codebook
     adapter_config.json         LoRA instead of edit.safetensors: the folder is a standard peft
     adapter_model.safetensors   adapter folder, loadable by ``PeftModel.from_pretrained``
 
-``save_edit`` writes it from an editor's live edits; ``load_edit`` reads it; ``EditArtifact.apply``
+``save_edit`` writes it from an editor's live edits; ``load_edit`` reads and verifies all of it (no model
+needed): the manifest against its own hash and its fields' types, every file against its size and sha256,
+every tensor against the manifest's list, and the edit's layout against the weights it records
+(``layout.py``). The tensors ``apply`` uses are those verified bytes, read once. ``EditArtifact.apply``
 checks the model against the recorded base and re-applies the edit through the editor class
 (``Editor.apply_saved``), returning a handle whose ``revert`` restores the model bit for bit.
 """
@@ -19,20 +24,41 @@ checks the model against the recorded base and re-applies the edit through the e
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
-from overtone.artifacts.identity import EditMismatchError, base_identity, differences, dtype_name
+from overtone.artifacts.identity import (
+    EditMismatchError,
+    base_identity,
+    config_sha256,
+    differences,
+    tensor_record,
+)
+from overtone.artifacts.layout import check_layout
+from overtone.artifacts.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    ArtifactError,
+    check_seal,
+    read_manifest,
+    refuse,
+    sealed,
+)
 from overtone.benchmarks.cases import EditCase, Probe
 from overtone.editors import EDITORS, EditHandle, Editor
 from overtone.editors.base import SavedEdit
@@ -40,16 +66,14 @@ from overtone.models.loading import LoadedModel
 from overtone.objectives import Objective, OverToneConfig, make_objective
 from overtone.version import __version__
 
-FORMAT = "overtone-edit"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
+
 TENSORS = "edit.safetensors"
 PEFT_TENSORS = "adapter_model.safetensors"  # peft's file names
 PEFT_CONFIG = "adapter_config.json"
-
-
-class ArtifactError(ValueError):
-    """A folder is not a readable edit artifact, or cannot be written."""
+PEFT_EDITORS = frozenset({"lora"})  # editors whose folder is a peft adapter folder (``SavedEdit.peft_config``)
+# What a value of the wrong type or range raises where a config, objective or fact is built from the manifest.
+_BAD_VALUE = (TypeError, ValueError, AttributeError, KeyError, IndexError)
 
 
 def fact_record(case: EditCase) -> dict[str, Any]:
@@ -117,10 +141,11 @@ def write_folder(path: Path, write: Callable[[Path], None]) -> None:
 
 @dataclass
 class EditArtifact:
-    """A saved edit, read from its folder; ``apply(lm)`` puts it on a model."""
+    """A saved edit, read from its folder and verified (``load_edit``); ``apply(lm)`` puts it on a model."""
 
     path: Path
     manifest: dict[str, Any]
+    saved: SavedEdit  # the editor's tensors and state, from the verified bytes of the folder
 
     @property
     def editor(self) -> str:
@@ -132,7 +157,11 @@ class EditArtifact:
 
     @property
     def is_peft_adapter(self) -> bool:
-        return (self.path / PEFT_CONFIG).is_file()
+        return self.editor in PEFT_EDITORS
+
+    @property
+    def tensor_file(self) -> str:
+        return PEFT_TENSORS if self.is_peft_adapter else TENSORS
 
     @property
     def facts(self) -> list[EditCase]:
@@ -143,26 +172,9 @@ class EditArtifact:
         """The model parameters the edit changes or builds on."""
         return list(self.manifest["model"]["tensors"])
 
-    @property
-    def model_source(self) -> str:
-        """What ``load_model`` needs to load the base model: its name, or the folder it was loaded from."""
-        model = self.manifest["model"]
-        return model["identity"].get("path") or model["name"]
-
     def describe(self) -> str:
         objective = (self.manifest.get("objective") or {}).get("name", "-")
         return f"{self.path} ({self.editor} + {objective}, {len(self.manifest['facts'])} facts)"
-
-    @cached_property
-    def saved(self) -> SavedEdit:
-        """The editor's tensors and state, read from the folder."""
-        from peft import PeftConfig
-
-        edit = self.manifest["edit"]
-        if self.is_peft_adapter:
-            return SavedEdit(tensors=load_file(self.path / PEFT_TENSORS), state=edit["state"],
-                             peft_config=PeftConfig.from_pretrained(str(self.path)))
-        return SavedEdit(tensors=load_file(self.path / TENSORS), state=edit["state"])
 
     def config(self) -> Any:
         """The editor's resolved config, rebuilt from the manifest."""
@@ -170,16 +182,19 @@ class EditArtifact:
         names = {f.name for f in fields(cls)}
         try:
             return cls(**{k: _tuples(v) for k, v in self.manifest["editor"].items() if k in names})
-        except (TypeError, ValueError) as exc:
-            raise ArtifactError(f"{self.path}: its {self.editor} settings are not valid in this overtone "
-                                f"({__version__}): {exc}") from exc
+        except _BAD_VALUE as exc:
+            raise refuse(self.path, MANIFEST, "editor", f"its {self.editor} settings are not valid in this overtone "
+                                                        f"({__version__}): {exc}") from None
 
     def objective(self) -> Objective | None:
         settings = self.manifest.get("objective")
         if not settings:
             return None
         names = {f.name for f in fields(OverToneConfig)}
-        return make_objective(settings["name"], OverToneConfig(**{k: v for k, v in settings.items() if k in names}))
+        try:
+            return make_objective(settings["name"], OverToneConfig(**{k: v for k, v in settings.items() if k in names}))
+        except _BAD_VALUE as exc:
+            raise refuse(self.path, MANIFEST, "objective", f"not a valid objective here: {exc}") from None
 
     def check(self, lm: LoadedModel) -> None:
         """Raise ``EditMismatchError`` naming what differs when ``lm`` is not the model the edit was made on."""
@@ -187,22 +202,28 @@ class EditArtifact:
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
             raise EditMismatchError(
-                f"{self.path} was made on {self.manifest['model']['name']}; the model {lm.name} differs: "
-                + "; ".join(problems[:5]) + more)
+                f"{self.path / MANIFEST}: field model: the edit was made on {self.manifest['model']['name']}; the "
+                f"model {lm.name} differs: " + "; ".join(problems[:5]) + more, file=MANIFEST, field="model")
 
     def apply(self, lm: LoadedModel, check: bool = True) -> EditHandle:
         """Apply the edit to ``lm`` in place; the handle's ``revert`` restores ``lm`` bit for bit.
 
-        Several artifacts applied in sequence go on an ``EditStack``, which reverts them newest first.
+        Several artifacts applied in sequence go on an ``EditStack``, which reverts them newest first. An
+        edit that does not fit ``lm`` is refused (``ArtifactError``) with ``lm`` left as it was.
         """
         if check:
             self.check(lm)
-        return self.editor_class.apply_saved(lm, self.config(), self.saved, self.objective())
+        try:
+            return self.editor_class.apply_saved(lm, self.config(), self.saved, self.objective())
+        except (*_BAD_VALUE, RuntimeError) as exc:
+            raise refuse(self.path, self.tensor_file, None, f"the {self.editor} edit does not apply to {lm.name}: "
+                                                            f"{exc}") from None
 
 
 def save_edit(editor: Editor, path: Path | str, facts: Sequence[EditCase] = (), metrics: dict[str, Any] | None = None,
               protocol: dict[str, Any] | None = None) -> EditArtifact:
-    """Write the live edits of ``editor`` (applied and not reverted) as an artifact folder at ``path``.
+    """Write the live edits of ``editor`` (applied and not reverted) as an artifact folder at ``path``, and read
+    it back through every check of ``load_edit``.
 
     ``facts`` are the cases that were edited, ``metrics`` what was measured on them, ``protocol`` how
     they were applied (a sequence, batches); all three go into the manifest as given.
@@ -223,8 +244,7 @@ def save_edit(editor: Editor, path: Path | str, facts: Sequence[EditCase] = (), 
         "editor": editor.describe(),
         "objective": editor.objective.config() if editor.objective else None,
         "protocol": protocol or {},
-        "edit": {"state": saved.state,
-                 "tensors": {n: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for n, t in tensors.items()}},
+        "edit": {"state": saved.state, "tensors": {n: tensor_record(t) for n, t in tensors.items()}},
         "facts": [fact_record(c) for c in facts],
         "metrics": metrics,
     }
@@ -237,37 +257,106 @@ def save_edit(editor: Editor, path: Path | str, facts: Sequence[EditCase] = (), 
             save_file(tensors, str(folder / PEFT_TENSORS), metadata={"format": "pt"})
         else:
             save_file(tensors, str(folder / TENSORS), metadata={"format": "pt"})
-        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        manifest["files"] = {file.name: {"sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+                                         "bytes": file.stat().st_size} for file in sorted(folder.iterdir())}
+        (folder / MANIFEST).write_text(json.dumps(sealed(manifest), indent=2) + "\n")
 
     write_folder(path, write)
-    return EditArtifact(path, json.loads((path / MANIFEST).read_text()))
+    return load_edit(path)
+
+
+def _read_files(folder: Path, manifest: dict[str, Any]) -> dict[str, bytes]:
+    """The bytes of every file the manifest lists, each of its recorded size and sha256 (read once, then used)."""
+    expected = {PEFT_CONFIG, PEFT_TENSORS} if manifest["editor"]["name"] in PEFT_EDITORS else {TENSORS}
+    listed = manifest["files"]
+    if listed.keys() != expected:
+        wrong = sorted(listed.keys() ^ expected)[0]
+        raise refuse(folder, MANIFEST, f"files.{wrong}", f"a {manifest['editor']['name']} edit's folder holds "
+                                                         f"exactly {', '.join(sorted(expected))}")
+    contents = {}
+    for name in sorted(expected):
+        record, file = listed[name], folder / name
+        if not file.is_file():
+            raise refuse(folder, name, None, "missing or not a file (the manifest lists it)")
+        size = file.stat().st_size
+        if size != record["bytes"]:
+            raise refuse(folder, name, "bytes", f"{size} bytes, the manifest records {record['bytes']}: the file is "
+                                                "truncated or was changed")
+        with file.open("rb") as handle:
+            data = handle.read(record["bytes"] + 1)
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != record["bytes"] or digest != record["sha256"]:
+            raise refuse(folder, name, "sha256", f"{digest[:12]} differs from the manifest's {record['sha256'][:12]}: "
+                                                 "the file is damaged or was changed")
+        contents[name] = data
+    unlisted = sorted(p.name for p in folder.iterdir() if p.name not in expected | {MANIFEST})
+    if unlisted:
+        log.info("%s: ignoring files the manifest does not list: %s", folder, ", ".join(unlisted))
+    return contents
+
+
+def _tensors(folder: Path, file: str, data: bytes, listed: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors ``data``, exactly those the manifest lists, by name, shape, dtype and sha256."""
+    try:
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
+        raise refuse(folder, file, None, f"not a readable safetensors file: {exc}") from None
+    missing, extra = sorted(listed.keys() - tensors.keys()), sorted(tensors.keys() - listed.keys())
+    if missing or extra:
+        name = (missing or extra)[0]
+        raise refuse(folder, file, name, "listed in the manifest (edit.tensors) but not in the file" if missing
+                     else "in the file but not listed in the manifest (edit.tensors)")
+    for name, tensor in tensors.items():
+        got = tensor_record(tensor)
+        for key in ("shape", "dtype", "sha256"):
+            if got[key] != listed[name][key]:
+                raise refuse(folder, file, name, f"{key} {got[key]} differs from the manifest's {listed[name][key]} "
+                                                 "(edit.tensors)")
+    return tensors
+
+
+def _peft_config(folder: Path, data: bytes) -> Any:
+    """The peft adapter config from the verified bytes of ``adapter_config.json``."""
+    from peft import PeftConfig
+
+    try:
+        values = json.loads(data.decode("utf-8"))
+        if not isinstance(values, dict):
+            raise ValueError(f"expected an object, found {type(values).__name__}")
+        return PeftConfig.from_peft_type(**values)
+    except (UnicodeDecodeError, RecursionError, *_BAD_VALUE) as exc:
+        raise refuse(folder, PEFT_CONFIG, None, f"not a peft adapter config: {exc}") from None
 
 
 def load_edit(path: Path | str) -> EditArtifact:
-    """Read the artifact folder at ``path``; clear errors for anything that is not one."""
-    path = Path(path).expanduser()
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise ArtifactError(f"{path}: not an edit artifact (no {MANIFEST}); `overtone edit --save DIR` writes one")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{manifest_path}: not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{manifest_path}: not an {FORMAT} manifest")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format version {version!r}, written by overtone "
-                            f"{manifest.get('overtone_version')}; this overtone ({__version__}) reads up to "
-                            f"{FORMAT_VERSION}")
-    if manifest.get("editor", {}).get("name") not in EDITORS:
-        raise ArtifactError(f"{path}: unknown editor {manifest.get('editor', {}).get('name')!r}; "
-                            f"known: {', '.join(sorted(EDITORS))}")
-    artifact = EditArtifact(path, manifest)
-    missing = [f for f in ((PEFT_CONFIG, PEFT_TENSORS) if artifact.is_peft_adapter else (TENSORS,))
-               if not (path / f).is_file()]
-    if missing:
-        raise ArtifactError(f"{path}: missing {', '.join(missing)}")
+    """Read the artifact folder at ``path`` and verify all of it, before any model is loaded.
+
+    Every refusal is an ``ArtifactError`` naming the folder, the file and the field or tensor.
+    """
+    folder = Path(path).expanduser()
+    manifest = read_manifest(folder)
+    model = manifest["model"]
+    if config_sha256(model["config"]) != model["config_sha256"]:
+        raise refuse(folder, MANIFEST, "model.config", "its sha256 differs from model.config_sha256: the config was "
+                                                       "changed after the edit was saved")
+    check_seal(folder, manifest)
+    name = manifest["editor"]["name"]
+    if name not in EDITORS:
+        raise refuse(folder, MANIFEST, "editor.name", f"unknown editor {name!r}; known: {', '.join(sorted(EDITORS))}")
+    contents = _read_files(folder, manifest)
+    file = PEFT_TENSORS if name in PEFT_EDITORS else TENSORS
+    tensors = _tensors(folder, file, contents[file], manifest["edit"]["tensors"])
+    state = manifest["edit"]["state"]
+    check_layout(folder, file, name, state, tensors, {n: t["shape"] for n, t in model["tensors"].items()})
+    peft_config = _peft_config(folder, contents[PEFT_CONFIG]) if name in PEFT_EDITORS else None
+    artifact = EditArtifact(folder, manifest, SavedEdit(tensors=tensors, state=state, peft_config=peft_config))
+    artifact.config()
+    artifact.objective()
+    for i, record in enumerate(manifest["facts"]):
+        try:
+            fact_case(record)
+        except _BAD_VALUE as exc:
+            raise refuse(folder, MANIFEST, f"facts[{i}]", f"not a fact: {exc}") from None
     return artifact
 
 

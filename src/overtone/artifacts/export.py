@@ -1,8 +1,8 @@
 """A Hugging Face model folder with saved edits merged into the weights, for plain ``transformers``.
 
 Edits that are weight changes export: FT-M, ROME and MEMIT are applied as they are applied in
-memory; a LoRA artifact is a peft adapter folder, loaded and merged by peft itself
-(``PeftModel.from_pretrained(...).merge_and_unload()``). WISE and MELO route each sequence to a
+memory; a LoRA artifact is applied as in memory (peft wrapping, the verified adapter tensors) and
+merged by peft itself (each adapter layer's ``merge``, then ``unload``). WISE and MELO route each sequence to a
 side memory at inference, which a plain model cannot do: they are refused, and ``overtone generate
 --edit`` serves them. The model passed in is restored bit for bit afterwards.
 """
@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from overtone.artifacts.artifact import MANIFEST, ArtifactError, EditArtifact, new_folder, write_folder
+from overtone.artifacts.artifact import EditArtifact, new_folder, write_folder
+from overtone.artifacts.manifest import ArtifactError
 from overtone.editors.base import EditHandle, EditStack, EditStats
 from overtone.editors.locate.update import snapshot
 from overtone.models.loading import LoadedModel
@@ -35,14 +36,21 @@ def refuse_routed(artifacts: Sequence[EditArtifact]) -> None:
 
 
 def _merge_peft(lm: LoadedModel, artifact: EditArtifact) -> EditHandle:
-    """Merge a peft adapter folder into the model's weights with peft; the handle restores the weights."""
-    from peft import PeftModel
+    """Merge a LoRA artifact's adapters into the model's weights with peft; the handle restores the weights."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     weights = [lm.adapter.parameter(name) for name in artifact.base_names]
     handle = EditHandle(snapshot(weights), first_layer=0, stats=EditStats(), restores=weights)
-    with torch.random.fork_rng(devices=[]):  # peft initialises the adapters before loading their values
-        PeftModel.from_pretrained(lm.model, str(artifact.path)).merge_and_unload()
-    lm.model.eval()
+    applied = artifact.apply(lm, check=False)  # the verified tensors, as overtone apply puts them on
+    try:
+        for module in lm.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+    except BaseException:
+        applied.revert()
+        handle.revert()
+        raise
+    applied.revert()  # unloads peft; the base layers keep the merged weights
     return handle
 
 
@@ -63,7 +71,7 @@ def export_model(lm: LoadedModel, artifacts: Sequence[EditArtifact], out: Path |
         def write(folder: Path) -> None:
             lm.model.save_pretrained(folder)
             lm.tokenizer.save_pretrained(folder)
-            edits = [json.loads((a.path / MANIFEST).read_text()) for a in artifacts]
+            edits = [a.manifest for a in artifacts]  # as verified
             (folder / EDITS_FILE).write_text(json.dumps(edits, indent=2) + "\n")
 
         write_folder(out, write)

@@ -14,12 +14,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from overtone.artifacts.manifest import MANIFEST, ArtifactError, refuse
+from overtone.models import embedded
 from overtone.models.adapters import ArchitectureError
-from overtone.models.loading import LoadedModel
+from overtone.models.loading import DEFAULT_MODEL, LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +33,11 @@ log = logging.getLogger(__name__)
 _NOT_IDENTITY = {"transformers_version", "dtype", "torch_dtype"}
 
 
-class EditMismatchError(ValueError):
+# A Hugging Face hub id: "name" or "owner/name" (letters, digits, "-", "_", "."; no "..", no leading dot).
+_HUB_ID = re.compile(r"(?!\.)(?!.*\.\.)[\w.-]+(/(?!\.)[\w.-]+)?")
+
+
+class EditMismatchError(ArtifactError):
     """The model is not the one the edit was made on; the message says what differs."""
 
 
@@ -76,6 +86,9 @@ def differences(lm: LoadedModel, recorded: dict[str, Any]) -> list[str]:
     logged, not counted; entries both sides have must agree, and every recorded tensor must match.
     """
     problems = []
+    here, saved_gguf = lm.identity.get("gguf_sha256"), recorded["identity"].get("gguf_sha256")
+    if here and saved_gguf and here != saved_gguf:
+        problems.append(f"identity gguf_sha256: {here} here, {saved_gguf} in the edit's base")
     config = model_config(lm)
     if config_sha256(config) != recorded["config_sha256"]:
         saved = recorded["config"]
@@ -100,6 +113,57 @@ def differences(lm: LoadedModel, recorded: dict[str, Any]) -> list[str]:
                 break
         else:
             if got["sha256"] != expected["sha256"]:
-                problems.append(f"{name}: values differ from the edit's base (sha256 {got['sha256'][:12]} here, "
-                                f"{expected['sha256'][:12]} saved): another model, or another edit changed it")
+                problems.append(f"{name}: values differ from the edit's base (sha256 {got['sha256']} here, "
+                                f"{expected['sha256']} saved): another model, or another edit changed it")
     return problems
+
+
+@dataclass(frozen=True)
+class BaseChoice:
+    """The model to load for saved edits (``source``, as ``load_model`` takes it) and why (for the log)."""
+
+    source: str
+    reason: str
+
+
+def choose_base(artifacts: Sequence[Any], model: str | None, trust_manifest: bool) -> BaseChoice:
+    """The base model of ``artifacts`` (``EditArtifact``): the user's ``model``, else the embedded model the first
+    was made on, else the folder or hub id its manifest names, but only with ``trust_manifest``.
+
+    A manifest's path is used only when it is absolute (nothing is resolved against the current folder); a
+    hub id only when it is one (never a path) and no folder here has that name. Refusals name the field and
+    say how to choose.
+    """
+    if model is not None:
+        return BaseChoice(model, "given with --model")
+    if not artifacts:
+        return BaseChoice(DEFAULT_MODEL, "the default model; no edit names one")
+    first = artifacts[0]
+    recorded = first.manifest["model"]
+    identity = recorded["identity"]
+    name = identity.get("name", recorded["name"])
+    if "gguf_sha256" in identity:
+        if name not in embedded.EMBEDDED:
+            raise refuse(first.path, MANIFEST, "model.identity.name", f"the embedded model {name!r} is not one this "
+                         f"overtone ships ({', '.join(embedded.EMBEDDED)}); give the base model with --model")
+        return BaseChoice(name, f"the embedded model {first.path} was made on")
+    where = identity.get("path")
+    what = f"the local folder {where}" if where is not None else f"the hub model {name!r}, which would be downloaded"
+    if not trust_manifest:
+        raise refuse(first.path, MANIFEST, "model.identity", f"the edit was made on {what}; give the base model with "
+                     "--model (a name, folder or hub id), or accept the manifest's with --trust-manifest-model")
+    if where is not None:
+        path = Path(where)
+        if not path.is_absolute():
+            raise refuse(first.path, MANIFEST, "model.identity.path", f"{where!r} is a relative path, which would "
+                         "depend on the current folder; give the base model with --model")
+        if not path.is_dir():
+            raise refuse(first.path, MANIFEST, "model.identity.path", f"{where} is not a folder here; give the base "
+                         "model with --model")
+        return BaseChoice(where, "the folder the edit's manifest names, accepted with --trust-manifest-model")
+    if not _HUB_ID.fullmatch(name):
+        raise refuse(first.path, MANIFEST, "model.name", f"{name!r} is not a hub id; give the base model with --model")
+    if Path(name).exists():
+        raise refuse(first.path, MANIFEST, "model.name", f"{name!r} is a hub id and also a path here; give the base "
+                     "model with --model")
+    return BaseChoice(name, "the hub model the edit's manifest names, accepted with --trust-manifest-model")

@@ -72,7 +72,10 @@ SaveOpt = Annotated[Path | None, typer.Option("--save", help="save the edit as a
 EditDirsArg = Annotated[list[Path], typer.Argument(
     help="edit artifact folders (overtone edit --save), applied in order")]
 BaseModelOpt = Annotated[str | None, typer.Option(
-    "--model", help="base model: embedded name, local folder or hub id (default: the one the edit was made on)")]
+    "--model", help="base model: embedded name, local folder or hub id (default: the embedded model the edit was "
+    "made on; the folder or hub id its manifest names only with --trust-manifest-model)")]
+TrustModelOpt = Annotated[bool, typer.Option(
+    "--trust-manifest-model", help="without --model: load the folder or hub id the edit's manifest names")]
 BaseDtypeOpt = Annotated[str | None, typer.Option("--dtype", help="fp32 or bf16 (default: the edit's)")]
 MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="tokens to generate")]
 ShowOpt = Annotated[int, typer.Option("--show", min=0, help="cases whose completions are printed")]
@@ -189,6 +192,7 @@ class BaseModelOptions(OptionGroup):
     """The model that saved edits go on: by default the one they were made on, in its dtype."""
 
     model: BaseModelOpt = None
+    trust_manifest_model: TrustModelOpt = False
     device: DeviceOpt = "auto"
     dtype: BaseDtypeOpt = None
     threads: ThreadsOpt = 1

@@ -205,6 +205,10 @@ class FTM(Editor):
     def apply_saved(cls, lm: LoadedModel, config: Any, saved: SavedEdit,
                     objective: Objective | None = None) -> EditHandle:
         weights = {name: lm.adapter.parameter(name) for name in saved.tensors}
+        wrong = [f"{n} {list(saved.tensors[n].shape)} for a weight {list(w.shape)}" for n, w in weights.items()
+                 if saved.tensors[n].shape != w.shape]
+        if wrong:  # added element by element, never broadcast
+            raise ValueError(f"FT-M: a saved change does not have its weight's shape: {wrong[0]}")
         revert = snapshot(list(weights.values()))
         with torch.no_grad():
             for name, weight in weights.items():
