@@ -46,7 +46,8 @@ def test_edit_saves_then_apply_re_measures_and_reverts(tmp_path, tiny_llama_dir,
     saved = artifact.manifest["metrics"]["summary"]
     assert artifact.manifest["protocol"] == {"order": "sequence", "batch": 1, "eval_timing": "end"}
 
-    refused = run("apply", str(out), "--max-new-tokens", "3", code=2)  # a folder named by the manifest: not without consent
+    # a folder named by the manifest: not without consent
+    refused = run("apply", str(out), "--max-new-tokens", "3", code=2)
     assert f"the edit was made on the local folder {tiny_llama_dir}" in said(refused)
     assert "--trust-manifest-model" in said(refused)
     applied = run("apply", str(out), "--max-new-tokens", "3", "--trust-manifest-model")

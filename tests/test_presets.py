@@ -43,6 +43,8 @@ OVERTONE = {
     "melo": OverToneConfig(lam=0.1, n_sigma=1.0, epsilon=0.01),
     "rome": OverToneConfig(),  # untuned: the objective's own defaults (docs/locate.md)
     "memit": OverToneConfig(),
+    "alphaedit": OverToneConfig(),  # untuned (docs/lifelong.md)
+    "ultraedit": OverToneConfig(),
 }
 
 

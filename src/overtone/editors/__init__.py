@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from overtone.editors.alphaedit import AlphaEdit, AlphaEditConfig
 from overtone.editors.base import EditError, EditHandle, Editor, EditStack
 from overtone.editors.ft_m import FTM, FTMConfig
 from overtone.editors.lora import LoRA, LoRAConfig
@@ -12,11 +13,12 @@ from overtone.editors.melo import MELO, MELOConfig
 from overtone.editors.memit import MEMIT, MEMITConfig
 from overtone.editors.reports import EditStats, StepCallback, StepInfo
 from overtone.editors.rome import ROME, ROMEConfig
+from overtone.editors.ultraedit import UltraEdit, UltraEditConfig
 from overtone.editors.wise import WISE, WISEConfig
 from overtone.models.loading import LoadedModel
 from overtone.objectives import Objective
 
-EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (FTM, LoRA, WISE, MELO, ROME, MEMIT)}
+EDITORS: dict[str, type[Editor]] = {cls.name: cls for cls in (FTM, LoRA, WISE, MELO, ROME, MEMIT, AlphaEdit, UltraEdit)}
 
 
 def editor_config(name: str, **settings: Any) -> Any:
@@ -47,6 +49,8 @@ __all__ = [
     "MEMIT",
     "ROME",
     "WISE",
+    "AlphaEdit",
+    "AlphaEditConfig",
     "EditError",
     "EditHandle",
     "EditStack",
@@ -60,6 +64,8 @@ __all__ = [
     "ROMEConfig",
     "StepCallback",
     "StepInfo",
+    "UltraEdit",
+    "UltraEditConfig",
     "WISEConfig",
     "editor_config",
     "make_editor",

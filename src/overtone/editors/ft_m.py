@@ -39,6 +39,7 @@ from overtone.editors.parallel import (
     ModelShape,
 )
 from overtone.editors.presets import overtone_preset
+from overtone.editors.stream import wide
 from overtone.editors.training import TargetLogits, default_stop, optimise, optimise_cases, stop_when_clipped_field
 from overtone.models.loading import LoadedModel
 from overtone.models.per_case import CaseWeights, patched
@@ -198,7 +199,7 @@ class FTM(Editor):
         """The change of the edited matrix since before the live edits, at twice its precision, so that
         adding it back gives the edited weights bit for bit."""
         base = self.log.base if self.log.edits else {}
-        deltas = {name: _wide(self.lm.adapter.parameter(name)) - _wide(value) for name, value in base.items()}
+        deltas = {name: wide(self.lm.adapter.parameter(name)) - wide(value) for name, value in base.items()}
         return SavedEdit(tensors=deltas, base=base)
 
     @classmethod
@@ -212,11 +213,6 @@ class FTM(Editor):
         revert = snapshot(list(weights.values()))
         with torch.no_grad():
             for name, weight in weights.items():
-                weight.copy_((_wide(weight) + saved.tensors[name].to(weight.device)).to(weight.dtype))
+                weight.copy_((wide(weight) + saved.tensors[name].to(weight.device)).to(weight.dtype))
         return EditHandle(revert, first_layer=config.layer, stats=EditStats(), restores=tuple(weights.values()))
 
-
-def _wide(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` at a precision in which the difference of two of its values is exact (fp32 -> fp64)."""
-    wide = torch.float64 if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    return weight.detach().to(wide)

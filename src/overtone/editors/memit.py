@@ -24,7 +24,7 @@ Batch editing (``--batch``) is the other protocol: one joint update for all case
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -88,6 +88,57 @@ def default_update_weight(lm: LoadedModel) -> float:
     return _preset(lm).get("mom2_update_weight", REFERENCE_UPDATE_WEIGHT)
 
 
+# solve(layer, keys [n, I], residual [n, H]) -> the factors (left [H, n], right [n, I]) of the layer's update
+Solve = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def case_keys(keys: torch.Tensor, n_cases: int, groups: Sequence[int]) -> torch.Tensor:
+    """One key per case from its prompt variants' keys: the mean over each group of prefixes, then over groups."""
+    per_case = keys.view(n_cases, sum(groups), -1)
+    means = [chunk.mean(dim=1) for chunk in per_case.split(list(groups), dim=1)]
+    return torch.stack(means).mean(dim=0)
+
+
+def spread_update(lm: LoadedModel, cfg: LocateConfig, layers: Sequence[int], objective: Objective,
+                  prefixes: Sequence[str], groups: Sequence[int], cases: Sequence[EditCase], solve: Solve,
+                  on_step: StepCallback | None = None,
+                  steps: int | None = None) -> tuple[EditStats, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+    """MEMIT's batch update with the per-layer solve left to the caller (MEMIT, AlphaEdit).
+
+    The value z of every case at the top layer's block output, then for each layer from the lowest: the
+    keys and the top block's output read from the model as edited so far, the residual still missing
+    divided over the layers left, ``solve`` for the update's factors, added to the layer's ``mlp_out``
+    weight. Returns the edit's statistics (without its time) and the factors per layer, in order.
+    """
+    adapter = lm.adapter
+    top = layers[-1]
+    stats = EditStats()
+    targets = []
+    stops = []
+    for case in cases:
+        value = optimise_value(lm, case, adapter.layers[top], top, prefixes, objective, cfg, on_step, steps)
+        targets.append(value.target)
+        stats.steps += value.stats.steps
+        stats.losses += value.stats.losses
+        stats.extra_losses += value.stats.extra_losses
+        stops.append(value.stats.stop_reason)
+    z = torch.stack(targets).double()  # [n, H]
+    rows = [row for case in cases for row in encode_rows(lm.tokenizer, case, prefixes, False, cfg.missing_subject)]
+    updates = []
+    for i, layer in enumerate(layers):
+        module = adapter.module("mlp_out", layer)
+        keys, outputs = lookup_activations(lm, rows, [(module, "in"), (adapter.layers[top], "out")], top)
+        k = case_keys(keys, len(cases), groups).double()  # [n, I]
+        now = outputs.view(len(cases), len(prefixes), -1)[:, 0].double()  # bare prompts
+        residual = (z - now) / (len(layers) - i)
+        left, right = solve(layer, k, residual)
+        add_update(adapter, module.weight, factor_product(left, right))
+        updates.append((layer, left, right))
+    stats.stopped_early = all(r is not None for r in stops)
+    stats.stop_reason = stops[0] if stats.stopped_early and len(set(stops)) == 1 else None
+    return stats, updates
+
+
 class MEMIT(LocateEditor):
     name = "memit"
     config_class = MEMITConfig
@@ -122,19 +173,12 @@ class MEMIT(LocateEditor):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "context_prefixes": list(self.prefixes), "mom2": self.mom2_info}
 
-    def _keys(self, keys: torch.Tensor, n_cases: int) -> torch.Tensor:
-        """One key per case: the mean over each group of prefixes, then over groups."""
-        per_case = keys.view(n_cases, len(self.prefixes), -1)
-        means = [chunk.mean(dim=1) for chunk in per_case.split(self.groups, dim=1)]
-        return torch.stack(means).mean(dim=0)
-
     def edit(self, cases: Sequence[EditCase], on_step: StepCallback | None = None,
              steps: int | None = None) -> EditHandle:
         cfg: MEMITConfig = self.config
         assert self.objective is not None and cfg.layers is not None
         start = time.perf_counter()
         adapter = self.lm.adapter
-        top = cfg.layers[-1]
         modules = {layer: adapter.module("mlp_out", layer) for layer in cfg.layers}
         names = {layer: f"{adapter.path('mlp_out', layer)}.weight" for layer in cfg.layers}
         restore = snapshot([m.weight for m in modules.values()])
@@ -144,37 +188,19 @@ class MEMIT(LocateEditor):
             restore()
             self.log.revert_to(mark)
 
-        stats = EditStats()
+        def solve(layer: int, k: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            system = cfg.mom2_update_weight * self.mom2[layer] + k.T @ k
+            # contiguous, so that re-applying the saved factors takes the very same matmul
+            return residual.T.contiguous(), torch.linalg.solve(system, k.T).T.contiguous()  # [H, n], [n, I]
+
         try:
-            targets = []
-            stops = []
-            for case in cases:
-                value = optimise_value(self.lm, case, adapter.layers[top], top, self.prefixes, self.objective, cfg,
-                                       on_step, steps)
-                targets.append(value.target)
-                stats.steps += value.stats.steps
-                stats.losses += value.stats.losses
-                stats.extra_losses += value.stats.extra_losses
-                stops.append(value.stats.stop_reason)
-            z = torch.stack(targets).double()  # [n, H]
-            rows = [row for case in cases
-                    for row in encode_rows(self.lm.tokenizer, case, self.prefixes, False, cfg.missing_subject)]
-            for i, layer in enumerate(cfg.layers):
-                taps = [(modules[layer], "in"), (adapter.layers[top], "out")]
-                keys, outputs = lookup_activations(self.lm, rows, taps, top)
-                k = self._keys(keys, len(cases)).double()  # [n, I]
-                now = outputs.view(len(cases), len(self.prefixes), -1)[:, 0].double()  # bare prompts
-                residual = (z - now) / (len(cfg.layers) - i)
-                system = cfg.mom2_update_weight * self.mom2[layer] + k.T @ k
-                # contiguous, so that re-applying the saved factors takes the very same matmul
-                left, right = residual.T.contiguous(), torch.linalg.solve(system, k.T).T.contiguous()  # [H, n], [n, I]
-                add_update(adapter, modules[layer].weight, factor_product(left, right))
+            stats, updates = spread_update(self.lm, cfg, cfg.layers, self.objective, self.prefixes, self.groups,
+                                           cases, solve, on_step, steps)
+            for layer, left, right in updates:
                 self.log.add((names[layer], left, right))
         except BaseException:
             revert()
             raise
-        stats.stopped_early = all(r is not None for r in stops)
-        stats.stop_reason = stops[0] if stats.stopped_early and len(set(stops)) == 1 else None
         stats.time_s = time.perf_counter() - start
         return EditHandle(revert, first_layer=cfg.layers[0], stats=stats,
                           restores=tuple(m.weight for m in modules.values()))
@@ -203,7 +229,7 @@ class MEMIT(LocateEditor):
             module = adapter.module("mlp_out", layer)
             with patched(changes, owners):  # each case's updates of the layers below, on its own rows
                 keys, outputs = lookup_activations(self.lm, rows, [(module, "in"), (adapter.layers[top], "out")], top)
-            k = self._keys(keys, len(cases)).double()  # [cases, I]
+            k = case_keys(keys, len(cases), self.groups).double()  # [cases, I]
             now = outputs.view(len(cases), len(self.prefixes), -1)[:, 0].double()  # bare prompts
             residual = (z - now) / (len(cfg.layers) - i)
             # one fact per case: Delta = r (lambda C + k k^T)^-1 k, as the batch update of that case alone
