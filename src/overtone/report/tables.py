@@ -87,7 +87,8 @@ class PaperTable:
         return [row for _, rows in self.sections for row in rows]
 
 
-MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~$&#])")
+# always special, or special where they could open an HTML tag (<a, </, <!) or an entity (&amp;, &#38;)
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~$#]|<(?=[A-Za-z/!?])|&(?=#|\w+;))")
 
 
 def markdown_text(text: object) -> str:
