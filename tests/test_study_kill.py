@@ -1,7 +1,9 @@
 """Nothing lost, nothing twice: studies killed with SIGKILL at random points and restarted, locally and on Ray.
 
-On Ray the restart also shows that a private local instance listens on 127.0.0.1 only and that
-``ray.shutdown()`` leaves no process, session directory or token file behind.
+On Ray the restart also shows that it stopped every process of the killed instance (the dashboard and
+runtime-env agents included), that a private local instance listens on 127.0.0.1 only and runs with
+token authentication (its token in the instance's private folder), and that ``ray.shutdown()`` leaves no
+process, session directory or token file behind.
 
 Each test runs the same small study (tiny Llama; FT-M CE/OverTone, LoRA CE, single editing and
 continual T = 3) once without interruption, in this process, as the reference. Then it runs it as
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -99,13 +102,15 @@ def wait_for(condition, process: subprocess.Popen, timeout: float, what: str) ->
 
 
 def kill_at_random_point(process: subprocess.Popen, out: Path, rng: random.Random, total: int,
-                         timeout: float = 180) -> None:
+                         timeout: float = 180, before_kill: Callable[[], None] | None = None) -> None:
     """SIGKILL the driver once the study holds a random number of records: more than now, and at most half of
     what is left (so some work is always left for the next run), plus a few random milliseconds."""
     before = count(stored(out)) if out.exists() else 0
     target = rng.randint(before + 1, before + max(1, (total - before) // 2))
     wait_for(lambda: out.exists() and count(stored(out)) >= target, process, timeout, f"{target} records")
     time.sleep(rng.uniform(0.0, 0.05))
+    if before_kill:
+        before_kill()
     process.kill()
     process.wait()
 
@@ -178,7 +183,9 @@ def test_ray_worker_and_driver_killed_lose_and_repeat_nothing(study_file, refere
     log = tmp_path / "run0.log"
     # the driver queues the shard again, or (a kill just after the shard's last delivery) has nothing to rerun
     wait_for(lambda: "its worker died" in log.read_text(), first, 120, "the driver to notice the lost worker")
-    kill_at_random_point(first, out, rng, count(reference))
+    orphans: list[psutil.Process] = []  # every process of the first run's instance, agents included
+    kill_at_random_point(first, out, rng, count(reference), before_kill=lambda: orphans.extend(descendants(first.pid)))
+    assert any("Agent" in command(p) for p in orphans if alive(p)), [command(p) for p in orphans]
     kept = stored(out)
     assert 0 < count(kept) < count(reference)
     requeued = "queued again" in log.read_text()
@@ -186,9 +193,18 @@ def test_ray_worker_and_driver_killed_lose_and_repeat_nothing(study_file, refere
           f"{count(kept)} of {count(reference)} records stored")
     last = start(study_file, out, tmp_path / "run1.log", "--executor", "ray", "--workers", "2")
     wait_for(lambda: len(ray_workers(last.pid)) == 2, last, 240, "the workers of the restart")
+    # the restart stopped every process of the killed instance, its dashboard and runtime-env agents included
+    # (left alone they live on for about a minute, one listening on loopback)
+    left = [(p.pid, command(p)) for p in orphans if alive(p)]
+    assert not left, f"processes of the killed instance still running: {left}"
     # the workers run at the driver's priority (Ray's default would lower it by 15)
     assert [w.nice() for w in ray_workers(last.pid)] == [psutil.Process(last.pid).nice()] * 2
     processes = descendants(last.pid)  # Ray's own processes and the workers, while the run goes on
+    # the private instance runs with token authentication, the token in its private folder (not ~/.ray)
+    modes = {environ(p).get("RAY_AUTH_MODE") for p in processes} - {None}
+    assert modes == {"token"}, modes
+    token_paths = {environ(p).get("RAY_AUTH_TOKEN_PATH") for p in processes} - {None}
+    assert len(token_paths) == 1 and Path(token_paths.pop()).parent.name.startswith(f"overtone-ray-{last.pid}-")
     listening = {c.laddr.ip for p in processes for c in connections(p) if c.status == "LISTEN"}
     assert last.wait(timeout=300) == 0, (tmp_path / "run1.log").read_text()
     check_against(reference, out, kept)
@@ -207,6 +223,20 @@ def alive(process: psutil.Process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def command(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())[:80]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
+
+
+def environ(process: psutil.Process) -> dict[str, str]:
+    try:
+        return process.environ()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return {}
 
 
 def connections(process: psutil.Process) -> list:

@@ -115,7 +115,8 @@ def apply_edits(
         if saved:
             console.print(f"{artifact.describe()} at save time: " + ", ".join(
                 f"{label} {saved[m]:.1f}" for m, label in (("rel", "Rel."), ("gen", "Gen."), ("por", "Por."),
-                                                          ("loc", "Loc.")) if saved.get(m) is not None))
+                                                          ("loc", "Loc.")) if saved.get(m) is not None),
+                          markup=False)
     exact = all(tensor_sha256(t) == hashes[name] for name, t in touched.items())
     console.print(f"reverted: the {len(touched)} touched tensor(s) are "
                   f"{'bit for bit as before' if exact else 'NOT as before'}")
@@ -163,7 +164,7 @@ def export(
     except ArtifactError as exc:
         fail(str(exc))
     console.print(f"wrote {out} ({folder_bytes(out) / 1e6:.1f} MB): "
-                  f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+                  f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})", markup=False)
     if check:
         _check_export(lm, edits, out)
 
@@ -240,10 +241,10 @@ def generate(
         return answer
 
     mode = "chat template" if chat else "plain text"
-    console.print(f"{lm.name}, {len(artifacts)} edit(s) applied, {mode}", style="dim")
+    console.print(f"{lm.name}, {len(artifacts)} edit(s) applied, {mode}", style="dim", markup=False)
     try:
         for text in prompt or []:
-            console.print(f"[bold]> {text}[/]")
+            console.print(f"> {text}", style="bold", markup=False, highlight=False)
             console.print(reply(text), markup=False, highlight=False)
         while interactive:
             try:

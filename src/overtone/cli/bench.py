@@ -115,7 +115,7 @@ def bench(
     console.print(summary_table(rows, title=f"{protocol_title(config)}, {model.model}"))
     for extra in extra_tables(rows):
         console.print(to_rich(extra))
-    console.print(f"results in {out}")
+    console.print(f"results in {out}", markup=False)
 
 
 @app.command()
@@ -161,7 +161,7 @@ def demo(
     console.print(summary_table(rows, title=f"{dataset}, first {limit} cases, {model.model}, single editing (x100)",
                                 caption=f"OverTone λ={cfg.lam} n={cfg.n_sigma} ε={cfg.epsilon}"))
     (out / "table.md").write_text(markdown_table(rows) + "\n")
-    console.print(f"runs in {out}/, Markdown table in {out / 'table.md'}")
+    console.print(f"runs in {out}/, Markdown table in {out / 'table.md'}", markup=False)
 
 
 @app.command()
@@ -176,6 +176,7 @@ def table(
         dataset_tables,
         extra_tables,
         markdown_table,
+        markdown_text,
         paired_markdown,
         paired_table,
         summary_table,
@@ -198,10 +199,10 @@ def table(
         configs.append((str(run), config))
     warning = mixed_code(configs)
     if warning:
-        console.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True)
+        console.print(f"warning: {warning}", style="bold yellow", markup=False, soft_wrap=True)
     for title, rows in dataset_tables(loaded):
         if markdown:
-            console.print(f"{title}\n\n{markdown_table(rows)}\n", markup=False, soft_wrap=True)
+            console.print(f"{markdown_text(title)}\n\n{markdown_table(rows)}\n", markup=False, soft_wrap=True)
         else:
             console.print(summary_table(rows, title=title))
         for extra in extra_tables(rows):
@@ -212,7 +213,8 @@ def table(
         if paired and len(rows) > 1:
             results = [(label, summary, records[label]) for label, summary in rows]
             if markdown:
-                console.print(f"Paired differences to {rows[0][0]} (x100):\n\n{paired_markdown(results)}\n",
+                console.print(f"Paired differences to {markdown_text(rows[0][0])} (x100):\n\n"
+                              f"{paired_markdown(results)}\n",
                               markup=False, soft_wrap=True)
             else:
                 console.print(paired_table(results, title=f"paired differences to {rows[0][0]}"))

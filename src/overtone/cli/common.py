@@ -16,6 +16,7 @@ from typing import Any, NoReturn, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console()
@@ -47,7 +48,7 @@ def setup(threads: int, verbose: bool) -> None:
 
 
 def fail(message: str) -> NoReturn:
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # one line, however long
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)  # one line, however long
     raise typer.Exit(code=2)
 
 
@@ -77,7 +78,7 @@ def exit_on_interrupt(out: Path) -> Iterator[None]:
             saved = f"{len(read_run(out)[1])} finished cases are saved in {out}"
         except (StoreError, OSError, ValueError):
             saved = "no case was finished"
-        console.print(f"[bold red]interrupted[/] by {name}: {saved}; rerun the same command to resume",
+        console.print(f"[bold red]interrupted[/] by {name}: {escape(saved)}; rerun the same command to resume",
                       soft_wrap=True)
         raise typer.Exit(code=code) from None
 
@@ -85,8 +86,8 @@ def exit_on_interrupt(out: Path) -> Iterator[None]:
 def progress_bar() -> Progress:
     """A progress bar with a free-text status field."""
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+        TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}", markup=False), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
     )
 
 

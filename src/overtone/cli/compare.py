@@ -90,22 +90,31 @@ def _run_variants(out: Path, editor: str, variants: dict[str, Any], model: Model
 def _report(results: list[Result], out: Path, title: str, matched: list[tuple[Result, Result]] = ()) -> None:
     """The summary table, the paired differences to CE, each early-stopping OverTone row against CE
     trained for the same number of updates on every case, and the wild scores and cost when measured."""
-    from overtone.report import extra_tables, markdown_table, paired_markdown, paired_table, summary_table, to_markdown
+    from overtone.report import (
+        extra_tables,
+        markdown_table,
+        markdown_text,
+        paired_markdown,
+        paired_table,
+        summary_table,
+        to_markdown,
+    )
     from overtone.report.tables import to_rich
 
     rows = [(label, summary) for label, summary, _ in results]
     console.print(summary_table(rows, title=title))
     console.print(paired_table(results, base=0, title="paired differences to CE (x100)"))
-    text = f"{title}\n\n{markdown_table(rows)}\n\nPaired differences to CE (x100):\n\n{paired_markdown(results)}\n"
+    text = (f"{markdown_text(title)}\n\n{markdown_table(rows)}\n\nPaired differences to CE (x100):\n\n"
+            f"{paired_markdown(results)}\n")
     for control, source in matched:
         heading = f"paired differences of {source[0]} to {control[0]} (x100)"
         console.print(paired_table([control, source], base=0, title=heading))
-        text += f"\n{heading[0].upper()}{heading[1:]}:\n\n{paired_markdown([control, source])}\n"
+        text += f"\n{markdown_text(heading[0].upper() + heading[1:])}:\n\n{paired_markdown([control, source])}\n"
     for extra in extra_tables(rows):
         console.print(to_rich(extra))
         text += f"\n{to_markdown(extra)}\n"
     (out / "table.md").write_text(text)
-    console.print(f"runs in {out}/, tables in {out / 'table.md'}")
+    console.print(f"runs in {out}/, tables in {out / 'table.md'}", markup=False)
 
 
 @app.command()

@@ -25,4 +25,4 @@ def datasets() -> None:
     for fmt in FORMATS.values():
         formats.add_row(fmt.name, fmt.evaluation, fmt.description)
     console.print(formats)
-    console.print(f"origins and licences: {DATA_DIR / 'SOURCES.md'}")
+    console.print(f"origins and licences: {DATA_DIR / 'SOURCES.md'}", markup=False)

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from overtone.cli.app import app
 from overtone.cli.common import check_spec, console, fail, prepare_spec, setup, specified
@@ -44,11 +45,11 @@ def probe_prompts(cases: Sequence[Any]) -> list[tuple[str, str, str]]:
 
 
 def print_completions(title: str, rows: list[tuple[str, str, str]], before: list[str], after: list[str]) -> None:
-    table = Table(title=title)
+    table = Table(title=Text(title, style="table.title"))
     for column in ("case", "probe", "prompt", "before", "after"):
         table.add_column(column)
     for (case_id, kind, text), b, a in zip(rows, before, after, strict=True):
-        table.add_row(case_id, kind, text, repr(b), repr(a))
+        table.add_row(*(Text(cell) for cell in (case_id, kind, text, repr(b), repr(a))))
     console.print(table)
 
 
@@ -64,13 +65,13 @@ def print_metrics(title: str, cases: Sequence[Any], records: list[dict[str, Any]
     from overtone.evaluation import METRICS
     from overtone.runner import summarize
 
-    table = Table(title=title)
+    table = Table(title=Text(title, style="table.title"))
     edited = any(r.get("steps") is not None for r in records)  # made by this run, not applied from a file
     for column in ("case", "target", "Rel.", "Gen.", "Por.", "Loc.", *(("steps",) if edited else ())):
         table.add_column(column, justify="left" if column in ("case", "target") else "right")
     for case, record in zip(cases, records, strict=True):
         steps = (f"{record['steps']:g}",) if edited else ()
-        table.add_row(case.case_id, case.target, *(_cell(record, m) for m in METRICS), *steps)
+        table.add_row(Text(case.case_id), Text(case.target), *(_cell(record, m) for m in METRICS), *steps)
     console.print(table)
     summary = summarize(records, METRICS)
     parts = []
@@ -181,7 +182,7 @@ def edit(
                                  protocol={"order": "sequence", "batch": batch, "eval_timing": "end"})
         except ArtifactError as exc:
             fail(str(exc))
-        console.print(f"saved the edit to {artifact.path} ({folder_bytes(artifact.path) / 1e6:.2f} MB)")
+        console.print(f"saved the edit to {artifact.path} ({folder_bytes(artifact.path) / 1e6:.2f} MB)", markup=False)
 
 
 @app.command()
@@ -199,4 +200,5 @@ def prepare(
         folder, sha = embedded.checkpoint_dir(model)
     except FileNotFoundError as exc:
         fail(str(exc))
-    console.print(f"{model}: {embedded.EMBEDDED[model].description}\n  cache {folder}\n  gguf sha256 {sha}")
+    console.print(f"{model}: {embedded.EMBEDDED[model].description}\n  cache {folder}\n  gguf sha256 {sha}",
+                  markup=False)

@@ -34,4 +34,4 @@ def report(
         fail(str(exc))
     size = files.html.stat().st_size / 1024
     console.print(f"wrote {files.html} ({size:.0f} KiB, self-contained), {files.markdown} and "
-                  f"{len(files.figures)} figure(s) in {files.html.parent / 'figures'}")
+                  f"{len(files.figures)} figure(s) in {files.html.parent / 'figures'}", markup=False)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from overtone.cli.app import app
 from overtone.cli.common import console, fail, progress_bar, setup
@@ -61,10 +62,11 @@ def stats(
         raise typer.Exit(code=130) from None
     except (CorpusError, ValueError) as exc:
         fail(str(exc))
-    out = Table(title=f"second moments of {model} on {corpus} ({time.perf_counter() - start:.1f} s)")
+    out = Table(title=Text(f"second moments of {model} on {corpus} ({time.perf_counter() - start:.1f} s)",
+                           style="table.title"))
     for column in ("layer", "tokens", "source", "compute s", "file"):
         out.add_column(column)
     for layer, moment in result.items():
         out.add_row(str(layer), f"{moment.tokens:,}", "computed" if moment.computed else "cache",
-                    f"{moment.seconds:.0f}", str(moment.path))
+                    f"{moment.seconds:.0f}", Text(str(moment.path)))
     console.print(out)

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from overtone.cli.app import app
 from overtone.cli.common import check_spec, console, fail, progress_bar, setup
@@ -115,7 +116,7 @@ def run_study_cli(study: Any, out: Path, execution: ExecutionOptions, cpus_per_w
             fail(str(exc))
     for state in scheduler.cells.values():
         if state.status == "failed":
-            console.print(f"[bold red]failed:[/] {state.cell.name}: {state.message}")
+            console.print(f"failed: {state.cell.name}: {state.message}", style="bold red", markup=False)
     return scheduler
 
 
@@ -130,7 +131,7 @@ def print_tables(out: Path, markdown: bool = False) -> None:
     except StudyError as exc:
         fail(str(exc))
     if not tables:
-        console.print(f"{out}: no cell has results yet")
+        console.print(f"{out}: no cell has results yet", markup=False)
         return
     for table in tables:
         if markdown:
@@ -138,7 +139,7 @@ def print_tables(out: Path, markdown: bool = False) -> None:
         else:
             console.print(to_rich(table))
     (out / "table.md").write_text("\n\n".join(to_markdown(t) for t in tables) + "\n")
-    console.print(f"tables in {out / 'table.md'}")
+    console.print(f"tables in {out / 'table.md'}", markup=False)
 
 
 @study_app.command("plan")
@@ -149,7 +150,7 @@ def plan(file: FileArg, *, overrides: StudyOverrides) -> None:
     from overtone.study.spec import dataset_short
 
     study = overrides.load(file)
-    grid = Table(title=f"study {study.name}: {len(study.cells)} cells")
+    grid = Table(title=Text(f"study {study.name}: {len(study.cells)} cells", style="table.title"))
     for header in ("cell (directory)", "editor", "row", "dataset", "T", "seed", "cases", "edits", "runs"):
         grid.add_column(header, justify="right" if header in ("T", "seed", "cases", "edits") else "left")
     sizes: dict[tuple[str, int, int | None], tuple[int, int]] = {}
@@ -165,15 +166,15 @@ def plan(file: FileArg, *, overrides: StudyOverrides) -> None:
             conditional += n_edits
         else:
             total += n_edits
-        grid.add_row(cell.name, cell.editor, cell.variant.label, dataset_short(cell.dataset), str(cell.sequence),
-                      str(cell.seed), str(n_cases), str(n_edits),
-                      f"after {after}, if it stops early" if after else "always")
+        grid.add_row(*map(Text, (cell.name, cell.editor, cell.variant.label, dataset_short(cell.dataset),
+                                 str(cell.sequence), str(cell.seed), str(n_cases), str(n_edits),
+                                 f"after {after}, if it stops early" if after else "always")))
     console.print(grid)
     for note in study.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {note}", markup=False)
     extra = f", and up to {conditional} more in matched-steps controls" if conditional else ""
     console.print(f"{len(study.cells)} cells, {total} edits{extra}; model {study.cells[0].model.name} "
-                  f"({study.cells[0].model.dtype}, device {study.cells[0].model.device})")
+                  f"({study.cells[0].model.dtype}, device {study.cells[0].model.device})", markup=False)
 
 
 @study_app.command("run")
@@ -219,25 +220,25 @@ def status(out: DirArg) -> None:
         cells = cell_states(out)
     except StudyError as exc:
         fail(str(exc))
-    grid = Table(title=f"study {plan_info['name']} in {out}")
+    grid = Table(title=Text(f"study {plan_info['name']} in {out}", style="table.title"))
     for header in ("cell", "row", "cases", "state"):
         grid.add_column(header)
     for cell in cells:
         total = cell.get("cases")
         counted = f"{cell['done']}/{total}" if total is not None else str(cell["done"])
-        grid.add_row(cell["dir"], cell["label"], counted, cell["status"])
+        grid.add_row(*map(Text, (cell["dir"], cell["label"], counted, cell["status"])))
     console.print(grid)
     for cell in cells:
         if cell["message"]:
-            console.print(f"{cell['dir']}: {cell['status']}: {cell['message']}", soft_wrap=True)
+            console.print(f"{cell['dir']}: {cell['status']}: {cell['message']}", markup=False, soft_wrap=True)
     states: dict[str, int] = {}
     for cell in cells:
         states[cell["status"]] = states.get(cell["status"], 0) + 1
     holder = driver_running(out)
     console.print(", ".join(f"{n} {s}" for s, n in states.items()) + "; " +
-                  (f"a driver is running ({holder})" if holder else "no driver is running"))
+                  (f"a driver is running ({holder})" if holder else "no driver is running"), markup=False)
     for line in rates(out, cells):
-        console.print(line, soft_wrap=True)
+        console.print(line, markup=False, soft_wrap=True)
 
 
 def rates(out: Path, cells: list[dict[str, Any]]) -> list[str]:

@@ -65,7 +65,7 @@ def _write(out: Path, traces: list[Any], meta: dict[str, Any], n_cases: int) -> 
     (out / "tokens.md").write_text(f"{to_markdown(summary)}\n\n{to_markdown(tokens)}\n", encoding="utf-8")
     written += [out / "tokens.csv", out / "tokens.md"]
     console.print(to_rich(summary))
-    console.print("wrote " + ", ".join(str(p) for p in written))
+    console.print("wrote " + ", ".join(str(p) for p in written), markup=False)
 
 
 @app.command()

@@ -26,6 +26,12 @@ OTHER_COLORS = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"
 UD_LABEL = r"UD $= \log p_0(g_i) - \log p_t(y_i)$ (nats)"
 
 
+def literal(text: str) -> str:
+    """Data text (prompts, tokens, run and dataset names) drawn as itself: with every ``$`` escaped matplotlib
+    reads no mathtext in it, so ``$5 ... $10`` stays money and ``$\\nosuchcmd{ x$`` cannot abort the drawing."""
+    return text.replace("$", r"\$")
+
+
 def png(figure: Figure) -> bytes:
     """The figure as PNG bytes."""
     buffer = io.BytesIO()
@@ -81,8 +87,8 @@ def probe_loss_figure(traces: Sequence[CaseTrace], metrics: Sequence[str] = ("ge
             series = [_carried(t, metric, last) for t in group]
             mean = [sum(col) / len(col) for col in zip(*series, strict=True)]
             ax.plot(range(last + 1), mean, color=_color(label, labels), marker="o", markersize=2.5, linewidth=1.6,
-                    label=label)
-        ax.set_title(PROBE_NAMES.get(metric, metric))
+                    label=literal(label))
+        ax.set_title(literal(PROBE_NAMES.get(metric, metric)))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("optimisation step (weight updates)")
         ax.set_ylabel("answer loss (nats per token)")
@@ -95,7 +101,7 @@ def probe_loss_figure(traces: Sequence[CaseTrace], metrics: Sequence[str] = ("ge
 def _cases_title(traces: Sequence[CaseTrace], cases: Sequence[str]) -> str:
     if len(cases) == 1:
         t = traces[0]
-        return _shorten(f"{t.case_id}: {t.prompt} → {t.target}", 110)
+        return literal(_shorten(f"{t.case_id}: {t.prompt} → {t.target}", 110))
     return f"mean over {len(cases)} cases"
 
 
@@ -122,7 +128,7 @@ def ud_heatmap_figure(traces: Sequence[CaseTrace]) -> Figure:
     widths = [1.3] + [max(2.5, 0.16 * len(t.steps)) for t in traces]
     figure = Figure(figsize=(sum(widths) + 1.8, max(3.2, 1.6 + 0.32 * n)), layout="constrained")
     axes = figure.subplots(1, 1 + len(traces), gridspec_kw={"width_ratios": widths}, squeeze=False)[0]
-    ticks = [f"{t!r} [g: {g!r}]" for t, g in zip(first.tokens, first.greedy_tokens, strict=True)]
+    ticks = [literal(f"{t!r} [g: {g!r}]") for t, g in zip(first.tokens, first.greedy_tokens, strict=True)]
 
     ax = axes[0]
     ax.barh(range(n), [-v for v in first.label_log_prob[0]], color="0.5")
@@ -145,14 +151,14 @@ def ud_heatmap_figure(traces: Sequence[CaseTrace]) -> Figure:
         ax.set_xticks(step_ticks, [str(trace.steps[c]) for c in step_ticks])
         ax.set_yticks(range(n), [""] * n)
         ax.set_xlabel("optimisation step (weight updates)")
-        ax.set_title(f"(b) UD, {trace.label}", fontsize=9)
+        ax.set_title(literal(f"(b) UD, {trace.label}"), fontsize=9)
     figure.colorbar(image, ax=list(axes[1:]), label=UD_LABEL, shrink=0.95)
     handles = [Patch(color=cmap(0.1), label="UD < 0: overfitted"),
                Patch(color=cmap(0.9), label="UD > 0: underfitted"),
                Line2D([], [], marker="x", color="black", linestyle="", label="clipped (no gradient)"),
                Line2D([], [], marker=".", color="black", linestyle="", label="target = mixture")]
     figure.legend(handles=handles, loc="outside lower center", ncols=4, frameon=False, fontsize=8)
-    figure.suptitle(_shorten(f"{first.case_id}: {first.prompt} → {first.target}", 110), fontsize=10)
+    figure.suptitle(literal(_shorten(f"{first.case_id}: {first.prompt} → {first.target}", 110)), fontsize=10)
     return figure
 
 
@@ -203,9 +209,9 @@ def avg_bars_figure(bars: Sequence[Bar]) -> Figure:
         ax.set_ylim(0, 105)
         ax.set_xlabel("edits applied before evaluation (sequence length T)")
         ax.set_ylabel("Avg. of Rel., Gen., Por., Loc. (%)")
-        ax.set_title(panel, fontsize=10)
+        ax.set_title(literal(panel), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    handles = [Patch(color=colors[s], label=s) for s in series]
+    handles = [Patch(color=colors[s], label=literal(s)) for s in series]
     handles += [Patch(color="0.3", label="CE (solid)"),
                 Patch(facecolor=(0.3, 0.3, 0.3, 0.22), edgecolor="black", linestyle="--",
                       label="+ OverTone (dashed box)")]
@@ -272,9 +278,9 @@ def shrink_figure(items: Sequence[Shrink]) -> Figure:
         ax.set_xticks(range(len(metrics)), [h for _, h in metrics])
         ax.set_ylim(0, 110)
         ax.set_ylabel("x100")
-        ax.set_title(panel, fontsize=10)
+        ax.set_title(literal(panel), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    handles = [Patch(color=colors[s], label=s) for s in series]
+    handles = [Patch(color=colors[s], label=literal(s)) for s in series]
     handles += [Patch(fill=False, edgecolor="0.3", label="teacher-forced (outline)"),
                 Patch(color="0.3", label="wild, exact match (filled)")]
     figure.legend(handles=handles, loc="outside right center", frameon=False, fontsize=8)

@@ -30,6 +30,7 @@ from overtone.report.tables import (
     dataset_name,
     editor_name,
     gain_table,
+    markdown_text,
     method_label,
     runs_table,
     single_editing_table,
@@ -243,16 +244,18 @@ def render_html(title: str, sections: Sequence[Section], sources: Sequence[Path]
 
 
 def render_markdown(title: str, sections: Sequence[Section], sources: Sequence[Path]) -> str:
-    parts = [f"# {title}", "", f"overtone {__version__}, from {', '.join(str(s) for s in sources)}", ""]
+    """The Markdown twin of the page; every title, name and caption is escaped (``markdown_text``), as the HTML is."""
+    m = markdown_text
+    parts = [f"# {m(title)}", "", m(f"overtone {__version__}, from {', '.join(str(s) for s in sources)}"), ""]
     for section in sections:
-        parts += [f"## {section.title}", ""]
+        parts += [f"## {m(section.title)}", ""]
         if section.intro:
-            parts += [section.intro, ""]
+            parts += [m(section.intro), ""]
         for item in section.items:
             if isinstance(item, PaperTable):
                 parts += [to_markdown(item), ""]
             else:
-                parts += [f"![{item.caption}]({FIGURE_DIR}/{item.name}.png)", "", f"*{item.caption}*", ""]
+                parts += [f"![{m(item.caption)}]({FIGURE_DIR}/{item.name}.png)", "", f"*{m(item.caption)}*", ""]
     return "\n".join(parts)
 
 

@@ -16,12 +16,14 @@ both show them side by side, each with its paired OverTone minus CE difference u
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from overtone.diagnostics import CaseTrace
@@ -85,11 +87,27 @@ class PaperTable:
         return [row for _, rows in self.sections for row in rows]
 
 
-def markdown_grid(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+# always special, or special where they could open an HTML tag (<a, </, <!) or an entity (&amp;, &#38;)
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~$#]|<(?=[A-Za-z/!?])|&(?=#|\w+;))")
 
-    return "\n".join([line(headers), "|" + "---|" * len(headers), *(line(r) for r in rows)])
+
+def markdown_text(text: object) -> str:
+    """Text as Markdown that renders as itself: prompts, names and paths come from data files, so no emphasis,
+    link, HTML tag, entity, math or table cell may start in them; a line break would end a table row."""
+    return MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).splitlines()))
+
+
+def _markdown_grid(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Plain-text headers over rows already in Markdown."""
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    return "\n".join([line([markdown_text(h) for h in headers]), "|" + "---|" * len(headers), *map(line, rows)])
+
+
+def markdown_grid(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub Markdown table of plain-text cells."""
+    return _markdown_grid(headers, [[markdown_text(c) for c in row] for row in rows])
 
 
 def to_markdown(table: PaperTable) -> str:
@@ -97,24 +115,26 @@ def to_markdown(table: PaperTable) -> str:
     rows: list[list[str]] = []
     for label, body in table.sections:
         if label and len(table.sections) > 1:
-            rows.append([f"**{label}**", *([""] * (len(table.headers) - 1))])
-        rows += body
-    title = f"**{table.title}**\n\n" if table.title else ""
-    caption = f"\n\n{table.caption}" if table.caption else ""
-    return title + markdown_grid(table.headers, rows) + caption
+            rows.append([f"**{markdown_text(label)}**", *([""] * (len(table.headers) - 1))])
+        rows += [[markdown_text(c) for c in row] for row in body]
+    title = f"**{markdown_text(table.title)}**\n\n" if table.title else ""
+    caption = f"\n\n{markdown_text(table.caption)}" if table.caption else ""
+    return title + _markdown_grid(table.headers, rows) + caption
 
 
 def to_rich(table: PaperTable) -> Table:
-    out = Table(title=table.title or None, caption=table.caption or None)
+    """A rich table whose every piece is ``Text``: names and prompts from data are never read as console markup."""
+    out = Table(title=Text(table.title, style="table.title") if table.title else None,
+                caption=Text(table.caption, style="table.caption") if table.caption else None)
     for i, header in enumerate(table.headers):
-        out.add_column(header, justify="left" if i == 0 else "right", style="bold" if i == 0 else None,
+        out.add_column(Text(header), justify="left" if i == 0 else "right", style="bold" if i == 0 else None,
                        no_wrap=i == 0)
     for label, body in table.sections:
         if label and len(table.sections) > 1:
             out.add_section()
-            out.add_row(f"[italic]{label}[/]")
+            out.add_row(Text(label, style="italic"))
         for row in body:
-            out.add_row(*row)
+            out.add_row(*(Text(cell) for cell in row))
     return out
 
 

@@ -10,9 +10,14 @@ the queue for any worker.
 Without ``--address`` a private Ray instance is started on this machine for the run and shut down at
 its end: on loopback (127.0.0.1; Ray 2.60 turns ``_node_ip_address="127.0.0.1"`` into the machine's
 network address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), without dashboard or usage
-statistics, without an auth token file (``RAY_AUTH_MODE=disabled``), with the workers at the driver's
-priority (``RAY_worker_niceness=0``; Ray's default lowers it by 15), with its session files in a
-temporary directory that is removed afterwards (or, after a killed driver, by the next run). With
+statistics, with Ray's token authentication (``RAY_AUTH_MODE=token``: another account on the machine
+that reaches the loopback ports cannot run code as the study's user), with the workers at the driver's
+priority (``RAY_worker_niceness=0``; Ray's default lowers it by 15), with its session files in a private
+temporary directory (mode 0700) that is removed afterwards. The token is a fresh random one per instance,
+in a file of that directory (mode 0600) that every Ray process finds through ``RAY_AUTH_TOKEN_PATH``: it
+is never on a command line nor in ``~/.ray``. After a killed driver the next private instance stops every
+process of the dead one, the dashboard and runtime-env agents included (they rename themselves, so they
+are found by the files they hold open in its directory), and removes the directory. With
 ``--address`` the driver joins a running cluster (``ray start --head`` / ``ray start --address``,
 docs/studies.md) and ships this package's code to it (``runtime_env`` ``py_modules``), so every
 node runs the driver's version; each node needs the dependencies and the models.
@@ -23,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -37,12 +43,13 @@ log = logging.getLogger(__name__)
 
 LOCAL_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # with it, Ray 2.60 keeps a local node on 127.0.0.1
     # Ray runs its workers 15 nice levels below the driver; they are the work here, so they keep the driver's
     # priority (under `nice -n 5` on a shared machine they would otherwise run at 19 and barely run at all)
     "RAY_worker_niceness": "0",
 }
+TOKEN_FILE = "auth_token"
+AUTH_KEYS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 TEMP_PREFIX = "overtone-ray-"
 OBJECT_STORE_BYTES = 256 * 2**20  # records are small; the default (30 % of RAM) would compete with the models
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # .../overtone
@@ -58,21 +65,39 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def instance_processes(path: Path) -> list[Any]:
+    """This user's processes of the private instance in session directory ``path``: those naming it on their
+    command line (GCS, raylet, log monitor), holding a file open in it (the dashboard and runtime-env agents,
+    which overwrite their command line) or given its token file (workers)."""
+    import psutil  # a dependency of Ray
+
+    inside, token, me = f"{path}{os.sep}", str(path / TOKEN_FILE), os.getpid()
+    found = []
+    for process in psutil.process_iter(["cmdline", "uids"]):
+        if process.pid == me or process.info["uids"] is None or process.info["uids"].real != os.getuid():
+            continue
+        with contextlib.suppress(psutil.Error):
+            if (any(str(path) in part for part in process.info["cmdline"] or ())
+                    or any(f.path.startswith(inside) for f in process.open_files())
+                    or process.environ().get("RAY_AUTH_TOKEN_PATH") == token):
+                found.append(process)
+    return found
+
+
 def remove_stale_temp_dirs() -> None:
-    """Session directories of local instances whose driver was killed (named after the driver's pid), and the Ray
-    processes (GCS, raylet, workers) still running from them: orphans that would write into the directory again."""
+    """Session directories of private instances whose driver was killed (named after the driver's pid), and every
+    Ray process still running from them: orphans that would write into the directory again, and agents that
+    would listen on loopback for a minute more."""
     import psutil  # a dependency of Ray
 
     for path in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
         pid = path.name[len(TEMP_PREFIX):].split("-")[0]
         if not (pid.isdigit() and not _alive(int(pid)) and path.is_dir()):
             continue
-        orphans = []
-        for process in psutil.process_iter(["cmdline"]):
-            if any(str(path) in part for part in process.info["cmdline"] or ()):
-                orphans.append(process)
-                with contextlib.suppress(psutil.Error):
-                    process.kill()
+        orphans = instance_processes(path)
+        for process in orphans:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
         psutil.wait_procs(orphans, timeout=10)
         log.info("removed the session directory %s of a killed run (%d leftover process(es) stopped)", path,
                  len(orphans))
@@ -107,17 +132,42 @@ class RayExecutor:
                 ray.shutdown()
             return
         remove_stale_temp_dirs()
+        # Ray makes its temporary directory world-writable, so it gets one inside this private (0700) folder,
+        # which also holds the token, where no other account can read, replace or reach anything
         temp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
+        token = Path(temp) / TOKEN_FILE
+        descriptor = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as fh:
+            fh.write(secrets.token_hex(32))
+        # every Ray process of the instance inherits these (a RAY_AUTH_TOKEN would take precedence over the path;
+        # a user's RAY_AUTH_MODE=disabled does not open the private instance); the driver's own are put back after
+        saved = {key: os.environ.pop(key, None) for key in AUTH_KEYS}
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+        self._reload_auth()
         # workers import this checkout's overtone, whatever sys.path tricks the driver was started with
         path = os.pathsep.join(p for p in (str(PACKAGE_DIR.parent), os.environ.get("PYTHONPATH")) if p)
         try:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-                     object_store_memory=OBJECT_STORE_BYTES, _temp_dir=temp, log_to_driver=True,
+                     object_store_memory=OBJECT_STORE_BYTES, _temp_dir=str(Path(temp) / "ray"), log_to_driver=True,
                      runtime_env={"env_vars": {"PYTHONPATH": path}})
             yield
         finally:
             ray.shutdown()
             shutil.rmtree(temp, ignore_errors=True)
+            for key, value in saved.items():
+                os.environ.pop(key, None)
+                if value is not None:
+                    os.environ[key] = value
+            self._reload_auth()
+
+    @staticmethod
+    def _reload_auth() -> None:
+        """Make this process read the authentication settings again: Ray caches them (its config and the token)
+        when first imported, which a driver that used Ray before has done."""
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
 
     def _resources(self, scheduler: Scheduler) -> tuple[float, float, int]:
         """CPUs and GPUs per worker, and the number of workers."""

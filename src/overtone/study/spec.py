@@ -205,6 +205,15 @@ def _merge(base: Any, overlay: Any) -> Any:
     return copy.deepcopy(overlay)
 
 
+def _mapping(value: Any, at: str) -> dict[Any, Any]:
+    """``value`` when it is a mapping (None: an empty one); anything else is refused naming ``at``."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise StudyError(f"{at} must be a mapping, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
 @cache
 def _file_sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -215,8 +224,8 @@ def _dataset_identity(dataset: str, offset: int, where: str) -> dict[str, Any]:
 
     try:
         bench = resolve_dataset(dataset)
-    except (DatasetError, ValueError, FileNotFoundError) as exc:
-        raise StudyError(f"{where}: {exc}") from exc
+    except (DatasetError, ValueError, OSError) as exc:
+        raise StudyError(f"{where}: dataset {dataset!r:.80}: {exc}") from exc
     identity: dict[str, Any] = {"name": bench.name, "offset": offset}
     if dataset not in BENCHMARKS:  # a user's file: its content, not its path, decides the results
         identity["sha256"] = _file_sha256(str(bench.file))
@@ -248,10 +257,10 @@ def _variants(items: Sequence[Any], editor: str, base: OverToneConfig, where: st
         elif item == "overtone":
             out.append(Variant("overtone", "OverTone", "overtone", base))
         elif isinstance(item, dict) and set(item) == {"ablation"}:
-            options = item["ablation"] or {}
+            options = _mapping(item["ablation"], f"{at}.ablation")
             unknown = set(options) - {"stop_grid", "chk_lambda"}
             if unknown:
-                raise StudyError(f"{at}.ablation: unknown option(s) {', '.join(sorted(unknown))}; "
+                raise StudyError(f"{at}.ablation: unknown option(s) {', '.join(sorted(map(str, unknown)))}; "
                                  "known: stop_grid, chk_lambda")
             default_stop = getattr(EDITORS[editor].config_class(), "stop_loss", None)
             # a CE control at the editor's own stop rule would repeat the CE row
@@ -422,12 +431,12 @@ def expand(spec: dict[str, Any], where: str = "study") -> Study:
     for name, cfg in editors_cfg.items():
         if name not in EDITORS:
             raise StudyError(f"{where}: editors.{name}: unknown editor; available: {', '.join(sorted(EDITORS))}")
-        bad = set(cfg or {}) - set(EDITOR_KEYS)
+        bad = set(_mapping(cfg, f"{where}: editors.{name}")) - set(EDITOR_KEYS)
         if bad:
             raise StudyError(f"{where}: editors.{name}: unknown key(s) {', '.join(sorted(bad))}; "
                              f"known: {', '.join(EDITOR_KEYS)}")
     for name in lists["editor"]:
-        if name not in EDITORS:
+        if not isinstance(name, str) or name not in EDITORS:
             raise StudyError(f"{where}: editor {name!r} is unknown; available: {', '.join(sorted(EDITORS))}")
     device, dtype = str(values["device"]), str(values["dtype"])
     if dtype not in DTYPES:
@@ -482,7 +491,7 @@ def expand(spec: dict[str, Any], where: str = "study") -> Study:
                                        **_typed(OverToneConfig, own.get("overtone") or {}, f"{at}.overtone"))
                     except ValueError as exc:
                         raise StudyError(f"{at}.overtone: {exc}") from exc
-                    by_objective = own.get("objective_settings") or {}
+                    by_objective = _mapping(own.get("objective_settings"), f"{at}.objective_settings")
                     bad = set(by_objective) - set(OBJECTIVES)
                     if bad:
                         raise StudyError(f"{at}.objective_settings: keys are objectives ({', '.join(OBJECTIVES)})")
