@@ -43,7 +43,7 @@ class EditMismatchError(ArtifactError):
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's bytes in memory order (any dtype, any device)."""
-    data = tensor.detach().contiguous().cpu().view(torch.uint8).numpy()
+    data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()  # 0-d too
     return hashlib.sha256(memoryview(data)).hexdigest()
 
 

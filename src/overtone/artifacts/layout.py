@@ -167,8 +167,24 @@ def _lora(layout: _Layout) -> None:
                                                                   f"do not fit {module}.weight {shape}")
 
 
+def _stream(layout: _Layout) -> None:
+    """AlphaEdit, UltraEdit (``editors/stream.py``): ``delta.<weight>`` of each recorded weight's exact shape, and
+    the stream's state as ``state.<name>`` (its shapes are checked against the editor's own when applied)."""
+    layout.state_fields(Record({"weights": listed(TEXT)}, closed=False))
+    weights = layout.state["weights"]
+    state = {name for name in layout.tensors if name.startswith("state.")}
+    layout.exactly({f"delta.{name}" for name in weights} | state)
+    for i, name in enumerate(weights):
+        shape = layout.base_name(name, f"edit.state.weights[{i}]", MANIFEST)
+        delta = layout.dims(f"delta.{name}", len(shape))
+        if list(delta.shape) != shape:
+            raise layout.bad(f"delta.{name}", f"shape {list(delta.shape)} differs from the weight's {shape} (a change "
+                                              "is added element by element, never broadcast)")
+
+
 LAYOUTS: dict[str, Callable[[_Layout], None]] = {
     "ft-m": _ft_m, "rome": _low_rank, "memit": _low_rank, "wise": _wise, "melo": _melo, "lora": _lora,
+    "alphaedit": _stream, "ultraedit": _stream,
 }
 
 

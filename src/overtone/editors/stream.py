@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from overtone.editors.base import EditHandle, EditStats, SavedEdit, UpdateLog
+from overtone.editors.base import EditError, EditHandle, EditStats, SavedEdit, UpdateLog
 from overtone.editors.locate.update import snapshot
 from overtone.models.loading import LoadedModel
 
@@ -77,6 +77,13 @@ class Stream:
     def apply(self, lm: LoadedModel, saved: SavedEdit, first_layer: int) -> EditHandle:
         """Add the saved weight changes and take over the saved state: the stream continues from there."""
         weights = {name: lm.adapter.parameter(name) for name in saved.state["weights"]}
+        expected = {f"state.{name}": tensor.shape for name, tensor in self.state.items()}
+        found = {name: tensor.shape for name, tensor in saved.tensors.items() if name.startswith("state.")}
+        if found != expected:
+            wrong = sorted(set(found.items()) ^ set(expected.items()))
+            raise EditError(f"the saved stream state does not fit this editor's: {wrong[0][0]} "
+                            f"{list(found.get(wrong[0][0], ()))} where {list(expected.get(wrong[0][0], ()))} is "
+                            "expected (another editor's or model's stream)")
 
         def change() -> EditStats:
             with torch.no_grad():
