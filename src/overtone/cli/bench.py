@@ -10,6 +10,7 @@ import typer
 
 from overtone.cli.app import app
 from overtone.cli.common import (
+    check_out,
     check_spec,
     console,
     execute,
@@ -92,6 +93,7 @@ def bench(
     The dataset slice and every case are checked before the model is loaded; one process at a time may
     write --out; Ctrl-C or SIGTERM keeps the finished cases, and the same command resumes.
     """
+    check_out(out)  # a held or damaged --out is refused before anything heavy is imported
     from overtone.report import extra_tables, summary_table, to_rich
     from overtone.report.tables import protocol_title
     from overtone.runner import read_run

@@ -11,12 +11,13 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 console = Console()
 if not console.is_terminal:
@@ -28,6 +29,7 @@ T = TypeVar("T")
 def setup(threads: int, verbose: bool) -> None:
     """Logging, signals and torch threads of a command (a run seeds its generators itself, per chunk)."""
     import torch
+    from rich.logging import RichHandler
     from transformers.utils import logging as hf_logging
 
     from overtone.runner.signals import raise_on_signals
@@ -51,10 +53,21 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(code=2)
 
 
+def check_out(out: Path) -> None:
+    """Refuse at once, before any heavy import, a run directory that another process is writing or that a
+    writer could not resume (damaged ``config.yaml`` or ``cases.jsonl``); creates nothing (``runner.store``)."""
+    from overtone.runner.store import RunLock, StoreError, check_resumable
+
+    try:
+        RunLock(out).check_free()
+        check_resumable(out)
+    except StoreError as exc:
+        fail(str(exc))
+
+
 def hold_run_dir(out: Path) -> Any:
     """The lock of run directory ``out`` (``runner.store.RunLock``), or a clean exit naming its holder."""
-    from overtone.runner import StoreError
-    from overtone.runner.store import RunLock
+    from overtone.runner.store import RunLock, StoreError
 
     try:
         return RunLock(out).acquire()
@@ -84,6 +97,15 @@ def exit_on_interrupt(out: Path) -> Iterator[None]:
 
 def progress_bar() -> Progress:
     """A progress bar with a free-text status field."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
