@@ -128,7 +128,7 @@ def test_trace_option_errors(tmp_path, tiny_llama_dir):
     result = runner.invoke(app, [*base, "--dataset", "nope"])
     assert result.exit_code == 2 and "unknown dataset 'nope'" in result.output
     result = runner.invoke(app, [*base, "--offset", "100000"])
-    assert result.exit_code == 2 and "has no case at offset 100000" in result.output
+    assert result.exit_code == 2 and "has 1301 cases, so none from --offset 100000" in result.output
     assert not (tmp_path / "t").exists()
 
 

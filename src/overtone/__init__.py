@@ -52,4 +52,33 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = sorted([*_SOURCES, "__version__"])
+__all__ = [
+    "EDITORS",
+    "CrossEntropy",
+    "EditArtifact",
+    "EditCase",
+    "EditError",
+    "EditHandle",
+    "Editor",
+    "Evaluator",
+    "LoadedModel",
+    "Objective",
+    "OverTone",
+    "OverToneConfig",
+    "Probe",
+    "ResultStore",
+    "RunSpec",
+    "__version__",
+    "check_run",
+    "edit_and_score",
+    "export_model",
+    "greedy_complete",
+    "load_benchmark",
+    "load_edit",
+    "load_model",
+    "make_editor",
+    "make_objective",
+    "prepare_run",
+    "run_single_editing",
+    "save_edit",
+]

@@ -76,22 +76,26 @@ def hold_run_dir(out: Path) -> Any:
 
 
 @contextmanager
-def exit_on_interrupt(out: Path) -> Iterator[None]:
+def exit_on_interrupt(out: Path | None = None) -> Iterator[None]:
     """Turn SIGINT/SIGTERM into a one-line message and exit status 128 + signal; the weights were reverted by
-    then (editors and ``edit_chunk`` restore them on any exception) and finished cases are on disk."""
-    from overtone.runner import StoreError, read_run
+    then (editors and ``edit_chunk`` restore them on any exception). ``out``: the run directory whose finished
+    cases are on disk (None: a command that writes nothing before it ends, ``overtone edit``)."""
     from overtone.runner.signals import Interrupted
+    from overtone.runner.store import StoreError, read_run
 
     try:
         yield
     except KeyboardInterrupt as exc:
         name, code = (exc.name, exc.exit_code) if isinstance(exc, Interrupted) else ("SIGINT", 130)
-        try:
-            saved = f"{len(read_run(out)[1])} finished cases are saved in {out}"
-        except (StoreError, OSError, ValueError):
-            saved = "no case was finished"
-        console.print(f"[bold red]interrupted[/] by {name}: {saved}; rerun the same command to resume",
-                      soft_wrap=True)
+        if out is None:
+            said = "nothing was saved; rerun the same command to start again"
+        else:
+            try:
+                saved = f"{len(read_run(out)[1])} finished cases are saved in {out}"
+            except (StoreError, OSError, ValueError):
+                saved = "no case was finished"
+            said = f"{saved}; rerun the same command to resume"
+        console.print(f"[bold red]interrupted[/] by {name}: {said}", soft_wrap=True)
         raise typer.Exit(code=code) from None
 
 

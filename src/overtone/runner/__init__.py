@@ -34,4 +34,22 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(_SOURCES[name]), name)
 
 
-__all__ = sorted(_SOURCES)
+__all__ = [
+    "EVAL_TIMINGS",
+    "CaseError",
+    "PreparedRun",
+    "ResultStore",
+    "RunError",
+    "RunInputs",
+    "RunSpec",
+    "SpecError",
+    "StoreError",
+    "check_run",
+    "edit_and_score",
+    "edit_chunk",
+    "prepare_run",
+    "read_run",
+    "run_continual",
+    "run_single_editing",
+    "summarize",
+]

@@ -3,10 +3,13 @@
 Every command that edits goes through here (``bench``, ``demo``, ``edit``, ``trace``, a study's worker and
 so ``ablate`` and ``sweep``), in three steps:
 
-1. ``check_run(spec)``: with the tokenizer alone, the dataset slice and every case as the editor will edit
-   it (``runner.checks.prepare_cases``), so bad input fails in seconds, before any model is loaded;
+1. ``check_run(spec)``: with the tokenizer alone, the dataset slice, its probes bounded
+   (``benchmarks.bounds``), every case as the editor will edit it (``runner.checks.prepare_cases``) and the
+   layers the settings name against the model's ``config.json``, so bad input fails in seconds, before any
+   model is loaded;
 2. ``prepare_run(spec, inputs, lm)``: the model (unless given), the editor, the evaluator, the ability
-   monitor, the number of cases edited at once and the run's ``config.yaml`` (``runner.config.run_config``);
+   monitor, the number of cases edited at once (a given ``--parallel`` checked against the editor's memory
+   model) and the run's ``config.yaml`` (``runner.config.run_config``);
 3. ``PreparedRun.execute(store)`` (or, for a study's shards, ``chunk`` and ``window``): the protocol of
    runner/continual.py.
 
@@ -23,18 +26,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from overtone.benchmarks import TEACHER_FORCED, Benchmark, DatasetError, load_benchmark, resolve_dataset
+from overtone.benchmarks.bounds import bound_probes
 from overtone.benchmarks.cases import EditCase
 from overtone.corpus import CorpusError
 from overtone.editors import EDITORS, editor_config, make_editor
 from overtone.editors.base import Editor, EditStack
-from overtone.editors.parallel import parallel_size
+from overtone.editors.parallel import free_memory, parallel_size
 from overtone.evaluation import GenerationSettings, WildSettings, make_evaluator
 from overtone.evaluation.ability import AbilityMonitor, AbilitySettings
 from overtone.evaluation.teacher_forced import Evaluator
 from overtone.models import ArchitectureError, LoadedModel, ModelLoadError, load_model, load_tokenizer
+from overtone.models.loading import load_config
 from overtone.objectives import make_objective
 from overtone.runner.bench import EditObserver, check_parallel_cases, edit_cases, edit_chunk
-from overtone.runner.checks import prepare_cases
+from overtone.runner.checks import check_layers, layer_settings, prepare_cases
 from overtone.runner.config import run_config
 from overtone.runner.continual import PARALLEL_WINDOW, chunk_records, reseed, run_continual
 from overtone.runner.spec import RunSpec, SpecError
@@ -64,15 +69,31 @@ def _benchmark(spec: RunSpec) -> tuple[Benchmark | None, list[EditCase]]:
     return resolve_dataset(spec.dataset), load_benchmark(spec.dataset, limit=spec.limit, offset=spec.offset)
 
 
+def _check_layers(spec: RunSpec, config: Any) -> None:
+    """The layers the editor's settings name, against the model's ``config.json`` (read without the weights);
+    a model whose config cannot be read alone is left to the model load to report."""
+    if not layer_settings(config):
+        return
+    try:
+        model_config = load_config(spec.model)
+    except ModelLoadError as exc:
+        log.debug("layers not checked before the model loads: %s", exc)
+        return
+    check_layers(config, model_config, spec.model)
+
+
 def check_run(spec: RunSpec, tokenizer: Any = None) -> RunInputs:
     """The spec's dataset slice and every case checked against its editor and evaluation with the tokenizer
-    alone (the model's own when ``tokenizer`` is None); a problem is a ``SpecError`` naming the option or case."""
+    alone (the model's own when ``tokenizer`` is None), probes bounded (``spec.max_probes``, ``spec.probes``)
+    and layers against the model's config file; a problem is a ``SpecError`` naming the option or case."""
     try:
         bench, cases = _benchmark(spec)
         if spec.generation and (bench is None or bench.evaluation == TEACHER_FORCED):
             raise SpecError(f"{', '.join(k for k, _ in spec.generation)}: generation settings apply only to "
                             f"generation-based benchmarks (mquake), not to {bench.name if bench else 'facts'}")
+        cases = bound_probes(cases, spec.max_probes, spec.probes, spec.seed)
         config = editor_config(spec.editor, **spec.editor_settings)
+        _check_layers(spec, config)
         tokenizer = tokenizer or load_tokenizer(spec.model)
         cases = prepare_cases(cases, tokenizer, EDITORS[spec.editor], config, spec.truncate)
         if spec.parallel != 1:
@@ -89,6 +110,21 @@ def auto_parallel(editor: Editor, lm: LoadedModel, cases: int) -> int:
     """The B of ``--parallel auto``, one rule for every run: as many cases as half the free memory holds, and
     few enough that a window of the runner holds ``PARALLEL_WINDOW`` groups to sort by length."""
     return parallel_size(editor.case_memory(), lm.device, max(1, cases // PARALLEL_WINDOW))
+
+
+def check_parallel(editor: Editor, lm: LoadedModel, parallel: int, cases: int) -> None:
+    """A given ``--parallel B`` against the editor's memory model (``Editor.case_memory``, an upper estimate):
+    the min(B, cases) cases edited at once must fit in the free memory, or a ``SpecError`` says how many do."""
+    at_once = min(parallel, cases)
+    if at_once <= 1:
+        return
+    need, free = editor.case_memory().total, free_memory(lm.device)
+    fits = int(free // max(1, need))
+    if at_once > fits:
+        raise SpecError(
+            f"--parallel {parallel}: {at_once} cases at once need about {at_once * need / 2**30:.1f} GiB "
+            f"({need / 2**20:.0f} MiB each, {editor.name}), but {free / 2**30:.1f} GiB is free on {lm.device.type}; "
+            f"give --parallel {max(1, fits)} or less, or --parallel auto")
 
 
 @dataclass
@@ -149,8 +185,13 @@ def prepare_run(spec: RunSpec, inputs: RunInputs | None = None, lm: LoadedModel 
         ability = AbilityMonitor(lm, AbilitySettings(every=spec.ability_every)) if spec.measures_ability else None
     except USER_ERRORS as exc:
         raise SpecError(str(exc)) from exc
-    parallel = spec.parallel if spec.parallel != "auto" else auto_parallel(editor, lm, len(inputs.cases))
+    if spec.parallel == "auto":
+        parallel = auto_parallel(editor, lm, len(inputs.cases))
+    else:
+        parallel = int(spec.parallel)
+        check_parallel(editor, lm, parallel, len(inputs.cases))
+    probes = {"max": spec.max_probes, "mode": spec.probes} if spec.probes != "error" else None
     config = run_config(lm, editor, evaluator, inputs.bench, spec.dataset, spec.offset, spec.limit, spec.seed,
                         spec.threads, spec.sequence, spec.eval_timing, spec.batch, spec.matched,
-                        truncate=spec.truncate, ability=ability, parallel=int(parallel))
+                        truncate=spec.truncate, ability=ability, parallel=parallel, probes=probes)
     return PreparedRun(spec, lm, editor, evaluator, inputs.cases, ability, int(parallel), config)

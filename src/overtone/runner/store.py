@@ -28,6 +28,7 @@ What a kill can leave in ``cases.jsonl``, and what happens to it (``scan_cases``
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -58,6 +59,13 @@ VOLATILE_KEYS = ("threads", "limit", "progress", "parallel", "code", "code_befor
 
 class StoreError(RuntimeError):
     """The output directory cannot hold this run."""
+
+
+def case_ids_digest(records: list[dict[str, Any]]) -> str:
+    """The sha256 of the records' sorted case ids: what a summary records of the cases it covers, so a reader
+    can tell a ``summary.json`` that no longer matches ``cases.jsonl``."""
+    ids = sorted(str(r.get("case_id")) for r in records)
+    return hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
