@@ -152,9 +152,11 @@ def prepare_spec(spec: Any, inputs: Any = None, lm: Any = None) -> Any:
 
 def execute(prepared: Any, out: Path, label: str, lock: Any = None, observer: Any = None) -> dict[str, Any]:
     """Execute a prepared run into run directory ``out`` (resumed when it holds the same run) with a progress
-    bar; ``lock``: the directory's ``RunLock`` when the caller took it before loading the model; ``observer``
-    sees every edit call (``runner.bench.EditObserver``)."""
+    bar (its status: the last case's scores, or the step of the edit in flight); ``lock``: the directory's
+    ``RunLock`` when the caller took it before loading the model; ``observer`` sees every edit call
+    (``runner.bench.EditObserver``)."""
     from overtone.runner import ResultStore, RunError, StoreError
+    from overtone.runner.run import StepProgress
 
     try:
         store = ResultStore(out, prepared.config, lock)
@@ -175,7 +177,10 @@ def execute(prepared: Any, out: Path, label: str, lock: Any = None, observer: An
                     status = f"{' '.join(scores)} steps {record['steps']} {record['edit_s'] + record['eval_s']:.1f}s"
                 progress.update(task, advance=1, status=status)
 
+            def on_step(status: str) -> None:
+                progress.update(task, status=status)
+
             try:
-                return prepared.execute(store, on_case, observer)
+                return prepared.execute(store, on_case, StepProgress(on_step, observer))
             except RunError as exc:
                 fail(str(exc))

@@ -21,6 +21,7 @@ editors derive their own random numbers from their ``seed`` setting and the case
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from overtone.corpus import CorpusError
 from overtone.editors import EDITORS, editor_config, make_editor
 from overtone.editors.base import Editor, EditStack
 from overtone.editors.parallel import free_memory, parallel_size
+from overtone.editors.reports import StepCallback, StepInfo
 from overtone.evaluation import GenerationSettings, WildSettings, make_evaluator
 from overtone.evaluation.ability import AbilityMonitor, AbilitySettings
 from overtone.evaluation.teacher_forced import Evaluator
@@ -125,6 +127,38 @@ def check_parallel(editor: Editor, lm: LoadedModel, parallel: int, cases: int) -
             f"--parallel {parallel}: {at_once} cases at once need about {at_once * need / 2**30:.1f} GiB "
             f"({need / 2**20:.0f} MiB each, {editor.name}), but {free / 2**30:.1f} GiB is free on {lm.device.type}; "
             f"give --parallel {max(1, fits)} or less, or --parallel auto")
+
+
+class StepProgress:
+    """An ``EditObserver`` that shows the edit in flight, so a long case is seen to progress: ``show(text)`` after
+    every step (a progress bar's status field), and a log line every ``every_s`` seconds of one edit call.
+    Every call is passed on to ``inner`` (``overtone trace``'s collector)."""
+
+    def __init__(self, show: Callable[[str], None], inner: EditObserver | None = None, every_s: float = 30.0
+                 ) -> None:
+        self.show, self.inner, self.every_s = show, inner, every_s
+
+    def on_step(self, editor: Editor, cases: Sequence[EditCase]) -> StepCallback:
+        inner = self.inner.on_step(editor, cases) if self.inner else None
+        started = last = time.monotonic()
+
+        def step(info: StepInfo) -> None:
+            nonlocal last
+            if inner is not None:
+                inner(info)
+            ids = list(dict.fromkeys(c.case_id for c in info.cases))
+            label = ids[0] if len(ids) == 1 else f"{len(ids)} cases"
+            self.show(f"editing {label}: {info.step} updates")
+            now = time.monotonic()
+            if now - last >= self.every_s:
+                last = now
+                log.info("%s: still editing, %d updates in %.0f s", label, info.step, now - started)
+
+        return step
+
+    def edited(self, result: Any) -> None:
+        if self.inner is not None:
+            self.inner.edited(result)
 
 
 @dataclass
