@@ -63,7 +63,7 @@ def test_nested_answers_are_flattened_and_empty_probes_dropped(tmp_path):
 ])
 def test_malformed_record_names_file_index_and_field(tmp_path, change, field):
     path = write(tmp_path, [GOOD, {**GOOD, **change}])
-    with pytest.raises(DatasetError, match=rf"{path}: record 1: field '{field}'"):
+    with pytest.raises(DatasetError, match=rf"{path}: record 2: field '{field}'"):
         load_knowedit(path, prefix="x")
 
 
@@ -74,7 +74,7 @@ def test_malformed_files(tmp_path):
         load_knowedit(bad_json, prefix="x")
     with pytest.raises(DatasetError, match="expected a JSON array"):
         load_knowedit(write(tmp_path, {"a": 1}), prefix="x")
-    with pytest.raises(DatasetError, match="record 0: expected a JSON object"):
+    with pytest.raises(DatasetError, match="record 1: expected a JSON object"):
         load_knowedit(write(tmp_path, ["text"]), prefix="x")
 
 

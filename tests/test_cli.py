@@ -61,13 +61,15 @@ def test_clear_errors_for_bad_options(tmp_path, tiny_llama_dir):
     result = runner.invoke(app, [*base, "--model", str(tmp_path / "missing-model-dir")])
     assert result.exit_code == 2 and "could not load model" in result.output
     result = runner.invoke(app, [*base, "--model", str(tiny_llama_dir), "--layer", "7"])
-    assert result.exit_code == 2 and "layer 7 is out of range for llama with 4 layers" in result.output
+    assert result.exit_code == 2 and "editor setting layer=7: model" in result.output
+    assert "has 4 layers, so a layer is 0..3" in result.output
     result = runner.invoke(app, [*base, "--model", str(tiny_llama_dir), "--objective", "kl"])
     assert result.exit_code == 2 and "unknown objective 'kl'" in result.output
     result = runner.invoke(app, [*base, "--model", str(tiny_llama_dir), "--dataset", "nope"])
     assert result.exit_code == 2 and "unknown dataset 'nope'" in result.output
     result = runner.invoke(app, [*base, "--model", str(tiny_llama_dir), "--lambda", "2"])
     assert result.exit_code == 2 and "lam must lie in [0, 1]" in result.output
+    assert not (tmp_path / "r").exists()  # no refused run leaves a directory
 
 
 def test_edit_prints_completions_before_and_after(tiny_llama_dir):

@@ -111,7 +111,7 @@ def test_edit_options_are_checked_before_the_model_loads(tmp_path, facts):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "Q?", "target": "A", "paraphrase": "x"}\n')
     unknown = run("edit", "--facts", str(bad), "--model", "no-such-model", code=2)
-    assert "record 0: field 'paraphrase': unknown field" in said(unknown)
+    assert "record 1: field 'paraphrase': unknown field" in said(unknown)
 
 
 def test_generate_uses_the_chat_template_and_keeps_the_conversation(tmp_path, tiny_llama_dir, monkeypatch):

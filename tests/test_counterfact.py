@@ -66,7 +66,7 @@ RECORD = {"case_id": 7, "requested_rewrite": {"prompt": "{} plays", "subject": "
 def test_malformed_records_name_file_index_and_field(tmp_path, change, field):
     path = tmp_path / "cf.json"
     path.write_text(json.dumps([RECORD, {**RECORD, "case_id": 8, **change}]))
-    with pytest.raises(DatasetError, match=rf"{path}: record 1: field '{field}'"):
+    with pytest.raises(DatasetError, match=rf"{path}: record 2: field '{field}'"):
         load_counterfact_rome(path, prefix="cf")
 
 

@@ -50,8 +50,8 @@ def test_json_lines_json_and_csv_give_the_same_cases(tmp_path):
 
 
 @pytest.mark.parametrize(("record", "message"), [
-    ({"prompt": "Q?", "target": ""}, r"record 1: field 'target': is empty"),
-    ({"prompt": "Q?", "target": "A", "paraphrase": ["x"]}, r"record 1: field 'paraphrase': unknown field; a fact has"),
+    ({"prompt": "Q?", "target": ""}, r"record 2: field 'target': is empty"),
+    ({"prompt": "Q?", "target": "A", "paraphrase": ["x"]}, r"record 2: field 'paraphrase': unknown field; a fact has"),
     ({"prompt": "Q?", "target": "A", "paraphrases": 3}, r"field 'paraphrases': expected a list or a string, got int"),
     ({"prompt": "Q?", "target": "A", "locality": [{"answer": "x"}]}, r"field 'locality\[0\].prompt': expected a str"),
     ({"prompt": "Q?", "target": "A", "id": "darrieux"}, r"field 'id': duplicate id 'darrieux'"),

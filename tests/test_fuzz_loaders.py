@@ -2,8 +2,8 @@
 
 120 seeded mutations per registered format: one field anywhere in one record is dropped, set to
 null, retyped, emptied, made huge, filled with odd unicode or nested wrongly (the record itself too).
-Each file is read as ``--dataset FILE`` is (format detection on record 0, then its loader) and must
-either load or raise ``DatasetError`` naming the file, the record and a field (or, for record 0, that
+Each file is read as ``--dataset FILE`` is (format detection on the first record, then its loader) and must
+either load or raise ``DatasetError`` naming the file, the record and a field (or, for the first record, that
 no format knows its fields); any other exception is a bare traceback for the user and fails the test.
 """
 
@@ -102,9 +102,9 @@ def test_mutated_records_load_or_name_the_record_and_field(tmp_path):
                 loaded += 1
             except DatasetError as exc:
                 message = str(exc)
-                named = str(file) in message and f"record {index}" in message
+                named = str(file) in message and f"record {index + 1}" in message
                 field = "field '" in message or (not path and "expected a JSON object" in message) or (
-                    index == 0 and "unknown dataset format; record 0 has the fields" in message)
+                    index == 0 and "unknown dataset format; record 1 has the fields" in message)
                 if not (named and field):
                     bare.append((name, index, path, kind, f"unnamed: {message}"))
                 refused += 1

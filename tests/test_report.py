@@ -113,7 +113,7 @@ def test_report_errors_name_the_input(tmp_path):
 def test_trace_option_errors(tmp_path, tiny_llama_dir):
     base = ["trace", "--out", str(tmp_path / "t"), "--model", str(tiny_llama_dir), "--device", "cpu"]
     assert "unknown dataset 'nope'" in cli(*base, "--dataset", "nope", code=2).output
-    assert "has no case at offset 100000" in cli(*base, "--offset", "100000", code=2).output
+    assert "has 1301 cases, so none from --offset 100000" in cli(*base, "--offset", "100000", code=2).output
     assert not (tmp_path / "t").exists()
 
 

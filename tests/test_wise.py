@@ -104,7 +104,7 @@ def test_irrelevant_sentences_come_from_the_zsre_train_split(tiny_llama, tmp_pat
     assert all(s in sentences for s in picked) and picked == ed._irrelevant_for([CASE, EditCase("t/1", "Q?", "A")])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"src": "Who?", "alt": "Bob", "loc": "nq question: who?", "loc_ans": ""}]))
-    with pytest.raises(DatasetError, match="record 0: field 'loc_ans': is empty"):
+    with pytest.raises(DatasetError, match="record 1: field 'loc_ans': is empty"):
         wise(tiny_llama, irrelevant=str(bad))
     none = tmp_path / "none.json"
     none.write_text(json.dumps([{"src": "Who?", "alt": "Bob"}]))

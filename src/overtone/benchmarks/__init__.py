@@ -12,6 +12,7 @@ Origins and licences of the shipped files are in ``overtone/data/SOURCES.md``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -25,6 +26,7 @@ from overtone.benchmarks.mend import is_counterfact_mend, is_zsre_mend, load_cou
 from overtone.benchmarks.mquake import is_mquake, load_mquake
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+log = logging.getLogger(__name__)
 
 # How a benchmark's cases are scored (evaluation/): teacher-forced Rel./Gen./Por./Loc., or MQuAKE's
 # teacher-forced Rel. plus generated answers to single- and multi-hop questions (paper App. B.2).
@@ -137,15 +139,15 @@ def detect_format(path: Path | str) -> DatasetFormat:
         raise DatasetError(f"{path}: the file holds no records")
     first = records[0]
     if not isinstance(first, dict):
-        raise DatasetError(f"{path}: record 0: expected a JSON object, got {type(first).__name__}")
+        raise DatasetError(f"{path}: record 1: expected a JSON object, got {type(first).__name__}")
     matches = [fmt for fmt in FORMATS.values() if fmt.detect(first)]
     if len(matches) == 1:
         return matches[0]
     if matches:
-        raise DatasetError(f"{path}: record 0 matches several formats ({', '.join(m.name for m in matches)})")
+        raise DatasetError(f"{path}: record 1 matches several formats ({', '.join(m.name for m in matches)})")
     known = "; ".join(f"{fmt.name} ({fmt.description})" for fmt in FORMATS.values())
     raise DatasetError(
-        f"{path}: unknown dataset format; record 0 has the fields {', '.join(sorted(first))}. "
+        f"{path}: unknown dataset format; record 1 has the fields {', '.join(sorted(first))}. "
         f"Known formats: {known}"
     )
 
@@ -165,13 +167,21 @@ def resolve_dataset(dataset: str) -> Benchmark:
 
 
 def load_benchmark(name: str, limit: int | None = None, offset: int = 0) -> list[EditCase]:
-    """Cases ``offset .. offset+limit-1`` of a benchmark name or dataset file (all from ``offset`` when no limit)."""
-    if offset < 0 or (limit is not None and limit < 0):
-        raise DatasetError(f"offset and limit must be >= 0 (got offset={offset}, limit={limit})")
+    """Cases ``offset .. offset+limit-1`` of a benchmark name or dataset file (all from ``offset`` when no limit).
+
+    A ``limit`` beyond the cases there are gives those cases, with a notice; an ``offset`` past the last case
+    is an error (a run of no cases is never what was meant)."""
+    if offset < 0 or (limit is not None and limit < 1):
+        raise DatasetError(f"offset must be >= 0 and limit >= 1 (got offset={offset}, limit={limit})")
     bench = resolve_dataset(name)
     cases = bench.loader(bench.file)
-    end = None if limit is None else offset + limit
-    return cases[offset:end]
+    if offset >= len(cases):
+        raise DatasetError(f"dataset {name!r} has {len(cases)} cases, so none from --offset {offset}")
+    chosen = cases[offset:None if limit is None else offset + limit]
+    if limit is not None and len(chosen) < limit:
+        log.warning("--limit %d: dataset %r has %d cases from --offset %d; running those %d", limit, name,
+                    len(chosen), offset, len(chosen))
+    return chosen
 
 
 __all__ = [

@@ -44,10 +44,14 @@ def _flatten(value: Any) -> Iterator[str]:
 
 
 class RecordReader:
-    """Field access on one record that turns every problem into a ``DatasetError`` naming the place."""
+    """Field access on one record that turns every problem into a ``DatasetError`` naming the place.
+
+    ``index`` counts from 0 (as case ids do); messages count records from 1, as lines are counted: record 1
+    is the first element of a JSON array, the first non-blank line of JSON Lines, the first row of a CSV file
+    after its header."""
 
     def __init__(self, path: Path | str, index: int, record: Any, field_prefix: str = "") -> None:
-        self.where = f"{path}: record {index}"
+        self.where = f"{path}: record {index + 1}"
         self.path, self.index, self.field_prefix = path, index, field_prefix
         if not isinstance(record, dict):
             what = f"field {field_prefix.rstrip('.')!r}: " if field_prefix else ""

@@ -74,8 +74,9 @@ def load_zsre_mend(path: Path | str, prefix: str) -> list[EditCase]:
             portability=_portability(r, target, subject), locality=locality, raw=record,
         ))
     if skipped:
-        log.warning("%s: skipped %d record(s) with an empty 'alt' (new target), as the reference toolkit does: %s",
-                    path, len(skipped), ", ".join(map(str, skipped)))
+        log.warning("%s: skipped %d record(s) with an empty 'alt' (new target), as the reference toolkit does: "
+                    "record(s) %s (case ids %s)", path, len(skipped), ", ".join(str(i + 1) for i in skipped),
+                    ", ".join(f"{prefix}/{i}" for i in skipped))
     return cases
 
 

@@ -10,6 +10,7 @@ import typer
 
 from overtone.cli.app import app
 from overtone.cli.common import (
+    check_out,
     check_spec,
     console,
     execute,
@@ -37,6 +38,7 @@ from overtone.cli.options import (
     OffsetOpt,
     OverToneOptions,
     ParallelOpt,
+    ProbeOptions,
     SeedOpt,
     SequenceOpt,
     SetOpt,
@@ -74,6 +76,7 @@ def bench(
     ability_every: AbilityEveryOpt = 0,
     strict: StrictOpt = False,
     truncate: TruncateOpt = False,
+    probing: ProbeOptions,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -89,9 +92,11 @@ def bench(
     With --parallel B, single editing edits B cases at once, each against the unedited model (the same
     results, faster; docs/parallel.md).
 
-    The dataset slice and every case are checked before the model is loaded; one process at a time may
-    write --out; Ctrl-C or SIGTERM keeps the finished cases, and the same command resumes.
+    The options, the dataset slice and every case are checked before the model is loaded (a case holds at
+    most --max-probes probes of each kind); one process at a time may write --out; Ctrl-C or SIGTERM keeps
+    the finished cases, and the same command resumes.
     """
+    check_out(out)  # a held or damaged --out is refused before anything heavy is imported
     from overtone.report import extra_tables, summary_table, to_rich
     from overtone.report.tables import protocol_title
     from overtone.runner import read_run
@@ -105,7 +110,8 @@ def bench(
         settings=tuple(editing.settings(editor, settings, stop_loss=stop_loss).items()), sequence=sequence,
         batch=batch, eval_timing=eval_timing, evaluation=scoring.evaluation, eval_context=scoring.eval_context,
         generation=tuple(asdict(generation).items()), ability=ability, ability_every=ability_every,
-        parallel=parallel, seed=seed, strict=strict, truncate=truncate))
+        parallel=parallel, seed=seed, strict=strict, truncate=truncate, max_probes=probing.max_probes,
+        probes=probing.probes))
     with exit_on_interrupt(out):
         inputs = check_spec(spec)
         with hold_run_dir(out) as lock:
@@ -172,6 +178,8 @@ def table(
         "--paired", help="also print each run's paired per-case differences to the first run of its table")] = False,
 ) -> None:
     """Print the summary tables of finished (or partial) runs: one per dataset and protocol."""
+    from rich.markup import escape
+
     from overtone.report import (
         dataset_tables,
         extra_tables,
@@ -183,18 +191,21 @@ def table(
         to_markdown,
         to_rich,
     )
-    from overtone.report.runs import mixed_code
-    from overtone.runner import StoreError, read_run, summarize
+    from overtone.report.runs import checked_summary, mixed_code
+    from overtone.runner import StoreError, read_run
 
     loaded, records, configs = [], {}, []
     for run in runs:
         try:
-            config, cases, summary = read_run(run)
+            config, cases, saved = read_run(run)
         except StoreError as exc:
             fail(str(exc))
+        summary, stale = checked_summary(run, cases, saved)
+        if stale:
+            console.print(f"[bold yellow]warning:[/] {escape(stale)}", soft_wrap=True)
         objective = config.get("objective") or {}
         label = f"{run.name} ({objective.get('name', '-')})"
-        loaded.append((label, config, summary or summarize(cases)))
+        loaded.append((label, config, summary))
         records[label] = cases
         configs.append((str(run), config))
     warning = mixed_code(configs)

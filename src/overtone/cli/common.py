@@ -11,13 +11,14 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 console = Console()
 if not console.is_terminal:
@@ -29,6 +30,7 @@ T = TypeVar("T")
 def setup(threads: int, verbose: bool) -> None:
     """Logging, signals and torch threads of a command (a run seeds its generators itself, per chunk)."""
     import torch
+    from rich.logging import RichHandler
     from transformers.utils import logging as hf_logging
 
     from overtone.runner.signals import raise_on_signals
@@ -52,10 +54,21 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(code=2)
 
 
+def check_out(out: Path) -> None:
+    """Refuse at once, before any heavy import, a run directory that another process is writing or that a
+    writer could not resume (damaged ``config.yaml`` or ``cases.jsonl``); creates nothing (``runner.store``)."""
+    from overtone.runner.store import RunLock, StoreError, check_resumable
+
+    try:
+        RunLock(out).check_free()
+        check_resumable(out)
+    except StoreError as exc:
+        fail(str(exc))
+
+
 def hold_run_dir(out: Path) -> Any:
     """The lock of run directory ``out`` (``runner.store.RunLock``), or a clean exit naming its holder."""
-    from overtone.runner import StoreError
-    from overtone.runner.store import RunLock
+    from overtone.runner.store import RunLock, StoreError
 
     try:
         return RunLock(out).acquire()
@@ -64,27 +77,40 @@ def hold_run_dir(out: Path) -> Any:
 
 
 @contextmanager
-def exit_on_interrupt(out: Path) -> Iterator[None]:
+def exit_on_interrupt(out: Path | None = None) -> Iterator[None]:
     """Turn SIGINT/SIGTERM into a one-line message and exit status 128 + signal; the weights were reverted by
-    then (editors and ``edit_chunk`` restore them on any exception) and finished cases are on disk."""
-    from overtone.runner import StoreError, read_run
+    then (editors and ``edit_chunk`` restore them on any exception). ``out``: the run directory whose finished
+    cases are on disk (None: a command that writes nothing before it ends, ``overtone edit``)."""
     from overtone.runner.signals import Interrupted
+    from overtone.runner.store import StoreError, read_run
 
     try:
         yield
     except KeyboardInterrupt as exc:
         name, code = (exc.name, exc.exit_code) if isinstance(exc, Interrupted) else ("SIGINT", 130)
-        try:
-            saved = f"{len(read_run(out)[1])} finished cases are saved in {out}"
-        except (StoreError, OSError, ValueError):
-            saved = "no case was finished"
-        console.print(f"[bold red]interrupted[/] by {name}: {escape(saved)}; rerun the same command to resume",
-                      soft_wrap=True)
+        if out is None:
+            said = "nothing was saved; rerun the same command to start again"
+        else:
+            try:
+                saved = f"{len(read_run(out)[1])} finished cases are saved in {out}"
+            except (StoreError, OSError, ValueError):
+                saved = "no case was finished"
+            said = f"{saved}; rerun the same command to resume"
+        console.print(f"[bold red]interrupted[/] by {name}: {escape(said)}", soft_wrap=True)
         raise typer.Exit(code=code) from None
 
 
 def progress_bar() -> Progress:
     """A progress bar with a free-text status field."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     return Progress(
         TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[status]}", markup=False), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
@@ -127,9 +153,11 @@ def prepare_spec(spec: Any, inputs: Any = None, lm: Any = None) -> Any:
 
 def execute(prepared: Any, out: Path, label: str, lock: Any = None, observer: Any = None) -> dict[str, Any]:
     """Execute a prepared run into run directory ``out`` (resumed when it holds the same run) with a progress
-    bar; ``lock``: the directory's ``RunLock`` when the caller took it before loading the model; ``observer``
-    sees every edit call (``runner.bench.EditObserver``)."""
+    bar (its status: the last case's scores, or the step of the edit in flight); ``lock``: the directory's
+    ``RunLock`` when the caller took it before loading the model; ``observer`` sees every edit call
+    (``runner.bench.EditObserver``)."""
     from overtone.runner import ResultStore, RunError, StoreError
+    from overtone.runner.run import StepProgress
 
     try:
         store = ResultStore(out, prepared.config, lock)
@@ -150,7 +178,10 @@ def execute(prepared: Any, out: Path, label: str, lock: Any = None, observer: An
                     status = f"{' '.join(scores)} steps {record['steps']} {record['edit_s'] + record['eval_s']:.1f}s"
                 progress.update(task, advance=1, status=status)
 
+            def on_step(status: str) -> None:
+                progress.update(task, status=status)
+
             try:
-                return prepared.execute(store, on_case, observer)
+                return prepared.execute(store, on_case, StepProgress(on_step, observer))
             except RunError as exc:
                 fail(str(exc))

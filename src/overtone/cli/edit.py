@@ -7,11 +7,9 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
 from overtone.cli.app import app
-from overtone.cli.common import check_spec, console, fail, prepare_spec, setup, specified
+from overtone.cli.common import check_spec, console, exit_on_interrupt, fail, prepare_spec, setup, specified
 from overtone.cli.options import (
     BatchOpt,
     EditorOpt,
@@ -24,6 +22,7 @@ from overtone.cli.options import (
     ObjectiveOpt,
     OffsetOpt,
     OverToneOptions,
+    ProbeOptions,
     SaveOpt,
     SeedOpt,
     SetOpt,
@@ -45,6 +44,9 @@ def probe_prompts(cases: Sequence[Any]) -> list[tuple[str, str, str]]:
 
 
 def print_completions(title: str, rows: list[tuple[str, str, str]], before: list[str], after: list[str]) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title=Text(title, style="table.title"))
     for column in ("case", "probe", "prompt", "before", "after"):
         table.add_column(column)
@@ -62,6 +64,9 @@ def _cell(record: dict[str, Any], metric: str) -> str:
 
 def print_metrics(title: str, cases: Sequence[Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     """The teacher-forced metrics of each case (x100, before → after) and their summary, which is returned."""
+    from rich.table import Table
+    from rich.text import Text
+
     from overtone.evaluation import METRICS
     from overtone.runner import summarize
 
@@ -98,8 +103,6 @@ def _read_cases(facts: Any, prompt: str | None, target: str | None, subject: str
             cases = load_benchmark(str(facts), limit=limit, offset=offset)
         except DatasetError as exc:
             fail(str(exc))
-        if not cases:
-            fail(f"{facts}: no facts (after --offset {offset} and --limit {limit})")
         return cases
     if prompt is None or target is None:
         fail("give --facts FILE, or --prompt and --target for one fact")
@@ -133,13 +136,16 @@ def edit(
     overtone: OverToneOptions,
     editing: EditorOptions,
     settings: SetOpt = None,
+    probing: ProbeOptions,
     max_new_tokens: MaxNewTokensOpt = 12,
     show: ShowOpt = 20,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
     """Edit facts in sequence (--batch B: B per edit call, for MEMIT), print greedy completions and
-    teacher-forced metrics before and after, and save the edit with --save DIR."""
+    teacher-forced metrics before and after, and save the edit with --save DIR.
+
+    Ctrl-C or SIGTERM ends it with one line; nothing is saved until the end, so the same command starts again."""
     from overtone.artifacts import ArtifactError, folder_bytes, save_edit
     from overtone.artifacts.artifact import new_folder
     from overtone.editors import EditStack
@@ -158,31 +164,34 @@ def edit(
         editor=editor, objective=objective, model=model.model, device=model.device, dtype=model.dtype,
         threads=model.threads, overtone=overtone_for(editor, **overtone.given()),
         settings=tuple(editing.settings(editor, settings).items()), cases=tuple(cases),
-        sequence=max(len(cases), batch), batch=batch, seed=seed))
-    prepared = prepare_spec(spec, check_spec(spec))  # the cases checked before the model (and ROME/MEMIT's statistics)
-    lm, ed, cases = prepared.lm, prepared.editor, prepared.cases
-    rows = probe_prompts(cases[:show])
-    before = greedy_complete(lm, [text for *_, text in rows], max_new_tokens)
-    stack = EditStack()
-    try:
-        records = prepared.edit_kept(stack)
-    except CaseError as exc:
-        fail(str(exc))
-    after = greedy_complete(lm, [text for *_, text in rows], max_new_tokens)
-    seconds = sum(r["edit_s"] for r in records)
-    print_completions(f"{editor} + {objective}: {len(cases)} fact(s) edited in sequence"
-                      f"{f', {batch} per edit' if batch > 1 else ''} ({seconds:.1f} s); greedy completions", rows,
-                      before, after)
-    summary = print_metrics("teacher-forced metrics (x100, before → after)", cases, records)
-    if save is not None:
-        metrics = {"summary": summary, "cases": [
-            {k: r[k] for k in ("case_id", "pre", "post", "detail", "steps", "final_loss")} for r in records]}
+        sequence=max(len(cases), batch), batch=batch, seed=seed, max_probes=probing.max_probes,
+        probes=probing.probes))
+    with exit_on_interrupt():
+        prepared = prepare_spec(spec, check_spec(spec))  # the cases checked before the model (and the statistics)
+        lm, ed, cases = prepared.lm, prepared.editor, prepared.cases
+        rows = probe_prompts(cases[:show])
+        before = greedy_complete(lm, [text for *_, text in rows], max_new_tokens)
+        stack = EditStack()
         try:
-            artifact = save_edit(ed, save, facts=cases, metrics=metrics,
-                                 protocol={"order": "sequence", "batch": batch, "eval_timing": "end"})
-        except ArtifactError as exc:
+            records = prepared.edit_kept(stack)
+        except CaseError as exc:
             fail(str(exc))
-        console.print(f"saved the edit to {artifact.path} ({folder_bytes(artifact.path) / 1e6:.2f} MB)", markup=False)
+        after = greedy_complete(lm, [text for *_, text in rows], max_new_tokens)
+        seconds = sum(r["edit_s"] for r in records)
+        print_completions(f"{editor} + {objective}: {len(cases)} fact(s) edited in sequence"
+                          f"{f', {batch} per edit' if batch > 1 else ''} ({seconds:.1f} s); greedy completions", rows,
+                          before, after)
+        summary = print_metrics("teacher-forced metrics (x100, before → after)", cases, records)
+        if save is not None:
+            metrics = {"summary": summary, "cases": [
+                {k: r[k] for k in ("case_id", "pre", "post", "detail", "steps", "final_loss")} for r in records]}
+            try:
+                artifact = save_edit(ed, save, facts=cases, metrics=metrics,
+                                     protocol={"order": "sequence", "batch": batch, "eval_timing": "end"})
+            except ArtifactError as exc:
+                fail(str(exc))
+            console.print(f"saved the edit to {artifact.path} ({folder_bytes(artifact.path) / 1e6:.2f} MB)",
+                          markup=False)
 
 
 @app.command()

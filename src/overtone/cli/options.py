@@ -17,6 +17,8 @@ from typing import Annotated, Any
 
 import typer
 
+from overtone.benchmarks.bounds import MAX_PROBES, PROBE_MODES
+
 ModelOpt = Annotated[str, typer.Option("--model", help="embedded name (smollm2-135m), local folder or hub id")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda, cuda:N")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="fp32 or bf16")]
@@ -35,7 +37,7 @@ LrOpt = Annotated[float | None, typer.Option("--lr", help="learning rate (editor
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="max optimisation steps (editor default)")]
 StopLossOpt = Annotated[float | None, typer.Option("--stop-loss", help="early-stop loss threshold (editor default)")]
 DatasetOpt = Annotated[str, typer.Option("--dataset", help="benchmark name or dataset file (overtone datasets)")]
-LimitOpt = Annotated[int | None, typer.Option("--limit", min=0, help="number of cases (all when omitted)")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="number of cases (all when omitted)")]
 OffsetOpt = Annotated[int, typer.Option("--offset", min=0, help="index of the first case")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="random seed")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")]
@@ -99,6 +101,13 @@ SetOpt = Annotated[
 ]
 StrictOpt = Annotated[bool, typer.Option(
     "--strict", help="stop with an error when an edit diverges (default: record it as diverged and warn)")]
+MaxProbesOpt = Annotated[int, typer.Option(
+    "--max-probes", min=1, metavar="N",
+    help="most paraphrases, portability probes and locality probes a case may hold, each (more: see --probes)")]
+ProbesOpt = Annotated[str, typer.Option(
+    "--probes", callback=_one_of("--probes", PROBE_MODES),
+    help="a case over --max-probes: error (refuse it, naming it), cut (keep the first N) or sample (N drawn with "
+    "--seed)")]
 TruncateOpt = Annotated[bool, typer.Option(
     "--truncate", help="cut edit inputs longer than the editor's max_length to it (default: refuse them)")]
 
@@ -272,3 +281,11 @@ class GenerationOptions(OptionGroup):
     multi_hop_tokens: MultiTokensOpt = None
     multi_hop_questions: MultiQuestionsOpt = None
     temperature: TemperatureOpt = None
+
+
+@dataclass(frozen=True)
+class ProbeOptions(OptionGroup):
+    """The bound on each case's probes and what happens to a case over it (``benchmarks.bounds``)."""
+
+    max_probes: MaxProbesOpt = MAX_PROBES
+    probes: ProbesOpt = "error"

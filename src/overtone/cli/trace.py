@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from overtone.cli.app import app
-from overtone.cli.common import check_spec, console, execute, fail, prepare_spec, setup, specified
+from overtone.cli.common import check_spec, console, execute, prepare_spec, setup, specified
 from overtone.cli.options import (
     AblationOptions,
     DatasetOpt,
@@ -101,8 +101,6 @@ def trace(
         device=model.device, dtype=model.dtype, threads=model.threads, overtone=cfg, settings=overrides,
         parallel=parallel, seed=seed)) for objective in ("ce", "overtone")]
     inputs = check_spec(specs[0])
-    if not inputs.cases:
-        fail(f"dataset {dataset!r} has no case at offset {offset}")
     order = {case.case_id: i for i, case in enumerate(inputs.cases)}
     traces: list[Any] = []
     meta: dict[str, Any] = {}

@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from overtone.models import embedded
 from overtone.models.adapters import ModelAdapter
@@ -88,6 +95,16 @@ def load_tokenizer(name: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
     except (OSError, ValueError) as exc:
         raise _load_error(name, source, local, exc) from exc
     return _prepare_tokenizer(tokenizer, name)
+
+
+def load_config(name: str = DEFAULT_MODEL) -> PretrainedConfig:
+    """The configuration (``config.json``) of model ``name`` alone, no weights: its layer count for the checks
+    made before the model loads."""
+    source, local, _ = _source(name)
+    try:
+        return AutoConfig.from_pretrained(source, local_files_only=local)
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, source, local, exc) from exc
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "fp32") -> LoadedModel:

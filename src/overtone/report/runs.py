@@ -10,6 +10,10 @@ A run evaluated with several protocols (``--eval both``) is seen through one ``R
 (``RunInfo.views``): the same run, its records and summary projected onto that protocol's metrics, so
 every table, pairing and statistic works the same for teacher-forced and wild numbers.
 
+A ``summary.json`` is shown only while it matches the readable records of ``cases.jsonl`` (their number and,
+when it records them, their case ids); otherwise the summary is computed from those records and one warning
+says so (``checked_summary``), so a damaged, resumed or hand-edited run never shows stale numbers.
+
 Runs made by different code (``code`` in ``config.yaml``: version, git revision, dirtiness) are still
 combined, with one warning naming each run's code (``mixed_code``): ``overtone table`` and ``report``
 give it.
@@ -31,7 +35,7 @@ from overtone.evaluation.wild import WILD, protocol_records
 from overtone.objectives import objective_label
 from overtone.report.stats import PairedDifference, paired_difference
 from overtone.runner.bench import summarize
-from overtone.runner.store import CONFIG_FILE, VOLATILE_KEYS, StoreError, read_run
+from overtone.runner.store import CONFIG_FILE, SUMMARY_FILE, VOLATILE_KEYS, StoreError, case_ids_digest, read_run
 from overtone.version import describe
 
 log = logging.getLogger(__name__)
@@ -161,6 +165,21 @@ def mixed_code(runs: Sequence[tuple[str, dict[str, Any]]]) -> str | None:
     return f"these runs were made by different or uncommitted code, so their numbers may not be comparable ({named})"
 
 
+def checked_summary(path: Path, records: list[dict[str, Any]], summary: dict[str, Any] | None
+                    ) -> tuple[dict[str, Any], str | None]:
+    """The summary to show for run ``path``: its ``summary.json`` while that covers exactly the readable
+    ``records``, else one computed from them, with a one-line warning (None when none is due)."""
+    if summary is None:  # a run still going (or killed before its end): nothing to disagree with
+        return summarize(records), None
+    digest = summary.get("case_ids_sha256")
+    if summary.get("n_cases") == len(records) and digest in (None, case_ids_digest(records)):
+        return summary, None
+    differs = (f"covers {summary.get('n_cases')} cases where cases.jsonl holds {len(records)} readable records"
+               if summary.get("n_cases") != len(records)
+               else f"covers other case ids than the {len(records)} readable records of cases.jsonl")
+    return summarize(records), f"{path}: {SUMMARY_FILE} {differs}; the summary shown is computed from those records"
+
+
 def read_run_info(path: Path) -> RunInfo:
     try:
         config, records, summary = read_run(path)
@@ -168,7 +187,10 @@ def read_run_info(path: Path) -> RunInfo:
         raise ReportError(f"{path}: cannot read the run ({exc})") from exc
     if not isinstance(config, dict):
         raise ReportError(f"{path}: {CONFIG_FILE} does not hold a mapping")
-    return RunInfo(path=path, config=config, records=records, summary=summary or summarize(records))
+    summary, warning = checked_summary(path, records, summary)
+    if warning:
+        log.warning(warning)
+    return RunInfo(path=path, config=config, records=records, summary=summary)
 
 
 @dataclass

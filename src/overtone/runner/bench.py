@@ -51,6 +51,7 @@ from overtone.editors.base import EditError, EditHandle, Editor, EditStack, Edit
 from overtone.evaluation.ability import AbilityMonitor
 from overtone.evaluation.teacher_forced import METRICS, Evaluator, PreEdit, PreEdits
 from overtone.evaluation.wild import WILD, protocol_records
+from overtone.runner.store import case_ids_digest
 
 if TYPE_CHECKING:
     from overtone.editors.parallel import CaseEdits
@@ -395,9 +396,11 @@ def summarize(records: Sequence[dict[str, Any]], metrics: Sequence[str] | None =
 
     The top-level metrics are the teacher-forced ones (``pre``/``post`` of the records); wild metrics
     (``wild`` of the records) are summarised the same way under ``wild``; ``protocols`` names the
-    protocols present. The general ability after each chunk, when measured, is under ``ability``.
+    protocols present. The general ability after each chunk, when measured, is under ``ability``;
+    ``case_ids_sha256`` names the cases summarised (``store.case_ids_digest``).
     """
     summary = _summarize_metrics(records, metrics)
+    summary["case_ids_sha256"] = case_ids_digest(list(records))
     protocols = ["teacher-forced"] if any("post" in r for r in records) or not records else []
     wild = protocol_records(records, WILD)
     if wild:

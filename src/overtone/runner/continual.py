@@ -137,8 +137,9 @@ def run_continual(
     waiting: list[EditCase] = []  # --parallel: pending cases, edited together once a window is full
 
     def failed(exc: CaseError) -> RunError:
-        return RunError(f"{exc}. The {len(store.records)} finished cases are saved in {store.dir}; rerun the same "
-                        "command to resume after fixing the cause.")
+        return RunError(f"{exc}. The {len(store.records)} finished cases are saved in {store.dir}; once the cause is "
+                        "fixed, the same command resumes (also with another --parallel or --threads); other "
+                        "settings need another --out directory.")
 
     def store_records(records: list[dict[str, Any]], chunk: tuple[int, int] | None) -> None:
         """Warn about (or, with ``strict``, stop at) diverged edits, then write the records not yet stored.

@@ -2,11 +2,13 @@
 and for the values of a study file (YAML), so both accept and refuse the same things with the same words.
 
 A string is parsed (``"5e-3"`` a float, ``"3,4"`` a tuple, ``"5,10;10,10"`` pairs, ``"none"`` None where
-allowed); a YAML value of the right kind passes as it is (lists become tuples). Errors name the key.
+allowed); a YAML value of the right kind passes as it is (lists become tuples). A number must be finite
+(``nan`` and ``inf`` are refused: no setting means them). Errors name the key.
 """
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -80,7 +82,20 @@ def _number(value: Any, kind: type, where: str) -> int | float:
         number = int(value)
     if number is None:
         raise SettingError(f"{where}: expected {wanted}, got {value!r}")
+    if not math.isfinite(number):
+        raise SettingError(f"{where}: expected a finite number, got {value!r}")
     return number
+
+
+def check_finite(values: Mapping[str, Any], where: str) -> None:
+    """Refuse a NaN or an infinity among ``values`` (also inside tuples), naming ``where`` and the key: values
+    that did not come through ``coerce`` (typed options such as ``--lr``)."""
+    for key, value in values.items():
+        numbers = value if isinstance(value, tuple | list) else (value,)
+        for number in numbers:
+            inner = number if isinstance(number, tuple | list) else (number,)
+            if any(isinstance(x, float) and not math.isfinite(x) for x in inner):
+                raise SettingError(f"{where} {key}={value!r}: expected a finite number")
 
 
 def typed(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -7,13 +7,15 @@ run as a ``RunSpec`` and hand it to the runner (runner/run.py). Its checks need 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from overtone.benchmarks.bounds import MAX_PROBES, PROBE_MODES
 from overtone.benchmarks.cases import EditCase
 from overtone.evaluation.wild import CONTEXTS, EVAL_MODES
 from overtone.objectives import OBJECTIVES, OverToneConfig
 from overtone.runner.bench import EVAL_TIMINGS
+from overtone.runner.settings import SettingError, check_finite
 
 
 class SpecError(ValueError):
@@ -51,7 +53,9 @@ class RunSpec:
 
     ``cases`` are ad-hoc cases (``overtone edit``'s facts) used instead of ``dataset``'s; ``parallel``
     cases are edited at once in single editing (``auto``: runner.run.auto_parallel); ``budgets`` train
-    each case for exactly its number of updates, taken from run ``matched``.
+    each case for exactly its number of updates, taken from run ``matched``. A case holds at most
+    ``max_probes`` paraphrases, portability and locality probes each; ``probes`` says what happens to more
+    (``benchmarks.bounds``: refused, cut or sampled with the seed).
     """
 
     editor: str
@@ -78,6 +82,8 @@ class RunSpec:
     seed: int = 0
     strict: bool = False
     truncate: bool = False
+    max_probes: int = MAX_PROBES
+    probes: str = "error"
     matched: str | None = None
     budgets: tuple[tuple[str, int], ...] | None = field(default=None, repr=False)
 
@@ -95,8 +101,15 @@ class RunSpec:
                            tuple(sorted((k, v) for k, v in dict(self.generation).items() if v is not None)))
         parallel = parse_parallel(self.parallel)
         object.__setattr__(self, "parallel", parallel)
-        if self.threads < 1 or self.offset < 0 or (self.limit is not None and self.limit < 0):
-            raise SpecError("--threads must be >= 1, --offset and --limit >= 0")
+        if self.threads < 1 or self.offset < 0:
+            raise SpecError("--threads must be >= 1 and --offset >= 0")
+        if self.limit is not None and self.limit < 1:
+            raise SpecError(f"--limit must be >= 1, got {self.limit} (leave it out for every case)")
+        if self.max_probes < 1:
+            raise SpecError(f"--max-probes must be >= 1, got {self.max_probes}")
+        if self.probes not in PROBE_MODES:
+            raise SpecError(f"unknown --probes {self.probes!r}; choose one of {', '.join(PROBE_MODES)}")
+        self._check_settings()
         if self.sequence < 1 or self.batch < 1:
             raise SpecError("--sequence and --batch must be >= 1")
         if self.eval_timing not in EVAL_TIMINGS:
@@ -128,6 +141,19 @@ class RunSpec:
             refusal = EDITORS[self.editor].parallel_refusal
             if refusal:
                 raise SpecError(f"--parallel {parallel}: editor {self.editor} edits one case at a time: {refusal}")
+
+    def _check_settings(self) -> None:
+        """Every number finite, and the editor's settings in their ranges (its config's own checks): no model
+        needed, so a bad value is refused before anything is loaded or written."""
+        from overtone.editors import editor_config
+
+        try:
+            check_finite(self.editor_settings, "editor setting")
+            check_finite(asdict(self.overtone), "OverTone setting")
+            check_finite(dict(self.generation), "generation setting")
+            editor_config(self.editor, **self.editor_settings)
+        except (SettingError, ValueError) as exc:
+            raise SpecError(str(exc)) from exc
 
     @property
     def editor_settings(self) -> dict[str, Any]:

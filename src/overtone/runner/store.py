@@ -9,7 +9,11 @@ One writer per directory: a run holds an exclusive lock on ``run.lock`` (``filel
 that the kernel drops when the process dies) for its whole life, and writes its pid, host and start
 time into the file. A second process exits at once naming the holder. A lock file that still names a
 holder when the lock is free was left by a process that died; it is taken over with a warning.
-Readers (``read_run``: ``overtone table``, ``report``) never take the lock.
+Readers (``read_run``: ``overtone table``, ``report``) never take the lock. ``RunLock.check_free`` asks
+whether a directory is held without creating anything (a command asks it first, before its heavy imports),
+and a directory that the lock itself created is removed again when the run ends before writing anything
+into it, so a refused run leaves no directory behind. ``check_resumable`` refuses a damaged directory with
+nothing but the files (before the model loads).
 
 What a kill can leave in ``cases.jsonl``, and what happens to it (``scan_cases``):
 
@@ -24,6 +28,7 @@ What a kill can leave in ``cases.jsonl``, and what happens to it (``scan_cases``
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +59,13 @@ VOLATILE_KEYS = ("threads", "limit", "progress", "parallel", "code", "code_befor
 
 class StoreError(RuntimeError):
     """The output directory cannot hold this run."""
+
+
+def case_ids_digest(records: list[dict[str, Any]]) -> str:
+    """The sha256 of the records' sorted case ids: what a summary records of the cases it covers, so a reader
+    can tell a ``summary.json`` that no longer matches ``cases.jsonl``."""
+    ids = sorted(str(r.get("case_id")) for r in records)
+    return hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -92,6 +104,21 @@ class RunLock:
         self.dir = Path(directory)
         self.path = self.dir / LOCK_FILE
         self._lock = FileLock(str(self.path), blocking=False)
+        self._created: list[Path] = []  # the directories ``acquire`` made, innermost first
+
+    def _refusal(self) -> StoreError:
+        return StoreError(f"{self.dir} is being written by another run ({_holder_text(self.holder())}); wait for it "
+                          "to end or use another --out directory")
+
+    def check_free(self) -> None:
+        """Raise ``StoreError`` naming the holder when another process holds the lock; creates nothing."""
+        if not self.path.is_file():
+            return
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise self._refusal() from None
+        self._lock.release(force=True)
 
     @property
     def held(self) -> bool:
@@ -107,14 +134,12 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         """Take the lock or raise ``StoreError`` naming the process that holds it."""
+        self._created = [d for d in (self.dir, *self.dir.parents) if not d.exists()]
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
             self._lock.acquire()
         except Timeout:
-            raise StoreError(
-                f"{self.dir} is being written by another run ({_holder_text(self.holder())}); wait for it to end "
-                "or use another --out directory"
-            ) from None
+            raise self._refusal() from None
         previous = self.holder()
         if previous:
             log.warning("%s: taking over the lock of a run that ended without releasing it (%s)", self.dir,
@@ -125,10 +150,20 @@ class RunLock:
         return self
 
     def release(self) -> None:
-        """Empty the lock file (a clean end) and release the lock; a no-op when not held."""
-        if self._lock.is_locked:
-            self.path.write_text("", encoding="utf-8")
+        """Empty the lock file (a clean end) and release the lock; a no-op when not held. A directory the lock
+        created that holds nothing else is removed (with those of its parents the lock created)."""
+        if not self._lock.is_locked:
+            return
+        if self._created and [p.name for p in self.dir.iterdir()] == [LOCK_FILE]:
+            self.path.unlink()
             self._lock.release(force=True)
+            for directory in self._created:
+                with contextlib.suppress(OSError):  # not empty: something else was written there meanwhile
+                    directory.rmdir()
+            self._created = []
+            return
+        self.path.write_text("", encoding="utf-8")
+        self._lock.release(force=True)
 
     def __enter__(self) -> RunLock:
         return self if self.held else self.acquire()
@@ -208,6 +243,44 @@ def scan_cases(path: Path) -> CaseScan:
     return scan
 
 
+def _damage_error(path: Path, scan: CaseScan) -> StoreError | None:
+    """Why a writer must not open ``cases.jsonl`` as scanned (a damaged middle line, two different records of
+    one case), or None."""
+    if scan.corrupt:
+        number, problem = scan.corrupt[0]
+        more = f" (and {len(scan.corrupt) - 1} more damaged line(s))" if len(scan.corrupt) > 1 else ""
+        return StoreError(f"{path}: line {number} is damaged: {problem}{more}. The file was left as it is: fix or "
+                          "remove that line, then rerun")
+    if scan.conflicts:
+        return _conflict_error(path, scan.conflicts)
+    return None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """A run directory's ``config.yaml`` ({} when absent), or a ``StoreError`` naming it."""
+    if not path.exists():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise StoreError(f"{path}: not valid YAML ({exc}); use another --out directory") from exc
+    if not isinstance(config, dict):
+        raise StoreError(f"{path}: does not hold a run's configuration (a mapping); use another --out directory")
+    return config
+
+
+def check_resumable(directory: Path | str) -> None:
+    """Refuse, before any model is loaded, a run directory a writer could not open: a damaged ``config.yaml``
+    or ``cases.jsonl`` (``ResultStore`` gives the same errors). Reads only; a missing directory is fine."""
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise StoreError(f"{d} is a file, not a run directory; use another --out directory")
+    _read_config(d / CONFIG_FILE)
+    error = _damage_error(d / CASES_FILE, scan_cases(d / CASES_FILE))
+    if error is not None:
+        raise error
+
+
 def _conflict_error(path: Path, conflicts: list[tuple[str, int, int]]) -> StoreError:
     case_id, first, again = conflicts[0]
     more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
@@ -277,10 +350,7 @@ class ResultStore:
     def _check_config(self) -> None:
         config_path = self.dir / CONFIG_FILE
         if config_path.exists():
-            try:
-                old = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError as exc:
-                raise StoreError(f"{config_path}: not valid YAML ({exc}); use another --out directory") from exc
+            old = _read_config(config_path)
             diff = _differences(_comparable(old), _comparable(self.config))
             if diff:
                 raise StoreError(
@@ -306,15 +376,9 @@ class ResultStore:
         """The stored records, after repairing what a kill can leave at the end of the file."""
         path = self.dir / CASES_FILE
         scan = scan_cases(path)
-        if scan.corrupt:
-            number, problem = scan.corrupt[0]
-            more = f" (and {len(scan.corrupt) - 1} more damaged line(s))" if len(scan.corrupt) > 1 else ""
-            raise StoreError(
-                f"{path}: line {number} is damaged: {problem}{more}. The file was left as it is: fix or remove "
-                "that line, then rerun"
-            )
-        if scan.conflicts:
-            raise _conflict_error(path, scan.conflicts)
+        error = _damage_error(path, scan)
+        if error is not None:
+            raise error
         if scan.blank:
             log.warning("%s: ignoring %d blank line(s)", path, len(scan.blank))
         if scan.partial_tail:
