@@ -42,9 +42,12 @@ did not fail, but its scores say nothing about the method.
 from __future__ import annotations
 
 import math
+import random
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
 
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import EditError, EditHandle, Editor, EditStack, EditStats, StepCallback
@@ -73,6 +76,14 @@ class CaseError(RuntimeError):
     def __init__(self, case_id: str, cause: Exception) -> None:
         super().__init__(f"case {case_id} failed: {cause}")
         self.case_id = case_id
+
+
+def reseed(seed: int | None) -> None:
+    """Seed the global generators before a chunk (a window of parallel cases, a stream's batch), so that its
+    records do not depend on what ran before it: the one seeding rule of every run (None: leave them)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+        random.seed(seed)
 
 
 def _edit_fields(stats: Sequence[EditStats], batch: int = 1) -> dict[str, Any]:
