@@ -23,6 +23,7 @@ from overtone.editors import FTM, MEMIT, FTMConfig, MEMITConfig
 from overtone.evaluation import Evaluator
 from overtone.evaluation.lifelong import LifelongScorer, comparisons, fluency, ngram_entropy
 from overtone.objectives import CrossEntropy
+from overtone.runner.bench import summarize
 from overtone.runner.spec import RunSpec, SpecError
 from overtone.runner.stream import Checkpoints, StreamSettings, curve_sample, stream_records
 
@@ -134,6 +135,9 @@ def test_an_interrupted_stream_resumes_from_its_checkpoint_with_the_same_records
     assert resumed[0] == 8 and sum(resumed) == 12  # the checkpoint's 8 edits skipped, 4 made
     assert comparable(got) == comparable(expected)
     assert [p["edits"] for p in got[0]["curve"]] == [4, 8, 12]
+    summary = summarize(got)["lifelong"]
+    assert [p["edits"] for p in summary["curve"]] == [4, 8, 12] and summary["curve"][-1]["sample"] == 3
+    assert set(summary["post"]) == {"efficacy", "generalization", "specificity", "fluency"}
     assert all(set(r["lifelong"]["post"]) == {"efficacy", "generalization", "specificity", "fluency"} for r in got)
     # a restart after the final checkpoint only evaluates
     again = []
@@ -166,19 +170,22 @@ def test_a_checkpoint_applied_to_a_fresh_model_gives_the_streamed_weights(tmp_pa
 
 
 def test_after_many_batches_one_copy_of_each_edited_tensor_is_held(tokenizer, zsre_cases, corpus):
+    class Handles:
+        def __init__(self):
+            self.handles = []
+
+        def on_step(self, editor, cases):
+            return None
+
+        def edited(self, handle):
+            self.handles.append(handle)
+
     for editor, tensors in ((ftm(tiny_model("llama", tokenizer)), 1),
                             (memit(tiny_model("llama", tokenizer), corpus), 2)):
-        handles = []
-
-        class Count:
-            def on_step(self, editor, cases):
-                return None
-
-            def edited(self, handle):
-                handles.append(handle)
-
+        seen = Handles()
         stream_records(editor, Evaluator(editor.lm), zsre_cases[:20], 2, StreamSettings(fluency_tokens=0), seed=0,
-                       observer=Count())
+                       observer=seen)
+        handles = seen.handles
         assert len(handles) == 10
         held = [h for h in handles[1:] if h.active]
         assert not held, f"{editor.name}: later batches kept {len(held)} copies"
@@ -192,9 +199,9 @@ def test_curve_samples_are_fixed_and_drawn_from_earlier_edits():
 
 
 def test_stream_options_are_checked_when_the_spec_is_built():
-    with pytest.raises(SpecError, match="--curve-every set.* add --stream"):
+    with pytest.raises(SpecError, match=r"--curve-every set.* add --stream"):
         RunSpec(editor="ft-m", sequence=10, curve_every=5)
-    with pytest.raises(SpecError, match="--stream .* T >= 2"):
+    with pytest.raises(SpecError, match=r"--stream .* T >= 2"):
         RunSpec(editor="ft-m", stream=True)
     with pytest.raises(SpecError, match="--eval-timing must be end"):
         RunSpec(editor="ft-m", stream=True, sequence=10, eval_timing="after-each")

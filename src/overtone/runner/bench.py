@@ -52,6 +52,7 @@ import torch
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import EditError, EditHandle, Editor, EditStack, EditStats, StepCallback
 from overtone.evaluation.ability import AbilityMonitor
+from overtone.evaluation.lifelong import LIFELONG_METRICS, lifelong_means
 from overtone.evaluation.teacher_forced import METRICS, Evaluator, PreEdit, PreEdits
 from overtone.evaluation.wild import WILD, protocol_records
 
@@ -397,6 +398,27 @@ def _summarize_ability(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def _summarize_lifelong(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The lifelong metrics (x100, fluency in bits) per stream, averaged over streams, before and after; with
+    the streams' curves (``curve`` of their records), each point averaged over streams."""
+    chunks = _chunks([r for r in records if "lifelong" in r])
+    summary: dict[str, Any] = {}
+    for part in ("post", "pre"):
+        means = [lifelong_means([r["lifelong"][part] for r in chunk]) for chunk in chunks]
+        summary[part] = {m: _round(_mean([c[m] for c in means])) for m in LIFELONG_METRICS}
+    points = [p for chunk in chunks for p in chunk[0].get("curve", [])]
+    if points:
+        keys = [k for k in points[0] if k != "edits"]
+        summary["curve"] = [{"edits": n, **{k: _round(_mean([p.get(k) for p in points if p["edits"] == n]))
+                                            for k in keys}}
+                            for n in sorted({p["edits"] for p in points})]
+    return summary
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
 def summarize(records: Sequence[dict[str, Any]], metrics: Sequence[str] | None = None) -> dict[str, Any]:
     """Means x100 as in the paper's tables; Avg. is the mean of the metrics that have a value.
 
@@ -406,7 +428,8 @@ def summarize(records: Sequence[dict[str, Any]], metrics: Sequence[str] | None =
 
     The top-level metrics are the teacher-forced ones (``pre``/``post`` of the records); wild metrics
     (``wild`` of the records) are summarised the same way under ``wild``; ``protocols`` names the
-    protocols present. The general ability after each chunk, when measured, is under ``ability``.
+    protocols present. The general ability after each chunk, when measured, is under ``ability``; the
+    lifelong metrics of edit streams (runner/stream.py) and their curves under ``lifelong``.
     """
     summary = _summarize_metrics(records, metrics)
     protocols = ["teacher-forced"] if any("post" in r for r in records) or not records else []
@@ -424,4 +447,6 @@ def summarize(records: Sequence[dict[str, Any]], metrics: Sequence[str] | None =
     summary["protocols"] = protocols
     if any("ability" in r for r in records):
         summary["ability"] = _summarize_ability(records)
+    if any("lifelong" in r for r in records):
+        summary["lifelong"] = _summarize_lifelong(records)
     return summary
