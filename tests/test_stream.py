@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import assert_same_state, state, tiny_model
 
 from overtone.artifacts import load_edit
 from overtone.benchmarks.cases import EditCase, Probe
 from overtone.cli.options import StreamOptions
-from overtone.editors import FTM, MEMIT, FTMConfig, MEMITConfig
+from overtone.editors import EDITORS, FTM, MEMIT, FTMConfig, MEMITConfig
 from overtone.evaluation import Evaluator
 from overtone.evaluation.lifelong import LifelongScorer, comparisons, fluency, ngram_entropy
 from overtone.objectives import CrossEntropy
 from overtone.runner.bench import summarize
 from overtone.runner.spec import RunSpec, SpecError
 from overtone.runner.stream import Checkpoints, StreamSettings, curve_sample, stream_records
+from overtone.study import load_study
 
 TIMINGS = ("edit_s", "eval_s")
 FAST = {"context_lengths": ((4, 2),), "steps": 6, "lr": 2.0, "stop_loss": 0.0}
@@ -214,3 +217,36 @@ def test_the_command_line_defaults_are_the_stream_settings():
     defaults = {f.name: f.default for f in fields(StreamOptions)}
     assert defaults.pop("stream") is False
     assert defaults == {f.name: f.default for f in fields(StreamSettings)}
+
+
+STUDIES = Path(__file__).resolve().parent.parent / "studies"
+LIFELONG = {"lifelong-counterfact.yaml": (1000, 500), "lifelong-zsre.yaml": (1000, 500),
+            "lifelong-ultraedit.yaml": (10000, 1000)}
+
+
+@pytest.mark.parametrize("name", sorted(LIFELONG))
+@pytest.mark.parametrize("profile", [None, "llama-3-8b"])
+def test_the_lifelong_study_files_expand_into_streams(name, profile):
+    """Each file, and its Llama-3-8B profile, gives stream cells of batches of 100; an editor not yet in this
+    tree (alphaedit, ultraedit) is read as memit, whose settings and protocol are those of its family."""
+    raw = yaml.safe_load((STUDIES / name).read_text())
+
+    def known(editor):
+        return editor if editor in EDITORS else "memit"
+
+    if "editor" in raw["fixed"]:
+        raw["fixed"]["editor"] = known(raw["fixed"]["editor"])
+    else:
+        raw["axes"]["editor"] = list(dict.fromkeys(known(e) for e in raw["axes"]["editor"]))
+    editors = len(raw["axes"].get("editor", [raw["fixed"].get("editor")]))
+    study = load_study(raw, profile=profile)
+    edits, curve = LIFELONG[name]
+    if profile is not None:
+        edits = 2000 if name == "lifelong-counterfact.yaml" else edits
+        assert all(c.model.name.startswith("meta-llama/Meta-Llama-3-8B") for c in study.cells)
+    assert len(study.cells) == 2 * editors
+    assert {c.variant.objective for c in study.cells} == {"ce", "overtone"}
+    for cell in study.cells:
+        spec = cell.run_spec()
+        assert (cell.sequence, cell.batch, spec.limit) == (edits, 100, edits)
+        assert spec.stream_settings == StreamSettings(curve_every=curve, curve_sample=100)
