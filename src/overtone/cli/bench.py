@@ -43,6 +43,7 @@ from overtone.cli.options import (
     SequenceOpt,
     SetOpt,
     StopLossOpt,
+    StreamOptions,
     StrictOpt,
     TruncateOpt,
     VerboseOpt,
@@ -74,6 +75,7 @@ def bench(
     scoring: EvalOptions,
     ability: AbilityOpt = False,
     ability_every: AbilityEveryOpt = 0,
+    streaming: StreamOptions,
     strict: StrictOpt = False,
     truncate: TruncateOpt = False,
     probing: ProbeOptions,
@@ -88,7 +90,9 @@ def bench(
     averaged over chunks. With --batch B, each chunk's edits are made B cases per edit call (batch
     editing: --sequence 100 --batch 100 edits 100 facts in one MEMIT update). --eval wild or both scores
     generated answers too (docs/wild.md); --ability tracks perplexity and general facts after each chunk
-    (and --ability-every K after every K edits within it).
+    (and --ability-every K after every K edits within it). --stream makes each chunk a lifelong edit stream
+    (--sequence 10000 --batch 100): checkpointed every --checkpoint-every batches, so a killed run resumes from
+    its last checkpoint, with a curve every --curve-every edits and the lifelong metrics (docs/lifelong-streams.md).
     With --parallel B, single editing edits B cases at once, each against the unedited model (the same
     results, faster; docs/parallel.md).
 
@@ -111,7 +115,7 @@ def bench(
         batch=batch, eval_timing=eval_timing, evaluation=scoring.evaluation, eval_context=scoring.eval_context,
         generation=tuple(asdict(generation).items()), ability=ability, ability_every=ability_every,
         parallel=parallel, seed=seed, strict=strict, truncate=truncate, max_probes=probing.max_probes,
-        probes=probing.probes))
+        probes=probing.probes, **asdict(streaming)))
     with exit_on_interrupt(out):
         inputs = check_spec(spec)
         with hold_run_dir(out) as lock:
@@ -121,6 +125,12 @@ def bench(
     console.print(summary_table(rows, title=f"{protocol_title(config)}, {model.model}"))
     for extra in extra_tables(rows):
         console.print(to_rich(extra))
+    lifelong = summary.get("lifelong")
+    if lifelong:
+        console.print("lifelong metrics (x100; fluency in bits), unedited -> edited: " + ", ".join(
+            f"{m} {lifelong['pre'].get(m)} -> {v}" for m, v in lifelong["post"].items()), markup=False)
+        for point in lifelong.get("curve", []):
+            console.print("  after " + ", ".join(f"{k} {v}" for k, v in point.items()), markup=False)
     console.print(f"results in {out}", markup=False)
 
 

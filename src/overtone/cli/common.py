@@ -171,7 +171,9 @@ def execute(prepared: Any, out: Path, label: str, lock: Any = None, observer: An
             task = progress.add_task(label, total=len(prepared.cases), status="")
 
             def on_case(record: dict[str, Any] | None) -> None:
-                status = ""
+                """A case finished (its record), or one skipped or edited in a stream (None: the rate)."""
+                speed = progress.tasks[task].speed
+                status = f"{speed:.2f} cases/s" if speed else ""
                 if record is not None:
                     scores = [f"{name} {100 * part['post']['rel']:.0f}" for name, part in
                               (("rel", record), ("wild rel", record.get("wild"))) if part and "post" in part]

@@ -283,6 +283,30 @@ class GenerationOptions(OptionGroup):
     temperature: TemperatureOpt = None
 
 
+StreamOpt = Annotated[bool, typer.Option(
+    "--stream", help="lifelong editing: each chunk of --sequence T is an edit stream, checkpointed and resumed after "
+    "a kill, scored with the lifelong metrics too (docs/lifelong-streams.md)")]
+CheckpointEveryOpt = Annotated[int, typer.Option(
+    "--checkpoint-every", min=0, metavar="K", help="--stream: save the stream's edits every K batches (0: never)")]
+CurveEveryOpt = Annotated[int, typer.Option(
+    "--curve-every", min=0, metavar="K", help="--stream: score a fixed sample of the earlier edits every K edits")]
+CurveSampleOpt = Annotated[int, typer.Option(
+    "--curve-sample", min=1, metavar="N", help="--stream: earlier edits scored at each curve point")]
+FluencyTokensOpt = Annotated[int, typer.Option(
+    "--fluency-tokens", min=0, help="--stream: greedy tokens generated per rewrite prompt for the fluency (0: none)")]
+
+
+@dataclass(frozen=True)
+class StreamOptions(OptionGroup):
+    """Edit streams (lifelong editing): checkpoints and the curve; defaults are ``runner.stream.StreamSettings``'."""
+
+    stream: StreamOpt = False
+    checkpoint_every: CheckpointEveryOpt = 10
+    curve_every: CurveEveryOpt = 0
+    curve_sample: CurveSampleOpt = 100
+    fluency_tokens: FluencyTokensOpt = 32
+
+
 @dataclass(frozen=True)
 class ProbeOptions(OptionGroup):
     """The bound on each case's probes and what happens to a case over it (``benchmarks.bounds``)."""

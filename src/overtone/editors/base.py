@@ -286,6 +286,13 @@ class Editor(ABC):
         """
         raise NotImplementedError(f"the {cls.name} editor cannot apply saved edits")
 
+    def resume_state(self, saved: SavedEdit) -> None:
+        """Take over the accumulated state (a key cache, running statistics) of ``saved``, an edit of this
+        editor just applied to its model with ``apply_saved``, so that an edit stream resumed from its
+        checkpoint goes on as if it had never stopped (runner/stream.py). An editor whose next edit depends
+        on the weights alone keeps nothing (this default)."""
+        return None
+
 
 def refuse_second_peft(lm: LoadedModel, editor: str) -> None:
     """Peft-based edits (LoRA, MELO) own the peft wrapping of a model: one at a time."""

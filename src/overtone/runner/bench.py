@@ -42,13 +42,17 @@ did not fail, but its scores say nothing about the method.
 from __future__ import annotations
 
 import math
+import random
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
+
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import EditError, EditHandle, Editor, EditStack, EditStats, StepCallback
 from overtone.evaluation.ability import AbilityMonitor
+from overtone.evaluation.lifelong import LIFELONG_METRICS, lifelong_means
 from overtone.evaluation.teacher_forced import METRICS, Evaluator, PreEdit, PreEdits
 from overtone.evaluation.wild import WILD, protocol_records
 from overtone.runner.store import case_ids_digest
@@ -74,6 +78,14 @@ class CaseError(RuntimeError):
     def __init__(self, case_id: str, cause: Exception) -> None:
         super().__init__(f"case {case_id} failed: {cause}")
         self.case_id = case_id
+
+
+def reseed(seed: int | None) -> None:
+    """Seed the global generators before a chunk (a window of parallel cases, a stream's batch), so that its
+    records do not depend on what ran before it: the one seeding rule of every run (None: leave them)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+        random.seed(seed)
 
 
 def _edit_fields(stats: Sequence[EditStats], batch: int = 1) -> dict[str, Any]:
@@ -387,6 +399,27 @@ def _summarize_ability(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def _summarize_lifelong(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The lifelong metrics (x100, fluency in bits) per stream, averaged over streams, before and after; with
+    the streams' curves (``curve`` of their records), each point averaged over streams."""
+    chunks = _chunks([r for r in records if "lifelong" in r])
+    summary: dict[str, Any] = {}
+    for part in ("post", "pre"):
+        means = [lifelong_means([r["lifelong"][part] for r in chunk]) for chunk in chunks]
+        summary[part] = {m: _round(_mean([c[m] for c in means])) for m in LIFELONG_METRICS}
+    points = [p for chunk in chunks for p in chunk[0].get("curve", [])]
+    if points:
+        keys = [k for k in points[0] if k != "edits"]
+        summary["curve"] = [{"edits": n, **{k: _round(_mean([p.get(k) for p in points if p["edits"] == n]))
+                                            for k in keys}}
+                            for n in sorted({p["edits"] for p in points})]
+    return summary
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
 def summarize(records: Sequence[dict[str, Any]], metrics: Sequence[str] | None = None) -> dict[str, Any]:
     """Means x100 as in the paper's tables; Avg. is the mean of the metrics that have a value.
 
@@ -396,7 +429,8 @@ def summarize(records: Sequence[dict[str, Any]], metrics: Sequence[str] | None =
 
     The top-level metrics are the teacher-forced ones (``pre``/``post`` of the records); wild metrics
     (``wild`` of the records) are summarised the same way under ``wild``; ``protocols`` names the
-    protocols present. The general ability after each chunk, when measured, is under ``ability``;
+    protocols present. The general ability after each chunk, when measured, is under ``ability``; the
+    lifelong metrics of edit streams (runner/stream.py) and their curves under ``lifelong``;
     ``case_ids_sha256`` names the cases summarised (``store.case_ids_digest``).
     """
     summary = _summarize_metrics(records, metrics)
@@ -416,4 +450,6 @@ def summarize(records: Sequence[dict[str, Any]], metrics: Sequence[str] | None =
     summary["protocols"] = protocols
     if any("ability" in r for r in records):
         summary["ability"] = _summarize_ability(records)
+    if any("lifelong" in r for r in records):
+        summary["lifelong"] = _summarize_lifelong(records)
     return summary

@@ -37,11 +37,8 @@ another B.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-
-import torch
 
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import Editor
@@ -55,10 +52,12 @@ from overtone.runner.bench import (
     edit_cases,
     edit_chunk,
     likely_cause,
+    reseed,
     summarize,
 )
 from overtone.runner.checks import prepare_cases
 from overtone.runner.store import ResultStore
+from overtone.runner.stream import STREAM_DIR, StreamSettings, stream_records
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +65,6 @@ PREFETCH = 16  # cases evaluated on the unedited model together, ahead of their 
 # Single editing with --parallel B: cases handed to the parallel edit at a time, in groups of B (more
 # groups to choose from make groups of similar length; a restart redoes at most one window).
 PARALLEL_WINDOW = 4
-
-
-def reseed(seed: int | None) -> None:
-    """Seed the global generators before a chunk (or a window of parallel cases), so that its records do not
-    depend on what ran before it: the one seeding rule of every run (None: leave them as they are)."""
-    if seed is not None:
-        torch.manual_seed(seed)
-        random.seed(seed)
 
 
 def chunked(cases: Sequence[EditCase], size: int) -> list[Sequence[EditCase]]:
@@ -93,12 +84,16 @@ def mark_chunk(records: list[dict[str, Any]], index: int, size: int) -> None:
 def chunk_records(
     editor: Editor, evaluator: Evaluator, index: int, chunk: Sequence[EditCase], sequence: int = 1,
     eval_timing: str = "end", batch: int = 1, step_budgets: Mapping[str, int] | None = None,
-    ability: AbilityMonitor | None = None, seed: int | None = None,
+    ability: AbilityMonitor | None = None, seed: int | None = None, stream: StreamSettings | None = None,
 ) -> list[dict[str, Any]]:
     """The records of chunk number ``index`` of a run, as ``run_continual`` stores them (the global generators
-    seeded from ``seed`` first); a study's workers (study/worker.py) edit their shards' chunks with it."""
+    seeded from ``seed`` first); a study's workers (study/worker.py) edit their shards' chunks with it. With
+    ``stream`` the chunk is an edit stream without checkpoints (runner/stream.py)."""
     reseed(seed)
-    records = edit_chunk(editor, evaluator, chunk, eval_timing, batch, step_budgets, ability=ability)
+    if stream is not None:
+        records = stream_records(editor, evaluator, chunk, batch, stream, seed, ability)
+    else:
+        records = edit_chunk(editor, evaluator, chunk, eval_timing, batch, step_budgets, ability=ability)
     if sequence > 1:
         mark_chunk(records, index, len(chunk))
     return records
@@ -119,13 +114,16 @@ def run_continual(
     parallel: int = 1,
     seed: int | None = None,
     observer: EditObserver | None = None,
+    stream: StreamSettings | None = None,
 ) -> dict[str, Any]:
     """Edit every chunk of ``cases`` not yet in ``store`` (``batch`` cases per edit call, the general ability
     measured at each chunk's end with ``ability``); returns the summary of all stored cases. ``step_budgets``
     gives each case an exact number of updates (matched steps); ``strict``: a diverged edit is an error
     (default: flagged with a warning); ``parallel`` > 1 edits that many single-editing cases at once (the
     runner's ``RunSpec`` checks the protocol allows it); ``seed`` reseeds the global generators before each
-    chunk and window (``reseed``); ``observer`` sees every edit call (``bench.EditObserver``)."""
+    chunk and window (``reseed``); ``observer`` sees every edit call (``bench.EditObserver``). With ``stream``
+    each chunk is an edit stream (runner/stream.py), checkpointed under the run directory's ``stream/``,
+    and ``on_case`` is told of each edit as it is made instead of each record."""
     try:
         prepare_cases(cases, editor.lm.tokenizer, type(editor), editor.config)
     except ValueError as exc:
@@ -140,6 +138,11 @@ def run_continual(
         return RunError(f"{exc}. The {len(store.records)} finished cases are saved in {store.dir}; once the cause is "
                         "fixed, the same command resumes (also with another --parallel or --threads); other "
                         "settings need another --out directory.")
+
+    def announce(edits: int) -> None:
+        for _ in range(edits):
+            if on_case:
+                on_case(None)
 
     def store_records(records: list[dict[str, Any]], chunk: tuple[int, int] | None) -> None:
         """Warn about (or, with ``strict``, stop at) diverged edits, then write the records not yet stored.
@@ -158,7 +161,7 @@ def run_continual(
         store.append_many(new)
         by_id.update((r["case_id"], r) for r in new)
         for record in records:
-            if on_case:
+            if on_case and stream is None:  # a stream announced its edits as it made them
                 on_case(record)
 
     def edit_window() -> None:
@@ -187,6 +190,14 @@ def run_continual(
         if stored:
             log.warning("chunk %d (%s .. %s): a killed run wrote %d of its %d records; editing the chunk again and "
                         "adding the missing ones", index, ids[0], ids[-1], len(stored), len(chunk))
+        if stream is not None:
+            try:
+                records = stream_records(editor, evaluator, chunk, batch, stream, seed, ability,
+                                         store.dir / STREAM_DIR / f"chunk-{index}", announce, observer)
+            except CaseError as exc:
+                raise failed(exc) from exc
+            store_records(records, (index, len(chunk)))
+            continue
         if parallel > 1:
             waiting += chunk
             if len(waiting) >= PARALLEL_WINDOW * parallel:

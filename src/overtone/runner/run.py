@@ -184,13 +184,15 @@ class PreparedRun:
         ``observer`` sees every edit call (``overtone trace``)."""
         return run_continual(self.editor, self.evaluator, self.cases, store, self.spec.sequence,
                              self.spec.eval_timing, on_case, self.spec.batch, self.budgets, self.spec.strict,
-                             ability=self.ability, parallel=self.parallel, seed=self.spec.seed, observer=observer)
+                             ability=self.ability, parallel=self.parallel, seed=self.spec.seed, observer=observer,
+                             stream=self.spec.stream_settings)
 
     def chunk(self, index: int, cases: Sequence[EditCase], budgets: Mapping[str, int] | None = None
               ) -> list[dict[str, Any]]:
         """The records of chunk number ``index`` (a study's shard), as ``execute`` stores them."""
         return chunk_records(self.editor, self.evaluator, index, cases, self.spec.sequence, self.spec.eval_timing,
-                             self.spec.batch, budgets, self.ability, seed=self.spec.seed)
+                             self.spec.batch, budgets, self.ability, seed=self.spec.seed,
+                             stream=self.spec.stream_settings)
 
     def edit_kept(self, stack: EditStack) -> list[dict[str, Any]]:
         """The records of the spec's cases edited in sequence as one chunk, its edits left applied on ``stack``
@@ -228,4 +230,6 @@ def prepare_run(spec: RunSpec, inputs: RunInputs | None = None, lm: LoadedModel 
     config = run_config(lm, editor, evaluator, inputs.bench, spec.dataset, spec.offset, spec.limit, spec.seed,
                         spec.threads, spec.sequence, spec.eval_timing, spec.batch, spec.matched,
                         truncate=spec.truncate, ability=ability, parallel=parallel, probes=probes)
+    if spec.stream_settings is not None:
+        config["stream"] = spec.stream_settings.describe()
     return PreparedRun(spec, lm, editor, evaluator, inputs.cases, ability, int(parallel), config)

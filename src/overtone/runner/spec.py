@@ -16,6 +16,7 @@ from overtone.evaluation.wild import CONTEXTS, EVAL_MODES
 from overtone.objectives import OBJECTIVES, OverToneConfig
 from overtone.runner.bench import EVAL_TIMINGS
 from overtone.runner.settings import SettingError, check_finite
+from overtone.runner.stream import StreamSettings
 
 
 class SpecError(ValueError):
@@ -85,6 +86,11 @@ class RunSpec:
     max_probes: int = MAX_PROBES
     probes: str = "error"
     matched: str | None = None
+    stream: bool = False  # each chunk is an edit stream: checkpointed, with curves (runner/stream.py)
+    checkpoint_every: int = StreamSettings.checkpoint_every
+    curve_every: int = StreamSettings.curve_every
+    curve_sample: int = StreamSettings.curve_sample
+    fluency_tokens: int = StreamSettings.fluency_tokens
     budgets: tuple[tuple[str, int], ...] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -133,6 +139,7 @@ class RunSpec:
             raise SpecError(f"--ability-every {self.ability_every} measures within a chunk of --sequence "
                             f"{self.sequence} edits: give K below T (the chunk's end is measured anyway with "
                             "--ability)")
+        self._check_stream()
         if parallel != 1:
             if self.sequence > 1 or self.batch > 1:
                 raise SpecError(f"--parallel {parallel} edits independent cases (single editing); the cases of a "
@@ -154,6 +161,35 @@ class RunSpec:
             editor_config(self.editor, **self.editor_settings)
         except (SettingError, ValueError) as exc:
             raise SpecError(str(exc)) from exc
+
+
+    def _check_stream(self) -> None:
+        given = [f"--{name.replace('_', '-')}" for name in ("checkpoint_every", "curve_every", "curve_sample",
+                                                            "fluency_tokens")
+                 if getattr(self, name) != getattr(StreamSettings, name)]
+        if not self.stream:
+            if given:
+                raise SpecError(f"{', '.join(given)} set(s) an edit stream: add --stream")
+            return
+        if self.sequence < 2:
+            raise SpecError("--stream edits each chunk of --sequence T cases as one stream: give T >= 2 (e.g. "
+                            "--sequence 10000 --batch 100)")
+        if self.eval_timing != "end":
+            raise SpecError("--stream evaluates every edit on the stream's final model: --eval-timing must be end")
+        if self.matched:
+            raise SpecError("--stream edits batches of cases: matched steps (--matched) need single or continual "
+                            "editing")
+        try:
+            StreamSettings(self.checkpoint_every, self.curve_every, self.curve_sample, self.fluency_tokens)
+        except ValueError as exc:
+            raise SpecError(str(exc)) from exc
+
+    @property
+    def stream_settings(self) -> StreamSettings | None:
+        """The stream's settings (None: chunks are edited as continual editing does, runner/continual.py)."""
+        if not self.stream:
+            return None
+        return StreamSettings(self.checkpoint_every, self.curve_every, self.curve_sample, self.fluency_tokens)
 
     @property
     def editor_settings(self) -> dict[str, Any]:

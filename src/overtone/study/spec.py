@@ -5,7 +5,8 @@ OverTone, its ablations, a tuning grid) x seeds. The YAML file (docs/studies.md)
 
 * ``fixed``: settings shared by every cell (model, device, dtype, dataset, offset, limit, sequence,
   eval_timing, batch, seed, threads, generation; ``evaluation`` and ``eval_context`` as ``--eval`` and
-  ``--eval-context``, ``ability`` as ``--ability``, ``ability_every`` as ``--ability-every``, ``parallel``
+  ``--eval-context``, ``ability`` as ``--ability``, ``ability_every`` as ``--ability-every``, ``stream`` (null, true
+  or a mapping of ``runner.stream.StreamSettings``) as ``--stream`` and its options, ``parallel``
   as ``--parallel``);
 * ``axes``: lists of values of ``model``, ``dataset``, ``sequence``, ``editor``, ``variant``, ``seed``;
   a key is either fixed or an axis;
@@ -56,6 +57,7 @@ FIXED_DEFAULTS: dict[str, Any] = {
     "model": "smollm2-135m", "device": "auto", "dtype": "fp32", "offset": 0, "limit": None, "sequence": 1,
     "eval_timing": "end", "batch": 1, "seed": 0, "threads": 1, "generation": {}, "variant": ["ce", "overtone"],
     "evaluation": "teacher-forced", "eval_context": "bare", "ability": False, "ability_every": 0, "parallel": 1,
+    "stream": None,
 }
 REQUIRED = ("editor", "dataset")
 EDITOR_KEYS = ("settings", "overtone", "objective_settings")
@@ -106,6 +108,7 @@ class Cell:
     ability: bool = False  # --ability
     ability_every: int = 0  # --ability-every
     parallel: int | str = 1  # --parallel (1 for cells that cannot edit side by side)
+    stream: tuple[tuple[str, Any], ...] | None = None  # --stream and its settings (runner.stream.StreamSettings)
 
     @property
     def editor_settings(self) -> dict[str, Any]:
@@ -132,7 +135,8 @@ class Cell:
             settings=self.settings, overtone=self.variant.overtone, sequence=self.sequence, batch=self.batch,
             eval_timing=self.eval_timing, evaluation=self.evaluation, eval_context=self.eval_context,
             generation=self.generation, ability=self.ability, ability_every=self.ability_every,
-            parallel=self.parallel, seed=self.seed, matched=self.variant.match_steps)
+            parallel=self.parallel, seed=self.seed, matched=self.variant.match_steps,
+            **({"stream": True, **dict(self.stream)} if self.stream is not None else {}))
 
     def describe(self) -> dict[str, Any]:
         """The cell as ``plan.json`` lists it."""
@@ -143,7 +147,7 @@ class Cell:
                 "deterministic": self.deterministic, "after": self.after,
                 "match_steps": self.variant.match_steps, "evaluation": self.evaluation,
                 "eval_context": self.eval_context, "ability": self.ability, "ability_every": self.ability_every,
-                "parallel": self.parallel}
+                "parallel": self.parallel, "stream": None if self.stream is None else dict(self.stream)}
 
 
 @dataclass
@@ -409,6 +413,21 @@ def _evaluation(values: dict[str, Any], where: str) -> dict[str, Any]:
             **({"ability": True} if ability else {}), **({"ability_every": every} if every else {})}
 
 
+def _stream(value: Any, where: str) -> tuple[tuple[str, Any], ...] | None:
+    """``stream``: null or false (chunks edited as continual editing), true (an edit stream with the default
+    settings) or a mapping of ``runner.stream.StreamSettings`` (``curve_every``, ``curve_sample``, ...)."""
+    from overtone.runner.stream import StreamSettings
+
+    if value is None or value is False:
+        return None
+    given = {} if value is True else _typed(StreamSettings, value, f"{where}: stream")
+    try:
+        settings = StreamSettings(**given)
+    except ValueError as exc:
+        raise StudyError(f"{where}: stream: {exc}") from exc
+    return tuple(sorted(asdict(settings).items()))
+
+
 def _parallel(value: Any, where: str) -> int | str:
     if value == "auto":
         return value
@@ -459,6 +478,9 @@ def expand(spec: dict[str, Any], where: str = "study") -> Study:
     given_generation = tuple(sorted(given.items()))
     evaluation = _evaluation(values, where)
     parallel = _parallel(values["parallel"], where)
+    stream = _stream(values["stream"], where)
+    if stream is not None and scalars["eval_timing"] != "end":
+        raise StudyError(f"{where}: a stream evaluates every edit on its final model: eval_timing must be end")
 
     cells: list[Cell] = []
     notes: list[str] = []
@@ -527,6 +549,8 @@ def expand(spec: dict[str, Any], where: str = "study") -> Study:
                                 "objective": make_objective(variant.objective, variant.overtone).config(),
                                 "seed": seed, "matched_steps": after, "generation": generation,
                                 **evaluation,
+                                **({"stream": {k: v for k, v in stream if k != "checkpoint_every"}}
+                                   if stream is not None else {}),
                             }
                             side_by_side = parallel if sequence == 1 and cls.parallel_refusal is None else 1
                             cell = Cell(cell_id(material), model, editor, variant, _hashable(merged), dataset,
@@ -534,7 +558,7 @@ def expand(spec: dict[str, Any], where: str = "study") -> Study:
                                         scalars["batch"], seed, given_generation, after, deterministic,
                                         values["evaluation"], values["eval_context"],
                                         bool(evaluation.get("ability")), evaluation.get("ability_every", 0),
-                                        side_by_side)
+                                        side_by_side, stream)
                             by_key[(model, dataset, sequence, editor, seed, variant.slug)] = cell.id
                             cells.append(cell)
     ids = [c.id for c in cells]

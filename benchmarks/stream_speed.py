@@ -1,0 +1,79 @@
+"""Throughput of an edit stream (``overtone bench --stream``), measured in one run through the runner.
+
+Streams N cases of a dataset in batches of B (``--sequence N --batch B --stream``) into a fresh run directory
+and prints, as measured: the wall time from the model's loading to the summary, its parts (the edits, as the
+records' ``edit_s`` add up; the rest: unedited pass, checkpoints, curve points and the final evaluation of all
+N edits), edits per second over the whole run, the process's peak resident memory and, on a GPU, the peak
+GPU memory. The stream's lifelong metrics are printed too, so a throughput is read next to what it bought.
+
+    python benchmarks/stream_speed.py --editor memit --limit 1000 --batch 100
+    python benchmarks/stream_speed.py --editor ultraedit --limit 10000 --batch 100 --curve-every 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from overtone.editors import EDITORS
+from overtone.runner import ResultStore, RunSpec, check_run, prepare_run
+from overtone.runner.settings import parse_items
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--editor", default="memit")
+    parser.add_argument("--objective", default="ce")
+    parser.add_argument("--dataset", default="counterfact-mend")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--limit", type=int, default=1000, help="N: edits in the stream")
+    parser.add_argument("--batch", type=int, default=100, help="B: cases per edit call")
+    parser.add_argument("--checkpoint-every", type=int, default=10)
+    parser.add_argument("--curve-every", type=int, default=0)
+    parser.add_argument("--fluency-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an editor setting")
+    parser.add_argument("--out", type=Path, default=None, help="run directory (default: a temporary one)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+
+    spec = RunSpec(editor=args.editor, objective=args.objective, dataset=args.dataset, model=args.model,
+                   device=args.device, threads=args.threads, limit=args.limit, sequence=args.limit,
+                   batch=args.batch, stream=True, checkpoint_every=args.checkpoint_every,
+                   curve_every=args.curve_every, fluency_tokens=args.fluency_tokens,
+                   settings=tuple(parse_items(args.set, EDITORS[args.editor].config_class, args.editor).items()))
+    out = args.out or Path(tempfile.mkdtemp(prefix="stream-speed-")) / "run"
+    start = time.perf_counter()
+    inputs = check_run(spec)
+    prepared = prepare_run(spec, inputs)
+    loaded = time.perf_counter()
+    with ResultStore(out, prepared.config) as store:
+        summary = prepared.execute(store)
+        records = store.records
+    wall = time.perf_counter() - start
+    edit_s = sum(r["edit_s"] for r in records)
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    result = {
+        "editor": args.editor, "objective": args.objective, "dataset": args.dataset, "model": args.model,
+        "device": str(prepared.lm.device), "threads": args.threads, "edits": len(records), "batch": args.batch,
+        "wall_s": round(wall, 1), "load_s": round(loaded - start, 1), "edit_s": round(edit_s, 1),
+        "other_s": round(wall - (loaded - start) - edit_s, 1), "edits_per_s": round(len(records) / wall, 3),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "peak_gpu_gib": None if peak_gpu is None else round(peak_gpu, 2),
+        "metrics": {m: summary.get(m) for m in ("rel", "gen", "loc")}, "lifelong": summary.get("lifelong"),
+        "run": str(out),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
