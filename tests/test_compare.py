@@ -15,7 +15,7 @@ from overtone.cli import app
 from overtone.objectives import OverToneConfig
 from overtone.report import paired_difference, paired_differences
 from overtone.runner import read_run, summarize
-from overtone.runner.variants import ablation_variants, matched_steps_variants, mode_check_can_act, sweep_variants
+from overtone.runner.variants import ablation_variants, matched_steps_variants, sweep_variants
 
 
 def rec(case_id: str, **post) -> dict:
@@ -88,17 +88,21 @@ def test_ablation_variants_switch_one_component_each():
     base = OverToneConfig(lam=0.3, n_sigma=1.0, epsilon=0.02)
     variants = {v.slug: v for v in ablation_variants(base, (0.03,))}
     assert list(variants) == ["ce", "overtone", "no-clip", "no-dyn", "no-chk", "no-flt", "overtone-clip-stop",
-                              "ce-stop-0.03"]
+                              "tie-mix", "clip-value-zero", "clip-test-prob", "ce-stop-0.03"]
+    assert variants["tie-mix"].overtone == OverToneConfig(lam=0.3, n_sigma=1.0, epsilon=0.02, tie="mix")
+    assert variants["clip-value-zero"].overtone.clip_value == "zero"
+    assert variants["clip-test-prob"].overtone.clip_test == "prob"
     assert variants["overtone-clip-stop"].editor_settings == {"stop_when_clipped": True}
     assert variants["no-clip"].overtone == OverToneConfig(lam=0.3, n_sigma=1.0, epsilon=0.02, clip=False)
     assert not variants["no-dyn"].overtone.dynamic and not variants["no-chk"].overtone.mode_check
     assert not variants["no-flt"].overtone.filter
     assert variants["ce-stop-0.03"].objective == "ce"
     assert variants["ce-stop-0.03"].editor_settings == {"stop_loss": 0.03}
-    # at lambda >= 0.5 the mode check cannot fail: the study adds OverTone and w/o chk where it can
-    high = [v.slug for v in ablation_variants(OverToneConfig(lam=0.5), chk_lambda=0.1)]
-    assert high[-2:] == ["overtone-l0.1", "no-chk-l0.1"]
-    assert not mode_check_can_act(0.5) and mode_check_can_act(0.49)
+    # above lambda 0.5 (or at 0.5 when ties keep the mixture) the mode check cannot fail: the study adds
+    # OverTone and w/o chk where it can; at 0.5 with ties falling back it acts, on ties
+    for high in (OverToneConfig(lam=0.6), OverToneConfig(lam=0.5, tie="mix")):
+        assert [v.slug for v in ablation_variants(high, chk_lambda=0.1)][-2:] == ["overtone-l0.1", "no-chk-l0.1"]
+    assert "overtone-l0.1" not in [v.slug for v in ablation_variants(OverToneConfig(lam=0.5), chk_lambda=0.1)]
     grid = sweep_variants(base, [0.1, 0.5], [1.0], [0.0, 0.01])
     assert len(grid) == 5 and grid[0].objective == "ce" and grid[-1].overtone.lam == 0.5
 
@@ -127,8 +131,9 @@ def test_ablate_runs_every_variant_and_prints_paired_tables(tmp_path, tiny_llama
     assert result.exit_code == 0, result.output
     runs = run_dirs(out)  # one run directory per row that ran; "CE, steps of OverTone" was not needed
     assert sorted(runs) == sorted(
-        ["ce", "overtone", "no-clip", "no-dyn", "no-chk", "no-flt", "overtone-clip-stop", "ce-stop-0.03",
-         "ce-steps-of-overtone-clip-stop"])
+        ["ce", "overtone", "no-clip", "no-dyn", "no-chk", "no-flt", "overtone-clip-stop", "tie-mix", "clip-value-zero",
+         "clip-test-prob", "ce-stop-0.03", "ce-steps-of-overtone-clip-stop",
+         "ce-steps-of-clip-value-zero"])  # clipped tokens at 0: FT-M's loss stop fires, so it gets a control
     table = (out / "table.md").read_text()
     assert "| w/o flt |" in table and "W/T/L (Avg.)" in table and "CE stop<0.03" in table
     assert "CE, steps of OverTone, stop when clipped" in table

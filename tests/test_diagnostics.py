@@ -81,7 +81,7 @@ def test_mixture_flags_are_the_objectives_decision(tiny_llama, zsre_cases):
     objective = OverTone(OverToneConfig(lam=0.3, n_sigma=1.0, epsilon=0.0))
     (trace,) = trace_edit(FTM(tiny_llama, FTMConfig(layer=2, steps=1), objective), Evaluator(tiny_llama), [case])
     log_probs, labels = full_log_probs(tiny_llama, case.prompt, case.target)
-    _, mixed, _ = objective.target(log_probs, labels)
+    _, mixed, *_ = objective.target(log_probs, labels)
     assert trace.mixed[0] == mixed.tolist()
     (ce,) = trace_edit(FTM(tiny_llama, FTMConfig(layer=2, steps=1), CrossEntropy()), Evaluator(tiny_llama), [case])
     assert not any(any(r) for r in ce.mixed) and not any(any(r) for r in ce.clipped)

@@ -59,6 +59,8 @@ def test_loss_history_matches_a_full_forward(tiny_llama):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    hidden, _ = forward_hidden(tiny_llama.adapter, batch.input_ids, batch.attention_mask)  # after the last step
+    losses.append(CrossEntropy()(tiny_llama.adapter.logits(batch.gather(hidden)), batch.labels).loss.item())
     weight.requires_grad_(False)
     assert handle.stats.losses == pytest.approx(losses, rel=1e-5)
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from overtone.objectives import IGNORE_INDEX, CrossEntropy, OverTone, OverToneConfig, top_n_sigma_mask
+from overtone.objectives.base import FALLBACK_NONE, FALLBACK_NOT_MODE, FALLBACK_TIE
 
 V = 50
 
@@ -53,7 +54,7 @@ def test_gradient_is_softmax_minus_target(cfg):
     labels = label.view(1, 1)
     objective = OverTone(OverToneConfig(**{**cfg.__dict__, "reduction": "sum"}))
     _, grad = grad_of(objective, logits, labels)
-    target, mixed, _ = objective.target(logits[0], labels[0])
+    target, mixed, *_ = objective.target(logits[0], labels[0])
     assert bool(mixed.all())
     torch.testing.assert_close(grad[0], torch.softmax(logits[0], -1) - target, rtol=0, atol=1e-6)
 
@@ -107,7 +108,7 @@ def test_filtered_prior_renormalises_over_kept_set():
     logits = torch.tensor([[5.0, 4.5, -3.0, -3.0, -4.0]])
     labels = torch.tensor([0])
     objective = OverTone(OverToneConfig(lam=0.0, n_sigma=0.5))
-    target, _, kept = objective.target(logits, labels)
+    target, _, kept, _ = objective.target(logits, labels)
     keep = top_n_sigma_mask(logits, 0.5)
     expected = torch.softmax(logits.masked_fill(~keep, float("-inf")), -1)
     torch.testing.assert_close(target, expected)
@@ -119,22 +120,90 @@ def test_fallback_to_one_hot_when_label_is_not_the_mode():
     logits = torch.tensor([[6.0, 1.0, 0.5, 0.0]])  # model prefers token 0
     labels = torch.tensor([1])  # the new answer is token 1
     objective = OverTone(OverToneConfig(lam=0.1, n_sigma=10.0))
-    target, mixed, _ = objective.target(logits, labels)
+    target, mixed, *_ = objective.target(logits, labels)
     assert not bool(mixed[0])
     torch.testing.assert_close(target, torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
     # without the mode check the mixture is used although it teaches the old answer
     unchecked = OverTone(OverToneConfig(lam=0.1, n_sigma=10.0, mode_check=False))
-    target, mixed, _ = unchecked.target(logits, labels)
+    target, mixed, *_ = unchecked.target(logits, labels)
     assert bool(mixed[0]) and int(target.argmax()) == 0
 
 
-def test_tie_in_the_mixture_counts_as_fallback():
+def test_tie_in_the_mixture_falls_back_by_default_and_mixes_with_tie_mix():
     # lam = 0.5 with a prior entirely on token 0: mixture is 0.5 / 0.5 between tokens 0 and 1.
     logits = torch.tensor([[50.0, -50.0, -50.0]])
     labels = torch.tensor([1])
-    target, mixed, _ = OverTone(OverToneConfig(lam=0.5, n_sigma=0.0)).target(logits, labels)
-    assert not bool(mixed[0])
+    target, mixed, _, fallback = OverTone(OverToneConfig(lam=0.5, n_sigma=0.0)).target(logits, labels)
+    assert not bool(mixed[0]) and int(fallback[0]) == FALLBACK_TIE
     assert target[0, 1] == 1.0
+    target, mixed, _, fallback = OverTone(OverToneConfig(lam=0.5, n_sigma=0.0, tie="mix")).target(logits, labels)
+    assert bool(mixed[0]) and int(fallback[0]) == FALLBACK_NONE
+    torch.testing.assert_close(target, torch.tensor([[0.5, 0.5, 0.0]]))
+
+
+def test_fallback_reasons_and_a_one_hot_prior_are_told_apart():
+    logits = torch.tensor([[6.0, 1.0, 0.5, 0.0],  # label 1 outside the kept set {0}: not the mode at lam 0.3
+                           [-50.0, 50.0, -50.0, -50.0]])  # label 1 is the whole kept set: the target is one-hot
+    labels = torch.tensor([1, 1])
+    _, mixed, kept, fallback = OverTone(OverToneConfig(lam=0.3, n_sigma=0.5)).target(logits, labels)
+    assert fallback.tolist() == [FALLBACK_NOT_MODE, FALLBACK_NONE]
+    assert mixed.tolist() == [False, False]  # the second passed the check, but its target is the one-hot
+    assert kept.tolist() == [1, 1]
+
+
+def test_mode_check_can_act_at_lambda_one_half_only_when_ties_fall_back():
+    assert OverToneConfig(lam=0.1).mode_check_can_act
+    assert OverToneConfig(lam=0.5).mode_check_can_act
+    assert not OverToneConfig(lam=0.5, tie="mix").mode_check_can_act
+    assert not OverToneConfig(lam=0.6).mode_check_can_act
+    assert not OverToneConfig(lam=0.1, mode_check=False).mode_check_can_act
+
+
+@pytest.mark.parametrize("name, value", [("tie", "coin"), ("clip_value", "half"), ("clip_test", "margin")])
+def test_unknown_choices_of_the_silent_settings_are_refused(name, value):
+    with pytest.raises(ValueError, match=name):
+        OverToneConfig(**{name: value})
+
+
+def test_clip_test_prob_clips_on_the_label_probability():
+    # a static prior split between tokens 0 and 1 makes the target (0.25, 0.75) while the model is sure of 1:
+    # the KL is far above epsilon, p(label) above 1 - epsilon
+    logits = torch.tensor([[0.0, 9.0, 4.0, -9.0]])
+    reference = torch.tensor([[5.0, 5.0, -5.0, -5.0]])
+    labels = torch.tensor([1])
+    eps = 0.05
+    assert float(torch.softmax(logits, -1)[0, 1]) > 1 - eps
+    settings = {"lam": 0.5, "n_sigma": 0.5, "epsilon": eps, "dynamic": False}
+    kl_scores = OverTone(OverToneConfig(**settings)).token_losses(logits, labels, reference)
+    prob_scores = OverTone(OverToneConfig(**settings, clip_test="prob")).token_losses(logits, labels, reference)
+    assert bool(kl_scores.mixed[0]) and float(kl_scores.loss[0]) > 1.0 and not bool(kl_scores.clipped[0])
+    assert bool(prob_scores.clipped[0]) and float(prob_scores.loss[0]) == pytest.approx(eps)
+
+
+@pytest.mark.parametrize("clip_value, floor", [("floor", 0.01), ("zero", 0.0)])
+def test_an_edit_whose_every_token_is_clipped_has_the_floor_as_its_loss_at_every_length(clip_value, floor):
+    """float32(0.01) averaged over T tokens used to round above or below it depending on T (29 lengths of
+    1..199 above), so FT-M's stop at 0.01 fired for some target lengths and not for others."""
+    objective = OverTone(OverToneConfig(lam=0.5, n_sigma=1.0, epsilon=0.01, clip_value=clip_value))
+    for length in range(1, 200):
+        labels = torch.arange(length) % 7
+        logits = torch.full((1, length, 7), -30.0)
+        logits[0, torch.arange(length), labels] = 30.0  # every token learnt: all clipped
+        out = objective(logits, labels[None])
+        assert bool(out.clipped.all())
+        assert out.loss.item() == float(torch.tensor(floor, dtype=torch.float32)), length
+        assert out.group_loss(slice(0, 1)).item() == out.loss.item()
+
+
+def test_activity_counts_mixed_fallback_and_clipped_tokens():
+    logits = torch.tensor([[[6.0, 1.0, 0.5, 0.0], [50.0, -50.0, -50.0, -50.0], [-50.0, 50.0, -50.0, -50.0],
+                            [2.0, 2.5, 0.0, -1.0]]])
+    labels = torch.tensor([[1, 1, 1, 1]])
+    out = OverTone(OverToneConfig(lam=0.5, n_sigma=0.5))(logits, labels)
+    # at lam 0.5 the label holds half the mixture, so the check can fail only by a tie (rows 1 and 2)
+    assert out.activity() == {"tokens": 4, "mixed": 1, "clipped": 1, "fallback_mode": 0, "fallback_tie": 2}
+    ce = CrossEntropy()(logits, labels).activity()
+    assert ce == {"tokens": 4, "mixed": 0, "clipped": 0, "fallback_mode": 0, "fallback_tie": 0}
 
 
 def test_target_never_pushes_the_label_down():
@@ -142,7 +211,7 @@ def test_target_never_pushes_the_label_down():
     labels = labels.clamp_min(0)
     objective = OverTone(OverToneConfig(lam=0.2, n_sigma=1.0))
     flat_logits, flat_labels = logits.reshape(-1, V), labels.reshape(-1)
-    target, _, _ = objective.target(flat_logits, flat_labels)
+    target, *_ = objective.target(flat_logits, flat_labels)
     p_label = torch.softmax(flat_logits, -1).gather(-1, flat_labels[:, None]).squeeze(-1)
     t_label = target.gather(-1, flat_labels[:, None]).squeeze(-1)
     assert bool((t_label >= p_label - 1e-6).all())
@@ -227,15 +296,16 @@ def test_gradient_terms_sum_to_the_token_gradient(cfg):
         ref[fitted] = z[fitted]
     objective = OverTone(cfg)
     leaf = z.clone().requires_grad_(True)
-    loss, clipped, mixed, _ = objective.token_losses(leaf, y, ref)
+    loss, clipped, _, _, fallback = objective.token_losses(leaf, y, ref)
+    checked = fallback == 0  # the mode check kept the mixture
     loss.sum().backward()
     label_term, filter_term = objective.gradient_terms(z, y, ref)
     torch.testing.assert_close(label_term + filter_term, leaf.grad, rtol=0, atol=1e-6)
     assert bool(clipped[fitted])
     assert torch.count_nonzero(label_term[fitted]) == 0 and torch.count_nonzero(filter_term[fitted]) == 0
-    # a token whose target fell back to the one-hot gets no filter term, a mixed unclipped one does
-    assert torch.count_nonzero(filter_term[~mixed]) == 0
-    assert filter_term[mixed & ~clipped].abs().sum(-1).gt(0).all()
+    # a token whose target fell back to the one-hot gets no filter term, a mixture one (unclipped) does
+    assert torch.count_nonzero(filter_term[~checked]) == 0
+    assert filter_term[checked & ~clipped].abs().sum(-1).gt(0).all()
 
 
 def test_filter_term_vanishes_without_the_filter_and_sharpens_with_it():

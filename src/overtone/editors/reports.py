@@ -67,11 +67,21 @@ class EditStats:
     """
 
     steps: int = 0  # optimiser updates taken
-    losses: list[float] = field(default_factory=list)  # the objective's loss at every forward pass
+    # the objective's loss at every forward pass: before each update, then after the last one (an edit that
+    # ran its whole budget), or at the pass whose stop rule fired
+    losses: list[float] = field(default_factory=list)
     extra_losses: list[float] = field(default_factory=list)  # the editor's other terms, per pass (empty: none)
     stopped_early: bool = False  # a stop rule ended the optimisation before its step budget
     stop_reason: str | None = None  # "loss", "clipped" or the editor's own rule ("settled"); None: ran its budget
     time_s: float = 0.0
+    # token counts over the passes that led to an update (``ObjectiveOutput.activity``): how often the
+    # objective's target differed from cross-entropy's, fell back to it, or was clipped
+    activity: dict[str, int] = field(default_factory=dict)
+
+    def count(self, output: ObjectiveOutput) -> None:
+        """Add the token counts of the pass an update was made from."""
+        for key, value in output.activity().items():
+            self.activity[key] = self.activity.get(key, 0) + value
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

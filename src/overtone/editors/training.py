@@ -120,10 +120,16 @@ StopRule = Callable[[float, float | None, ObjectiveOutput], str | None]
 
 
 def default_stop(stop_loss: float, stop_when_clipped: bool) -> StopRule:
-    """The host editors' rule: the objective's loss below ``stop_loss``, or (optionally) every token clipped."""
+    """The host editors' rule: the objective's loss below ``stop_loss``, or (optionally) every token clipped.
+
+    The comparison is made in the loss's own precision (float32): the threshold is rounded to it first.
+    Compared in float64, float32(0.01) = 0.0099999998 counted as below 0.01, so an OverTone edit whose
+    every token sits at the floor ε = 0.01 stopped, and whether it did depended on rounding (docs/method.md).
+    """
+    threshold = float(torch.tensor(stop_loss, dtype=torch.float32))
 
     def rule(loss: float, _extra: float | None, out: ObjectiveOutput) -> str | None:
-        if loss < stop_loss:
+        if loss < threshold:
             return "loss"
         if stop_when_clipped and out.active_tokens == 0:
             return "clipped"
@@ -157,7 +163,9 @@ def optimise(
 
     ``stop(loss, extra, output)`` names the reason to stop before this pass's update, or returns None;
     ``loss`` is the objective's alone. ``check()``, when given, returns logits for the stop decision
-    from a forward pass without dropout (no gradient is needed).
+    from a forward pass without dropout (no gradient is needed). An edit that spends its budget makes
+    one more pass after its last update, so its last recorded loss is the edited model's (what the
+    divergence rule reads), not the loss before the last update.
     """
     stats = EditStats()
     labels = target_logits.labels
@@ -165,7 +173,7 @@ def optimise(
     budget = steps if exact_steps is None else exact_steps
     if budget < 0:
         raise ValueError(f"case {names}: a step budget must be >= 0, got {budget}")
-    for _ in range(budget):
+    while True:
         logits = target_logits()
         out: ObjectiveOutput = objective(logits, labels, target_logits.reference)
         extra = extra_loss() if extra_loss is not None else None
@@ -178,6 +186,8 @@ def optimise(
         if on_step is not None:
             on_step(StepInfo(step=stats.steps, loss=loss, output=out, cases=cases, logits=logits.detach(),
                              labels=labels, extra_loss=extra_value))
+        if stats.steps == budget:  # the budget is spent: this pass measured the edited model
+            break
         if exact_steps is None:
             decision = out
             if check is not None:
@@ -188,6 +198,7 @@ def optimise(
                 stats.stopped_early, stats.stop_reason = True, reason
                 break
         update(out.loss if extra is None else out.loss + extra)
+        stats.count(out)
         stats.steps += 1
     return stats
 
@@ -225,7 +236,8 @@ def optimise_cases(
     (``ObjectiveOutput.group_loss``), ``extra_loss()`` gives one regulariser per case, and the update
     back-propagates the sum of the continuing cases' terms, so each case's parameters get exactly its
     own gradient. A case is judged by its own stop rule (or runs exactly ``exact_steps[i]`` updates when
-    given) and leaves the batch (``source.keep``, ``params.keep``) when it stops or spends its budget.
+    given) and leaves the batch (``source.keep``, ``params.keep``) when it stops, or at the pass after its
+    last update once it has spent its budget (that pass records its final loss, as in ``optimise``).
     ``after_step`` runs after every update (projections such as clamps); ``view(p)`` is a context in
     which forward passes see the present weights of the case at position ``p`` (``StepInfo.weights``).
     """
@@ -246,7 +258,6 @@ def optimise_cases(
         params.keep(positions)
         active = [active[p] for p in positions]
 
-    keep([p for p, i in enumerate(active) if limits[i] > 0])
     while active:
         logits = source()
         out = objective(logits, source.labels, source.reference)
@@ -266,8 +277,9 @@ def optimise_cases(
                                  cases=[cases[i]], logits=logits[s].detach(), labels=source.labels[s],
                                  extra_loss=extra_values[p],
                                  weights=None if view is None else (lambda p=p: view(p))))
-        judged = [p for p, i in enumerate(active) if not exact[i]]
-        stopped: set[int] = set()
+        spent = {p for p, i in enumerate(active) if stats[i].steps >= limits[i]}
+        judged = [p for p, i in enumerate(active) if not exact[i] and p not in spent]
+        stopped: set[int] = set(spent)
         if judged:
             decision = out
             if check is not None:
@@ -285,6 +297,8 @@ def optimise_cases(
         if going:
             terms = losses if extra is None else losses + extra
             params.backward(terms[going].sum())
+        for p in going:
+            stats[active[p]].count(out.select(slices[p], losses[p].detach()))
         keep(going)
         if not active:
             break
@@ -293,5 +307,4 @@ def optimise_cases(
             after_step()
         for i in active:
             stats[i].steps += 1
-        keep([p for p, i in enumerate(active) if stats[i].steps < limits[i]])
     return stats

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from overtone.objectives.base import Objective
+from overtone.objectives.base import Objective, TokenScores
 
 
 class CrossEntropy(Objective):
@@ -14,7 +14,7 @@ class CrossEntropy(Objective):
 
     def token_losses(
         self, logits: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> TokenScores:
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
         false = torch.zeros_like(labels, dtype=torch.bool)
-        return loss, false, false, torch.zeros_like(labels)
+        return TokenScores(loss, false, false, torch.zeros_like(labels))

@@ -5,24 +5,33 @@ prediction, treated as a constant (stop-gradient):
 
     pi_flt  = softmax over the top-n-sigma set  { v : z_v >= max(z) - n * std(z) }    (Tang et al., 2024)
     pi_can  = lam * onehot(y_i) + (1 - lam) * pi_flt                                  (Eq. 3)
-    pi_tar  = pi_can if y_i is the strict mode of pi_can else onehot(y_i)             (mode check)
+    pi_tar  = pi_can if y_i is the mode of pi_can else onehot(y_i)                    (mode check)
     loss_i  = max(KL(pi_tar || softmax(z_i)), epsilon)                                (Eq. 2)
 
 With lam = 1 and epsilon = 0 this is exactly cross-entropy (Prop. 3.1). The gradient w.r.t. z_i is
 softmax(z_i) - pi_tar on tokens whose KL is at least epsilon and zero on the others: that is the
 token-level early stopping. Each of the four components can be switched off for the ablation of the
-paper's Table 4.4 (``clip``, ``dynamic``, ``mode_check``, ``filter``); see docs/method.md for the
-readings chosen where the paper's text is silent.
+paper's Table 4.4 (``clip``, ``dynamic``, ``mode_check``, ``filter``). Where the paper's text is silent
+the choice is a named setting, the current reading its default (docs/method.md): ``tie`` (a tie between
+the label and another token in the mode check falls back to the one-hot, or keeps the mixture),
+``clip_value`` (a clipped token's loss holds epsilon, or zero: only loss-reading stop rules see the
+difference, the gradient is zero either way) and ``clip_test`` (clip when the KL is below epsilon, or
+when p(label) is above 1 - epsilon).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 
-from overtone.objectives.base import Objective, Reduction
+from overtone.objectives.base import FALLBACK_NONE, FALLBACK_NOT_MODE, FALLBACK_TIE, Objective, Reduction, TokenScores
+
+TIES = ("fallback", "mix")
+CLIP_VALUES = ("floor", "zero")
+CLIP_TESTS = ("kl", "prob")
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,12 @@ class OverToneConfig:
         default=True, metadata={"help": "fall back to the one-hot when the label is not the mode ('w/o chk')"}
     )
     filter: bool = field(default=True, metadata={"help": "top-n-sigma filter the prediction ('w/o flt')"})
+    tie: Literal["fallback", "mix"] = field(default="fallback", metadata={
+        "help": "mode check when the label ties with another token: fall back to the one-hot, or keep the mixture"})
+    clip_value: Literal["floor", "zero"] = field(default="floor", metadata={
+        "help": "a clipped token's loss: epsilon (floor) or 0 (zero); the gradient is zero either way"})
+    clip_test: Literal["kl", "prob"] = field(default="kl", metadata={
+        "help": "clip when KL(target || p) < epsilon (kl) or when p(label) > 1 - epsilon (prob)"})
     reduction: Reduction = "mean"
 
     def __post_init__(self) -> None:
@@ -55,6 +70,17 @@ class OverToneConfig:
             raise ValueError(f"OverTone n_sigma must be >= 0, got {self.n_sigma}")
         if self.epsilon < 0:
             raise ValueError(f"OverTone epsilon must be >= 0, got {self.epsilon}")
+        for name, value, choices in (("tie", self.tie, TIES), ("clip_value", self.clip_value, CLIP_VALUES),
+                                     ("clip_test", self.clip_test, CLIP_TESTS)):
+            if value not in choices:
+                raise ValueError(f"OverTone {name} must be one of {', '.join(choices)}, got {value!r}")
+
+    @property
+    def mode_check_can_act(self) -> bool:
+        """Whether the mode check can ever choose the one-hot: with lam > 0.5 the label holds more than half of
+        the mixture's mass, so it is always the strict mode; at 0.5 it can tie (the usual case when the kept set
+        is one other token, the model's old answer), which falls back only with ``tie="fallback"``."""
+        return self.mode_check and (self.lam < 0.5 or (self.lam == 0.5 and self.tie == "fallback"))
 
 
 def top_n_sigma_mask(logits: torch.Tensor, n_sigma: float) -> torch.Tensor:
@@ -78,6 +104,7 @@ class OverTone(Objective):
         self.cfg = config or OverToneConfig()
         super().__init__(self.cfg.reduction)
         self.needs_reference = not self.cfg.dynamic
+        self.floor = self.cfg.epsilon if self.cfg.clip and self.cfg.clip_value == "floor" else 0.0
 
     def config(self) -> dict[str, object]:
         return {"name": self.name, **asdict(self.cfg)}
@@ -95,46 +122,54 @@ class OverTone(Objective):
     def target(self, prior_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The target distribution pi_tar [N, V] from the logits the prior is read from.
 
-        Returns (target, mixed [N] bool, kept [N] int).
+        Returns (target, mixed [N] bool: the target differs from the one-hot, kept [N] int, fallback [N]:
+        why the mode check chose the one-hot, ``FALLBACK_*``).
         """
         cfg = self.cfg
         prior, kept = self.prior(prior_logits)
-        # candidate = lam * onehot(y) + (1 - lam) * prior, built in place: this runs at every step.
         index = labels[:, None]
+        # a prior wholly on the label (kept set {label}) makes the mixture the one-hot itself
+        differs = prior.gather(-1, index).squeeze(-1) < 1.0
+        # candidate = lam * onehot(y) + (1 - lam) * prior, built in place: this runs at every step.
         candidate = prior.mul_(1.0 - cfg.lam)
         candidate.scatter_add_(-1, index, torch.full_like(index, cfg.lam, dtype=candidate.dtype))
+        fallback = torch.full_like(labels, FALLBACK_NONE, dtype=torch.int8)
         if cfg.lam == 1.0:
-            mixed = torch.zeros_like(labels, dtype=torch.bool)  # the mixture is the one-hot itself
+            passed = torch.zeros_like(labels, dtype=torch.bool)  # the mixture is the one-hot itself
         elif cfg.mode_check:
-            # The label must be the strict mode of the mixture; a tie counts as a failure.
-            label_mass = candidate.gather(-1, index)
-            rival_mass = candidate.scatter(-1, index, -1.0).amax(dim=-1, keepdim=True)
-            mixed = (label_mass > rival_mass).squeeze(-1)
+            label_mass = candidate.gather(-1, index).squeeze(-1)
+            rival_mass = candidate.scatter(-1, index, -1.0).amax(dim=-1)
+            tie = label_mass == rival_mass
+            passed = (label_mass > rival_mass) | (tie & (cfg.tie == "mix"))
+            fallback[~passed & ~tie] = FALLBACK_NOT_MODE
+            fallback[~passed & tie] = FALLBACK_TIE
         else:
-            mixed = torch.ones_like(labels, dtype=torch.bool)
+            passed = torch.ones_like(labels, dtype=torch.bool)
         # Rows that fail the check fall back to the one-hot label.
-        candidate.mul_(mixed[:, None])
-        candidate.scatter_add_(-1, index, (~mixed)[:, None].to(candidate.dtype))
-        return candidate, mixed, kept
+        candidate.mul_(passed[:, None])
+        candidate.scatter_add_(-1, index, (~passed)[:, None].to(candidate.dtype))
+        return candidate, passed & differs, kept, fallback
 
     def token_losses(
         self, logits: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> TokenScores:
         prior_logits = logits.detach() if self.cfg.dynamic else reference
         assert prior_logits is not None  # guaranteed by Objective.__call__ when needs_reference
-        target, mixed, kept = self.target(prior_logits, labels)
+        target, mixed, kept, fallback = self.target(prior_logits, labels)
         log_probs = torch.log_softmax(logits, dim=-1)
         # KL(target || p) = sum_v t_v log t_v - sum_v t_v log p_v, with 0 log 0 = 0; the first sum is constant.
         with torch.no_grad():
             neg_entropy = torch.xlogy(target, target).sum(dim=-1)
         kl = neg_entropy - (target * log_probs).sum(dim=-1)
-        if self.cfg.clip:
-            clipped = kl.detach() < self.cfg.epsilon
-            loss = torch.clamp(kl, min=self.cfg.epsilon)
-        else:
-            clipped = torch.zeros_like(mixed)
-            loss = kl
-        return loss, clipped, mixed, kept
+        if not self.cfg.clip:
+            return TokenScores(kl, torch.zeros_like(mixed), mixed, kept, fallback)
+        with torch.no_grad():
+            if self.cfg.clip_test == "kl":
+                clipped = kl < self.cfg.epsilon
+            else:
+                clipped = log_probs.gather(-1, labels[:, None]).squeeze(-1).exp() > 1.0 - self.cfg.epsilon
+        # a clipped token holds the floor (epsilon, or 0) and sends no gradient
+        return TokenScores(kl.masked_fill(clipped, self.floor), clipped, mixed, kept, fallback)
 
     @torch.no_grad()
     def gradient_terms(
@@ -146,17 +181,18 @@ class OverTone(Objective):
         = lam (p - onehot(y)) + (1 - lam) (p - pi_flt): the first term is cross-entropy's gradient
         scaled by lam; the second moves mass from the tokens outside the kept set to those inside, so
         it sharpens the prediction (it is zero without the filter and with a dynamic target, where
-        pi_flt = p). A token that fell back to the one-hot has the label term p - onehot(y) alone; a
-        clipped token has neither. ``logits`` [N, V], ``labels`` [N] as in ``token_losses``; the
+        pi_flt = p). A token whose target fell back to the one-hot (the mode check chose it) has the
+        label term p - onehot(y) alone; a clipped token has neither. ``logits`` [N, V], ``labels`` [N] as in ``token_losses``; the
         terms sum to the gradient of the per-token loss (the reduction's 1/T is not applied).
         """
         z = logits.float()
-        _, clipped, mixed, _ = self.token_losses(z, labels, None if reference is None else reference.float())
+        scores = self.token_losses(z, labels, None if reference is None else reference.float())
+        assert scores.fallback is not None
         prior_logits = z if self.cfg.dynamic else reference
         assert prior_logits is not None
         prior, _ = self.prior(prior_logits)
         p = torch.softmax(z, dim=-1)
         onehot = torch.nn.functional.one_hot(labels, z.size(-1)).to(p.dtype)
-        lam = torch.where(mixed, self.cfg.lam, 1.0)[:, None].to(p.dtype)
-        active = (~clipped)[:, None].to(p.dtype)
+        lam = torch.where(scores.fallback == FALLBACK_NONE, self.cfg.lam, 1.0)[:, None].to(p.dtype)
+        active = (~scores.clipped)[:, None].to(p.dtype)
         return active * lam * (p - onehot), active * (1.0 - lam) * (p - prior)

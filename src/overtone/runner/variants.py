@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from itertools import product
 from typing import Any
 
-from overtone.objectives import OverToneConfig
+from overtone.objectives import CLIP_TESTS, CLIP_VALUES, TIES, OverToneConfig
 
 
 @dataclass(frozen=True)
@@ -29,20 +29,17 @@ class Variant:
         return dict(self.settings)
 
 
-def mode_check_can_act(lam: float) -> bool:
-    """Whether OverTone's mode check can ever fail: with lam >= 0.5 the label holds at least half of the
-    mixture's mass, so it is always the mode (at 0.5 it can only tie), and "w/o chk" equals OverTone."""
-    return lam < 0.5
-
-
 def ablation_variants(base: OverToneConfig, stop_grid: Sequence[float] = (), chk_lambda: float = 0.1) -> list[Variant]:
     """The paper's Table 4.4 rows in the host editor's own loop, plus this project's controls.
 
     * "OverTone, stop when clipped": the token-level early stop carried to the whole edit (stop once
       every target token is clipped), this project's addition; its per-case update counts are what the
       matched-steps CE control (``matched_steps_variants``) trains for.
-    * When ``base.lam`` is too large for the mode check to act, OverTone and "w/o chk" again at
-      ``chk_lambda``, where it can.
+    * The paper's silent choices, each flipped from ``base``'s: ties in the mode check keep the mixture
+      ("tie: mix"), a clipped token's loss counts zero ("clipped = 0": only loss-reading stop rules see it),
+      and the clip tests p(label) > 1 - ε instead of the KL ("clip on p(label)").
+    * When the mode check cannot act at ``base.lam`` (``OverToneConfig.mode_check_can_act``), OverTone
+      and "w/o chk" again at ``chk_lambda``, where it can.
     * CE stopped early at each loss threshold of ``stop_grid`` (judged on the objective's loss).
     """
     variants = [
@@ -55,7 +52,12 @@ def ablation_variants(base: OverToneConfig, stop_grid: Sequence[float] = (), chk
         Variant("overtone-clip-stop", "OverTone, stop when clipped", "overtone", base,
                 (("stop_when_clipped", True),)),
     ]
-    if not mode_check_can_act(base.lam) and mode_check_can_act(chk_lambda):
+    for name, choices, slug, label in (("tie", TIES, "tie", "tie: {}"), ("clip_value", CLIP_VALUES, "clip-value",
+                                                                          "clipped loss: {}"),
+                                       ("clip_test", CLIP_TESTS, "clip-test", "clip test: {}")):
+        other = next(c for c in choices if c != getattr(base, name))
+        variants.append(Variant(f"{slug}-{other}", label.format(other), "overtone", replace(base, **{name: other})))
+    if not base.mode_check_can_act and replace(base, lam=chk_lambda).mode_check_can_act:
         low = replace(base, lam=chk_lambda)
         variants += [
             Variant(f"overtone-l{chk_lambda:g}", f"OverTone λ={chk_lambda:g}", "overtone", low),
