@@ -71,7 +71,8 @@ def test_trace_writes_json_plots_and_token_tables(results):
     assert meta["dataset"] == {"name": "zsre", "offset": 0}
     assert [(t.case_id, t.label) for t in traces] == [("zsre/0", "CE"), ("zsre/1", "CE"), ("zsre/0", "OverTone"),
                                                        ("zsre/1", "OverTone")]
-    assert all(t.steps == [0, 1, 2, 3] and t.final_extra for t in traces)
+    # FT-M's own pass after its last update records the final weights: no extra row is needed
+    assert all(t.steps == [0, 1, 2, 3] and not t.final_extra for t in traces)
     for name in ("fig1_probe_loss", "fig2_ud_zsre-0", "fig2_ud_zsre-1"):
         width, height = png_size((trace_dir / f"{name}.png").read_bytes())
         assert width > 300 and height > 200

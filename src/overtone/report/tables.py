@@ -33,6 +33,11 @@ COLUMNS = (("rel", "Rel."), ("gen", "Gen."), ("por", "Por."), ("loc", "Loc."), (
            ("mlt_hop", "Mlt-Hop"), ("avg", "Avg."))
 METRIC_HEADERS = dict(COLUMNS)
 TAIL = ("cases", "steps", "s/edit")
+# The objective's activity, shown when a run recorded it: % of token updates whose target was not the one-hot
+# label, and % clipped (OverTone; CE rows read 0.0 / 0.0). A row near 0 mixed is CE in all but the clip.
+ACTIVITY = ("mixed %", "clipped %")
+ACTIVITY_CAPTION = ("mixed %: token updates whose target differed from the one-hot label; clipped %: token "
+                    "updates that sent no gradient.")
 TEACHER_FORCED, WILD = "teacher-forced", "wild"  # evaluation protocols, as the runs name them
 PROTOCOL_NAMES = {TEACHER_FORCED: "teacher-forced", WILD: "wild (EM)"}
 PROTOCOL_SHORT = {TEACHER_FORCED: "TF", WILD: "wild"}  # group headers of the compact console tables
@@ -174,27 +179,36 @@ def row_cells(label: str, summary: dict[str, Any], columns: Sequence[tuple[str, 
     return [label, *(_fmt(summary.get(key)) for key, _ in columns), *_tail_cells(summary)]
 
 
-def _tail_cells(summary: dict[str, Any]) -> list[str]:
+def _tail_cells(summary: dict[str, Any], activity: bool = False) -> list[str]:
     seconds = (summary.get("mean_edit_s") or 0) + (summary.get("mean_eval_s") or 0)
-    return [cases_cell(summary), _fmt(summary.get("mean_steps"), 1), _fmt(seconds, 2)]
+    cells = [cases_cell(summary), _fmt(summary.get("mean_steps"), 1), _fmt(seconds, 2)]
+    if activity:
+        measured = summary.get("activity") or {}
+        cells += [_fmt(measured.get("mixed_pct"), 1), _fmt(measured.get("clipped_pct"), 1)]
+    return cells
 
 
 def _summary_layout(rows: Sequence[Row], title: str = "", caption: str = "", stub: str = "run") -> PaperTable:
-    """One row per run; a column group per evaluation protocol present, then cases, steps and seconds."""
+    """One row per run; a column group per evaluation protocol present, then cases, steps and seconds, and the
+    objective's activity when the runs recorded it."""
+    activity = any(s.get("activity") for _, s in rows)
+    tail = [*TAIL, *ACTIVITY] if activity else list(TAIL)
+    caption = f"{caption} {ACTIVITY_CAPTION}".strip() if activity else caption
     blocks = protocol_summaries([s for _, s in rows])
     if len(blocks) < 2 and all(p == TEACHER_FORCED for p, _ in blocks):  # the plain layout of one protocol
         columns = metric_columns([s for _, s in rows])
-        return PaperTable(title=title, groups=[("", [*(h for _, h in columns), *TAIL])],
-                          sections=[("", [row_cells(label, s, columns) for label, s in rows])], stub=stub,
+        return PaperTable(title=title, groups=[("", [*(h for _, h in columns), *tail])],
+                          sections=[("", [[label, *(_fmt(s.get(key)) for key, _ in columns), *_tail_cells(s, activity)]
+                                          for label, s in rows])], stub=stub,
                           caption=f"{caption} Teacher-forced token accuracy.".strip())
     columns = {p: metric_columns(b) for p, b in blocks}
-    groups = [(PROTOCOL_SHORT[p], [h for _, h in columns[p]]) for p, _ in blocks] + [("", list(TAIL))]
+    groups = [(PROTOCOL_SHORT[p], [h for _, h in columns[p]]) for p, _ in blocks] + [("", tail)]
     body = []
     for i, (label, summary) in enumerate(rows):
         cells = [label]
         for protocol, block in blocks:
             cells += [_fmt(block[i].get(key)) for key, _ in columns[protocol]]
-        body.append(cells + _tail_cells(summary))
+        body.append(cells + _tail_cells(summary, activity))
     return PaperTable(title=title, groups=groups, sections=[("", body)], stub=stub,
                       caption=f"{caption} {PROTOCOL_CAPTION}".strip())
 

@@ -104,6 +104,10 @@ def _edit_fields(stats: Sequence[EditStats], batch: int = 1) -> dict[str, Any]:
         extra = [rounded(s.extra_losses) for s in stats] if any(s.extra_losses for s in stats) else []
     steps = sum(s.steps for s in stats)
     reasons = {s.stop_reason for s in stats}
+    activity: dict[str, int] = {}
+    for s in stats:
+        for key, value in s.activity.items():
+            activity[key] = activity.get(key, 0) + value
     return {
         "steps": steps if batch == 1 else steps / batch,
         "stopped_early": all(s.stopped_early for s in stats),
@@ -111,6 +115,7 @@ def _edit_fields(stats: Sequence[EditStats], batch: int = 1) -> dict[str, Any]:
         "final_loss": stats[-1].losses[-1] if stats[-1].losses else None,
         "losses": losses,
         **({"extra_losses": extra} if extra else {}),
+        **({"activity": activity} if activity.get("tokens") else {}),
         "edit_s": round(sum(s.time_s for s in stats) / batch, 4),
     }
 
@@ -370,7 +375,23 @@ def _summarize_metrics(records: Sequence[dict[str, Any]], metrics: Sequence[str]
     summary["mean_steps"] = _mean([r["steps"] for r in records])
     summary["mean_edit_s"] = _mean([r["edit_s"] for r in records])
     summary["mean_eval_s"] = _mean([r["eval_s"] for r in records])
+    activity = _summarize_activity(records)
+    if activity:
+        summary["activity"] = activity
     return summary
+
+
+def _summarize_activity(records: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The objective's activity pooled over every token update of the run (``EditStats.activity``): the
+    percentage of updates whose target differed from the one-hot label (``mixed_pct``), fell back to it
+    because the label was not the mode or tied (``fallback_mode_pct``, ``fallback_tie_pct``), or was clipped
+    (``clipped_pct``). For CE every one is 0; for OverTone they say how far it is from CE at all."""
+    counted = [r["activity"] for r in records if r.get("activity")]
+    tokens = sum(a.get("tokens", 0) for a in counted)
+    if not tokens:
+        return None
+    return {"tokens": tokens, **{f"{key}_pct": _x100(sum(a.get(key, 0) for a in counted) / tokens)
+                                 for key in ("mixed", "clipped", "fallback_mode", "fallback_tie")}}
 
 
 def _ability_means(measured: Sequence[dict[str, Any]]) -> dict[str, Any]:
