@@ -155,3 +155,11 @@ def test_sweep_warns_when_tuning_on_reported_cases(tmp_path, tiny_llama_dir, cap
     bad = CliRunner().invoke(app, ["sweep", "--out", str(tmp_path / "t"), "--lambdas", "a,b",
                                    "--model", str(tiny_llama_dir)])
     assert bad.exit_code == 2 and "--lambdas takes comma-separated numbers" in bad.output
+
+
+def test_the_sweep_grid_takes_the_tie_rule_as_an_axis():
+    grid = sweep_variants(OverToneConfig(lam=0.5), [0.5], [1.0, 2.0], [0.01], ["fallback", "mix"])
+    assert [v.slug for v in grid] == ["ce", "ot-l0.5-n1-e0.01-fallback", "ot-l0.5-n1-e0.01-mix",
+                                      "ot-l0.5-n2-e0.01-fallback", "ot-l0.5-n2-e0.01-mix"]
+    assert grid[2].overtone.tie == "mix" and grid[1].overtone.tie == "fallback"
+    assert [v.slug for v in sweep_variants(OverToneConfig(), [0.1], [1.0], [0.01])] == ["ce", "ot-l0.1-n1-e0.01"]

@@ -180,7 +180,8 @@ def test_matched_steps_control_waits_for_its_source(tiny_llama_dir, tmp_path):
                editors={"ft-m": {"settings": {"steps": 3}, "overtone": {"lam": 0.3, "epsilon": 1e6}}})
     study = load_study(raw)
     controls = [c for c in study.cells if c.after]
-    assert [study.cell(c.after).variant.slug for c in controls] == ["overtone", "overtone-clip-stop"]
+    assert [study.cell(c.after).variant.slug for c in controls] == ["overtone", "overtone-clip-stop", "tie-mix",
+                                                                    "clip-value-zero", "clip-test-prob"]
     scheduler = run_study(study, tmp_path, LocalExecutor(ExecutorOptions()))
     states = {s.cell.variant.slug: s for s in scheduler.cells.values()}
     assert states["ce-steps-of-overtone"].status == SKIPPED  # the host loop ran all 3 steps

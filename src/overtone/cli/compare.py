@@ -130,8 +130,8 @@ def ablate(
         "--stop-grid", help="also CE stopped early at these loss thresholds (judged on the objective's loss)")] = "",
     chk_lambda: Annotated[float, typer.Option(
         "--chk-lambda", min=0.0, max=1.0,
-        help="when the editor's lambda leaves the mode check nothing to do (>= 0.5), also run OverTone and "
-             "w/o chk at this lambda")] = 0.1,
+        help="when the editor's lambda leaves the mode check nothing to do (above 0.5, or 0.5 with tie=mix), "
+             "also run OverTone and w/o chk at this lambda")] = 0.1,
     model: ModelOptions,
     overtone: OverToneOptions,
     options: VariantOptions,
@@ -139,7 +139,8 @@ def ablate(
     """The paper's ablation (Table 4.4) in the host editor's loop, with this project's controls.
 
     Rows: CE, OverTone, w/o clip, w/o dyn, w/o chk, w/o flt; OverTone stopped once every token is
-    clipped; OverTone and w/o chk at --chk-lambda when the mode check cannot act at the editor's lambda;
+    clipped; the paper's silent choices flipped (ties keep the mixture, clipped tokens count zero, the clip
+    tests p(label)); OverTone and w/o chk at --chk-lambda when the mode check cannot act at the editor's lambda;
     CE with the loss thresholds of --stop-grid; and "CE, steps of <row>" (CE trained on each case for
     exactly as many updates as that row) for every OverTone row that stopped early. Paired statistics
     to CE, and of each early-stopping row to its matched-steps CE.
@@ -169,16 +170,21 @@ def sweep(
     lambdas: Annotated[str, typer.Option("--lambdas", help="grid of lambda")] = "0.1,0.3,0.5",
     n_sigmas: Annotated[str, typer.Option("--n-sigmas", help="grid of n")] = "0.5,1,2",
     epsilons: Annotated[str, typer.Option("--epsilons", help="grid of epsilon")] = "0,0.01",
+    ties: Annotated[str, typer.Option(
+        "--ties", help="grid of the mode check's tie rule (fallback, mix); empty: the editor's default")] = "",
     model: ModelOptions,
     options: VariantOptions,
 ) -> None:
-    """Tune OverTone's lambda, n and epsilon for one editor on a development slice, against CE."""
+    """Tune OverTone's lambda, n and epsilon (and the tie rule) for one editor on a development slice, against CE.
+
+    The table shows each grid point's activity: how often its target differed from CE's one-hot (mixed %)
+    and how often a token was clipped."""
     setup(model.threads, options.verbose)
     if dataset == "zsre" and offset < DEV_OFFSET:
         log.warning("cases %d.. overlap the reported ZsRE slice (0..%d): tuned numbers there are not reportable",
                     offset, DEV_OFFSET - 1)
     grid = {"lambda": _floats(lambdas, "--lambdas"), "n_sigma": _floats(n_sigmas, "--n-sigmas"),
-            "epsilon": _floats(epsilons, "--epsilons")}
+            "epsilon": _floats(epsilons, "--epsilons"), **({"tie": ties.split(",")} if ties else {})}
     cells, results = _run_variants(out, editor, {"sweep": grid}, model, dataset, offset, limit, OverToneOptions(),
                                    options)
     rows = [results[c.id] for c in cells if c.id in results]

@@ -101,12 +101,15 @@ def step_budgets(records: Sequence[dict[str, Any]]) -> dict[str, int]:
 
 
 def sweep_variants(
-    base: OverToneConfig, lams: Sequence[float], n_sigmas: Sequence[float], epsilons: Sequence[float]
+    base: OverToneConfig, lams: Sequence[float], n_sigmas: Sequence[float], epsilons: Sequence[float],
+    ties: Sequence[str] = (),
 ) -> list[Variant]:
-    """CE plus OverTone at every (lambda, n, epsilon) of the grid."""
+    """CE plus OverTone at every (lambda, n, epsilon[, tie]) of the grid; ``ties`` empty keeps ``base``'s."""
     variants = [Variant("ce", "CE", "ce", base)]
-    for lam, n, eps in product(lams, n_sigmas, epsilons):
-        cfg = replace(base, lam=lam, n_sigma=n, epsilon=eps)
-        variants.append(Variant(f"ot-l{lam:g}-n{n:g}-e{eps:g}", f"OverTone λ={lam:g} n={n:g} ε={eps:g}",
-                                "overtone", cfg))
+    for lam, n, eps, tie in product(lams, n_sigmas, epsilons, ties or (base.tie,)):
+        cfg = replace(base, lam=lam, n_sigma=n, epsilon=eps, tie=tie)
+        slug, label = f"ot-l{lam:g}-n{n:g}-e{eps:g}", f"OverTone λ={lam:g} n={n:g} ε={eps:g}"
+        if ties:
+            slug, label = f"{slug}-{tie}", f"{label} tie={tie}"
+        variants.append(Variant(slug, label, "overtone", cfg))
     return variants

@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from overtone.objectives import OBJECTIVES, OverToneConfig, make_objective
+from overtone.objectives import OBJECTIVES, TIES, OverToneConfig, make_objective
 from overtone.runner.settings import SettingError, typed
 from overtone.runner.settings import coerce as settings_coerce
 from overtone.runner.variants import (
@@ -275,12 +275,16 @@ def _variants(items: Sequence[Any], editor: str, base: OverToneConfig, where: st
             out += rows + matched_steps_controls(rows)
         elif isinstance(item, dict) and set(item) == {"sweep"}:
             grid = item["sweep"] or {}
-            unknown = set(grid) - {"lambda", "n_sigma", "epsilon"}
+            unknown = set(grid) - {"lambda", "n_sigma", "epsilon", "tie"}
             if unknown or not grid:
-                raise StudyError(f"{at}.sweep: give lists of lambda, n_sigma and epsilon")
+                raise StudyError(f"{at}.sweep: give lists of lambda, n_sigma and epsilon (and optionally tie)")
             values = {k: [coerce(v, float, f"{at}.sweep.{k}") for v in grid.get(k, [getattr(base, a)])]
                       for k, a in (("lambda", "lam"), ("n_sigma", "n_sigma"), ("epsilon", "epsilon"))}
-            out += sweep_variants(base, values["lambda"], values["n_sigma"], values["epsilon"])
+            ties = [coerce(v, str, f"{at}.sweep.tie") for v in grid.get("tie", [])]
+            bad = [v for v in ties if v not in TIES]
+            if bad:
+                raise StudyError(f"{at}.sweep.tie: {', '.join(bad)}; choose from {', '.join(TIES)}")
+            out += sweep_variants(base, values["lambda"], values["n_sigma"], values["epsilon"], ties)
         elif isinstance(item, dict) and "objective" in item:
             unknown = set(item) - {"name", "objective", "overtone", "settings"}
             if unknown:
