@@ -12,7 +12,7 @@ from overtone.benchmarks.cases import EditCase
 from overtone.editors import EditHandle, Editor, EditStack, EditStats, FTMConfig
 from overtone.evaluation import Evaluator
 from overtone.models import replay
-from overtone.objectives import CrossEntropy
+from overtone.objectives import CrossEntropy, OverTone, OverToneConfig
 from overtone.runner import ResultStore, RunError, edit_and_score, edit_chunk, read_run, run_continual, summarize
 
 CONFIG = {"editor": {"name": "ft-m"}, "protocol": "continual", "sequence": 3, "eval_timing": "end"}
@@ -227,3 +227,44 @@ def test_single_editing_evaluates_the_unedited_model_for_several_cases_at_once(t
     strip = ("eval_s", "edit_s")
     assert [{k: v for k, v in r.items() if k not in strip} for r in store.records] == \
         [{k: v for k, v in r.items() if k not in strip} for r in alone.records]
+
+
+class RecordingStatic(OverTone):
+    """OverTone "w/o dyn" that keeps the first reference it was given for each target (by its label ids)."""
+
+    def __init__(self) -> None:
+        super().__init__(OverToneConfig(dynamic=False))
+        self.references: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def token_losses(self, logits, labels, reference):
+        self.references.setdefault(tuple(labels.tolist()), reference.clone())
+        return super().token_losses(logits, labels, reference)
+
+
+@pytest.mark.parametrize("name, settings", [("ft-m", {"layer": 1, "lr": 0.5, "steps": 3}),
+                                            ("rome", {"layer": 1, "steps": 3, "mom2_adjustment": False})])
+def test_a_static_target_in_a_sequence_reads_the_unedited_model(tiny_llama, zsre_cases, name, settings):
+    """'w/o dyn' takes its prior from the unedited model: also for the second edit of a chunk, whose own first
+    pass sees the first edit."""
+    from overtone.editors import make_editor
+    from overtone.tokens import encode_pairs
+
+    cases = zsre_cases[:2]
+    objective = RecordingStatic()
+    editor = make_editor(name, tiny_llama, objective, **settings)
+    before = state(tiny_llama)
+    unedited = []
+    for case in cases:  # the unedited model's logits at each target, from a plain forward
+        batch = encode_pairs(tiny_llama.tokenizer, [case.prompt], [case.target])
+        with torch.no_grad():
+            logits = tiny_llama.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[0]
+        unedited.append((tuple(batch.labels[0][batch.label_mask[0]].tolist()),
+                         logits[batch.positions[0, : int(batch.label_mask.sum())]].float()))
+    edit_chunk(editor, Evaluator(tiny_llama), cases)
+    assert_same_state(tiny_llama, before)
+    assert editor.references == {}  # dropped with the chunk
+    for labels, logits in unedited:
+        # ROME scores every prompt variant of a case together; the bare prompt's tokens come first
+        (key,) = [k for k in objective.references if k[: len(labels)] == labels]
+        seen = objective.references[key][: len(labels)]
+        torch.testing.assert_close(seen, logits, atol=1e-4, rtol=1e-4)

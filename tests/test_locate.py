@@ -168,7 +168,7 @@ def naive_value_losses(lm, case, module, prefixes, cfg, steps):
 
     handle = module.register_forward_hook(inject)
     losses, extras, kl_init = [], [], None
-    for _ in range(steps):
+    for step in range(steps + 1):  # the last pass measures the loss after the last update
         nll = []
         for row in rows:
             where["lookup"] = row.lookup
@@ -184,6 +184,8 @@ def naive_value_losses(lm, case, module, prefixes, cfg, steps):
         loss = objective + cfg.kl_factor * kl + decay
         losses.append(objective.item())
         extras.append((cfg.kl_factor * kl + decay).item())
+        if step == steps:
+            break
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -232,7 +234,7 @@ def test_value_optimisation_stops_early_and_takes_any_objective(tiny_llama):
     static = optimise_value(tiny_llama, CASE, module, 2, PREFIXES,
                             OverTone(OverToneConfig(dynamic=False, epsilon=0.0)), LocateConfig(steps=4, lr=0.05),
                             on_step=lambda info: seen.append((info.step, info.cases[0].case_id)))
-    assert static.stats.steps == 4 and seen == [(0, "t/0"), (1, "t/0"), (2, "t/0"), (3, "t/0")]
+    assert static.stats.steps == 4 and seen == [(0, "t/0"), (1, "t/0"), (2, "t/0"), (3, "t/0"), (4, "t/0")]
 
 
 

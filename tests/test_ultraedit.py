@@ -72,9 +72,9 @@ def test_one_pass_edits_every_architecture_and_moves_the_targets(tokenizer, arch
     lm = tiny_model(arch, tokenizer)
     modules = ("mlp_in.1", "mlp_in.2") if arch == "gpt2" else MODULES
     editor = editor_on(lm, modules=modules, lr=0.5)
-    (_, _, before) = editor.features([CASE, OTHER])
+    before = editor.features([CASE, OTHER])[2].loss.item()
     handle = editor.edit([CASE, OTHER])
-    (_, _, after) = editor.features([CASE, OTHER])
+    after = editor.features([CASE, OTHER])[2].loss.item()
     assert handle.stats.steps == 1 and handle.stats.losses == [pytest.approx(before)]
     assert after < before
     assert not any(p.requires_grad for p in lm.model.parameters())

@@ -182,7 +182,7 @@ class AlphaEdit(LocateEditor):
             start = time.perf_counter()
             assert self.objective is not None
             stats, _ = spread_update(self.lm, cfg, cfg.layers, self.objective, self.prefixes, self.groups, cases,
-                                     solve, on_step, steps)
+                                     solve, on_step, steps, lambda case, labels: self.reference_for([case], labels))
             rows = [row for case in cases
                     for row in encode_rows(self.lm.tokenizer, case, self.prefixes, False, cfg.missing_subject)]
             keys = lookup_activations(self.lm, rows, [(modules[layer], "in") for layer in cfg.layers],

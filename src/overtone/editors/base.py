@@ -216,6 +216,28 @@ class Editor(ABC):
         self.lm = lm
         self.config = config
         self.objective = objective
+        # The unedited model's target logits per request id ([rows, tokens, V], as the editor scores them),
+        # for an objective that needs a reference ("w/o dyn") in a sequence of edits: the runner captures
+        # them before the sequence's first edit (``runner.bench.capture_references``). Without them an edit
+        # takes its own first pass, which is the unedited model's only in single editing.
+        self.references: dict[str, torch.Tensor] = {}
+
+    def reference_for(self, cases: Sequence[EditCase], labels: torch.Tensor) -> torch.Tensor | None:
+        """The captured reference logits of an edit of ``cases`` scored at ``labels`` [rows, tokens]: each
+        case's rows padded to the batch's token count (padded positions are never scored); None when the
+        objective needs none or none was captured."""
+        if self.objective is None or not self.objective.needs_reference:
+            return None
+        parts = [self.references.get(case.case_id) for case in cases]
+        if any(part is None for part in parts):
+            return None
+        width = labels.size(1)
+        padded = [torch.nn.functional.pad(part, (0, 0, 0, width - part.size(1))) for part in parts if part is not None]
+        reference = torch.cat(padded).to(labels.device)
+        if reference.shape[:2] != labels.shape:
+            raise EditError(f"case {', '.join(c.case_id for c in cases)}: captured reference logits "
+                            f"{tuple(reference.shape[:2])} do not match the edit's targets {tuple(labels.shape)}")
+        return reference
 
     @property
     @abstractmethod

@@ -144,8 +144,9 @@ class FTM(Editor):
 
         weight.requires_grad_(True)
         try:
-            stats = optimise(cases, self.objective, TargetLogits(self.lm.adapter, batch, cfg.layer), update,
-                             cfg.steps, default_stop(cfg.stop_loss, cfg.stop_when_clipped), on_step,
+            stats = optimise(cases, self.objective, TargetLogits(self.lm.adapter, batch, cfg.layer,
+                                                                    reference=self.reference_for(cases, batch.labels)),
+                             update, cfg.steps, default_stop(cfg.stop_loss, cfg.stop_when_clipped), on_step,
                              exact_steps=steps)
         except BaseException:
             revert()

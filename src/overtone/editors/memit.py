@@ -90,6 +90,8 @@ def default_update_weight(lm: LoadedModel) -> float:
 
 # solve(layer, keys [n, I], residual [n, H]) -> the factors (left [H, n], right [n, I]) of the layer's update
 Solve = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# the unedited model's target logits of one case at ``labels``, when captured (``Editor.reference_for``)
+Reference = Callable[[EditCase, torch.Tensor], torch.Tensor | None]
 
 
 def case_keys(keys: torch.Tensor, n_cases: int, groups: Sequence[int]) -> torch.Tensor:
@@ -101,14 +103,16 @@ def case_keys(keys: torch.Tensor, n_cases: int, groups: Sequence[int]) -> torch.
 
 def spread_update(lm: LoadedModel, cfg: LocateConfig, layers: Sequence[int], objective: Objective,
                   prefixes: Sequence[str], groups: Sequence[int], cases: Sequence[EditCase], solve: Solve,
-                  on_step: StepCallback | None = None,
-                  steps: int | None = None) -> tuple[EditStats, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+                  on_step: StepCallback | None = None, steps: int | None = None,
+                  reference: Reference = lambda _case, _labels: None,
+                  ) -> tuple[EditStats, list[tuple[int, torch.Tensor, torch.Tensor]]]:
     """MEMIT's batch update with the per-layer solve left to the caller (MEMIT, AlphaEdit).
 
     The value z of every case at the top layer's block output, then for each layer from the lowest: the
     keys and the top block's output read from the model as edited so far, the residual still missing
     divided over the layers left, ``solve`` for the update's factors, added to the layer's ``mlp_out``
     weight. Returns the edit's statistics (without its time) and the factors per layer, in order.
+    ``reference(case, labels)``: the unedited model's target logits of a case (``Editor.reference_for``).
     """
     adapter = lm.adapter
     top = layers[-1]
@@ -116,11 +120,13 @@ def spread_update(lm: LoadedModel, cfg: LocateConfig, layers: Sequence[int], obj
     targets = []
     stops = []
     for case in cases:
-        value = optimise_value(lm, case, adapter.layers[top], top, prefixes, objective, cfg, on_step, steps)
+        value = optimise_value(lm, case, adapter.layers[top], top, prefixes, objective, cfg, on_step, steps,
+                               lambda labels, case=case: reference(case, labels))
         targets.append(value.target)
         stats.steps += value.stats.steps
         stats.losses += value.stats.losses
         stats.extra_losses += value.stats.extra_losses
+        stats.add_activity(value.stats.activity)
         stops.append(value.stats.stop_reason)
     z = torch.stack(targets).double()  # [n, H]
     rows = [row for case in cases for row in encode_rows(lm.tokenizer, case, prefixes, False, cfg.missing_subject)]
@@ -195,7 +201,8 @@ class MEMIT(LocateEditor):
 
         try:
             stats, updates = spread_update(self.lm, cfg, cfg.layers, self.objective, self.prefixes, self.groups,
-                                           cases, solve, on_step, steps)
+                                           cases, solve, on_step, steps,
+                                           lambda case, labels: self.reference_for([case], labels))
             for layer, left, right in updates:
                 self.log.add((names[layer], left, right))
         except BaseException:
@@ -219,7 +226,7 @@ class MEMIT(LocateEditor):
         adapter = self.lm.adapter
         top = cfg.layers[-1]
         values = optimise_values(self.lm, cases, adapter.layers[top], top, self.prefixes, self.objective, cfg,
-                                 on_step, steps)
+                                 on_step, steps, lambda labels: self.reference_for(cases, labels))
         z = torch.stack([v.target for v in values]).double()  # [cases, H]
         rows = [row for case in cases
                 for row in encode_rows(self.lm.tokenizer, case, self.prefixes, False, cfg.missing_subject)]

@@ -148,10 +148,12 @@ class ROME(LocateEditor):
         rows = encode_rows(self.lm.tokenizer, case, self.prefixes, with_answer=False, missing=cfg.missing_subject)
         keys = lookup_activations(self.lm, rows, [(module, "in")], cfg.layer)[0]  # [prefixes, I]
         u = self._direction(keys.mean(dim=0))
-        value = optimise_value(self.lm, case, module, cfg.layer, self.prefixes, self.objective, cfg, on_step, steps)
+        value = optimise_value(self.lm, case, module, cfg.layer, self.prefixes, self.objective, cfg, on_step, steps,
+                               lambda labels: self.reference_for([case], labels))
         stats.steps += value.stats.steps
         stats.losses += value.stats.losses
         stats.extra_losses += value.stats.extra_losses
+        stats.add_activity(value.stats.activity)
         # v0 was read as this module's output at the bare prompt's key, so v* - W k (- bias) = delta.
         right = value.delta / torch.dot(keys[0], u)
         add_update(self.lm.adapter, module.weight, factor_product(right, u))
@@ -183,7 +185,7 @@ class ROME(LocateEditor):
         keys = keys.view(len(cases), len(self.prefixes), -1)
         u = self._direction(keys.mean(dim=1))  # [cases, I]
         values = optimise_values(self.lm, cases, module, cfg.layer, self.prefixes, self.objective, cfg, on_step,
-                                 steps)
+                                 steps, lambda labels: self.reference_for(cases, labels))
         # v0 was read as this module's output at the bare prompt's key, so v* - W k (- bias) = delta.
         right = torch.stack([v.delta for v in values]) / (keys[:, 0] * u).sum(dim=-1, keepdim=True)
         stats = [v.stats for v in values]

@@ -70,22 +70,24 @@ class TargetLogits:
 
     The first call runs the full model and records the inputs of blocks ``start..N-1``; later calls
     run only those blocks (valid because an editor with ``first_layer == start`` changes nothing
-    below). The vocabulary head runs only at the target positions, in float32. The first call's logits are the
-    unedited model's, kept as ``reference`` for objectives that need them.
+    below). The vocabulary head runs only at the target positions, in float32. The first call's logits are
+    kept as ``reference`` for objectives that need them, unless one is given (``Editor.reference_for``: the
+    unedited model's, when earlier edits of a sequence are applied).
 
     For a parallel edit (one row per case), every pass runs inside ``context()`` (the per-case changes
     of the rows) and ``keep`` drops the rows of the cases that stopped.
     """
 
     def __init__(self, adapter: ModelAdapter, batch: PairBatch, start: int,
-                 context: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
+                 context: Callable[[], AbstractContextManager[Any]] | None = None,
+                 reference: torch.Tensor | None = None) -> None:
         self.adapter = adapter
         self.batch = batch
         self.labels = batch.labels
         self.start = start
         self.context = context or contextlib.nullcontext
         self.cache: SuffixCache | None = None
-        self.reference: torch.Tensor | None = None
+        self.reference: torch.Tensor | None = reference  # else the first call's logits
         self.rows = CaseRows.consecutive([1] * batch.input_ids.size(0), batch.attention_mask.sum(dim=-1).tolist())
 
     def __call__(self) -> torch.Tensor:

@@ -39,7 +39,7 @@ from overtone.editors.reports import StepInfo
 from overtone.editors.stream import Stream, model_stream
 from overtone.models.adapters import ROLES
 from overtone.models.loading import LoadedModel
-from overtone.objectives import Objective
+from overtone.objectives import Objective, ObjectiveOutput
 from overtone.tokens import encode_pairs
 
 # A model without a preset edits the reference's modules at its relative depths: gate_proj of layers 11..15
@@ -191,7 +191,7 @@ class UltraEdit(Editor):
 
         def change() -> EditStats:
             start = time.perf_counter()
-            keys, grads, loss = self.features(cases, on_step)
+            keys, grads, out = self.features(cases, on_step)
             state = self.stream.state
             for shape in dict.fromkeys(self.shapes):
                 rows = torch.cat([torch.cat([k, g], dim=1) for k, g, s in zip(keys, grads, self.shapes, strict=True)
@@ -202,14 +202,16 @@ class UltraEdit(Editor):
                                          state[f"m2.{shape}"])
                 update = ridge_update(k, g, normalised, self.config.lr, self.config.ridge)
                 add_update(self.lm.adapter, module.weight, update)
-            return EditStats(steps=1, losses=[loss], time_s=time.perf_counter() - start)
+            stats = EditStats(steps=1, losses=[out.loss.item()], time_s=time.perf_counter() - start)
+            stats.count(out)
+            return stats
 
         return self.stream.edit(weights, self.first_layer, change)
 
     def features(self, cases: Sequence[EditCase], on_step: StepCallback | None = None
-                 ) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor], ObjectiveOutput]:
         """Per edited module, the keys [N, in] and output gradients [N, out] (float64) at the N positions that
-        predict the cases' target tokens, from one forward and backward pass; and the objective's loss."""
+        predict the cases' target tokens, from one forward and backward pass; and the objective's output."""
         assert self.objective is not None
         batch = encode_pairs(self.lm.tokenizer, [c.prompt for c in cases], [c.target for c in cases], self.lm.device)
         mask = batch.label_mask
@@ -233,7 +235,11 @@ class UltraEdit(Editor):
                 hidden = self.lm.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                                   use_cache=False)[0]
                 logits = self.lm.adapter.logits(batch.gather(hidden), fp32=True)
-                out = self.objective(logits, batch.labels, logits.detach() if self.objective.needs_reference else None)
+                # a static target's prior: the unedited model's logits when captured before a sequence, else these
+                reference = self.reference_for(cases, batch.labels)
+                if reference is None and self.objective.needs_reference:
+                    reference = logits.detach()
+                out = self.objective(logits, batch.labels, reference)
                 if not torch.isfinite(out.loss):
                     raise EditError(f"UltraEdit: the objective's loss is {out.loss.item()} on cases "
                                     f"{', '.join(c.case_id for c in cases)}; nothing was changed")
@@ -246,7 +252,7 @@ class UltraEdit(Editor):
                              labels=batch.labels))
         keys = [x[rows, batch.positions][mask].double() for x in inputs]  # type: ignore[index]
         values = [g[rows, batch.positions][mask].double() for g in grads]
-        return keys, values, out.loss.item()
+        return keys, values, out
 
     def saved_edit(self) -> SavedEdit:
         """The change of every edited matrix since the stream's first live edit, and the running statistics."""

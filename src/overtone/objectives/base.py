@@ -44,7 +44,8 @@ class ObjectiveOutput:
     mixed: torch.Tensor  # [B, T] bool: the target differed from the one-hot label (the smoothed mixture)
     kept: torch.Tensor  # [B, T] int: size of the top-n-sigma kept set (0 where unused)
     mask: torch.Tensor  # [B, T] bool: positions that were scored
-    example_loss: torch.Tensor | None = None  # [B] each row's reduced loss, with its graph (the floor for a row without tokens)
+    # [B] each row's reduced loss, with its graph (the floor for a row without tokens)
+    example_loss: torch.Tensor | None = None
     fallback: torch.Tensor | None = None  # [B, T] FALLBACK_*: why the target fell back to the one-hot
     floor: float = 0.0  # the objective's floor (``Objective.floor``), added back after every mean
 

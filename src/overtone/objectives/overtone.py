@@ -182,8 +182,9 @@ class OverTone(Objective):
         scaled by lam; the second moves mass from the tokens outside the kept set to those inside, so
         it sharpens the prediction (it is zero without the filter and with a dynamic target, where
         pi_flt = p). A token whose target fell back to the one-hot (the mode check chose it) has the
-        label term p - onehot(y) alone; a clipped token has neither. ``logits`` [N, V], ``labels`` [N] as in ``token_losses``; the
-        terms sum to the gradient of the per-token loss (the reduction's 1/T is not applied).
+        label term p - onehot(y) alone; a clipped token has neither. ``logits`` [N, V], ``labels`` [N] as in
+        ``token_losses``; the terms sum to the gradient of the per-token loss (the reduction's 1/T is not
+        applied).
         """
         z = logits.float()
         scores = self.token_losses(z, labels, None if reference is None else reference.float())

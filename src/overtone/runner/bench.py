@@ -167,6 +167,22 @@ def _replay(pre: PreEdit | None, stack: EditStack) -> bool:
     return cache is not None and stack.first_layer is not None and stack.first_layer >= cache.start
 
 
+def capture_references(editor: Editor, requests: Sequence[EditCase]) -> dict[str, torch.Tensor]:
+    """The unedited model's target logits of every request, as the editor scores them: one pass of each
+    request's own edit with no update (``steps=0``), reverted at once.
+
+    What an objective that needs a reference ("w/o dyn": the prior from the unedited model) reads in a sequence
+    of edits (``Editor.references``), where an edit's own first pass already sees the earlier edits of the
+    sequence (and, for LoRA, a dropout sample)."""
+    captured: dict[str, torch.Tensor] = {}
+    for request in requests:
+        rows: list[torch.Tensor] = []
+        editor.edit([request], on_step=lambda info, rows=rows: rows.append(info.logits) if info.step == 0 else None,
+                    steps=0).revert()
+        captured[request.case_id] = torch.cat(rows)
+    return captured
+
+
 def edit_chunk(
     editor: Editor, evaluator: Evaluator, cases: Sequence[EditCase], eval_timing: str = "end", batch: int = 1,
     step_budgets: Mapping[str, int] | None = None, keep: EditStack | None = None,
@@ -203,6 +219,12 @@ def edit_chunk(
     del pending  # each case's recorded activations are freed as soon as it is evaluated
     if ability:
         ability.measure_reference()  # the model is unedited here
+    requests = [request for case in cases for request in case.requests]
+    if len(requests) > 1 and editor.objective is not None and editor.objective.needs_reference:
+        try:
+            editor.references = capture_references(editor, requests)
+        except (EditError, ValueError) as exc:
+            raise CaseError(", ".join(c.case_id for c in cases), exc) from exc
     stack = keep if keep is not None else EditStack()
     stats: list[list[EditStats]] = []
     sizes = [1] * len(cases)  # how many cases shared each case's edit call
@@ -246,6 +268,8 @@ def edit_chunk(
     except BaseException:
         stack.revert()
         raise
+    finally:
+        editor.references = {}
     if keep is None:
         stack.revert()
     return [_record(case, result, case_stats, size, measured)

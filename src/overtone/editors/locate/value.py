@@ -123,7 +123,7 @@ class ValueLogits:
     """
 
     def __init__(self, lm: LoadedModel, batch: AlignedRows, module: nn.Module, block: int, variants: int,
-                 delta: Callable[[], torch.Tensor]) -> None:
+                 delta: Callable[[], torch.Tensor], reference: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
         self.adapter = lm.adapter
         self.module = module
         self.variants = variants
@@ -132,7 +132,9 @@ class ValueLogits:
         self._positions, self._labels = batch.positions, batch.labels
         self.cases = list(range(batch.input_ids.size(0) // (variants + 1)))  # the case of each present position
         self._select(self.cases)
-        self.reference: torch.Tensor | None = None
+        # the unedited model's logits when captured before a sequence of edits (``Editor.reference_for``),
+        # else the first call's
+        self.reference: torch.Tensor | None = reference(self.labels)
         self.init: torch.Tensor | None = None  # [cases, H] of the cases present
         self.values0: dict[int, torch.Tensor] = {}  # every case's unedited value, from the first call
         self.kl_log_probs: torch.Tensor | None = None  # [cases, V]
@@ -196,9 +198,10 @@ class ValueLogits:
         all_logits = self.adapter.logits(scored, fp32=True)
         logits = all_logits[: self.positions.numel()].view(*self.positions.shape, -1)
         self.kl_log_probs = torch.log_softmax(all_logits[self.positions.numel():].float(), dim=-1)
+        if self.kl_reference is None:
+            self.kl_reference = self.kl_log_probs.detach()
         if self.reference is None:
             self.reference = logits.detach()
-            self.kl_reference = self.kl_log_probs.detach()
         return logits
 
 
@@ -212,6 +215,7 @@ def optimise_values(
     cfg: LocateConfig,
     on_step: StepCallback | None = None,
     steps: Sequence[int | None] | None = None,
+    reference: Callable[[torch.Tensor], torch.Tensor | None] = lambda _labels: None,
 ) -> list[ValueResult]:
     """Optimise, for each case on its own, the change of ``module``'s output (inside decoder block ``block``)
     at the subject's last token; all cases in one batch (one case: the sequential edit).
@@ -220,7 +224,8 @@ def optimise_values(
     every gradient editor shares: ``cfg.steps`` updates at most (exactly ``steps[i]`` when given), a step
     skipped and the optimisation stopped once the objective's loss is below ``cfg.stop_loss`` (or, with
     ``cfg.stop_when_clipped``, once every target token is clipped). Every case has its own delta, Adam
-    state, regularisers, clamp and stop (``optimise_cases``).
+    state, regularisers, clamp and stop (``optimise_cases``). ``reference(labels)`` gives the unedited
+    model's target logits for an objective that needs them (``Editor.reference_for``), or None.
     """
     if not prefixes or prefixes[0] != "":
         raise ValueError("the first context prefix must be the empty one (the bare prompt)")
@@ -231,7 +236,7 @@ def optimise_values(
     hidden = lm.model.get_input_embeddings().embedding_dim
     params = CaseParameters({"delta": torch.zeros(len(cases), hidden, device=lm.device)}, cfg.lr)
     source = ValueLogits(lm, align_rows(rows, pad_id(lm), lm.device), module, block, len(prefixes),
-                         lambda: params["delta"])
+                         lambda: params["delta"], reference)
 
     def regularisers() -> torch.Tensor:
         """Per case: KL(edited || unedited) after its KL prompt, and the weight decay of its delta (the reference
@@ -255,19 +260,15 @@ def optimise_values(
                            default_stop(cfg.stop_loss, cfg.stop_when_clipped), on_step, regularisers,
                            exact_steps=steps, after_step=clamp)
     deltas = params.finish()["delta"]
-    results = []
-    for i, case_stats in enumerate(stats):
-        init = source.values0.get(i)
-        if init is None:  # a budget of 0 updates: no pass ran, so the unedited value is read here
-            bare = encode_rows(lm.tokenizer, cases[i], [""], False, cfg.missing_subject)
-            init = lookup_activations(lm, bare, [(module, "out")], block)[0][0]
-        results.append(ValueResult(init=init, delta=deltas[i], stats=case_stats))
-    return results
+    # every case has had a pass (also with a budget of 0 updates: the loop measures before it stops)
+    return [ValueResult(init=source.values0[i], delta=deltas[i], stats=case_stats)
+            for i, case_stats in enumerate(stats)]
 
 
 def optimise_value(lm: LoadedModel, case: EditCase, module: nn.Module, block: int, prefixes: Sequence[str],
                    objective: Objective, cfg: LocateConfig, on_step: StepCallback | None = None,
-                   steps: int | None = None) -> ValueResult:
+                   steps: int | None = None,
+                   reference: Callable[[torch.Tensor], torch.Tensor | None] = lambda _labels: None) -> ValueResult:
     """``optimise_values`` for one case: the value of a sequential edit."""
     return optimise_values(lm, [case], module, block, prefixes, objective, cfg, on_step,
-                           None if steps is None else [steps])[0]
+                           None if steps is None else [steps], reference)[0]

@@ -153,7 +153,8 @@ class LoRA(Editor):
                 tuner.update_and_allocate(step)  # uses this step's gradients, so before zero_grad
             step += 1
 
-        source = TargetLogits(self.lm.adapter, batch, self._first_layer)
+        source = TargetLogits(self.lm.adapter, batch, self._first_layer,
+                              reference=self.reference_for(cases, batch.labels))
 
         def without_dropout() -> torch.Tensor:
             """The logits of the current adapters with dropout off: what a stop decision reads."""

@@ -184,9 +184,10 @@ class MELO(Editor):
             # The first forward files the edit's keys (the key hook sees them); every row trains the new block,
             # which starts at zero (B = 0), so the first logits are the unedited model's.
             self._training, self._filing = name, [(case.case_id, case.target.strip()) for case in cases]
-            stats = optimise(cases, self.objective, TargetLogits(self.lm.adapter, batch, cfg.key_layer), update,
-                             cfg.steps, default_stop(cfg.stop_loss, cfg.stop_when_clipped), on_step,
-                             exact_steps=steps)
+            source = TargetLogits(self.lm.adapter, batch, cfg.key_layer,
+                                  reference=self.reference_for(cases, batch.labels))
+            stats = optimise(cases, self.objective, source, update, cfg.steps,
+                             default_stop(cfg.stop_loss, cfg.stop_when_clipped), on_step, exact_steps=steps)
         except BaseException:
             self._training = None
             self._restore(before)

@@ -253,7 +253,9 @@ class WISE(Editor):
                 with torch.no_grad():
                     weight.copy_(torch.clamp(weight, original - cfg.norm_constraint, original + cfg.norm_constraint))
 
-            stats = optimise(cases, objective, TargetLogits(self.lm.adapter, batch, cfg.layer), update, cfg.steps,
+            stats = optimise(cases, objective, TargetLogits(self.lm.adapter, batch, cfg.layer,
+                                                               reference=self.reference_for(cases, batch.labels)),
+                             update, cfg.steps,
                              stop, on_step, extra_loss=margin_loss, exact_steps=steps)
             weight = weight.detach()
             assert self._inner is not None
