@@ -37,7 +37,7 @@ TEACHER_FORCED, WILD = "teacher-forced", "wild"  # evaluation protocols, as the 
 PROTOCOL_NAMES = {TEACHER_FORCED: "teacher-forced", WILD: "wild (EM)"}
 PROTOCOL_SHORT = {TEACHER_FORCED: "TF", WILD: "wild"}  # group headers of the compact console tables
 PROTOCOL_CAPTION = ("TF: teacher-forced token accuracy; wild: generated answers, exact match after normalisation "
-                    "(Loc.: identical generated tokens).")
+                    "(Loc.: the same normalised reply as the unedited model).")
 Row = tuple[str, dict[str, Any]]
 # Display names and the paper's order; anything else keeps its own name and sorts after these.
 EDITOR_NAMES = {"rome": "ROME", "memit": "MEMIT", "ft-m": "FT-M", "lora": "LoRA", "melo": "MELO", "wise": "WISE"}
@@ -222,15 +222,19 @@ def wild_detail_table(rows: Sequence[Row], title: str = "") -> PaperTable | None
             else total - wild_s
         body.append([label, *(_fmt((wild.get("f1") or {}).get(m)) for m in ("rel", "gen", "por")),
                      *(_fmt((wild.get("contains") or {}).get(m)) for m in ("rel", "gen", "por")),
+                     _fmt(wild.get("loc"), 1), _fmt((wild.get("loc_tokens") or {}).get("loc"), 1),
                      _fmt(rule.get("differs_pct"), 1), _fmt(rule.get("em_changes_pct"), 1),
                      _fmt(tf_s, 3), _fmt(wild_s, 3)])
     return PaperTable(
-        title=title or "Wild protocol: token F1, target contained, the '.' stop rule, evaluation cost",
+        title=title or "Wild protocol: token F1, target contained, locality, the '.' stop rule, evaluation cost",
         groups=[("wild F1", ["Rel.", "Gen.", "Por."]), ("wild contained", ["Rel.", "Gen.", "Por."]),
-                ("'.' rule", ["differs %", "EM chg %"]), ("eval s/case", ["TF", "wild"])],
+                ("wild Loc.", ["same reply %", "tok-identical %"]), ("'.' rule", ["differs %", "EM chg %"]),
+                ("eval s/case", ["TF", "wild"])],
         sections=[("", body)], stub="run",
         caption="x100. F1: SQuAD token F1. Contained: the normalised answer occurs in the normalised reply as "
-                "whole words. '.' rule: replies whose text the study's stop at any '.' would cut differently, and "
+                "whole words. Loc.: same reply = the normalised reply up to the stop is unchanged (the wild Loc. "
+                "column); tok-identical = its token ids are, up to and including the token that holds the stop. "
+                "'.' rule: replies whose text the study's stop at any '.' would cut differently, and "
                 "those whose exact match it would change. Eval s/case: seconds per case of each protocol's "
                 "evaluation (TF: teacher-forced), before and after the edit together.",
     )
@@ -415,7 +419,7 @@ def _cases_note(runs: Sequence[RunInfo]) -> str:
 def _protocol_note(runs: Sequence[RunInfo]) -> str:
     """E.g. "Teacher-forced token accuracy; wild: generated answers, ..." for the protocols of ``runs``."""
     notes = {TEACHER_FORCED: "teacher-forced token accuracy",
-             WILD: "wild: generated answers, exact match (Loc.: identical generated tokens)"}
+             WILD: "wild: generated answers, exact match (Loc.: the same normalised reply)"}
     text = "; ".join(notes[p] for p in PROTOCOL_NAMES if any(r.evaluation == p for r in runs))
     return text[:1].upper() + text[1:]
 
