@@ -73,7 +73,7 @@ def test_a_table_of_many_noisy_comparisons_marks_some_uncorrected_and_none_after
     results = [("base", summary, noisy_rows(rng)), *((f"noise {i}", summary, noisy_rows(rng)) for i in range(8)),
                ("real", summary, noisy_rows(rng, shift=0.5))]
     table = _paired_layout(results, 0, caption=PAIRED_CAPTION)
-    assert "45 comparisons (rows x metrics with an interval); † significant after Holm's correction" in table.caption
+    assert "45 comparisons; † significant after Holm's correction" in table.caption
     noise = [cell for row in table.rows()[:-1] for cell in row[1:6]]
     assert sum(cell.endswith("*") for cell in noise) >= 3 and not any("†" in cell for cell in noise)
     real = table.rows()[-1][1:6]

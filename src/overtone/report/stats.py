@@ -180,5 +180,4 @@ def holm_family(differences: Sequence[PairedDifference], alpha: float = ALPHA) -
 def holm_note(differences: Sequence[PairedDifference]) -> str:
     """The caption of a table of paired differences: how many comparisons it makes, and what † means."""
     m = sum(d.tested for d in differences)
-    return (f"{m} comparison{'' if m == 1 else 's'} (rows x metrics with an interval); † significant after Holm's "
-            f"correction over the {m} at family-wise 5%.")
+    return f"{m} comparison{'' if m == 1 else 's'}; † significant after Holm's correction over them (family-wise 5%)."

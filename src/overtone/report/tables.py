@@ -630,7 +630,8 @@ def _paired_layout(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[st
 
 PAIRED_CAPTION = ("Δ = difference to the base row on the paired cases (ΔAvg. = difference of the rows' Avg.) "
                   "± 95% t-interval over cases (continual: over chunks); * = interval excludes 0 (p < 0.05, "
-                  "two-sided paired t); W/T/L = cases (chunks) won/tied/lost on Avg.")
+                  "two-sided paired t); comparisons = rows x metrics with an interval; W/T/L = cases (chunks) "
+                  "won/tied/lost on Avg.")
 
 
 def paired_table(
