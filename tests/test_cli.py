@@ -43,6 +43,7 @@ def test_table_pairs_runs_with_the_first_run_of_their_table(tmp_path, tiny_llama
     assert "Paired differences to ce (ce)" in result.output
     row = next(line for line in result.output.splitlines() if line.startswith("| ot (overtone) |") and "±" in line)
     assert row.rstrip().endswith("| 3 |")  # the three cases were paired, on one line
+    assert "5 comparisons; † significant after Holm's correction" in result.output
     alone = runner.invoke(app, ["table", str(ce), "--markdown", "--paired"])
     assert alone.exit_code == 0 and "Paired" not in alone.output
 

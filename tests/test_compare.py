@@ -14,6 +14,8 @@ from overtone.benchmarks import load_benchmark
 from overtone.cli import app
 from overtone.objectives import OverToneConfig
 from overtone.report import paired_difference, paired_differences
+from overtone.report.stats import holm
+from overtone.report.tables import PAIRED_CAPTION, _paired_layout
 from overtone.runner import read_run, summarize
 from overtone.runner.variants import ablation_variants, matched_steps_variants, sweep_variants
 
@@ -32,6 +34,54 @@ def test_paired_difference_mean_interval_and_counts():
     sd = math.sqrt(sum((x - d.mean) ** 2 for x in diffs) / 2)
     assert d.half_width == pytest.approx(stats.t.ppf(0.975, 2) * sd / math.sqrt(3))
     assert not d.significant  # three cases cannot exclude zero here
+
+
+def test_the_p_value_is_the_two_sided_paired_t_tests_and_agrees_with_the_interval():
+    rng = random.Random(5)
+    base = [rec(f"c{i}", rel=rng.random()) for i in range(12)]
+    other = [rec(f"c{i}", rel=min(1.0, rng.random() + 0.2)) for i in range(12)]
+    d = paired_difference(base, other, "rel")
+    diffs = [100 * (o["post"]["rel"] - b["post"]["rel"]) for b, o in zip(base, other, strict=True)]
+    assert d.p_value == pytest.approx(stats.ttest_1samp(diffs, 0.0).pvalue)
+    assert d.significant == (d.p_value < 0.05)
+    same = paired_difference(base, base, "rel")
+    assert same.p_value == 1.0 and not same.significant
+    halves = [rec(f"c{i}", rel=i % 2 / 2) for i in range(4)]
+    shifted = paired_difference(halves, [rec(r["case_id"], rel=r["post"]["rel"] + 0.25) for r in halves], "rel")
+    assert shifted.p_value == 0.0 and shifted.significant  # every case gains the same: no spread, no doubt
+    assert math.isnan(paired_difference(base[:2], other[:2], "rel").p_value)  # no interval, no test
+
+
+def test_holm_against_a_hand_computed_family():
+    # sorted: 0.005 <= .05/4 rejected, 0.01 <= .05/3 rejected, 0.03 > .05/2 stops: 0.03 and 0.04 are kept
+    assert holm([0.01, 0.04, 0.03, 0.005]) == [True, False, False, True]
+    # 0.02 <= .05/2 after 0.001 <= .05/3: rejected, though Bonferroni (.05/3 for all) would keep it
+    assert holm([0.02, 0.001, 0.5]) == [True, True, False]
+    # the smallest fails its threshold (0.02 > .05/3): nothing is rejected, though 0.04 <= .05 alone
+    assert holm([0.02, 0.03, 0.04]) == [False, False, False]
+    assert holm([0.04]) == [True] and holm([]) == []
+
+
+def noisy_rows(rng, shift=0.0, cases=30):
+    return [rec(f"c{i}", **{m: min(1.0, rng.random() + shift) for m in ("rel", "gen", "por", "loc")})
+            for i in range(cases)]
+
+
+def test_a_table_of_many_noisy_comparisons_marks_some_uncorrected_and_none_after_holm():
+    rng = random.Random(3)
+    summary = {"rel": 1.0, "gen": 1.0, "por": 1.0, "loc": 1.0, "avg": 1.0}
+    results = [("base", summary, noisy_rows(rng)), *((f"noise {i}", summary, noisy_rows(rng)) for i in range(8)),
+               ("real", summary, noisy_rows(rng, shift=0.5))]
+    table = _paired_layout(results, 0, caption=PAIRED_CAPTION)
+    assert "45 comparisons; † significant after Holm's correction" in table.caption
+    noise = [cell for row in table.rows()[:-1] for cell in row[1:6]]
+    assert sum(cell.endswith("*") for cell in noise) >= 3 and not any("†" in cell for cell in noise)
+    real = table.rows()[-1][1:6]
+    assert all(cell.endswith("*†") for cell in real)  # a real gain survives the correction
+    # the marks are Holm's over all 45 p-values of the table, not row by row
+    metrics = ["rel", "gen", "por", "loc", "avg"]
+    found = [d for _, _, records in results[1:] for d in paired_differences(results[0][2], records, metrics).values()]
+    assert ["†" in cell for row in table.rows() for cell in row[1:6]] == holm([d.p_value for d in found])
 
 
 def test_fewer_than_three_units_give_no_interval():

@@ -255,6 +255,11 @@ def test_paired_estimates_are_the_difference_of_rows_on_common_cases():
         expected = sum(o[m] - b[m] for o, b in zip(rows["other"], rows["base"], strict=True)) / 2
         assert diff[m].mean == pytest.approx(expected, abs=0.01)  # summaries are rounded
     assert diff["rel"].excludes_zero and diff["rel"].low > 0
+    assert diff["rel"].p_value < 0.05 and diff["loc"].p_value < 0.05 and diff["loc"].high < 0
+    assert paired_estimates(base, base, ["rel"])["rel"].p_value == 1.0  # every replicate is 0: no difference
+    # the two-sided bootstrap p-value: twice the smaller share of replicates on a side of 0
+    mixed = paired_estimates({0: records([0.0, 1.0, 0.0, 0.5])}, {0: records([0.5, 0.0, 0.5, 1.0])}, ["rel"])["rel"]
+    assert 0.05 < mixed.p_value < 1.0 and not mixed.excludes_zero
 
 
 def test_make_executor_names_the_choices():

@@ -10,12 +10,16 @@ from overtone.editors import FTM, FTMConfig
 from overtone.evaluation import Evaluator, WildEvaluator, WildSettings, make_evaluator, protocol_records
 from overtone.evaluation.generation import generate_ids
 from overtone.evaluation.wild import (
+    Reply,
+    WildPreEdit,
+    WildProbe,
     _reply,
     answer,
     contains,
     context_text,
     exact_match,
     find_stop,
+    locality,
     normalize_answer,
     study_cut,
     token_f1,
@@ -145,13 +149,32 @@ def test_a_chunk_is_answered_in_shared_batches_with_the_same_replies(tiny_llama,
     assert [wild_fields(f) for f in evaluator.after_many(together, [False] * 3)] == one_by_one
 
 
-def test_locality_is_kept_only_while_the_generated_tokens_are_identical(tiny_llama, zsre_cases):
+def test_locality_compares_the_scored_reply_and_records_the_token_identical_rate_beside_it():
+    probes = [WildProbe("rel", "rewrite", "Q?", ("Paris",)), WildProbe("loc", "neighborhood", "Where?", ("Rome",)),
+              WildProbe("loc", "neighborhood", "Who?", ("Ada",))]
+    before = [Reply("Paris", (1, 2), "Paris"), Reply("Rome", (5, 17), "Rome"), Reply("Ada", (7, 8), "Ada")]
+    # probe 2: the same text up to the stop, but the token that holds the stop ("\n\n" against "\n") differs
+    # after the stop character; probe 3: another reply
+    after = [Reply("Paris", (1, 2), "Paris"), Reply("Rome", (5, 23), "Rome"), Reply("Ada Lovelace", (7, 9), "Ada")]
+    pre = WildPreEdit(None, probes, before, 0.0)
+    wild = WildEvaluator._fields(pre, after, 0.0)
+    loc = [g for g in wild["generations"] if g["metric"] == "loc"]
+    assert [(g["kept"], g["tokens_identical"]) for g in loc] == [(1.0, 0.0), (0.0, 0.0)]
+    assert wild["post"]["loc"] == 0.5 and wild["loc_tokens"] == {"loc": 0.0}
+    assert locality(Reply("the Rome.", (1,), ""), Reply("Rome", (2,), "")) == {"em": 1.0, "tokens": 0.0}
+    record = {"case_id": 0, "steps": 1, "edit_s": 0.0, "eval_s": 0.0, "wild": wild}
+    summary = summarize([record])["wild"]
+    assert summary["loc"] == 50.0 and summary["loc_tokens"] == {"loc": 0.0}
+    assert protocol_records([record], "wild")[0]["loc_tokens"] == {"loc": 0.0}
+
+
+def test_locality_is_kept_while_the_scored_reply_is_the_same(tiny_llama, zsre_cases):
     case = zsre_cases[0]
     evaluator = WildEvaluator(tiny_llama, SHORT)
     pre = evaluator.before(case, record_from=None)
     unchanged = evaluator.after(pre, replay=False)["wild"]
-    assert unchanged["post"]["loc"] == 1.0
-    assert all(g["kept"] == 1.0 for g in unchanged["generations"] if g["metric"] == "loc")
+    assert unchanged["post"]["loc"] == 1.0 and unchanged["loc_tokens"] == {"loc": 1.0}
+    assert all(g["kept"] == g["tokens_identical"] == 1.0 for g in unchanged["generations"] if g["metric"] == "loc")
     before = state(tiny_llama)
     weight = tiny_llama.adapter.weight("mlp_out", 0)
     with torch.no_grad():
@@ -165,9 +188,13 @@ def test_locality_is_kept_only_while_the_generated_tokens_are_identical(tiny_lla
             weight.copy_(before["model.layers.0.mlp.down_proj.weight"])
     assert_same_state(tiny_llama, before)
     reference = [r for p, r in zip(pre.probes, pre.replies, strict=True) if p.metric == "loc"]
-    expected = [float(a.ids == b.ids) for a, b in zip(now, reference, strict=True)]
-    assert [g["kept"] for g in changed["generations"] if g["metric"] == "loc"] == expected
+    pairs = list(zip(now, reference, strict=True))
+    expected = [float(normalize_answer(a.text) == normalize_answer(b.text)) for a, b in pairs]
+    identical = [float(a.ids == b.ids) for a, b in pairs]
+    loc = [g for g in changed["generations"] if g["metric"] == "loc"]
+    assert [g["kept"] for g in loc] == expected and [g["tokens_identical"] for g in loc] == identical
     assert changed["post"]["loc"] == sum(expected) / len(expected) < 1.0
+    assert changed["loc_tokens"]["loc"] == sum(identical) / len(identical) <= changed["post"]["loc"]
 
 
 def test_both_protocols_keep_the_teacher_forced_fields_and_add_wild(tiny_llama, zsre_cases):

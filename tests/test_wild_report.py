@@ -80,6 +80,10 @@ def test_table_command_prints_the_wild_scores_cost_and_ability(runs):
     result = cli("table", runs / "ce", runs / "ot", runs / "ot-T2", "--markdown")
     assert "| run | TF Rel." in result.output and "wild Rel." in result.output
     assert "eval s/case TF" in result.output and "perplexity drift %" in result.output
+    summary = json.loads((runs / "ce" / "summary.json").read_text())["wild"]
+    detail = next(line for line in result.output.splitlines() if line.startswith("| ce (") and line.count("|") == 14)
+    assert "wild Loc. same reply % | wild Loc. tok-identical %" in result.output
+    assert f"| {summary['loc']:.1f} | {summary['loc_tokens']['loc']:.1f} |" in detail
 
 
 def test_ability_every_prints_the_drift_curve_and_is_checked_before_the_model_loads(tmp_path, tiny_llama_dir):

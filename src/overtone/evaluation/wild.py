@@ -13,8 +13,10 @@ Teacher forcing feeds the model the target's own tokens and length; here nothing
 * Rel., Gen., Por.: exact match of the reply with the target or one of its aliases after SQuAD-style
   normalisation (lower case, no punctuation, no articles a/an/the, single spaces); token F1 and
   "target contained" (the normalised answer occurs in the normalised reply as whole words) are kept too;
-* Loc.: a probe is kept when the generated token ids before and after the edit are identical (up to and
-  including the token that holds the stop, or end of sequence).
+* Loc.: a probe is kept when its scored reply is the same before and after the edit: the normalised text
+  up to the stop, the text the other metrics score. ``loc_tokens`` beside it: the share whose generated
+  token ids are identical up to and including the token that holds the stop (or end of sequence), a
+  stricter test that also sees what that token holds after the stop.
 
 Per case, metrics average over the probes of a kind, then over kinds, as the teacher-forced ones. A
 record keeps the teacher-forced ``pre``/``post`` (when that protocol runs too) and adds ``wild``.
@@ -53,6 +55,7 @@ EVAL_MODES = {TEACHER_FORCED: (TEACHER_FORCED,), WILD: (WILD,), "both": (TEACHER
 CONTEXTS = ("bare", "qa")
 QA_INSTRUCTION = "Please answer the question:\n\nQ: {question}\nA:"  # the study's "qa_inst" context
 SCORED = ("rel", "gen", "por")  # metrics scored against an answer; Loc. compares with the unedited model
+SCORES = ("f1", "contains", "loc_tokens")  # a wild record's other scores, per metric: summarised as its metrics
 # Words that end in "." without ending a sentence (lower case, without the dot).
 ABBREVIATIONS = frozenset((
     "st", "mt", "ft", "dr", "mr", "mrs", "ms", "jr", "sr", "prof", "rev", "gen", "col", "lt", "sgt", "capt", "gov",
@@ -241,19 +244,26 @@ class WildPreEdit:
         return self.inner.cache if self.inner else None
 
 
+def locality(reply: Reply, reference: Reply) -> dict[str, float]:
+    """A locality probe's two verdicts: ``em`` (Loc.) the scored reply is unchanged, its normalised text up to
+    the stop; ``tokens`` its token ids are, up to and including the token that holds the stop."""
+    return {"em": float(normalize_answer(reply.text) == normalize_answer(reference.text)),
+            "tokens": float(reply.ids == reference.ids)}
+
+
 def _score(probes: Sequence[WildProbe], replies: Sequence[Reply], reference: Sequence[Reply] | None,
            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Per-metric EM (Loc.: identical ids), F1, contained and detail; the per-probe scores."""
-    rows: dict[str, list[float | None]] = {"em": [], "f1": [], "contains": []}
+    """Per-metric EM (Loc.: the same scored reply), F1, contained, Loc.'s token-identical rate and the
+    detail; the per-probe scores."""
+    rows: dict[str, list[float | None]] = {"em": [], "f1": [], "contains": [], "tokens": []}
     scores = []
     for i, (probe, reply) in enumerate(zip(probes, replies, strict=True)):
-        if probe.metric == "loc":
-            kept = None if reference is None else float(reply.ids == reference[i].ids)
-            values: dict[str, float | None] = {"em": kept, "f1": None, "contains": None}
-        else:
-            values = {"em": float(exact_match(reply.text, probe.answers)),
-                      "f1": token_f1(reply.text, probe.answers),
-                      "contains": float(contains(reply.text, probe.answers))}
+        values: dict[str, float | None] = dict.fromkeys(rows)
+        if probe.metric != "loc":
+            values.update(em=float(exact_match(reply.text, probe.answers)), f1=token_f1(reply.text, probe.answers),
+                          contains=float(contains(reply.text, probe.answers)))
+        elif reference is not None:
+            values.update(locality(reply, reference[i]))
         for key, value in values.items():
             rows[key].append(value)
         scores.append(values)
@@ -261,7 +271,7 @@ def _score(probes: Sequence[WildProbe], replies: Sequence[Reply], reference: Seq
     em, detail = by_metric(groups, rows["em"])
     out = {"em": em, "f1": {m: v for m, v in by_metric(groups, rows["f1"])[0].items() if m in SCORED},
            "contains": {m: v for m, v in by_metric(groups, rows["contains"])[0].items() if m in SCORED},
-           "detail": detail}
+           "loc_tokens": {"loc": by_metric(groups, rows["tokens"])[0]["loc"]}, "detail": detail}
     return out, scores
 
 
@@ -371,7 +381,7 @@ class WildEvaluator(Evaluator):
             entry: dict[str, Any] = {"metric": probe.metric, "kind": probe.kind, "prompt": probe.prompt,
                                      "answer": probe.answers[0], "pre": old.text, "post": new.text}
             if probe.metric == "loc":
-                entry["kept"] = score["em"]
+                entry.update(kept=score["em"], tokens_identical=score["tokens"])
             else:
                 entry.update(em=score["em"], f1=round(score["f1"], 4), contains=score["contains"])
                 if new.study_text != new.text:
@@ -384,6 +394,7 @@ class WildEvaluator(Evaluator):
             "pre": {m: v for m, v in before["em"].items() if m in SCORED},
             "f1": post["f1"],
             "contains": post["contains"],
+            "loc_tokens": post["loc_tokens"],
             "detail": post["detail"],
             "study_rule": {"replies": sum(p.metric != "loc" for p in pre.probes), "differs": differs,
                            "em_changes": em_changes},
@@ -396,8 +407,9 @@ def wild_view(record: dict[str, Any]) -> dict[str, Any]:
     """A record with its wild metrics in the place of the teacher-forced ones, for summaries and paired stats."""
     wild = record["wild"]
     view = {k: v for k, v in record.items() if k not in ("pre", "post", "detail", "wild", "generations")}
-    return {**view, "post": wild["post"], "pre": wild["pre"], "f1": wild["f1"], "contains": wild["contains"],
-            "study_rule": wild["study_rule"], "eval_s": wild["eval_s"]}
+    scores = {part: wild[part] for part in SCORES if part in wild}  # loc_tokens: not in records before it existed
+    return {**view, "post": wild["post"], "pre": wild["pre"], **scores, "study_rule": wild["study_rule"],
+            "eval_s": wild["eval_s"]}
 
 
 def protocol_records(records: Sequence[dict[str, Any]], protocol: str) -> list[dict[str, Any]]:

@@ -132,8 +132,8 @@ def _wild_section(runs: Sequence[RunInfo]) -> Section | None:
                          "labels: wild minus teacher-forced (points).", shrink_figure(shrinks)))
     return Section("wild", "Teacher forcing against evaluation in the wild",
                    "The same edits scored twice: with the target's tokens given (teacher-forced token accuracy) "
-                   "and with the model generating its answer from the bare prompt (exact match; Loc.: identical "
-                   "generated tokens). docs/wild.md has the rules.", items)
+                   "and with the model generating its answer from the bare prompt (exact match; Loc.: the same "
+                   "normalised reply as the unedited model). docs/wild.md has the rules.", items)
 
 
 def build_sections(inputs: Inputs, max_heatmaps: int = 12,

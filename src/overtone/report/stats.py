@@ -11,6 +11,12 @@ two rows' values on the paired cases: every case's contribution is its differenc
 column means weight them, so on a dataset where some cases lack Gen. or Por. the ΔAvg. is exactly
 Avg.(other) − Avg.(base). The interval treats the independent units as the sample: cases in single
 editing, chunks in continual editing (the cases of one chunk share an edited model).
+
+A table makes many such comparisons (rows x metrics), and at 95% one in twenty differences that are
+pure noise still gets its ``*``. Each comparison's p-value is the two-sided p-value of the same t
+statistic as its interval (mean / standard error, t with n − 1 degrees of freedom), so p < 0.05 exactly
+when the interval excludes 0; ``holm_family`` corrects a table's comparisons together with Holm's
+step-down procedure at a family-wise error rate of 5% and marks the survivors ``†``.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from scipy import stats
@@ -27,6 +33,7 @@ TIE = 1e-9
 
 
 MIN_UNITS = 3  # independent units below which no interval is given (a t-interval over 2 says nothing)
+ALPHA = 0.05  # the per-comparison level of the 95% intervals, and the family-wise level of Holm's correction
 
 
 @dataclass(frozen=True)
@@ -42,10 +49,17 @@ class PairedDifference:
     losses: int
     cases: int = 0  # paired cases behind the units
     unit: str = "case"
+    p_value: float = math.nan  # two-sided, of the interval's t statistic; NaN without an interval
+    holm: bool = False  # significant after Holm's correction over its table's comparisons (``holm_family``)
+
+    @property
+    def tested(self) -> bool:
+        """Whether this difference has an interval, so it counts as one of its table's comparisons."""
+        return self.n >= MIN_UNITS
 
     @property
     def significant(self) -> bool:
-        return self.n >= MIN_UNITS and abs(self.mean) > self.half_width
+        return self.tested and abs(self.mean) > self.half_width
 
     def __str__(self) -> str:
         if self.n < MIN_UNITS:  # two chunks that happen to agree would give a zero-width "interval"
@@ -54,8 +68,9 @@ class PairedDifference:
 
     @property
     def marked(self) -> str:
-        """As printed in tables: ``str`` and a ``*`` when the interval excludes 0."""
-        return str(self) + ("*" if self.significant else "")
+        """As printed in tables: ``str``, a ``*`` when the interval excludes 0, a ``†`` when the difference is
+        significant after Holm's correction over its table."""
+        return str(self) + ("*" if self.significant else "") + ("†" if self.holm else "")
 
 
 def _value(record: dict[str, Any], metric: str) -> float | None:
@@ -101,6 +116,13 @@ def paired_contributions(
     return {u: s / columns for u, s in shares.items()}, len(pairs)
 
 
+def _p_value(mean: float, error: float, n: int) -> float:
+    """Two-sided p-value of the paired t statistic mean / error with n - 1 degrees of freedom."""
+    if error == 0:  # every unit differs by the same amount: certain, unless that amount is 0
+        return 1.0 if abs(mean) <= TIE else 0.0
+    return float(2 * stats.t.sf(abs(mean) / error, n - 1))
+
+
 def paired_difference(
     base: Sequence[dict[str, Any]], other: Sequence[dict[str, Any]], metric: str
 ) -> PairedDifference:
@@ -112,14 +134,14 @@ def paired_difference(
     if n == 0:
         return PairedDifference(metric, math.nan, math.nan, 0, 0, 0, 0, 0, unit)
     mean = sum(values) / n
+    half, p = math.inf, math.nan
     if n >= MIN_UNITS:
-        sd = math.sqrt(sum((d - mean) ** 2 for d in values) / (n - 1))
-        half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    else:
-        half = math.inf
+        error = math.sqrt(sum((d - mean) ** 2 for d in values) / (n - 1)) / math.sqrt(n)
+        half = float(stats.t.ppf(1 - ALPHA / 2, n - 1)) * error
+        p = _p_value(mean, error, n)
     wins = sum(d > TIE for d in values)
     losses = sum(d < -TIE for d in values)
-    return PairedDifference(metric, mean, half, n, wins, n - wins - losses, losses, cases, unit)
+    return PairedDifference(metric, mean, half, n, wins, n - wins - losses, losses, cases, unit, p)
 
 
 def paired_differences(
@@ -129,3 +151,33 @@ def paired_differences(
     if metrics is None:
         metrics = [*dict.fromkeys(m for r in base for m in r["post"]), "avg"]
     return {m: paired_difference(base, other, m) for m in metrics}
+
+
+def holm(p_values: Sequence[float], alpha: float = ALPHA) -> list[bool]:
+    """Holm's step-down procedure: which of m hypotheses to reject at family-wise error rate ``alpha``.
+
+    The p-values are taken in ascending order; the k-th smallest (k = 1..m) is rejected while it is at
+    most alpha / (m − k + 1), and the first that is not stops it (it and every larger one are kept).
+    """
+    m = len(p_values)
+    rejected = [False] * m
+    for k, i in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        if not p_values[i] <= alpha / (m - k):
+            break
+        rejected[i] = True
+    return rejected
+
+
+def holm_family(differences: Sequence[PairedDifference], alpha: float = ALPHA) -> list[PairedDifference]:
+    """A table's differences with ``holm`` set, corrected together over the m of them that have an interval."""
+    tested = [i for i, d in enumerate(differences) if d.tested]
+    out = list(differences)
+    for i, rejected in zip(tested, holm([differences[i].p_value for i in tested], alpha), strict=True):
+        out[i] = replace(differences[i], holm=rejected)
+    return out
+
+
+def holm_note(differences: Sequence[PairedDifference]) -> str:
+    """The caption of a table of paired differences: how many comparisons it makes, and what † means."""
+    m = sum(d.tested for d in differences)
+    return f"{m} comparison{'' if m == 1 else 's'}; † significant after Holm's correction over them (family-wise 5%)."

@@ -28,6 +28,7 @@ from rich.text import Text
 if TYPE_CHECKING:
     from overtone.diagnostics import CaseTrace
     from overtone.report.runs import Pair, RunInfo
+    from overtone.report.stats import PairedDifference
 
 COLUMNS = (("rel", "Rel."), ("gen", "Gen."), ("por", "Por."), ("loc", "Loc."), ("sng_hop", "Sng-Hop"),
            ("mlt_hop", "Mlt-Hop"), ("avg", "Avg."))
@@ -42,7 +43,7 @@ TEACHER_FORCED, WILD = "teacher-forced", "wild"  # evaluation protocols, as the 
 PROTOCOL_NAMES = {TEACHER_FORCED: "teacher-forced", WILD: "wild (EM)"}
 PROTOCOL_SHORT = {TEACHER_FORCED: "TF", WILD: "wild"}  # group headers of the compact console tables
 PROTOCOL_CAPTION = ("TF: teacher-forced token accuracy; wild: generated answers, exact match after normalisation "
-                    "(Loc.: identical generated tokens).")
+                    "(Loc.: the same normalised reply as the unedited model).")
 Row = tuple[str, dict[str, Any]]
 # Display names and the paper's order; anything else keeps its own name and sorts after these.
 EDITOR_NAMES = {"rome": "ROME", "memit": "MEMIT", "ft-m": "FT-M", "lora": "LoRA", "melo": "MELO", "wise": "WISE"}
@@ -236,15 +237,19 @@ def wild_detail_table(rows: Sequence[Row], title: str = "") -> PaperTable | None
             else total - wild_s
         body.append([label, *(_fmt((wild.get("f1") or {}).get(m)) for m in ("rel", "gen", "por")),
                      *(_fmt((wild.get("contains") or {}).get(m)) for m in ("rel", "gen", "por")),
+                     _fmt(wild.get("loc"), 1), _fmt((wild.get("loc_tokens") or {}).get("loc"), 1),
                      _fmt(rule.get("differs_pct"), 1), _fmt(rule.get("em_changes_pct"), 1),
                      _fmt(tf_s, 3), _fmt(wild_s, 3)])
     return PaperTable(
-        title=title or "Wild protocol: token F1, target contained, the '.' stop rule, evaluation cost",
+        title=title or "Wild protocol: token F1, target contained, locality, the '.' stop rule, evaluation cost",
         groups=[("wild F1", ["Rel.", "Gen.", "Por."]), ("wild contained", ["Rel.", "Gen.", "Por."]),
-                ("'.' rule", ["differs %", "EM chg %"]), ("eval s/case", ["TF", "wild"])],
+                ("wild Loc.", ["same reply %", "tok-identical %"]), ("'.' rule", ["differs %", "EM chg %"]),
+                ("eval s/case", ["TF", "wild"])],
         sections=[("", body)], stub="run",
         caption="x100. F1: SQuAD token F1. Contained: the normalised answer occurs in the normalised reply as "
-                "whole words. '.' rule: replies whose text the study's stop at any '.' would cut differently, and "
+                "whole words. Loc.: same reply = the normalised reply up to the stop is unchanged (the wild Loc. "
+                "column); tok-identical = its token ids are, up to and including the token that holds the stop. "
+                "'.' rule: replies whose text the study's stop at any '.' would cut differently, and "
                 "those whose exact match it would change. Eval s/case: seconds per case of each protocol's "
                 "evaluation (TF: teacher-forced), before and after the edit together.",
     )
@@ -357,18 +362,25 @@ def _sort_key(key: Any) -> Any:
     return _order(DATASET_NAMES, key) if isinstance(key, str) else (key, "")
 
 
-def _delta_cell(ce: RunInfo, overtone: RunInfo, metric: str) -> str:
-    from overtone.report.stats import paired_difference
+def _delta_cells(rows: Sequence[tuple[str, list[PairedDifference | None]]]) -> list[list[str]]:
+    """Rows of paired differences as cells, marked after Holm's correction over all of them (one table)."""
+    from overtone.report.stats import holm_family
 
-    d = paired_difference(ce.records, overtone.records, metric)
-    if d.n == 0:
-        return "–"
-    return d.marked
+    found = [d for _, diffs in rows for d in diffs if d is not None]
+    corrected = iter(holm_family(found))
+    return [[label, *("–" if d is None else _delta_text(next(corrected)) for d in diffs)] for label, diffs in rows]
+
+
+def _delta_text(d: PairedDifference) -> str:
+    return "–" if d.n == 0 else d.marked
 
 
 def _delta_rows(members: Sequence[RunInfo], keys: Sequence[Any], metrics: dict[Any, list[str]],
-                column: Callable[[RunInfo], Any]) -> list[list[str]]:
-    """Under the method rows: per editor, OverTone minus CE paired per case, in each column group."""
+                column: Callable[[RunInfo], Any]) -> list[tuple[str, list[PairedDifference | None]]]:
+    """Under the method rows: per editor, OverTone minus CE paired per case, in each column group (None: no
+    pair there)."""
+    from overtone.report.stats import paired_difference
+
     rows = []
     for editor in _unique(r.editor for r in members):
         pairs: dict[str, dict[Any, tuple[RunInfo, RunInfo]]] = {}
@@ -378,11 +390,12 @@ def _delta_rows(members: Sequence[RunInfo], keys: Sequence[Any], metrics: dict[A
                 for ce in (r for r in runs if r.objective == "CE" and r.comparison_key == ot.comparison_key):
                     pairs.setdefault(ot.tag, {})[k] = (ce, ot)
         for tag, by_key in pairs.items():
-            cells = [f"Δ {editor_name(editor)} OverTone − CE" + (f" ({tag})" if tag else "")]
+            diffs: list[PairedDifference | None] = []
             for k in keys:
                 pair = by_key.get(k)
-                cells += [_delta_cell(*pair, m) if pair else "–" for m in metrics[k]]
-            rows.append(cells)
+                diffs += [paired_difference(pair[0].records, pair[1].records, m) if pair else None
+                          for m in metrics[k]]
+            rows.append((f"Δ {editor_name(editor)} OverTone − CE" + (f" ({tag})" if tag else ""), diffs))
     return rows
 
 
@@ -393,7 +406,7 @@ def _grid(title: str, runs: Sequence[RunInfo], column: Callable[[RunInfo], Any],
     keys = sorted(_unique(column(r) for r in runs), key=_sort_key)
     metrics = {k: _metrics([r for r in runs if column(r) == k]) for k in keys}
     groups = [(group_label(k), [METRIC_HEADERS[m] for m in metrics[k]]) for k in keys]
-    sections = []
+    sections, deltas = [], []
     for name in _unique(section(r) for r in runs):
         members = sorted((r for r in runs if section(r) == name), key=_row_order)
         rows = []
@@ -403,7 +416,17 @@ def _grid(title: str, runs: Sequence[RunInfo], column: Callable[[RunInfo], Any],
                 run = next((r for r in members if method_label(r) == label and column(r) == k), None)
                 cells += [_fmt(run.summary.get(m) if run else None) for m in metrics[k]]
             rows.append(cells)
-        sections.append((name, rows + _delta_rows(members, keys, metrics, column)))
+        sections.append((name, rows))
+        deltas.append(_delta_rows(members, keys, metrics, column))
+    # the Δ rows of every section are one family: corrected together, then placed under their sections
+    marked = iter(_delta_cells([row for rows in deltas for row in rows]))
+    sections = [(name, rows + [next(marked) for _ in section_deltas])
+                for (name, rows), section_deltas in zip(sections, deltas, strict=True)]
+    found = [d for rows in deltas for _, diffs in rows for d in diffs if d is not None]
+    if found:
+        from overtone.report.stats import holm_note
+
+        caption = f"{caption} {holm_note(found)}"
     return PaperTable(title=title, groups=groups, sections=sections, caption=caption)
 
 
@@ -429,7 +452,7 @@ def _cases_note(runs: Sequence[RunInfo]) -> str:
 def _protocol_note(runs: Sequence[RunInfo]) -> str:
     """E.g. "Teacher-forced token accuracy; wild: generated answers, ..." for the protocols of ``runs``."""
     notes = {TEACHER_FORCED: "teacher-forced token accuracy",
-             WILD: "wild: generated answers, exact match (Loc.: identical generated tokens)"}
+             WILD: "wild: generated answers, exact match (Loc.: the same normalised reply)"}
     text = "; ".join(notes[p] for p in PROTOCOL_NAMES if any(r.evaluation == p for r in runs))
     return text[:1].upper() + text[1:]
 
@@ -482,24 +505,32 @@ def ability_rows(runs: Sequence[RunInfo]) -> list[Row]:
 
 def gain_table(pairs: Sequence[Pair]) -> PaperTable | None:
     """OverTone minus CE for every pair of runs that differ only in the objective, with a 95% interval."""
+    from overtone.report.stats import holm_family, holm_note
+
     if not pairs:
         return None
+    pairs = sorted(pairs, key=lambda p: (_sort_key(p.ce.evaluation), _order(EDITOR_NAMES, p.ce.editor), p.ce.dataset,
+                                         p.ce.sequence))
+    measured = [p.avg for p in pairs if p.avg is not None]
+    corrected = iter(holm_family(measured))
     sections: dict[str, list[list[str]]] = {}
-    for p in sorted(pairs, key=lambda p: (_sort_key(p.ce.evaluation), _order(EDITOR_NAMES, p.ce.editor), p.ce.dataset,
-                                          p.ce.sequence)):
+    for p in pairs:
+        avg = None if p.avg is None else next(corrected)
         verdict = {None: "–", True: "within noise"}.get(p.within_noise, "gain" if (p.delta["avg"] or 0) > 0
                                                         else "loss")
+        if p.within_noise is False and avg is not None and not avg.holm:
+            verdict += ", not after Holm"
         label = f"{editor_name(p.ce.editor)}, {dataset_name(p.ce.dataset)}, T={p.ce.sequence}"
         if p.overtone.tag:
             label += f" ({p.overtone.tag})"
-        paired = p.avg if p.avg is not None and p.avg.n > 0 else None
+        paired = avg if avg is not None and avg.n > 0 else None
         section = p.ce.model
         if p.ce.evaluation != TEACHER_FORCED:
             section += f", {PROTOCOL_NAMES[p.ce.evaluation]}"
         sections.setdefault(section, []).append([
             label, str(p.n_cases or "–"), _fmt(p.ce_summary.get("avg")), _fmt(p.overtone_summary.get("avg")),
             *(_signed(p.delta[m]) for m in ("rel", "gen", "por", "loc", "avg")),
-            "–" if paired is None else str(paired),
+            "–" if paired is None else paired.marked,
             "–" if paired is None else f"{paired.wins}/{paired.ties}/{paired.losses}", verdict,
         ])
     columns = ["cases", "CE Avg.", "OverTone Avg.", "ΔRel.", "ΔGen.", "ΔPor.", "ΔLoc.", "ΔAvg.",
@@ -509,8 +540,9 @@ def gain_table(pairs: Sequence[Pair]) -> PaperTable | None:
         stub="editor, dataset, T",
         caption="Runs whose configurations differ only in the objective, compared on the cases both finished. "
                 "Δ: difference of the tables' means. ΔAvg. ± 95%: the same difference with its 95% t-interval "
-                "over cases (continual: over chunks; report.stats); 'within noise' when the interval covers 0. "
-                "W/T/L: cases (chunks) where OverTone wins, ties, loses on Avg.",
+                "over cases (continual: over chunks; report.stats), * when it excludes 0; 'within noise' when it "
+                "covers 0, 'not after Holm' when it excludes 0 but the difference is not significant after Holm's "
+                "correction. W/T/L: cases (chunks) where OverTone wins, ties, loses on Avg. " + holm_note(measured),
     )
 
 
@@ -577,21 +609,24 @@ def _paired_layout(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[st
                    title: str = "", caption: str = "") -> PaperTable:
     """Per run, the paired differences to ``results[base]`` under the group of each protocol present."""
     from overtone.evaluation.wild import protocol_records
-    from overtone.report.stats import paired_differences
+    from overtone.report.stats import holm_family, holm_note, paired_differences
 
     blocks = protocol_summaries([summary for _, summary, _ in results])
     columns = {p: metric_columns(b) for p, b in blocks}
     base_records = {p: protocol_records(results[base][2], p) for p, _ in blocks}
+    rows = [(label, [paired_differences(base_records[protocol], protocol_records(records, protocol),
+                                        [key for key, _ in columns[protocol]]) for protocol, _ in blocks])
+            for i, (label, _summary, records) in enumerate(results) if i != base]
+    # every cell of the table is one comparison of one family, corrected together
+    found = [d for _, per_protocol in rows for diffs in per_protocol for d in diffs.values()]
+    corrected = iter(holm_family(found))
     body = []
-    for i, (label, _summary, records) in enumerate(results):
-        if i == base:
-            continue
+    for label, per_protocol in rows:
         cells, paired = [label], ""
-        for protocol, _ in blocks:
-            diffs = paired_differences(base_records[protocol], protocol_records(records, protocol),
-                                       [key for key, _ in columns[protocol]])
+        for diffs in per_protocol:
+            diffs = {key: next(corrected) for key in diffs}
             avg = diffs["avg"]
-            cells += [diffs[key].marked for key, _ in columns[protocol]]
+            cells += [d.marked for d in diffs.values()]
             cells.append(f"{avg.wins}/{avg.ties}/{avg.losses}")
             chunks = f"{avg.n} chunk{'s' if avg.n != 1 else ''}"
             paired = paired or (str(avg.cases) if avg.unit == "case" else f"{avg.cases} in {chunks}")
@@ -603,13 +638,14 @@ def _paired_layout(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[st
         groups = [("", [*groups[0][1], "paired cases"])]
     else:
         groups.append(("", ["paired cases"]))
-    caption = caption if single or not caption else f"{caption} {PROTOCOL_CAPTION}"
+    caption = " ".join(part for part in (caption, holm_note(found), "" if single else PROTOCOL_CAPTION) if part)
     return PaperTable(title=title, groups=groups, sections=[("", body)], stub="run", caption=caption)
 
 
 PAIRED_CAPTION = ("Δ = difference to the base row on the paired cases (ΔAvg. = difference of the rows' Avg.) "
-                  "± 95% t-interval over cases (continual: over chunks); * = interval excludes 0; "
-                  "W/T/L = cases (chunks) won/tied/lost on Avg.")
+                  "± 95% t-interval over cases (continual: over chunks); * = interval excludes 0 (p < 0.05, "
+                  "two-sided paired t); comparisons = rows x metrics with an interval; W/T/L = cases (chunks) "
+                  "won/tied/lost on Avg.")
 
 
 def paired_table(
@@ -620,4 +656,4 @@ def paired_table(
 
 
 def paired_markdown(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]], base: int = 0) -> str:
-    return to_markdown(_paired_layout(results, base))
+    return to_markdown(_paired_layout(results, base, caption=PAIRED_CAPTION))

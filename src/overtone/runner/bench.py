@@ -54,7 +54,7 @@ from overtone.editors.base import EditError, EditHandle, Editor, EditStack, Edit
 from overtone.evaluation.ability import AbilityMonitor
 from overtone.evaluation.lifelong import LIFELONG_METRICS, lifelong_means
 from overtone.evaluation.teacher_forced import METRICS, Evaluator, PreEdit, PreEdits
-from overtone.evaluation.wild import WILD, protocol_records
+from overtone.evaluation.wild import SCORES, WILD, protocol_records
 from overtone.runner.store import case_ids_digest
 
 if TYPE_CHECKING:
@@ -389,7 +389,7 @@ def _summarize_metrics(records: Sequence[dict[str, Any]], metrics: Sequence[str]
     summary: dict[str, Any] = {m: _x100(v) for m, v in post.items()}
     summary["avg"] = round(100 * sum(present) / len(present), 2) if present else None
     summary["pre"] = {m: _x100(v) for m, v in pre.items()}
-    for part in ("f1", "contains"):  # the wild protocol's other scores
+    for part in SCORES:  # the wild protocol's other scores
         if any(part in r for r in records):
             summary[part] = {m: _x100(over_chunks(part, m))
                              for m in _ordered({m for r in records for m in r.get(part, {})})}

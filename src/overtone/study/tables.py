@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from overtone.report.bootstrap import Estimate, paired_estimates, row_estimates
+from overtone.report.stats import holm
 from overtone.report.tables import (
     COLUMNS,
     DATASET_NAMES,
@@ -143,6 +144,11 @@ def _grid(rows: Sequence[Row], title: str, by_sequence: bool) -> PaperTable:
     return PaperTable(title=title, groups=groups, sections=sections, caption=caption)
 
 
+def _paired_cell(estimate: Estimate, holm_survives: bool) -> str:
+    """A difference with its interval, * when the interval excludes 0, † when it survives Holm's correction."""
+    return estimate.signed() + ("*" if estimate.excludes_zero else "") + ("†" if holm_survives else "")
+
+
 def paired_tables(rows: Sequence[Row]) -> list[PaperTable]:
     """Every row minus CE (same model, dataset, protocol, editor), and matched-steps controls against their
     source, per metric, with 95% bootstrap intervals over cases (chunks) and seeds."""
@@ -162,12 +168,16 @@ def paired_tables(rows: Sequence[Row]) -> list[PaperTable]:
         if not pairs:
             continue
         metrics = _metrics(members)
+        estimated = [paired_estimates(base.records, other.records, metrics) for base, other in pairs]
+        # the table's comparisons (rows x metrics with an interval) are one family for Holm's correction
+        tested = [e for estimates in estimated for e in estimates.values() if e is not None]
+        survives = iter(holm([e.p_value for e in tested]))
         body = []
-        for base, other in pairs:
-            estimates = paired_estimates(base.records, other.records, metrics)
+        for (base, other), estimates in zip(pairs, estimated, strict=True):
             units = next((e for e in estimates.values() if e is not None), None)
             body.append([f"{other.first['label']} − {base.first['label']}",
-                         *("–" if estimates[m] is None else estimates[m].signed() for m in [*metrics, "avg"]),
+                         *("–" if e is None else _paired_cell(e, next(survives))
+                           for e in (estimates[m] for m in [*metrics, "avg"])),
                          "–" if units is None else f"{units.units} {units.unit}s × {units.seeds} seed"
                          f"{'s' if units.seeds > 1 else ''}"])
         model, dataset, sequence = setting[0], setting[1], setting[2]
@@ -178,7 +188,9 @@ def paired_tables(rows: Sequence[Row]) -> list[PaperTable]:
             title=title, groups=[("", [f"Δ{METRIC_HEADERS[m]}" for m in [*metrics, "avg"]] + ["paired on"])],
             sections=[("", body)], stub="rows",
             caption="Mean difference [95% bootstrap interval over paired units and seeds]; an interval that "
-                    "contains 0 is within noise."))
+                    "contains 0 is within noise, * = it excludes 0 (bootstrap p < 0.05). "
+                    f"{len(tested)} comparisons; † significant after Holm's correction over them (family-wise 5%, "
+                    "on the two-sided bootstrap p-values)."))
     return tables
 
 
