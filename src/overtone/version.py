@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 # Bumped whenever a change alters results (pyproject.toml reads it from here).
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 NOT_GIT = "not a git checkout"
 
@@ -42,7 +42,7 @@ def code_identity() -> dict[str, Any]:
 
 
 def describe(identity: dict[str, Any] | None) -> str:
-    """One short label for a recorded identity: ``0.1.0 @ 1a2b3c4d9e (dirty)``; runs older than these records
+    """One short label for a recorded identity: ``0.2.0 @ 1a2b3c4d9e (dirty)``; runs older than these records
     give ``0.1.0 (revision not recorded)``."""
     if not identity:
         return "unknown code"
