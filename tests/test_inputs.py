@@ -71,11 +71,12 @@ def test_help_imports_no_torch(args):
     assert not {"torch", "transformers", "peft", "matplotlib"} & modules
 
 
-def test_a_second_writer_is_refused_before_any_heavy_import(tmp_path):
+@pytest.mark.parametrize(("command", "held"), [("bench", ""), ("demo", "ft-m-overtone"), ("trace", "ce")])
+def test_a_second_writer_is_refused_before_any_heavy_import(tmp_path, command, held):
     out = tmp_path / "run"
-    lock = RunLock(out).acquire()
+    lock = RunLock(out / held).acquire()
     try:
-        code, output, modules = started("bench", "--out", str(out), "--limit", "1")
+        code, output, modules = started(command, "--out", str(out), "--limit", "1")
     finally:
         lock.release()
     assert code == 2 and f"is being written by another run (pid {os.getpid()}" in output

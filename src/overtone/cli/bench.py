@@ -152,6 +152,8 @@ def demo(
 
     Cases are edited --parallel at a time (auto: as memory allows; the results of one at a time, faster),
     one at a time for an editor that cannot edit side by side."""
+    for objective in ("ce", "overtone"):  # held or damaged runs are refused before anything heavy is imported
+        check_out(out / f"{editor}-{objective}")
     from overtone.editors import EDITORS
     from overtone.report import markdown_table, summary_table
     from overtone.runner.spec import RunSpec, overtone_for

@@ -54,14 +54,16 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(code=2)
 
 
-def check_out(out: Path) -> None:
-    """Refuse at once, before any heavy import, a run directory that another process is writing or that a
-    writer could not resume (damaged ``config.yaml`` or ``cases.jsonl``); creates nothing (``runner.store``)."""
+def check_out(out: Path, resumed: bool = True) -> None:
+    """Refuse at once, before any heavy import, a run directory that another process is writing or (when the
+    run would resume it) that a writer could not resume (damaged ``config.yaml`` or ``cases.jsonl``); creates
+    nothing (``runner.store``)."""
     from overtone.runner.store import RunLock, StoreError, check_resumable
 
     try:
         RunLock(out).check_free()
-        check_resumable(out)
+        if resumed:
+            check_resumable(out)
     except StoreError as exc:
         fail(str(exc))
 

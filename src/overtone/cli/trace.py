@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from overtone.cli.app import app
-from overtone.cli.common import check_spec, console, execute, prepare_spec, setup, specified
+from overtone.cli.common import check_out, check_spec, console, execute, prepare_spec, setup, specified
 from overtone.cli.options import (
     AblationOptions,
     DatasetOpt,
@@ -90,6 +90,8 @@ def trace(
 
     The records are scored and flagged like bench's (in --out/ce and --out/overtone). With --parallel B,
     B cases are edited at once, each on its own (the same traces)."""
+    for objective in ("ce", "overtone"):  # a run another process writes is refused before any heavy import
+        check_out(out / objective, resumed=False)
     from overtone.diagnostics import TraceCollector
     from overtone.runner.spec import RunSpec, overtone_for
 
