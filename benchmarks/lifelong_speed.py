@@ -7,14 +7,16 @@ On the first N CounterFact edit records and the embedded model (CE, the editors'
   and per value update, and their ratio;
 * AlphaEdit, the same batch with ``value_batch`` B: v* seconds per fact (the same machinery as MEMIT's)
   and the share of the batch's time spent in its null-space solves (``alphaedit_factors``);
-* UltraEdit, one batch of M facts: seconds per batch, the share of its forward and backward pass, and
-  the share of padding in that pass's token grid.
+* UltraEdit, one batch of M facts, its pass as one length-blind padded grid (as before length groups)
+  and in length groups (``ultraedit.PASS_TOKENS``): seconds per batch, the share of the forward and
+  backward pass, the share of padding in the length-blind grid, and the ratio.
 
 The parts are timed inside the real ``edit`` calls (the timed functions are wrapped, not re-run), each
 edit reverted before the next. The second-moment statistics are read from 12 samples of 512 tokens
 (the tests' setting, cached): they change what the solves compute, not what they cost.
 
     python benchmarks/lifelong_speed.py --facts 16 --value-batch 16 --ultra-facts 100 --threads 1
+    python benchmarks/lifelong_speed.py --parts ultraedit --ultra-facts 100
 """
 
 from __future__ import annotations
@@ -88,21 +90,30 @@ def main() -> None:
     parser.add_argument("--ultra-facts", type=int, default=100, help="M: facts of the UltraEdit batch (0: skip)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-sequential", action="store_true", help="skip MEMIT with value_batch 1")
+    parser.add_argument("--parts", default="memit,alphaedit,ultraedit", help="which editors to time")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     lm = load_model("smollm2-135m")
     cases = load_benchmark(args.dataset, limit=max(args.facts, args.ultra_facts))
     facts = cases[: args.facts]
+    parts = args.parts.split(",")
     v_part = {"v": (memit, "optimise_values")}
     result: dict[str, Any] = {"dataset": args.dataset, "facts": args.facts, "value_batch": args.value_batch,
                               "threads": args.threads}
-    if not args.skip_sequential:
-        result["memit_sequential"] = batch_edit(lm, "memit", facts, {"value_batch": 1}, v_part)
-    result["memit_batched"] = batch_edit(lm, "memit", facts, {"value_batch": args.value_batch}, v_part)
-    result["alphaedit_batched"] = batch_edit(lm, "alphaedit", facts, {"value_batch": args.value_batch},
-                                             {**v_part, "solve": (alphaedit, "alphaedit_factors")})
-    for run in ("memit_sequential", "memit_batched", "alphaedit_batched"):
+    runs = []
+    if "memit" in parts:
+        if not args.skip_sequential:
+            result["memit_sequential"] = batch_edit(lm, "memit", facts, {"value_batch": 1}, v_part)
+        result["memit_batched"] = batch_edit(lm, "memit", facts, {"value_batch": args.value_batch}, v_part)
+        runs += ["memit_sequential", "memit_batched"]
+    if "alphaedit" in parts:
+        result["alphaedit_batched"] = batch_edit(lm, "alphaedit", facts, {"value_batch": args.value_batch},
+                                                 {**v_part, "solve": (alphaedit, "alphaedit_factors")})
+        runs.append("alphaedit_batched")
+        alpha = result["alphaedit_batched"]
+        result["alphaedit_solve_share"] = round(alpha["solve_s"] / alpha["edit_s"], 4)
+    for run in runs:
         if run in result:
             r = result[run]
             r["v_s_per_fact"] = round(r["v_s"] / len(facts), 3)
@@ -111,13 +122,16 @@ def main() -> None:
         seq, bat = result["memit_sequential"], result["memit_batched"]
         result["v_speedup_per_fact"] = round(seq["v_s_per_fact"] / bat["v_s_per_fact"], 2)
         result["v_speedup_per_update"] = round(seq["v_s_per_update"] / bat["v_s_per_update"], 2)
-    alpha = result["alphaedit_batched"]
-    result["alphaedit_solve_share"] = round(alpha["solve_s"] / alpha["edit_s"], 4)
-    if args.ultra_facts:
+    if "ultraedit" in parts and args.ultra_facts:
         ultra = cases[: args.ultra_facts]
-        result["ultraedit"] = batch_edit(lm, "ultraedit", ultra, {}, {"v": (ultraedit.UltraEdit, "features")})
-        result["ultraedit"]["pass_share"] = round(result["ultraedit"]["v_s"] / result["ultraedit"]["edit_s"], 3)
-        result["ultraedit"]["padding_share"] = round(padding_share(lm, ultra), 3)
+        for label, budget in (("ultraedit_one_pass", 10**9), ("ultraedit_grouped", ultraedit.PASS_TOKENS)):
+            with mock.patch.object(ultraedit, "PASS_TOKENS", budget):
+                r = batch_edit(lm, "ultraedit", ultra, {}, {"v": (ultraedit.UltraEdit, "features")})
+            r["pass_share"] = round(r["v_s"] / r["edit_s"], 3)
+            result[label] = r
+        result["ultraedit_padding_share"] = round(padding_share(lm, ultra), 3)
+        result["ultraedit_speedup"] = round(result["ultraedit_one_pass"]["edit_s"] /
+                                            result["ultraedit_grouped"]["edit_s"], 2)
     print(json.dumps(result, indent=2))
 
 
