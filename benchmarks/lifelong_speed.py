@@ -8,8 +8,9 @@ On the first N CounterFact edit records and the embedded model (CE, the editors'
 * AlphaEdit, the same batch with ``value_batch`` B: v* seconds per fact (the same machinery as MEMIT's)
   and the share of the batch's time spent in its null-space solves (``alphaedit_factors``);
 * UltraEdit, one batch of M facts, its pass as one length-blind padded grid (as before length groups)
-  and in length groups (``ultraedit.PASS_TOKENS``): seconds per batch, the share of the forward and
-  backward pass, the share of padding in the length-blind grid, and the ratio.
+  and in length groups (``ultraedit.PASS_TOKENS``), alternated twice, the faster of each kept: seconds
+  per batch, the share of the forward and backward pass, the share of padding in the length-blind
+  grid, and the ratio.
 
 The parts are timed inside the real ``edit`` calls (the timed functions are wrapped, not re-run), each
 edit reverted before the next. The second-moment statistics are read from 12 samples of 512 tokens
@@ -124,11 +125,14 @@ def main() -> None:
         result["v_speedup_per_update"] = round(seq["v_s_per_update"] / bat["v_s_per_update"], 2)
     if "ultraedit" in parts and args.ultra_facts:
         ultra = cases[: args.ultra_facts]
-        for label, budget in (("ultraedit_one_pass", 10**9), ("ultraedit_grouped", ultraedit.PASS_TOKENS)):
-            with mock.patch.object(ultraedit, "PASS_TOKENS", budget):
-                r = batch_edit(lm, "ultraedit", ultra, {}, {"v": (ultraedit.UltraEdit, "features")})
-            r["pass_share"] = round(r["v_s"] / r["edit_s"], 3)
-            result[label] = r
+        # alternated, twice each, the faster kept: the first call of a process also pays for warming up
+        for _ in range(2):
+            for label, budget in (("ultraedit_one_pass", 10**9), ("ultraedit_grouped", ultraedit.PASS_TOKENS)):
+                with mock.patch.object(ultraedit, "PASS_TOKENS", budget):
+                    r = batch_edit(lm, "ultraedit", ultra, {}, {"v": (ultraedit.UltraEdit, "features")})
+                r["pass_share"] = round(r["v_s"] / r["edit_s"], 3)
+                if label not in result or r["edit_s"] < result[label]["edit_s"]:
+                    result[label] = r
         result["ultraedit_padding_share"] = round(padding_share(lm, ultra), 3)
         result["ultraedit_speedup"] = round(result["ultraedit_one_pass"]["edit_s"] /
                                             result["ultraedit_grouped"]["edit_s"], 2)
