@@ -9,6 +9,7 @@ from helpers import ARCHS, assert_same_state, state, tiny_model
 from overtone.benchmarks import EditCase, load_benchmark
 from overtone.editors import MEMIT, ROME, EditError, MEMITConfig, ROMEConfig, make_editor
 from overtone.editors.locate import SubjectError, encode_rows, lookup_activations, optimise_value
+from overtone.editors.locate.value import optimise_values
 from overtone.editors.memit import default_layers
 from overtone.editors.rome import default_layer
 from overtone.objectives import CrossEntropy, OverTone
@@ -118,8 +119,10 @@ def test_memit_batch_spreads_one_update_over_its_layers(any_tiny, corpus):
     editor = MEMIT(lm, config, CrossEntropy())
     cases = [CASE, OTHER, THIRD]
     top = lm.adapter.layers[3]
-    targets = torch.stack([optimise_value(lm, c, top, 3, editor.prefixes, CrossEntropy(), config).target
-                           for c in cases])
+    # the values as the edit optimises them, in one batch (value_batch >= 3): at the top block of this 4-block
+    # model the targets barely pull on them, so their Adam steps follow the rounding of their gradients
+    targets = torch.stack([v.target for v in optimise_values(lm, cases, top, 3, editor.prefixes, CrossEntropy(),
+                                                             config)])
     bare = [encode_rows(lm.tokenizer, c, [""], with_answer=False)[0] for c in cases]
     (start,) = lookup_activations(lm, bare, [(top, "out")], 3)
 
@@ -134,6 +137,46 @@ def test_memit_batch_spreads_one_update_over_its_layers(any_tiny, corpus):
     assert len(handle.stats.losses) >= 3 and handle.first_layer == 1
     handle.revert()
     assert_same_state(lm, before)
+
+
+@pytest.mark.parametrize("name", ["memit", "alphaedit"])
+def test_batched_values_give_the_sequential_update(tiny_llama, corpus, monkeypatch, name):
+    """``value_batch`` facts' values optimised together: the update and the reported stats are the sequential
+    ones (``value_batch`` 1) up to float summation order."""
+    import overtone.editors.memit as memit
+
+    groups: list[int] = []
+    batched = memit.optimise_values
+    monkeypatch.setattr(memit, "optimise_values", lambda lm, cases, *a, **k: groups.append(len(cases)) or
+                        batched(lm, cases, *a, **k))
+    weights = [tiny_llama.adapter.weight("mlp_out", layer) for layer in (1, 2)]
+    before = [w.detach().clone() for w in weights]
+    cases = [CASE, OTHER, THIRD]
+    # the first case stops after 4 updates (its loss below 7.05) and leaves its batch, the others run 12
+    settings = {**FAST, "steps": 12, "stop_loss": 7.05}
+    where = {"layers": (1, 2)} if name == "memit" else {"layers": (1, 2), "nullspace_threshold": 1e3}
+    runs = {}
+    for value_batch in (1, 2, 3):
+        editor = make_editor(name, tiny_llama, CrossEntropy(), mom2_corpus=corpus, value_batch=value_batch,
+                             **where, **settings)
+        passes: dict[str, int] = {}
+        handle = editor.edit(cases, on_step=lambda info, seen=passes: seen.update({info.cases[0].case_id: info.step}))
+        runs[value_batch] = ([w.detach() - b for w, b in zip(weights, before, strict=True)], handle.stats)
+        handle.revert()
+    assert groups == [1, 1, 1, 2, 1, 3]
+    (sequential, first), *others = runs.values()
+    assert len(set(passes.values())) > 1  # the cases left their batches at different steps
+    # the changes, read as differences of float32 weights, are far above the tolerance of their rounding
+    assert all(d.abs().max() > 1e3 * 1e-6 for d in sequential)
+    for deltas, stats in others:
+        for got, want in zip(deltas, sequential, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        assert stats.steps == first.steps and stats.stop_reason == first.stop_reason
+        torch.testing.assert_close(torch.tensor(stats.losses), torch.tensor(first.losses), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(stats.extra_losses), torch.tensor(first.extra_losses), rtol=1e-4,
+                                   atol=1e-6)
+    with pytest.raises(ValueError, match="value_batch must be >= 1"):
+        MEMITConfig(value_batch=0)
 
 
 def test_memit_lambda_trades_reach_for_preservation(tiny_llama, corpus):
@@ -227,3 +270,4 @@ def test_memit_batches_through_the_runner_share_one_update_per_batch(tiny_llama,
     assert records[0]["edit_s"] == records[1]["edit_s"] and records[0]["losses"] == records[1]["losses"]
     assert [r["steps"] for r in records] == [6] * 5  # a batch's 2 x 6 value updates, shared by its two cases
     assert_same_state(tiny_llama, before)
+

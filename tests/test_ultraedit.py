@@ -11,7 +11,7 @@ from helpers import ARCHS, tiny_model
 from test_alphaedit import FOURTH
 from test_rome_memit import CASE, OTHER, THIRD
 
-from overtone.editors import UltraEdit, UltraEditConfig, make_editor
+from overtone.editors import UltraEdit, UltraEditConfig, make_editor, ultraedit
 from overtone.editors.ultraedit import EPS, default_modules
 from overtone.objectives import CrossEntropy, OverTone
 
@@ -65,6 +65,33 @@ def test_each_update_is_the_ridge_solution_and_the_statistics_cover_the_stream(t
             log.info("ridge: %d feature rows, max |update| %.2e, max relative gap to the direct solve %.2e (fp32 "
                      "rounding of the weights: %.2e)", rows.shape[0], wanted.abs().max(), gap, rounding)
             assert gap < 2 * rounding + 1e-9
+
+
+@pytest.mark.parametrize("objective", [CrossEntropy, OverTone])
+def test_the_pass_in_length_groups_records_each_cases_own_features(tokenizer, monkeypatch, objective):
+    """Rows of similar length run together, each group cut to its longest row: in one padded pass, in groups
+    or row by row, the features are each case's alone, in case order (the batch's loss is the mean of the
+    cases' losses, so a case's output gradients are its own divided by the batch size)."""
+    lm = tiny_model("llama", tokenizer)
+    editor = editor_on(lm, objective())
+    cases = [CASE, OTHER, THIRD, FOURTH]
+    lengths = [len(tokenizer(f"{c.prompt} {c.target}")["input_ids"]) for c in cases]
+    assert lengths != sorted(lengths, reverse=True)  # the groups, longest first, are not in case order
+    alone = [editor.features([case]) for case in cases]
+    keys = [torch.cat([a[0][m] for a in alone]) for m in range(len(MODULES))]
+    grads = [torch.cat([a[1][m] for a in alone]) / len(cases) for m in range(len(MODULES))]
+    loss = sum(a[2].loss.item() for a in alone) / len(cases)
+    passes = []
+    lm.model.base_model.register_forward_hook(lambda _m, args, _out: passes.append(args))
+    for budget, count in ((10**9, 1), (2 * max(lengths), 2), (1, len(cases))):
+        monkeypatch.setattr(ultraedit, "PASS_TOKENS", budget)
+        passes.clear()
+        got_keys, got_grads, got_loss = editor.features(cases)
+        assert len(passes) == count
+        assert got_loss.loss.item() == pytest.approx(loss, rel=1e-6)
+        for got, want in zip(got_keys + got_grads, keys + grads, strict=True):
+            assert want.abs().max() > 0
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("arch", ARCHS)

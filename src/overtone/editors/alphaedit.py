@@ -37,9 +37,9 @@ from torch import nn
 
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import EditHandle, EditStats, SavedEdit, StepCallback
-from overtone.editors.locate import LocateConfig, context_prefixes, encode_rows, lookup_activations
+from overtone.editors.locate import context_prefixes, encode_rows, lookup_activations
 from overtone.editors.locate.editor import LocateEditor
-from overtone.editors.memit import case_keys, spread_update
+from overtone.editors.memit import SpreadConfig, case_keys, spread_update
 from overtone.editors.presets import editor_presets, resolve_preset
 from overtone.editors.stream import Stream, model_stream
 from overtone.models.loading import LoadedModel
@@ -51,7 +51,7 @@ REFERENCE_DEPTHS = (4 / 32, 8 / 32)
 
 
 @dataclass(frozen=True)
-class AlphaEditConfig(LocateConfig):
+class AlphaEditConfig(SpreadConfig):
     """AlphaEdit settings; defaults are the reference's for Llama-3-8B (``editors/presets/alphaedit.yaml``).
 
     The value-optimisation fields keep ``LocateConfig``'s meaning; their defaults here are AlphaEdit's
@@ -182,7 +182,7 @@ class AlphaEdit(LocateEditor):
             start = time.perf_counter()
             assert self.objective is not None
             stats, _ = spread_update(self.lm, cfg, cfg.layers, self.objective, self.prefixes, self.groups, cases,
-                                     solve, on_step, steps, lambda case, labels: self.reference_for([case], labels))
+                                     solve, on_step, steps, self.reference_for)
             rows = [row for case in cases
                     for row in encode_rows(self.lm.tokenizer, case, self.prefixes, False, cfg.missing_subject)]
             keys = lookup_activations(self.lm, rows, [(modules[layer], "in") for layer in cfg.layers],
