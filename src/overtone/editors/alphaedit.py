@@ -37,14 +37,13 @@ from torch import nn
 
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import EditHandle, EditStats, SavedEdit, StepCallback
-from overtone.editors.locate import context_prefixes, encode_rows, lookup_activations
-from overtone.editors.locate.editor import LocateEditor
-from overtone.editors.memit import SpreadConfig, case_keys, spread_update
+from overtone.editors.locate import encode_rows, lookup_activations
+from overtone.editors.memit import SpreadConfig, SpreadEditor, case_keys, spread_update
 from overtone.editors.presets import editor_presets, resolve_preset
 from overtone.editors.stream import Stream, model_stream
 from overtone.models.loading import LoadedModel
 from overtone.objectives import Objective
-from overtone.stats import SecondMoment, log_progress, second_moments
+from overtone.stats import SecondMoment
 
 # A model without a preset edits the reference's relative depths, layers 4..8 of Llama-3-8B's 32.
 REFERENCE_DEPTHS = (4 / 32, 8 / 32)
@@ -124,7 +123,7 @@ def _stream(lm: LoadedModel, layers: Sequence[int]) -> Stream:
     return model_stream(lm, "alphaedit", _weight_names(lm, layers), zeros)
 
 
-class AlphaEdit(LocateEditor):
+class AlphaEdit(SpreadEditor):
     name = "alphaedit"
     config_class = AlphaEditConfig
     parallel_refusal = ("a batch is one joint update whose keys every later batch of the stream builds on "
@@ -137,16 +136,8 @@ class AlphaEdit(LocateEditor):
             n = lm.adapter.num_layers
             low, high = (min(n - 1, round(d * n)) for d in REFERENCE_DEPTHS)
             config = replace(config, layers=tuple(range(low, high + 1)))
-        assert config.layers is not None
-        for layer in config.layers:
-            lm.adapter.check_layer(layer)
-        if objective is None:
-            raise ValueError("AlphaEdit needs an objective for its values (e.g. overtone.objectives.CrossEntropy())")
         super().__init__(lm, config, objective)
-        # Made once, from the model as it is now: later edits in a sequence do not change them.
-        self.prefixes = context_prefixes(lm, config.context_lengths, config.context_seed)
-        self.groups = [1] + [count for _, count in config.context_lengths if count > 0]
-        moments = second_moments(lm, config.layers, config.moment_spec(), log_progress("AlphaEdit statistics"))
+        moments = self.key_moments()
         self.projection = {layer: null_space_projection(lm, m, config.nullspace_threshold)
                            for layer, m in moments.items()}
         self.mom2_info = {layer: {"tokens": m.tokens, "weights_sha256": m.key["weights_sha256"],

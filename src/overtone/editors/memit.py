@@ -44,7 +44,7 @@ from overtone.editors.rome import value_memory
 from overtone.models.loading import LoadedModel
 from overtone.models.per_case import CaseChange, CaseLowRank, CaseRows, patched
 from overtone.objectives import Objective
-from overtone.stats import log_progress, second_moments
+from overtone.stats import SecondMoment, log_progress, second_moments
 
 # The reference toolkit's MEMIT edits layers 4..8 of Llama-2-7B's 32 with lambda 15000; other models keep
 # those relative depths and that lambda, unless editors/presets/memit.yaml names layers or a lambda for
@@ -165,7 +165,31 @@ def spread_update(lm: LoadedModel, cfg: SpreadConfig, layers: Sequence[int], obj
     return stats, updates
 
 
-class MEMIT(LocateEditor):
+class SpreadEditor(LocateEditor):
+    """What MEMIT and AlphaEdit set up alike from a resolved config: the edited layers checked, the objective
+    of their values required, the context prefixes and their groups; ``key_moments`` reads the layers' key
+    second moments, which each subclass turns into its solve's matrices (and does not keep)."""
+
+    def __init__(self, lm: LoadedModel, config: SpreadConfig, objective: Objective | None) -> None:
+        assert config.layers is not None
+        for layer in config.layers:
+            lm.adapter.check_layer(layer)
+        label = type(self).__name__
+        if objective is None:
+            raise ValueError(f"{label} needs an objective for its values (e.g. overtone.objectives.CrossEntropy())")
+        super().__init__(lm, config, objective)
+        # Made once, from the model as it is now: later edits in a sequence do not change them.
+        self.prefixes = context_prefixes(lm, config.context_lengths, config.context_seed)
+        # groups of prefixes whose keys are averaged first: the bare prompt, then one group per length
+        self.groups = [1] + [count for _, count in config.context_lengths if count > 0]
+
+    def key_moments(self) -> dict[int, SecondMoment]:
+        """E[k k^T] of the edited layers' keys (computed once per model and settings, then read from the cache)."""
+        return second_moments(self.lm, self.config.layers, self.config.moment_spec(),
+                              log_progress(f"{type(self).__name__} statistics"))
+
+
+class MEMIT(SpreadEditor):
     name = "memit"
     config_class = MEMITConfig
     parallel_refusal = None
@@ -176,17 +200,8 @@ class MEMIT(LocateEditor):
             config = replace(config, layers=default_layers(lm))
         if config.mom2_update_weight is None:
             config = replace(config, mom2_update_weight=default_update_weight(lm))
-        assert config.layers is not None
-        for layer in config.layers:
-            lm.adapter.check_layer(layer)
-        if objective is None:
-            raise ValueError("MEMIT needs an objective for its values (e.g. overtone.objectives.CrossEntropy())")
         super().__init__(lm, config, objective)
-        # Made once, from the model as it is now: later edits in a sequence do not change them.
-        self.prefixes = context_prefixes(lm, config.context_lengths, config.context_seed)
-        # groups of prefixes whose keys are averaged first: the bare prompt, then one group per length
-        self.groups = [1] + [count for _, count in config.context_lengths if count > 0]
-        moments = second_moments(lm, config.layers, config.moment_spec(), log_progress("MEMIT statistics"))
+        moments = self.key_moments()
         self.mom2 = {layer: m.matrix.double().to(lm.device) for layer, m in moments.items()}
         self.mom2_info = {layer: {"tokens": m.tokens, "weights_sha256": m.key["weights_sha256"]}
                           for layer, m in moments.items()}
