@@ -173,11 +173,12 @@ def cases_cell(summary: dict[str, Any]) -> str:
     return f"{summary.get('n_cases', '')}" + (f" ({diverged} diverged)" if diverged else "")
 
 
-def row_cells(label: str, summary: dict[str, Any], columns: Sequence[tuple[str, str]] | None = None) -> list[str]:
+def row_cells(label: str, summary: dict[str, Any], columns: Sequence[tuple[str, str]] | None = None,
+              activity: bool = False) -> list[str]:
     """Label, the metrics, number of cases (and diverged ones), mean optimiser steps and seconds per edit (with
-    eval)."""
+    eval), and with ``activity`` the objective's mixed % and clipped %."""
     columns = metric_columns([summary]) if columns is None else columns
-    return [label, *(_fmt(summary.get(key)) for key, _ in columns), *_tail_cells(summary)]
+    return [label, *(_fmt(summary.get(key)) for key, _ in columns), *_tail_cells(summary, activity)]
 
 
 def _tail_cells(summary: dict[str, Any], activity: bool = False) -> list[str]:
@@ -199,8 +200,7 @@ def _summary_layout(rows: Sequence[Row], title: str = "", caption: str = "", stu
     if len(blocks) < 2 and all(p == TEACHER_FORCED for p, _ in blocks):  # the plain layout of one protocol
         columns = metric_columns([s for _, s in rows])
         return PaperTable(title=title, groups=[("", [*(h for _, h in columns), *tail])],
-                          sections=[("", [[label, *(_fmt(s.get(key)) for key, _ in columns), *_tail_cells(s, activity)]
-                                          for label, s in rows])], stub=stub,
+                          sections=[("", [row_cells(label, s, columns, activity) for label, s in rows])], stub=stub,
                           caption=f"{caption} Teacher-forced token accuracy.".strip())
     columns = {p: metric_columns(b) for p, b in blocks}
     groups = [(PROTOCOL_SHORT[p], [h for _, h in columns[p]]) for p, _ in blocks] + [("", tail)]

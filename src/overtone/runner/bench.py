@@ -104,10 +104,10 @@ def _edit_fields(stats: Sequence[EditStats], batch: int = 1) -> dict[str, Any]:
         extra = [rounded(s.extra_losses) for s in stats] if any(s.extra_losses for s in stats) else []
     steps = sum(s.steps for s in stats)
     reasons = {s.stop_reason for s in stats}
-    activity: dict[str, int] = {}
+    total = EditStats()
     for s in stats:
-        for key, value in s.activity.items():
-            activity[key] = activity.get(key, 0) + value
+        total.add_activity(s.activity)
+    activity = total.activity
     return {
         "steps": steps if batch == 1 else steps / batch,
         "stopped_early": all(s.stopped_early for s in stats),
