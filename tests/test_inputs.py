@@ -90,7 +90,7 @@ def test_a_second_writer_is_refused_before_any_heavy_import(tmp_path, command, h
     (["--set", "lr=nan"], "--set 'lr=nan': expected a finite number, got 'nan'"),
     (["--lr", "inf"], "editor setting lr=inf: expected a finite number"),
     (["--n-sigma", "nan"], "OverTone setting n_sigma=nan: expected a finite number"),
-    (["--set", "lr=-1"], "FT-M lr must be > 0, got -1.0"),
+    (["--set", "lr=-1"], "FT-M: lr must be > 0, got -1.0"),
     (["--set", "layer=99"], "editor setting layer=99: model"),
     (["--layer", "-1"], "editor setting layer=-1: model"),
     (["--limit", "0"], "--limit"),

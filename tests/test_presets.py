@@ -107,7 +107,7 @@ def test_a_good_file_loads(tmp_path):
     (GOOD.replace("smollm2-135m", "gpt-5"), r"models: unknown model 'gpt-5'; known: llama-2-7b"),
     (GOOD.replace("lam: 0.5", "lambda: 0.5"), r"overtone\.settings: unknown setting 'lambda'"),
     (GOOD.replace("    source: measured\n", ""), r"models\.smollm2-135m: needs 'source'"),
-    (GOOD.replace("steps: 4", "steps: 0"), r"models\.smollm2-135m\.settings: steps: LoRA needs .*steps >= 1"),
+    (GOOD.replace("steps: 4", "steps: 0"), r"models\.smollm2-135m\.settings: steps: LoRA: steps must be >= 1"),
     (GOOD.replace("steps: 4", "lr: '1e-3'"), r"models\.smollm2-135m\.settings: lr: "),
     (GOOD + "extra: 1\n", r"unknown section 'extra'"),
     ("models: [1, 2]\n", r"models: expected a mapping"),

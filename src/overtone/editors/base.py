@@ -43,6 +43,15 @@ def max_length_field() -> Any:
         "help": "max tokens of prompt + target per edit; longer inputs are refused (or cut with --truncate)"})
 
 
+def config_problems(editor: str, problems: list[str], steps: int | None = None, lr: float | None = None) -> None:
+    """Raise every problem of an editor's config in one message naming the editor, the checks of the step
+    budget and learning rate that every gradient editor makes first (None: a value its preset fills in)."""
+    budget = [f"steps must be >= 1, got {steps}"] if steps is not None and steps < 1 else []
+    budget += [f"lr must be > 0, got {lr}"] if lr is not None and lr <= 0 else []
+    if budget + problems:
+        raise ValueError(f"{editor}: " + "; ".join(budget + problems))
+
+
 def fit_length(tokenizer: PreTrainedTokenizerBase, case: EditCase, max_length: int | None, truncate: bool,
                editor: str) -> EditCase:
     """``case`` if each request's ``prompt + " " + target`` has at most ``max_length`` tokens.

@@ -28,7 +28,16 @@ from typing import Any
 import torch
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditHandle, Editor, EditStats, SavedEdit, StepCallback, UpdateLog, max_length_field
+from overtone.editors.base import (
+    EditHandle,
+    Editor,
+    EditStats,
+    SavedEdit,
+    StepCallback,
+    UpdateLog,
+    config_problems,
+    max_length_field,
+)
 from overtone.editors.locate.update import snapshot
 from overtone.editors.parallel import (
     EDIT_TOKENS,
@@ -73,10 +82,7 @@ class FTMConfig:
     max_length: int | None = max_length_field()
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"FT-M steps must be >= 1, got {self.steps}")
-        if self.lr <= 0:
-            raise ValueError(f"FT-M lr must be > 0, got {self.lr}")
+        config_problems("FT-M", [], self.steps, self.lr)
 
 
 def case_memory(shape: ModelShape, layer: int) -> CaseMemory:

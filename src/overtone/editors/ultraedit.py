@@ -32,7 +32,16 @@ import torch
 from torch import nn
 
 from overtone.benchmarks.cases import EditCase
-from overtone.editors.base import EditError, EditHandle, Editor, EditStats, SavedEdit, StepCallback, max_length_field
+from overtone.editors.base import (
+    EditError,
+    EditHandle,
+    Editor,
+    EditStats,
+    SavedEdit,
+    StepCallback,
+    config_problems,
+    max_length_field,
+)
 from overtone.editors.locate.update import add_update
 from overtone.editors.presets import editor_presets, overtone_preset, resolve_preset
 from overtone.editors.reports import StepInfo
@@ -80,10 +89,7 @@ class UltraEditConfig:
             for spec in modules:
                 parse_module(spec)
             object.__setattr__(self, "modules", modules)
-        if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.ridge <= 0:
-            raise ValueError(f"ridge must be > 0, got {self.ridge}")
+        config_problems("UltraEdit", [f"ridge must be > 0, got {self.ridge}"] if self.ridge <= 0 else [], lr=self.lr)
 
 
 def default_modules(n_layers: int) -> tuple[str, ...]:

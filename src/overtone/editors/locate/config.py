@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from overtone.editors.base import max_length_field
+from overtone.editors.base import config_problems, max_length_field
 from overtone.editors.locate.subject import MISSING_SUBJECT
 from overtone.editors.training import stop_when_clipped_field
 from overtone.stats import MomentSpec
@@ -50,10 +50,6 @@ class LocateConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.steps < 1:
-            problems.append(f"steps must be >= 1, got {self.steps}")
-        if self.lr <= 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
         if self.clamp_norm_factor <= 0:
             problems.append(f"clamp_norm_factor must be > 0, got {self.clamp_norm_factor}")
         if min(self.kl_factor, self.weight_decay) < 0:
@@ -65,8 +61,7 @@ class LocateConfig:
             problems.append(f"missing_subject must be one of {choices}, got {self.missing_subject!r}")
         if self.mom2_max_tokens < 2 or (self.mom2_samples is not None and self.mom2_samples < 1):
             problems.append("mom2_max_tokens must be >= 2 and mom2_samples >= 1")
-        if problems:
-            raise ValueError("; ".join(problems))
+        config_problems(type(self).__name__.removesuffix("Config"), problems, self.steps, self.lr)
         # YAML and the CLI hand over lists; keep the frozen config hashable and comparable.
         object.__setattr__(self, "context_lengths", tuple(tuple(int(x) for x in p) for p in self.context_lengths))
 

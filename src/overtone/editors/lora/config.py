@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from overtone.editors.base import max_length_field
+from overtone.editors.base import config_problems, max_length_field
 from overtone.editors.training import stop_when_clipped_field
 
 
@@ -48,9 +48,9 @@ class LoRAConfig:
                 f"LoRA: rank={self.rank} has no effect on AdaLoRA without rank allocation (its adapters keep "
                 "init_rank); set init_rank, or rank_allocation=true to allocate down to rank, or variant=lora"
             )
-        if self.rank_value < 1 or self.init_rank < 1 or self.steps < 1 or self.lr <= 0:
-            raise ValueError(f"LoRA needs rank >= 1, init_rank >= 1, steps >= 1 and lr > 0 "
-                             f"(got {self.rank_value}, {self.init_rank}, {self.steps}, {self.lr})")
+        problems = [f"rank must be >= 1, got {self.rank_value}"] if self.rank_value < 1 else []
+        problems += [f"init_rank must be >= 1, got {self.init_rank}"] if self.init_rank < 1 else []
+        config_problems("LoRA", problems, self.steps, self.lr)
 
     @property
     def rank_value(self) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from overtone.editors.base import max_length_field
+from overtone.editors.base import config_problems, max_length_field
 from overtone.editors.training import stop_when_clipped_field
 
 
@@ -36,10 +36,6 @@ class MELOConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.steps is not None and self.steps < 1:
-            problems.append(f"steps must be >= 1, got {self.steps}")
-        if self.lr is not None and self.lr <= 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
         if self.rank is not None and self.rank < 1:
             problems.append(f"rank must be >= 1, got {self.rank}")
         if self.init_radius is not None and self.init_radius <= 0:
@@ -48,5 +44,4 @@ class MELOConfig:
             problems.append("layers must name at least one layer")
         if not self.roles:
             problems.append("roles must name at least one module role")
-        if problems:
-            raise ValueError("MELO: " + "; ".join(problems))
+        config_problems("MELO", problems, self.steps, self.lr)

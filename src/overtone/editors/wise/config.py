@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from overtone.benchmarks.irrelevant import DEFAULT_SOURCE
-from overtone.editors.base import max_length_field
+from overtone.editors.base import config_problems, max_length_field
 from overtone.editors.training import stop_when_clipped_field
 
 
@@ -45,10 +45,6 @@ class WISEConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.steps is not None and self.steps < 1:
-            problems.append(f"steps must be >= 1, got {self.steps}")
-        if self.lr is not None and self.lr <= 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
         if not 0 < self.mask_ratio <= 1:
             problems.append(f"mask_ratio must be in (0, 1], got {self.mask_ratio}")
         if not 0 < self.density <= 1:
@@ -58,5 +54,4 @@ class WISEConfig:
                             f"({self.save_freq})")
         if self.norm_constraint <= 0 or self.threshold_scale <= 0:
             problems.append("norm_constraint and threshold_scale must be > 0")
-        if problems:
-            raise ValueError("WISE: " + "; ".join(problems))
+        config_problems("WISE", problems, self.steps, self.lr)
