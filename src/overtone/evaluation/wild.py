@@ -22,10 +22,13 @@ Per case, metrics average over the probes of a kind, then over kinds, as the tea
 record keeps the teacher-forced ``pre``/``post`` (when that protocol runs too) and adds ``wild``.
 
 All probes of a case, and of every case evaluated on the same model (a chunk of continual editing at
-its end), are answered in left-padded batches (``generation.generate_ids``); a row's reply does not
-depend on the other rows, so rows of several cases share a batch: ``answer`` takes any list of prompts,
-and scoring only reads the replies. The B edited models of a parallel edit share a batch too
-(``after_cases``): each row generates with its own case's edit (``CaseEdits.applied``).
+its end), are answered in left-padded batches; a row's reply does not depend on the other rows, so rows
+of several cases share a batch: ``answer`` takes any list of prompts, and scoring only reads the replies.
+The B edited models of a parallel edit share a batch too (``after_cases``): each row generates with its
+own case's edit (``CaseEdits.applied``). The replies come from ``decoding.greedy_ids`` (rows leave the
+batch when their reply is complete, a prompt prefix shared by every row is computed once per model
+state), token for token those of transformers' greedy ``generate`` (``decoder="generate"``, kept to
+compare with).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from overtone.benchmarks import TEACHER_FORCED
 from overtone.benchmarks.cases import EditCase
+from overtone.evaluation.decoding import Scope, check_greedy, eos_ids, greedy_ids
 from overtone.evaluation.generation import generate_ids
 from overtone.evaluation.teacher_forced import METRICS, Evaluator, PreEdit, PreEdits, by_metric
 from overtone.models.loading import LoadedModel
@@ -53,6 +57,7 @@ if TYPE_CHECKING:
 WILD = "wild"
 EVAL_MODES = {TEACHER_FORCED: (TEACHER_FORCED,), WILD: (WILD,), "both": (TEACHER_FORCED, WILD)}
 CONTEXTS = ("bare", "qa")
+DECODERS = ("fast", "generate")  # this package's greedy decoder, or transformers' generate (the same replies)
 QA_INSTRUCTION = "Please answer the question:\n\nQ: {question}\nA:"  # the study's "qa_inst" context
 SCORED = ("rel", "gen", "por")  # metrics scored against an answer; Loc. compares with the unedited model
 SCORES = ("f1", "contains", "loc_tokens")  # a wild record's other scores, per metric: summarised as its metrics
@@ -73,10 +78,14 @@ class WildSettings:
 
     context: str = field(default="bare", metadata={"help": "bare (the probe prompt) or qa (instruction + chat)"})
     max_new_tokens: int = field(default=50, metadata={"help": "max new tokens of a reply"})
+    decoder: str = field(default="fast", metadata={
+        "help": "fast (decoding.greedy_ids) or generate (transformers'): the same replies, at different costs"})
 
     def __post_init__(self) -> None:
         if self.context not in CONTEXTS:
             raise ValueError(f"unknown --eval-context {self.context!r}; choose one of {', '.join(CONTEXTS)}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"unknown wild decoder {self.decoder!r}; choose one of {', '.join(DECODERS)}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
@@ -178,14 +187,6 @@ def _reply(tokenizer: Any, ids: list[int], eos: set[int]) -> Reply:
     return Reply(text=text.strip(), ids=tuple(ids), study_text=study_cut(raw))
 
 
-def eos_ids(lm: LoadedModel) -> set[int]:
-    """The token ids that end a generation (the generation config's, else the tokenizer's)."""
-    configured = lm.model.generation_config.eos_token_id
-    if configured is None:
-        configured = lm.tokenizer.eos_token_id
-    return set(configured if isinstance(configured, list) else [configured]) - {None}
-
-
 def context_text(tokenizer: Any, prompt: str, context: str) -> str:
     """The text the model continues: the bare prompt, or the QA instruction in the chat template."""
     if context == "bare":
@@ -197,16 +198,31 @@ def context_text(tokenizer: Any, prompt: str, context: str) -> str:
     return question
 
 
-def answer(lm: LoadedModel, prompts: Sequence[str], settings: WildSettings) -> list[Reply]:
-    """Greedy replies to ``prompts`` in one left-padded batch, each cut by the stop rule."""
+def _stopped(reply: str) -> bool:
+    return find_stop(reply, finished=False) is not None
+
+
+def answer(lm: LoadedModel, prompts: Sequence[str], settings: WildSettings, owners: Sequence[int] | None = None,
+           scope: Scope | None = None) -> list[Reply]:
+    """Greedy replies to ``prompts`` in one left-padded batch, each cut by the stop rule.
+
+    ``owners``/``scope``: row r is answered by model state ``owners[r]`` inside ``scope(owners)`` (per-case
+    edits; ``decoding.greedy_ids``). None: the model as it is.
+    """
     if not prompts:
         return []
     tokenizer = lm.tokenizer
     chat = settings.context == "qa" and bool(tokenizer.chat_template)
-    ids = generate_ids(lm, [context_text(tokenizer, p, settings.context) for p in prompts], settings.max_new_tokens,
-                       add_special_tokens=not chat, done=lambda reply: find_stop(reply, finished=False) is not None)
+    texts = [context_text(tokenizer, p, settings.context) for p in prompts]
+    if settings.decoder == "fast":
+        rows = greedy_ids(lm, texts, settings.max_new_tokens, add_special_tokens=not chat, done=_stopped,
+                          owners=owners, scope=scope)
+    else:
+        with scope(tuple(owners or (0,) * len(prompts))) if scope else contextlib.nullcontext():
+            rows = generate_ids(lm, texts, settings.max_new_tokens, add_special_tokens=not chat,
+                                done=_stopped).tolist()
     eos = eos_ids(lm)
-    return [_reply(tokenizer, row, eos) for row in ids.tolist()]
+    return [_reply(tokenizer, row, eos) for row in rows]
 
 
 # ---- the evaluator -------------------------------------------------------------------------------------------
@@ -293,30 +309,33 @@ class WildEvaluator(Evaluator):
     def __init__(self, lm: LoadedModel, settings: WildSettings | None = None, inner: Evaluator | None = None) -> None:
         super().__init__(lm)
         self.settings = settings or WildSettings()
+        if self.settings.decoder == "fast":
+            check_greedy(lm)
         self.inner = inner
         self.metrics = inner.metrics if inner else ()
 
     def describe(self) -> dict[str, Any]:
         inner = (self.inner.describe() or {}) if self.inner else {}
         protocols = [TEACHER_FORCED, WILD] if self.inner else [WILD]
-        return {**inner, "protocols": protocols, WILD: asdict(self.settings)}
+        # the decoder gives the same replies, so it is no part of a run's identity (a run resumes with either)
+        wild = {k: v for k, v in asdict(self.settings).items() if k != "decoder"}
+        return {**inner, "protocols": protocols, WILD: wild}
 
     def _answer(self, groups: Sequence[Sequence[WildProbe]], edits: CaseEdits | None = None,
                 ) -> tuple[list[list[Reply]], float]:
         """Replies to every group's probes (rows of all groups batched together), and seconds per group.
 
         ``edits``: group i is case i of a parallel edit, and each row is answered by its own case's edited
-        model. ``generate`` keeps a finished row in the batch (padded) to the last step, so the row map
-        holds at every decoding step.
+        model: the decoder enters ``CaseEdits.applied`` with the owners of the rows in each forward pass.
         """
         start = time.perf_counter()
         prompts = [p.prompt for group in groups for p in group]
         owners = tuple(i for i, group in enumerate(groups) for _ in group)
+        scope = (lambda rows: edits.applied(CaseRows(rows, len(groups)))) if edits else None
         replies: list[Reply] = []
         for first in range(0, len(prompts), MAX_ROWS):
             part = slice(first, first + MAX_ROWS)
-            with edits.applied(CaseRows(owners[part], len(groups))) if edits else contextlib.nullcontext():
-                replies += answer(self.lm, prompts[part], self.settings)
+            replies += answer(self.lm, prompts[part], self.settings, owners[part] if edits else None, scope)
         out, at = [], 0
         for group in groups:
             out.append(replies[at: at + len(group)])
