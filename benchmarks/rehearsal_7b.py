@@ -28,6 +28,7 @@ the head have Llama-2-7B's shape.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -44,17 +45,18 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the random model has no hub id; nothing is downloaded
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig  # noqa: E402
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers.initialization import no_init_weights
 
-from overtone.editors.parallel import free_memory  # noqa: E402
-from overtone.models import embedded  # noqa: E402
-from overtone.models.loading import DEFAULT_MODEL, LoadedModel, prepare_model  # noqa: E402
-from overtone.runner import ResultStore  # noqa: E402
-from overtone.runner.run import check_run, prepare_run  # noqa: E402
-from overtone.runner.spec import RunSpec  # noqa: E402
-from overtone.stats import MomentSpec, second_moments  # noqa: E402
-from overtone.study.budget import MODELS, MachineRates, case_tokens, edit_cost, eval_cost  # noqa: E402
+from overtone.editors.parallel import free_memory
+from overtone.models import embedded
+from overtone.models.loading import DEFAULT_MODEL, LoadedModel, prepare_model
+from overtone.runner import ResultStore
+from overtone.runner.run import check_run, prepare_run
+from overtone.runner.spec import RunSpec
+from overtone.stats import MomentSpec, second_moments
+from overtone.study.budget import MODELS, MachineRates, case_tokens, edit_cost, eval_cost
 
 log = logging.getLogger("rehearsal")
 
@@ -96,12 +98,13 @@ def cut_tokenizer(vocab: int) -> Any:
 def random_model(shape: str, device: torch.device) -> LoadedModel:
     """A randomly initialised Llama of ``shape`` in bfloat16 on ``device`` (the weights' values do not change
     the work), with the embedded tokenizer cut to its vocabulary. Built without the library's initialisers
-    and filled with N(0, 0.02) in place, so 7B builds in about a minute on a CPU."""
+    (the rehearsal's first build, with them, took 526 s on the 2-core CPU) and filled with N(0, 0.02) in
+    place."""
     fields = shape_config(shape)
     config = LlamaConfig(**fields, tie_word_embeddings=False)
     tokenizer = cut_tokenizer(config.vocab_size)
     generator = torch.Generator(device=device).manual_seed(0)
-    with torch.device(device):
+    with torch.device(device), no_init_weights():  # the buffers (rotary frequencies) are still computed
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -127,10 +130,8 @@ def _rss_kib(field: str) -> int:
 def release() -> None:
     """Return freed memory to the system, so the next measurement starts from what is live."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 @contextmanager
@@ -154,6 +155,12 @@ def peak_above(device: torch.device) -> Iterator[dict[str, int]]:
     out["peak"] = (_rss_kib("VmHWM") - base) * 1024
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read after it has seen it done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def machine_rates(device: torch.device) -> MachineRates:
     """This machine's bf16 matmul throughput (a 4096 x 11008 weight times 256 rows) and the bandwidth of a
     one-row product with it (a decode step's reading of the weights): the peaks the cost model's efficiency
@@ -163,13 +170,11 @@ def machine_rates(device: torch.device) -> MachineRates:
     def timed(rows: int, repeat: int) -> float:
         x = torch.randn(rows, 4096, dtype=torch.bfloat16, device=device)
         x @ weight.T
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(repeat):
             x @ weight.T
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         return (time.perf_counter() - start) / repeat
 
     flops = 2 * 256 * weight.numel() / timed(256, 5)
@@ -226,7 +231,7 @@ def precompute_moments(lm: LoadedModel, spec: RunSpec) -> None:
         release()
 
 
-def editor_memory(editor: str, lm: LoadedModel, settings: dict[str, Any]) -> int:
+def editor_memory(editor: str, lm: LoadedModel) -> int:
     """Bytes the editor holds beside its cases, at most (ROME: C read in fp32, widened and inverted in fp64;
     MEMIT: its layers' C in fp32, one layer's lambda C + k k^T and the solve's copy in fp64)."""
     from overtone.editors.memit import default_layers
@@ -249,7 +254,7 @@ def rehearse(lm: LoadedModel, editor: str, parallel: int, args: argparse.Namespa
     prepared = None
     try:
         inputs = check_run(spec, lm.tokenizer)
-        need = editor_memory(editor, lm, spec.editor_settings) + 2 * parallel * 2**30
+        need = editor_memory(editor, lm) + 2 * parallel * 2**30
         if free_memory(lm.device) < need:
             row.status = (f"skipped: needs about {need / 2**30:.1f} GiB beside the model (editor state, cases, "
                           f"a margin), {free_memory(lm.device) / 2**30:.1f} GiB free")
@@ -278,7 +283,7 @@ def rehearse(lm: LoadedModel, editor: str, parallel: int, args: argparse.Namespa
                                for c in costs) / len(costs)
         row.model_eval_s = sum(rates.eval_seconds(eval_cost(shape, t, args.eval, prepared.editor.first_layer),
                                                   shape, parallel) for t in tokens) / len(tokens)
-    except Exception as exc:  # noqa: BLE001  (a failing dtype or device path is what the rehearsal reports)
+    except Exception as exc:  # a failing dtype or device path is what the rehearsal reports
         log.exception("%s --parallel %d failed", editor, parallel)
         row.status = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
     finally:

@@ -270,12 +270,11 @@ def edit_cost(editor: str, shape: Shape, config: Any, tokens: CaseTokens, profil
 
 @dataclass(frozen=True)
 class EvalCost:
-    """One case's evaluation: forward FLOPs (teacher-forced passes and the generation's prefills), decode steps
-    (each reads the weights once per window, and costs 2 FLOPs per weight and row) and rows generated."""
+    """One case's evaluation: its FLOPs (teacher-forced passes, the generation's prefills and decode steps) and
+    how often it reads the weights, once per window: two teacher-forced passes and every decode step."""
 
     flops: int
-    decode_steps: int
-    rows: int
+    reads: int
 
 
 def eval_cost(shape: Shape, tokens: CaseTokens, evaluation: str, first_layer: int, reply: int = 50) -> EvalCost:
@@ -287,13 +286,13 @@ def eval_cost(shape: Shape, tokens: CaseTokens, evaluation: str, first_layer: in
             length = prompt + answer
             flops += shape.forward_flops(length, shape.layers, length)
             flops += shape.forward_flops(length, shape.layers - first_layer, length)
-    decode = rows = 0
+    reads = 2 if evaluation in ("teacher-forced", "both") else 0
     if evaluation in ("wild", "both"):
         for prompt, _ in tokens.probes:
             flops += 2 * shape.forward_flops(prompt, shape.layers, 1)
             flops += 2 * reply * shape.forward_flops(1, shape.layers, 1)
-        decode, rows = 2 * reply, len(tokens.probes)
-    return EvalCost(flops, decode, rows)
+        reads += 2 * reply
+    return EvalCost(flops, reads)
 
 
 # -------------------------------------------------------------------------------------------------------- rates
@@ -325,10 +324,10 @@ class MachineRates:
         solves = cost.solve_flops / self.fp64 if cost.solve_flops else 0.0
         return steps + cost.record_flops / self.flops / self.edit_efficiency + solves
 
-    def eval_seconds(self, cost: EvalCost, shape: Shape | None = None, window: int = 1) -> float:
-        """One case's evaluation in a window of ``window`` cases: its FLOPs, or the decode steps' weight
-        reading shared by the window, whichever is longer."""
-        reading = cost.decode_steps * shape.weight_bytes / window / self.bandwidth if shape and cost.rows else 0.0
+    def eval_seconds(self, cost: EvalCost, shape: Shape, window: int = 1) -> float:
+        """One case's evaluation in a window of ``window`` cases: its FLOPs, or its share of the window's
+        reading of the weights, whichever is longer."""
+        reading = cost.reads * shape.weight_bytes / window / self.bandwidth
         return max(cost.flops / self.flops, reading) / self.eval_efficiency
 
 
