@@ -95,12 +95,14 @@ def cut_tokenizer(vocab: int) -> Any:
     return tokenizer
 
 
-def random_model(shape: str, device: torch.device) -> LoadedModel:
+def random_model(shape: str, device: torch.device, layers: int | None = None) -> LoadedModel:
     """A randomly initialised Llama of ``shape`` in bfloat16 on ``device`` (the weights' values do not change
     the work), with the embedded tokenizer cut to its vocabulary. Built without the library's initialisers
     (the rehearsal's first build, with them, took 526 s on the 2-core CPU) and filled with N(0, 0.02) in
     place."""
     fields = shape_config(shape)
+    if layers:
+        fields["num_hidden_layers"] = layers
     config = LlamaConfig(**fields, tie_word_embeddings=False)
     tokenizer = cut_tokenizer(config.vocab_size)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -112,8 +114,8 @@ def random_model(shape: str, device: torch.device) -> LoadedModel:
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, 0.02, generator=generator)
-    return prepare_model(model, tokenizer, name=f"random-{shape}", identity={"name": f"random-{shape}",
-                                                                            "dtype": "bf16", "seed": 0})
+    name = f"random-{shape}" + (f"-{layers}-layers" if layers else "")
+    return prepare_model(model, tokenizer, name=name, identity={"name": name, "dtype": "bf16", "seed": 0})
 
 
 # ----------------------------------------------------------------------------------------------- measurement
@@ -292,9 +294,9 @@ def rehearse(lm: LoadedModel, editor: str, parallel: int, args: argparse.Namespa
     return row
 
 
-def table(rows: list[Row], rates: MachineRates, args: argparse.Namespace, device: str) -> str:
+def table(rows: list[Row], rates: MachineRates, args: argparse.Namespace, device: str, lm_name: str) -> str:
     """The rows as a Markdown table, with what they were measured on."""
-    lines = [f"{args.shape} (random weights, bf16) on {device}, {torch.get_num_threads()} threads; "
+    lines = [f"{lm_name} (random weights, bf16) on {device}, {torch.get_num_threads()} threads; "
              f"{args.cases} ZsRE test cases, {args.steps} steps per edit, --eval {args.eval}; ROME/MEMIT second "
              f"moments from {args.stat_samples} samples of {STAT_TOKENS} tokens (a small sample); machine: "
              f"bf16 matmul {rates.flops / 1e9:.0f} GFLOP/s, one-row product {rates.bandwidth / 1e9:.1f} GB/s",
@@ -315,6 +317,8 @@ def table(rows: list[Row], rates: MachineRates, args: argparse.Namespace, device
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama-2-7b", help="llama-2-7b, llama-3-8b or tiny")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="the shape's widths with this many layers (a quicker check of its rates)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--editors", default=",".join(EDITORS))
     parser.add_argument("--parallel", default="1,2", help="the --parallel B values, comma-separated")
@@ -333,7 +337,7 @@ def main() -> None:
     sizes = [int(x) for x in args.parallel.split(",")]
     rates = machine_rates(device)
     start = time.perf_counter()
-    lm = random_model(args.shape, device)
+    lm = random_model(args.shape, device, args.layers)
     log.info("built %s in %.0f s; %.1f GiB free", lm.name, time.perf_counter() - start,
              free_memory(device) / 2**30)
     rows = []
@@ -348,11 +352,11 @@ def main() -> None:
                 log.info("%s", row)
                 if args.json:
                     args.json.parent.mkdir(parents=True, exist_ok=True)
-                    args.json.write_text(json.dumps({"shape": args.shape, "device": str(device),
+                    args.json.write_text(json.dumps({"shape": lm.name, "device": str(device),
                                                      "threads": torch.get_num_threads(), "rates": asdict(rates),
                                                      "args": {k: str(v) for k, v in vars(args).items()},
                                                      "rows": [asdict(r) for r in rows]}, indent=1))
-    print(table(rows, rates, args, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"))
+    print(table(rows, rates, args, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", lm.name))
 
 
 if __name__ == "__main__":
