@@ -85,12 +85,13 @@ def cut_tokenizer(vocab: int) -> Any:
     kept = {token: i for token, i in model["vocab"].items() if i < vocab}
     merges = [m for m in model["merges"] if all(p in kept for p in m) and "".join(m) in kept]
     model["vocab"], model["merges"] = kept, merges
-    folder = Path(tempfile.mkdtemp(prefix="rehearsal-tokenizer-"))
-    (folder / "tokenizer.json").write_text(json.dumps(data))
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        if (Path(source) / name).exists():
-            (folder / name).write_text((Path(source) / name).read_text())
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    with tempfile.TemporaryDirectory(prefix="rehearsal-tokenizer-") as scratch:
+        folder = Path(scratch)
+        (folder / "tokenizer.json").write_text(json.dumps(data))
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(source) / name).exists():
+                (folder / name).write_text((Path(source) / name).read_text())
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     assert len(tokenizer) <= vocab, (len(tokenizer), vocab)
     return tokenizer
 
