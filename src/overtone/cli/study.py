@@ -144,30 +144,44 @@ def print_tables(out: Path, markdown: bool = False) -> None:
 
 @study_app.command("plan")
 @grouped
-def plan(file: FileArg, *, overrides: StudyOverrides) -> None:
-    """Expand a study file into its cells (with their ids) and count the cases and edits it will make."""
+def plan(
+    file: FileArg,
+    *,
+    overrides: StudyOverrides,
+    parallel: StudyParallelOpt = None,
+    gpu: Annotated[str | None, typer.Option(
+        "--gpu", help="also print the GPU-hours on this device (h100, h100-pcie, h200, a100-80gb, a100-40gb, "
+        "l40s) at --profile's model shape (llama-2-7b, llama-3-8b)")] = None,
+    rate: Annotated[str | None, typer.Option(
+        "--rate", metavar="edit=S,eval=S",
+        help="with --gpu: seconds per case of editing and of evaluation on that device, measured, instead "
+        "of the cost model's (either alone)")] = None,
+) -> None:
+    """Expand a study file into its cells (with their ids) and count the cases and edits it will make; with
+    --gpu, what the study costs on that device, split into editing and evaluation."""
     from overtone.benchmarks import load_benchmark
     from overtone.study.spec import dataset_short
 
-    study = overrides.load(file)
+    rates = check_budget_options(overrides.profile, gpu, rate)
+    study = overrides.load(file, parallel=parallel)
     grid = Table(title=Text(f"study {study.name}: {len(study.cells)} cells", style="table.title"))
     for header in ("cell (directory)", "editor", "row", "dataset", "T", "seed", "cases", "edits", "runs"):
         grid.add_column(header, justify="right" if header in ("T", "seed", "cases", "edits") else "left")
-    sizes: dict[tuple[str, int, int | None], tuple[int, int]] = {}
+    loaded: dict[tuple[str, int, int | None], list[Any]] = {}
     total = conditional = 0
     for cell in study.cells:
         key = (cell.dataset, cell.offset, cell.limit)
-        if key not in sizes:
-            cases = load_benchmark(cell.dataset, limit=cell.limit, offset=cell.offset)
-            sizes[key] = (len(cases), sum(len(c.requests) for c in cases))
-        n_cases, n_edits = sizes[key]
+        if key not in loaded:
+            loaded[key] = load_benchmark(cell.dataset, limit=cell.limit, offset=cell.offset)
+        cases = loaded[key]
+        n_edits = sum(len(c.requests) for c in cases)
         after = study.cell(cell.after).variant.label if cell.after else ""
         if after:
             conditional += n_edits
         else:
             total += n_edits
         grid.add_row(*map(Text, (cell.name, cell.editor, cell.variant.label, dataset_short(cell.dataset),
-                                 str(cell.sequence), str(cell.seed), str(n_cases), str(n_edits),
+                                 str(cell.sequence), str(cell.seed), str(len(cases)), str(n_edits),
                                  f"after {after}, if it stops early" if after else "always")))
     console.print(grid)
     for note in study.notes:
@@ -175,6 +189,56 @@ def plan(file: FileArg, *, overrides: StudyOverrides) -> None:
     extra = f", and up to {conditional} more in matched-steps controls" if conditional else ""
     console.print(f"{len(study.cells)} cells, {total} edits{extra}; model {study.cells[0].model.name} "
                   f"({study.cells[0].model.dtype}, device {study.cells[0].model.device})", markup=False)
+    if gpu is not None:
+        assert overrides.profile is not None  # checked with the options
+        print_budget(study, loaded, overrides.profile, gpu, rates)
+
+
+def check_budget_options(profile: str | None, gpu: str | None, rate: str | None) -> dict[str, float]:
+    """--gpu, --rate and the --profile they need, checked before the study is loaded; the rates given."""
+    from overtone.study.budget import BudgetError, device, model_profile, parse_rates
+
+    if gpu is None:
+        if rate is not None:
+            fail("--rate: give the device its seconds were measured on with --gpu")
+        return {}
+    if profile is None:
+        fail("--gpu: give the model shape the budget is for with --profile (llama-2-7b, llama-3-8b)")
+    try:
+        device(gpu)
+        model_profile(profile)
+        return parse_rates(rate)
+    except BudgetError as exc:
+        fail(str(exc))
+
+
+def print_budget(study: Any, loaded: dict[tuple[str, int, int | None], list[Any]], profile: str, gpu: str,
+                 rates: dict[str, float]) -> None:
+    """The study's GPU-hours on ``gpu`` at ``profile``'s model shape (study/budget.py), per editor and in all,
+    with every assumption it makes; matched-steps cells are left out (they run only if their source stops)."""
+    from overtone.study.budget import BudgetError, plan_budget
+
+    try:
+        cells = [(c, loaded[(c.dataset, c.offset, c.limit)]) for c in study.cells if not c.after]
+        budget = plan_budget(cells, profile, gpu, rates)
+    except BudgetError as exc:
+        fail(str(exc))
+    grid = Table(title=Text(f"budget on one {budget.device.name}, {budget.profile.name}", style="table.title"))
+    for header in ("editor", "cells", "cases", "B", "edit s/case", "eval s/case", "edit GPU-h", "eval GPU-h"):
+        grid.add_column(header, justify="left" if header == "editor" else "right")
+    for editor in dict.fromkeys(c.editor for c in budget.cells):
+        rows = [c for c in budget.cells if c.editor == editor]
+        cases = sum(c.cases for c in rows)
+        edit_s, eval_s = sum(c.edit_s for c in rows), sum(c.eval_s for c in rows)
+        windows = sorted({c.window for c in rows})
+        grid.add_row(*map(Text, (editor, str(len(rows)), str(cases), ",".join(map(str, windows)),
+                                 f"{edit_s / max(cases, 1):.2f}", f"{eval_s / max(cases, 1):.2f}",
+                                 f"{edit_s / 3600:.2f}", f"{eval_s / 3600:.2f}")))
+    console.print(grid)
+    console.print(f"total: {budget.edit_hours + budget.eval_hours:.1f} GPU-hours on one {budget.device.name} = "
+                  f"{budget.edit_hours:.1f} editing + {budget.eval_hours:.1f} evaluation", markup=False)
+    for line in budget.assumptions:
+        console.print(f"assumes: {line}", markup=False, soft_wrap=True)
 
 
 @study_app.command("run")

@@ -165,6 +165,13 @@ def spread_update(lm: LoadedModel, cfg: SpreadConfig, layers: Sequence[int], obj
     return stats, updates
 
 
+def case_memory(shape: ModelShape, cfg: LocateConfig, layers: int, top: int) -> CaseMemory:
+    """One case of a parallel MEMIT edit: its value optimisation at layer ``top``, then a rank-one update of
+    each of ``layers`` layers, kept."""
+    value = value_memory(shape, cfg, top)
+    return CaseMemory(value.state + 4 * (shape.hidden + shape.intermediate) * layers, value.activations)
+
+
 class SpreadEditor(LocateEditor):
     """What MEMIT and AlphaEdit set up alike from a resolved config: the edited layers checked, the objective
     of their values required, the context prefixes and their groups; ``key_moments`` reads the layers' key
@@ -202,7 +209,9 @@ class MEMIT(SpreadEditor):
             config = replace(config, mom2_update_weight=default_update_weight(lm))
         super().__init__(lm, config, objective)
         moments = self.key_moments()
-        self.mom2 = {layer: m.matrix.double().to(lm.device) for layer, m in moments.items()}
+        # kept in float32 as stored (half of float64: 2.4 GiB at Llama-2-7B's 5 layers) and widened per solve,
+        # exactly, one layer at a time
+        self.mom2 = {layer: m.matrix.to(lm.device) for layer, m in moments.items()}
         self.mom2_info = {layer: {"tokens": m.tokens, "weights_sha256": m.key["weights_sha256"]}
                           for layer, m in moments.items()}
         self.log = UpdateLog()
@@ -230,7 +239,7 @@ class MEMIT(SpreadEditor):
             self.log.revert_to(mark)
 
         def solve(layer: int, k: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            system = cfg.mom2_update_weight * self.mom2[layer] + k.T @ k
+            system = self.weighted_moment(layer).add_(k.T @ k)
             # contiguous, so that re-applying the saved factors takes the very same matmul
             return residual.T.contiguous(), torch.linalg.solve(system, k.T).T.contiguous()  # [H, n], [n, I]
 
@@ -247,11 +256,14 @@ class MEMIT(SpreadEditor):
         return EditHandle(revert, first_layer=cfg.layers[0], stats=stats,
                           restores=tuple(m.weight for m in modules.values()))
 
+    def weighted_moment(self, layer: int) -> torch.Tensor:
+        """lambda C of ``layer`` in float64, the solve's precision."""
+        return self.mom2[layer].double().mul_(self.config.mom2_update_weight)
+
     def case_memory(self) -> CaseMemory:
-        shape = ModelShape.of(self.lm.model.config, self.lm.dtype)
-        value = value_memory(shape, self.config, self.config.layers[-1])
-        rank_one = 4 * (shape.hidden + shape.intermediate) * len(self.config.layers)
-        return CaseMemory(value.state + rank_one, value.activations)
+        cfg: MEMITConfig = self.config
+        assert cfg.layers is not None
+        return case_memory(ModelShape.of(self.lm.model.config, self.lm.dtype), cfg, len(cfg.layers), cfg.layers[-1])
 
     def edit_parallel(self, cases: Sequence[EditCase], on_step: StepCallback | None = None,
                       steps: Sequence[int | None] | None = None) -> CaseEdits:
@@ -275,7 +287,7 @@ class MEMIT(SpreadEditor):
             now = outputs.view(len(cases), len(self.prefixes), -1)[:, 0].double()  # bare prompts
             residual = (z - now) / (len(cfg.layers) - i)
             # one fact per case: Delta = r (lambda C + k k^T)^-1 k, as the batch update of that case alone
-            moment = cfg.mom2_update_weight * self.mom2[layer]
+            moment = self.weighted_moment(layer)
             solved = torch.stack([torch.linalg.solve(moment + k_i[:, None] @ k_i[None], k_i[:, None])[:, 0]
                                   for k_i in k])
             changes[module] = CaseLowRank(solved[:, None, :].float(), residual[:, :, None].float())
