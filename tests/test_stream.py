@@ -3,7 +3,8 @@
 * the metrics against hand-computed values: n-gram entropies, the probability comparisons, the scores;
 * a stream interrupted after a checkpoint and resumed gives the records of an uninterrupted stream;
 * a checkpoint applied to a fresh copy of the model gives the streamed weights bit for bit;
-* after many batches the revert handles hold one copy of each edited tensor;
+* after many batches the revert handles hold one copy of each edited tensor, and MEMIT's saved edit
+  stops growing (the weights' change instead of every batch's factors), still bit-exact;
 * the options: stream settings without --stream, or a stream of one edit, are refused naming the option.
 """
 
@@ -18,7 +19,7 @@ import torch
 import yaml
 from helpers import assert_same_state, state, tiny_model
 
-from overtone.artifacts import load_edit
+from overtone.artifacts import load_edit, save_edit
 from overtone.benchmarks.cases import EditCase, Probe
 from overtone.cli.options import StreamOptions
 from overtone.editors import EDITORS, FTM, MEMIT, FTMConfig, MEMITConfig
@@ -193,6 +194,36 @@ def test_after_many_batches_one_copy_of_each_edited_tensor_is_held(tokenizer, zs
         held = [h for h in handles[1:] if h.active]
         assert not held, f"{editor.name}: later batches kept {len(held)} copies"
         assert len(handles[0].restores) == tensors
+
+
+def test_a_long_memit_stream_saves_the_change_of_its_weights_not_every_batch(tmp_path, tokenizer, zsre_cases,
+                                                                            corpus):
+    """The tiny model's MEMIT layers are 32 x 64: 10 facts' factors take 10 x 96 values a layer, the widened
+    change 2 x 2048; so two batches of 10 keep their factors and a third drops them."""
+    lm = tiny_model("llama", tokenizer)
+    unedited = state(lm)
+    editor = memit(lm, corpus)
+    handles = []  # not on an EditStack, which would release the later handles' copies
+    for first in (0, 10, 20):
+        handles.append(editor.edit(zsre_cases[first: first + 10]))
+        if first == 0:
+            assert set(save_edit(editor, tmp_path / "one").saved.state) == {"updates"}  # a single edit's format
+    assert not editor.log.complete and editor.log.edits[-1] is None
+    kept = sum(t.numel() * t.element_size() for edit in editor.log.edits if edit for u in edit for t in u[1:])
+    assert kept <= editor.log.limit_bytes
+    saved = save_edit(editor, tmp_path / "long").saved
+    assert set(saved.state) == {"weights"} and all(t.dtype == torch.float64 for t in saved.tensors.values())
+    streamed = state(lm)
+    fresh = tiny_model("llama", tokenizer)
+    handle = load_edit(tmp_path / "long").apply(fresh)
+    assert_same_state(fresh, streamed)
+    handle.revert()
+    assert_same_state(fresh, unedited)
+    handles[-1].revert()  # back to two edits: their factors were kept, so they save as factors again
+    assert editor.log.complete and set(editor.saved_edit().state) == {"updates"}
+    for earlier in handles[1::-1]:
+        earlier.revert()
+    assert_same_state(lm, unedited)
 
 
 def test_curve_samples_are_fixed_and_drawn_from_earlier_edits():
