@@ -20,16 +20,19 @@ import yaml
 from helpers import assert_same_state, state, tiny_model
 
 from overtone.artifacts import load_edit, save_edit
+from overtone.benchmarks import load_benchmark
 from overtone.benchmarks.cases import EditCase, Probe
 from overtone.cli.options import StreamOptions
 from overtone.editors import EDITORS, FTM, MEMIT, FTMConfig, MEMITConfig
-from overtone.evaluation import Evaluator
-from overtone.evaluation.lifelong import LifelongScorer, comparisons, fluency, ngram_entropy
+from overtone.evaluation import Evaluator, lifelong
+from overtone.evaluation.lifelong import LifelongScorer, comparisons, fluency, ngram_entropy, score_rows
+from overtone.models.replay import forward_hidden
 from overtone.objectives import CrossEntropy
 from overtone.runner.bench import summarize
 from overtone.runner.spec import RunSpec, SpecError
 from overtone.runner.stream import Checkpoints, StreamSettings, curve_sample, stream_records
 from overtone.study import load_study
+from overtone.tokens import encode_pairs
 
 TIMINGS = ("edit_s", "eval_s")
 FAST = {"context_lengths": ((4, 2),), "steps": 6, "lr": 2.0, "stop_loss": 0.0}
@@ -91,6 +94,23 @@ def test_logprobs_are_mean_answer_token_log_probabilities(tiny_llama):
         assert value == pytest.approx(expected, abs=1e-5)
 
 
+def test_rows_are_scored_once_and_one_token_answers_ride_on_their_prompts_row(tiny_llama, monkeypatch):
+    tokenizer = tiny_llama.tokenizer
+    prompt = "Which family does Epaspidoceras belong to?"
+    rows = [encode_pairs(tokenizer, [prompt], [answer]) for answer in ("Noctuidae", "Noctuidae")]
+    one = next(a for a in ("a", "The", "of", "is") if encode_pairs(tokenizer, [prompt], [a]).labels.size(1) == 1)
+    rows.append(encode_pairs(tokenizer, [prompt], [one]))
+    alone = [score_rows(tiny_llama, [row])[0] for row in rows]
+    passes = []
+    monkeypatch.setattr(lifelong, "forward_hidden", lambda *a: passes.append(a[1].shape) or forward_hidden(*a))
+    together = score_rows(tiny_llama, rows)
+    assert passes == [torch.Size([1, rows[0].input_ids.size(1)])]  # one row through the model, once
+    for got, expected in zip(together, alone, strict=True):
+        assert torch.equal(got.tokens, expected.tokens)
+        assert got.logprob == pytest.approx(expected.logprob, abs=1e-6)
+        assert torch.allclose(got.entropy, expected.entropy, atol=1e-6)
+
+
 def ftm(lm):
     return FTM(lm, FTMConfig(layer=2, lr=0.1, steps=3), CrossEntropy())
 
@@ -146,6 +166,24 @@ def test_an_interrupted_stream_resumes_from_its_checkpoint_with_the_same_records
     # a restart after the final checkpoint only evaluates
     again = []
     assert comparable(stream(tmp_path / "run", again.append)) == comparable(expected) and again == [12]
+
+
+class CaseByCase(Evaluator):
+    """The teacher-forced evaluator by another type: the stream evaluates it case by case (``after_many``) and
+    the comparisons apart, the path every evaluator took before ``evaluate_together``."""
+
+
+def test_a_stream_evaluated_together_has_the_records_of_one_evaluated_case_by_case(tokenizer, zsre_cases):
+    """One pass over every row of every case (shared rows once, one-token answers read from their prompt's
+    row) gives the records of the evaluation per case: equal, the flatness (rounded to 4 places) included."""
+    cases = [*zsre_cases[:6], *load_benchmark("counterfact-mend", limit=6)]
+    settings = StreamSettings(curve_every=4, curve_sample=3, fluency_tokens=4)
+    records = {}
+    for kind in (Evaluator, CaseByCase):
+        lm = tiny_model("llama", tokenizer)
+        records[kind] = comparable(stream_records(ftm(lm), kind(lm), cases, 2, settings, seed=0))
+    assert records[Evaluator] == records[CaseByCase]
+    assert {r["lifelong"]["pre"]["efficacy"] for r in records[Evaluator]} == {0.0, 1.0}  # not all alike
 
 
 def test_a_checkpoint_applied_to_a_fresh_model_gives_the_streamed_weights(tmp_path, tokenizer, zsre_cases):
