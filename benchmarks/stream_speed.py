@@ -2,9 +2,12 @@
 
 Streams N cases of a dataset in batches of B (``--sequence N --batch B --stream``) into a fresh run directory
 and prints, as measured: the wall time from the model's loading to the summary, its parts (the edits, as the
-records' ``edit_s`` add up; the rest: unedited pass, checkpoints, curve points and the final evaluation of all
-N edits), edits per second over the whole run, the process's peak resident memory and, on a GPU, the peak
-GPU memory. The stream's lifelong metrics are printed too, so a throughput is read next to what it bought.
+records' ``edit_s`` add up; the unedited pass; the final evaluation of all N edits and, inside it, the fluency
+continuations; the curve points; the checkpoints; the rest), edits per second over the whole run, the
+process's peak resident memory and, on a GPU, the peak GPU memory, and the time of a 10,000-edit stream
+extrapolated from these parts (each part grows linearly with N; loading does not). The stream's lifelong
+metrics are printed too, so a throughput is read next to what it bought. The parts are timed by wrapping
+the stream's own functions (``lifelong_speed.timed``), nothing is run twice.
 
     python benchmarks/stream_speed.py --editor memit --limit 1000 --batch 100
     python benchmarks/stream_speed.py --editor ultraedit --limit 10000 --batch 100 --curve-every 1000
@@ -18,13 +21,19 @@ import logging
 import resource
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+from lifelong_speed import timed
 
 from overtone.editors import EDITORS
+from overtone.evaluation.lifelong import LifelongScorer
 from overtone.runner import ResultStore, RunSpec, check_run, prepare_run
+from overtone.runner import stream as stream_module
 from overtone.runner.settings import parse_items
+
+TARGET = 10_000  # edits of the extrapolated stream
 
 
 def main() -> None:
@@ -56,17 +65,35 @@ def main() -> None:
     inputs = check_run(spec)
     prepared = prepare_run(spec, inputs)
     loaded = time.perf_counter()
-    with ResultStore(out, prepared.config) as store:
+    evaluated: list[float] = []  # every _evaluated call: the unedited pass, the curve points, the final one
+    fluency: list[float] = []
+    checkpoints: list[float] = []
+    with ResultStore(out, prepared.config) as store, ExitStack() as timers:
+        timers.enter_context(timed(stream_module, "_evaluated", evaluated))
+        timers.enter_context(timed(LifelongScorer, "continuations", fluency))
+        timers.enter_context(timed(stream_module.Checkpoints, "write", checkpoints))
         summary = prepared.execute(store)
         records = store.records
     wall = time.perf_counter() - start
     edit_s = sum(r["edit_s"] for r in records)
+    # in call order: the unedited pass, the curve points, the final evaluation (and its fluency), the end's point
+    final = len(evaluated) - (2 if args.curve_every else 1)
+    unedited_s, final_s, curve_s = evaluated[0], evaluated[final], sum(evaluated[1:]) - evaluated[final]
+    final_fluency_s = fluency[final - 1] if fluency else 0.0
+    parts = {"edit_s": edit_s, "unedited_s": unedited_s, "final_eval_s": final_s, "curve_s": curve_s,
+             "checkpoint_s": sum(checkpoints)}
+    parts["other_s"] = wall - (loaded - start) - sum(parts.values())
+    scale = TARGET / len(records)
     peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     result = {
         "editor": args.editor, "objective": args.objective, "dataset": args.dataset, "model": args.model,
         "device": str(prepared.lm.device), "threads": args.threads, "edits": len(records), "batch": args.batch,
-        "wall_s": round(wall, 1), "load_s": round(loaded - start, 1), "edit_s": round(edit_s, 1),
-        "other_s": round(wall - (loaded - start) - edit_s, 1), "edits_per_s": round(len(records) / wall, 3),
+        "wall_s": round(wall, 1), "load_s": round(loaded - start, 1), **{k: round(v, 1) for k, v in parts.items()},
+        "final_fluency_s": round(final_fluency_s, 1), "final_eval_share": round(final_s / (wall - (loaded - start)), 3),
+        "edits_per_s": round(len(records) / wall, 3),
+        f"extrapolated_{TARGET}_s": round(loaded - start + scale * sum(parts.values()), 0),
+        f"extrapolated_{TARGET}_without_fluency_s": round(loaded - start + scale * (sum(parts.values()) -
+                                                                                      sum(fluency)), 0),
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "peak_gpu_gib": None if peak_gpu is None else round(peak_gpu, 2),
         "metrics": {m: summary.get(m) for m in ("rel", "gen", "loc")}, "lifelong": summary.get("lifelong"),
