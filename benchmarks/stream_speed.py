@@ -7,7 +7,9 @@ continuations; the curve points; the checkpoints; the rest), edits per second ov
 process's peak resident memory and, on a GPU, the peak GPU memory, and the time of a 10,000-edit stream
 extrapolated from these parts (each part grows linearly with N; loading does not). The stream's lifelong
 metrics are printed too, so a throughput is read next to what it bought. The parts are timed by wrapping
-the stream's own functions (``lifelong_speed.timed``), nothing is run twice.
+the stream's own functions (``lifelong_speed.timed``), nothing is run twice. Before the stream, the rate of
+an fp32 matrix product of the embedded model's MLP shape (tokens x 576 by 576 x 1,536) is measured for
+a few seconds: what this CPU gives at that moment, for the FLOP bound of docs/performance.md.
 
     python benchmarks/stream_speed.py --editor memit --limit 1000 --batch 100
     python benchmarks/stream_speed.py --editor ultraedit --limit 10000 --batch 100 --curve-every 1000
@@ -36,6 +38,18 @@ from overtone.runner.settings import parse_items
 TARGET = 10_000  # edits of the extrapolated stream
 
 
+def matmul_gflops(seconds: float = 5.0) -> float:
+    """GFLOP/s of a 4,096 x 576 by 576 x 1,536 fp32 product, repeated for ``seconds`` (after warming up)."""
+    a, b = torch.randn(4096, 576), torch.randn(576, 1536)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * 4096 * 576 * 1536 * count / (time.perf_counter() - start) / 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--editor", default="memit")
@@ -61,6 +75,7 @@ def main() -> None:
                    curve_every=args.curve_every, fluency_tokens=args.fluency_tokens,
                    settings=tuple(parse_items(args.set, EDITORS[args.editor].config_class, args.editor).items()))
     out = args.out or Path(tempfile.mkdtemp(prefix="stream-speed-")) / "run"
+    gflops = matmul_gflops()
     start = time.perf_counter()
     inputs = check_run(spec)
     prepared = prepare_run(spec, inputs)
@@ -90,7 +105,7 @@ def main() -> None:
         "device": str(prepared.lm.device), "threads": args.threads, "edits": len(records), "batch": args.batch,
         "wall_s": round(wall, 1), "load_s": round(loaded - start, 1), **{k: round(v, 1) for k, v in parts.items()},
         "final_fluency_s": round(final_fluency_s, 1), "final_eval_share": round(final_s / (wall - (loaded - start)), 3),
-        "edits_per_s": round(len(records) / wall, 3),
+        "edits_per_s": round(len(records) / wall, 3), "matmul_gflops": round(gflops, 1),
         f"extrapolated_{TARGET}_s": round(loaded - start + scale * sum(parts.values()), 0),
         f"extrapolated_{TARGET}_without_fluency_s": round(loaded - start + scale * (sum(parts.values()) -
                                                                                       sum(fluency)), 0),
