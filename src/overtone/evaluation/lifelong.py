@@ -234,6 +234,7 @@ def evaluate_together(evaluator: Evaluator, scorer: LifelongScorer, cases: Seque
         rows += [probe.batch.row(r) for r in range(probe.batch.input_ids.size(0))]
     scores = score_rows(lm, rows + compared)
     seconds = (time.perf_counter() - start) / max(len(cases), 1)
+    vocabulary = lm.adapter.lm_head.weight.size(0)
     at, out = 0, []
     for i, probe in enumerate(probes):
         own = scores[at: at + len(probe.groups)]
@@ -243,12 +244,10 @@ def evaluate_together(evaluator: Evaluator, scorer: LifelongScorer, cases: Seque
             out.append(PreEdit(probe, predictions, seconds))
             continue
         rewrites = torch.cat([s.entropy for s, (metric, _) in zip(own, probe.groups, strict=True) if metric == "rel"])
-        vocabulary = lm.adapter.lm_head.weight.size(0)
         out.append(evaluator.scored(pres[i], predictions, flatness_of(rewrites, vocabulary),
                                     pres[i].seconds + seconds))
     lifelong = scorer.judge(cases, per_case, [s.logprob for s in scores[at:]], fluency_of and pres is not None)
     return out, lifelong
-
 
 
 def lifelong_means(scores: Sequence[dict[str, float | None]]) -> dict[str, float | None]:
