@@ -18,6 +18,7 @@ edit reverted before the next. The second-moment statistics are read from 12 sam
 
     python benchmarks/lifelong_speed.py --facts 16 --value-batch 16 --ultra-facts 100 --threads 1
     python benchmarks/lifelong_speed.py --parts ultraedit --ultra-facts 100
+    python benchmarks/lifelong_speed.py --parts evaluation --eval-cases 200 --threads 2
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import torch
 
 from overtone import load_benchmark, load_model, make_editor
 from overtone.editors import alphaedit, memit, ultraedit
+from overtone.evaluation import Evaluator
+from overtone.evaluation.lifelong import LifelongScorer, evaluate_together
 from overtone.objectives import CrossEntropy
 from overtone.tokens import encode_pairs
 
@@ -77,6 +80,41 @@ def batch_edit(lm: Any, name: str, cases: list, settings: dict[str, Any], parts:
     return result
 
 
+def stream_evaluation(lm: Any, cases: list, fluency_tokens: int) -> dict[str, Any]:
+    """A stream's evaluation of ``cases`` both ways (module docstring): seconds per side, ratios, same records."""
+    evaluator, scorer = Evaluator(lm), LifelongScorer(lm, fluency_tokens)
+    group = range(0, len(cases), 64)
+    start = time.perf_counter()
+    pres = [pre for first in group for pre in evaluator.before_many(cases[first: first + 64], None)]
+    apart = {"pre": (pres, scorer.score(cases, fluency_of=False))}
+    middle = time.perf_counter()
+    results = [r for first in group for r in evaluator.after_many(pres[first: first + 64],
+                                                                  [False] * len(pres[first: first + 64]))]
+    apart["post"] = (results, scorer.score(cases, fluency_of=False))
+    seconds = {"case_by_case_pre_s": middle - start, "case_by_case_post_s": time.perf_counter() - middle}
+    start = time.perf_counter()
+    together = {"pre": evaluate_together(evaluator, scorer, cases)}
+    middle = time.perf_counter()
+    together["post"] = evaluate_together(evaluator, scorer, cases, together["pre"][0], fluency_of=False)
+    seconds.update({"together_pre_s": middle - start, "together_post_s": time.perf_counter() - middle})
+    start = time.perf_counter()
+    scorer.continuations([case.prompt for case in cases])
+    seconds["fluency_s"] = time.perf_counter() - start
+
+    def comparable(side: str, out: dict[str, Any]) -> Any:
+        first, lifelong = out[side]
+        if side == "pre":
+            return [[t.tolist() for t in pre.predictions.tokens] for pre in first], lifelong
+        return [{k: v for k, v in r.items() if k != "eval_s"} for r in first], lifelong
+
+    result: dict[str, Any] = {"cases": len(cases), **{k: round(v, 2) for k, v in seconds.items()}}
+    for side in ("pre", "post"):
+        result[f"{side}_speedup"] = round(seconds[f"case_by_case_{side}_s"] / seconds[f"together_{side}_s"], 2)
+        result[f"{side}_same_records"] = comparable(side, apart) == comparable(side, together)
+    log.info("stream evaluation: %s", result)
+    return result
+
+
 def padding_share(lm: Any, cases: list) -> float:
     """The share of padding in the right-padded token grid of ``prompt + target`` over ``cases``."""
     batch = encode_pairs(lm.tokenizer, [c.prompt for c in cases], [c.target for c in cases])
@@ -89,14 +127,16 @@ def main() -> None:
     parser.add_argument("--facts", type=int, default=16, help="N: facts of the MEMIT and AlphaEdit batch")
     parser.add_argument("--value-batch", type=int, default=16, help="B: facts per batched v* loop")
     parser.add_argument("--ultra-facts", type=int, default=100, help="M: facts of the UltraEdit batch (0: skip)")
+    parser.add_argument("--eval-cases", type=int, default=200, help="E: cases of the stream evaluation (0: skip)")
+    parser.add_argument("--fluency-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-sequential", action="store_true", help="skip MEMIT with value_batch 1")
-    parser.add_argument("--parts", default="memit,alphaedit,ultraedit", help="which editors to time")
+    parser.add_argument("--parts", default="memit,alphaedit,ultraedit,evaluation", help="which parts to time")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     lm = load_model("smollm2-135m")
-    cases = load_benchmark(args.dataset, limit=max(args.facts, args.ultra_facts))
+    cases = load_benchmark(args.dataset, limit=max(args.facts, args.ultra_facts, args.eval_cases))
     facts = cases[: args.facts]
     parts = args.parts.split(",")
     v_part = {"v": (memit, "optimise_values")}
@@ -136,6 +176,8 @@ def main() -> None:
         result["ultraedit_padding_share"] = round(padding_share(lm, ultra), 3)
         result["ultraedit_speedup"] = round(result["ultraedit_one_pass"]["edit_s"] /
                                             result["ultraedit_grouped"]["edit_s"], 2)
+    if "evaluation" in parts and args.eval_cases:
+        result["stream_evaluation"] = stream_evaluation(lm, cases[: args.eval_cases], args.fluency_tokens)
     print(json.dumps(result, indent=2))
 
 

@@ -3,7 +3,8 @@
 * the metrics against hand-computed values: n-gram entropies, the probability comparisons, the scores;
 * a stream interrupted after a checkpoint and resumed gives the records of an uninterrupted stream;
 * a checkpoint applied to a fresh copy of the model gives the streamed weights bit for bit;
-* after many batches the revert handles hold one copy of each edited tensor;
+* after many batches the revert handles hold one copy of each edited tensor, and MEMIT's saved edit
+  stops growing (the weights' change instead of every batch's factors), still bit-exact;
 * the options: stream settings without --stream, or a stream of one edit, are refused naming the option.
 """
 
@@ -18,17 +19,20 @@ import torch
 import yaml
 from helpers import assert_same_state, state, tiny_model
 
-from overtone.artifacts import load_edit
+from overtone.artifacts import load_edit, save_edit
+from overtone.benchmarks import load_benchmark
 from overtone.benchmarks.cases import EditCase, Probe
 from overtone.cli.options import StreamOptions
 from overtone.editors import EDITORS, FTM, MEMIT, FTMConfig, MEMITConfig
-from overtone.evaluation import Evaluator
-from overtone.evaluation.lifelong import LifelongScorer, comparisons, fluency, ngram_entropy
+from overtone.evaluation import Evaluator, lifelong
+from overtone.evaluation.lifelong import LifelongScorer, comparisons, fluency, ngram_entropy, score_rows
+from overtone.models.replay import forward_hidden
 from overtone.objectives import CrossEntropy
 from overtone.runner.bench import summarize
 from overtone.runner.spec import RunSpec, SpecError
 from overtone.runner.stream import Checkpoints, StreamSettings, curve_sample, stream_records
 from overtone.study import load_study
+from overtone.tokens import encode_pairs
 
 TIMINGS = ("edit_s", "eval_s")
 FAST = {"context_lengths": ((4, 2),), "steps": 6, "lr": 2.0, "stop_loss": 0.0}
@@ -90,6 +94,23 @@ def test_logprobs_are_mean_answer_token_log_probabilities(tiny_llama):
         assert value == pytest.approx(expected, abs=1e-5)
 
 
+def test_rows_are_scored_once_and_one_token_answers_ride_on_their_prompts_row(tiny_llama, monkeypatch):
+    tokenizer = tiny_llama.tokenizer
+    prompt = "Which family does Epaspidoceras belong to?"
+    rows = [encode_pairs(tokenizer, [prompt], [answer]) for answer in ("Noctuidae", "Noctuidae")]
+    one = next(a for a in ("a", "The", "of", "is") if encode_pairs(tokenizer, [prompt], [a]).labels.size(1) == 1)
+    rows.append(encode_pairs(tokenizer, [prompt], [one]))
+    alone = [score_rows(tiny_llama, [row])[0] for row in rows]
+    passes = []
+    monkeypatch.setattr(lifelong, "forward_hidden", lambda *a: passes.append(a[1].shape) or forward_hidden(*a))
+    together = score_rows(tiny_llama, rows)
+    assert passes == [torch.Size([1, rows[0].input_ids.size(1)])]  # one row through the model, once
+    for got, expected in zip(together, alone, strict=True):
+        assert torch.equal(got.tokens, expected.tokens)
+        assert got.logprob == pytest.approx(expected.logprob, abs=1e-6)
+        assert torch.allclose(got.entropy, expected.entropy, atol=1e-6)
+
+
 def ftm(lm):
     return FTM(lm, FTMConfig(layer=2, lr=0.1, steps=3), CrossEntropy())
 
@@ -147,6 +168,24 @@ def test_an_interrupted_stream_resumes_from_its_checkpoint_with_the_same_records
     assert comparable(stream(tmp_path / "run", again.append)) == comparable(expected) and again == [12]
 
 
+class CaseByCase(Evaluator):
+    """The teacher-forced evaluator by another type: the stream evaluates it case by case (``after_many``) and
+    the comparisons apart, the path every evaluator took before ``evaluate_together``."""
+
+
+def test_a_stream_evaluated_together_has_the_records_of_one_evaluated_case_by_case(tokenizer, zsre_cases):
+    """One pass over every row of every case (shared rows once, one-token answers read from their prompt's
+    row) gives the records of the evaluation per case: equal, the flatness (rounded to 4 places) included."""
+    cases = [*zsre_cases[:6], *load_benchmark("counterfact-mend", limit=6)]
+    settings = StreamSettings(curve_every=4, curve_sample=3, fluency_tokens=4)
+    records = {}
+    for kind in (Evaluator, CaseByCase):
+        lm = tiny_model("llama", tokenizer)
+        records[kind] = comparable(stream_records(ftm(lm), kind(lm), cases, 2, settings, seed=0))
+    assert records[Evaluator] == records[CaseByCase]
+    assert {r["lifelong"]["pre"]["efficacy"] for r in records[Evaluator]} == {0.0, 1.0}  # not all alike
+
+
 def test_a_checkpoint_applied_to_a_fresh_model_gives_the_streamed_weights(tmp_path, tokenizer, zsre_cases):
     lm = tiny_model("llama", tokenizer)
     editor = ftm(lm)
@@ -193,6 +232,36 @@ def test_after_many_batches_one_copy_of_each_edited_tensor_is_held(tokenizer, zs
         held = [h for h in handles[1:] if h.active]
         assert not held, f"{editor.name}: later batches kept {len(held)} copies"
         assert len(handles[0].restores) == tensors
+
+
+def test_a_long_memit_stream_saves_the_change_of_its_weights_not_every_batch(tmp_path, tokenizer, zsre_cases,
+                                                                            corpus):
+    """The tiny model's MEMIT layers are 32 x 64: 10 facts' factors take 10 x 96 values a layer, the widened
+    change 2 x 2048; so two batches of 10 keep their factors and a third drops them."""
+    lm = tiny_model("llama", tokenizer)
+    unedited = state(lm)
+    editor = memit(lm, corpus)
+    handles = []  # not on an EditStack, which would release the later handles' copies
+    for first in (0, 10, 20):
+        handles.append(editor.edit(zsre_cases[first: first + 10]))
+        if first == 0:
+            assert set(save_edit(editor, tmp_path / "one").saved.state) == {"updates"}  # a single edit's format
+    assert not editor.log.complete and editor.log.edits[-1] is None
+    kept = sum(t.numel() * t.element_size() for edit in editor.log.edits if edit for u in edit for t in u[1:])
+    assert kept <= editor.log.limit_bytes
+    saved = save_edit(editor, tmp_path / "long").saved
+    assert set(saved.state) == {"weights"} and all(t.dtype == torch.float64 for t in saved.tensors.values())
+    streamed = state(lm)
+    fresh = tiny_model("llama", tokenizer)
+    handle = load_edit(tmp_path / "long").apply(fresh)
+    assert_same_state(fresh, streamed)
+    handle.revert()
+    assert_same_state(fresh, unedited)
+    handles[-1].revert()  # back to two edits: their factors were kept, so they save as factors again
+    assert editor.log.complete and set(editor.saved_edit().state) == {"updates"}
+    for earlier in handles[1::-1]:
+        earlier.revert()
+    assert_same_state(lm, unedited)
 
 
 def test_curve_samples_are_fixed_and_drawn_from_earlier_edits():

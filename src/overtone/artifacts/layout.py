@@ -82,7 +82,11 @@ def _ft_m(layout: _Layout) -> None:
 
 
 def _low_rank(layout: _Layout) -> None:
-    """ROME, MEMIT: update i writes ``left @ right`` ([out] x [in], or [out, n] x [n, in]) into ``updates[i]``."""
+    """ROME, MEMIT: update i writes ``left @ right`` ([out] x [in], or [out, n] x [n, in]) into ``updates[i]``;
+    or, for edits whose updates outgrew the weights (``UpdateLog``), each weight's change as ``_changes``."""
+    if "weights" in layout.state:
+        _changes(layout)
+        return
     layout.state_fields(Record({"updates": listed(TEXT)}, closed=False))
     updates = layout.state["updates"]
     layout.exactly({f"update.{i}.{side}" for i in range(len(updates)) for side in ("left", "right")})
@@ -168,12 +172,16 @@ def _lora(layout: _Layout) -> None:
 
 
 def _stream(layout: _Layout) -> None:
-    """AlphaEdit, UltraEdit (``editors/stream.py``): ``delta.<weight>`` of each recorded weight's exact shape, and
-    the stream's state as ``state.<name>`` (its shapes are checked against the editor's own when applied)."""
+    """AlphaEdit, UltraEdit (``editors/stream.py``): the changes of ``_changes``, and the stream's state as
+    ``state.<name>`` (its shapes are checked against the editor's own when applied)."""
+    _changes(layout, {name for name in layout.tensors if name.startswith("state.")})
+
+
+def _changes(layout: _Layout, state: frozenset[str] | set[str] = frozenset()) -> None:
+    """``delta.<weight>`` of each weight the state lists, of its exact shape (and the ``state`` tensors)."""
     layout.state_fields(Record({"weights": listed(TEXT)}, closed=False))
     weights = layout.state["weights"]
-    state = {name for name in layout.tensors if name.startswith("state.")}
-    layout.exactly({f"delta.{name}" for name in weights} | state)
+    layout.exactly({f"delta.{name}" for name in weights} | set(state))
     for i, name in enumerate(weights):
         shape = layout.base_name(name, f"edit.state.weights[{i}]", MANIFEST)
         delta = layout.dims(f"delta.{name}", len(shape))

@@ -179,11 +179,21 @@ class UpdateLog:
     record with ``add``. ``revert_to(mark)`` drops the record of an edit and every later one, as
     restoring that edit's weight copy undoes them all (in a sequence ``EditStack`` only reverts the
     first edit's handle).
+
+    The updates are kept while they take no more memory than the weights' change since the base at
+    twice their precision (``limit_bytes``); past that (a long stream of MEMIT batches) the later
+    updates are dropped (``complete`` turns False), so the log stays bounded and a saved edit is that
+    change instead of the updates.
     """
 
     def __init__(self) -> None:
         self.base: dict[str, torch.Tensor] = {}
-        self.edits: list[list[Any]] = []
+        self.edits: list[list[Any] | None] = []  # None: an edit whose updates were dropped, as every later one
+
+    @property
+    def limit_bytes(self) -> int:
+        """The size of the base's change at twice its precision: what keeping the updates may cost at most."""
+        return sum(2 * t.numel() * t.element_size() for t in self.base.values())
 
     def begin(self, weights: Mapping[str, torch.Tensor]) -> int:
         if not self.edits:
@@ -191,18 +201,34 @@ class UpdateLog:
         for name, weight in weights.items():
             if name not in self.base:
                 self.base[name] = weight.detach().clone()
-        self.edits.append([])
+        self.edits.append([] if self.complete else None)
         return len(self.edits) - 1
 
     def add(self, update: Any) -> None:
-        self.edits[-1].append(update)
+        """Keep ``update`` (a tuple of a weight's name and tensors) in the open edit's record, within the limit."""
+        record = self.edits[-1]
+        if record is None:
+            return
+        record.append(update)
+        kept = sum(t.numel() * t.element_size() for edit in self.edits if edit for u in edit for t in u
+                   if isinstance(t, torch.Tensor))
+        if kept > self.limit_bytes:
+            self.edits[-1] = None
 
     def revert_to(self, mark: int) -> None:
         del self.edits[mark:]
 
     @property
+    def complete(self) -> bool:
+        """Whether every live edit's updates are kept (else only the weights' change since the base is known)."""
+        return all(edit is not None for edit in self.edits)
+
+    @property
     def updates(self) -> list[Any]:
-        return [update for edit in self.edits for update in edit]
+        if not self.complete:
+            raise ValueError("the updates of the later live edits were dropped (over the log's limit); save the "
+                             "weights' change since the base instead")
+        return [update for edit in self.edits for update in edit or ()]
 
 
 class Editor(ABC):

@@ -38,7 +38,7 @@ from overtone.editors.base import (
     config_problems,
     max_length_field,
 )
-from overtone.editors.locate.update import snapshot
+from overtone.editors.locate.update import add_change, changes_since, snapshot
 from overtone.editors.parallel import (
     EDIT_TOKENS,
     TARGET_TOKENS,
@@ -48,7 +48,6 @@ from overtone.editors.parallel import (
     ModelShape,
 )
 from overtone.editors.presets import overtone_preset
-from overtone.editors.stream import wide
 from overtone.editors.training import TargetLogits, default_stop, optimise, optimise_cases, stop_when_clipped_field
 from overtone.models.loading import LoadedModel
 from overtone.models.per_case import CaseWeights, patched
@@ -206,8 +205,7 @@ class FTM(Editor):
         """The change of the edited matrix since before the live edits, at twice its precision, so that
         adding it back gives the edited weights bit for bit."""
         base = self.log.base if self.log.edits else {}
-        deltas = {name: wide(self.lm.adapter.parameter(name)) - wide(value) for name, value in base.items()}
-        return SavedEdit(tensors=deltas, base=base)
+        return SavedEdit(tensors=changes_since(self.lm.adapter, base), base=base)
 
     @classmethod
     def apply_saved(cls, lm: LoadedModel, config: Any, saved: SavedEdit,
@@ -218,8 +216,7 @@ class FTM(Editor):
         if wrong:  # added element by element, never broadcast
             raise ValueError(f"FT-M: a saved change does not have its weight's shape: {wrong[0]}")
         revert = snapshot(list(weights.values()))
-        with torch.no_grad():
-            for name, weight in weights.items():
-                weight.copy_((wide(weight) + saved.tensors[name].to(weight.device)).to(weight.dtype))
+        for name, weight in weights.items():
+            add_change(weight, saved.tensors[name])
         return EditHandle(revert, first_layer=config.layer, stats=EditStats(), restores=tuple(weights.values()))
 

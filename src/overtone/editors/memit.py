@@ -297,7 +297,7 @@ class MEMIT(SpreadEditor):
         return CaseEdits(list(cases), stats, cfg.layers[0], changes)
     def saved_edit(self) -> SavedEdit:
         """The updates of the live edits, in order: per edit call and layer, factors [H, n] and [n, I]."""
-        return saved_factors(self.log)
+        return saved_factors(self.lm, self.log)
 
     @classmethod
     def apply_saved(cls, lm: LoadedModel, config: MEMITConfig, saved: SavedEdit,

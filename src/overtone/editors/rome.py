@@ -198,7 +198,7 @@ class ROME(LocateEditor):
 
     def saved_edit(self) -> SavedEdit:
         """The rank-one updates of the live edits, in order: each one's factors (value change, key direction)."""
-        return saved_factors(self.log)
+        return saved_factors(self.lm, self.log)
 
     @classmethod
     def apply_saved(cls, lm: LoadedModel, config: ROMEConfig, saved: SavedEdit,

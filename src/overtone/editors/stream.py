@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from overtone.editors.base import EditError, EditHandle, EditStats, SavedEdit, UpdateLog
-from overtone.editors.locate.update import snapshot
+from overtone.editors.locate.update import add_change, changes_since, snapshot
 from overtone.models.loading import LoadedModel
 
 StateFactory = Callable[[], dict[str, torch.Tensor]]
@@ -69,8 +69,7 @@ class Stream:
         """The live edits: ``delta.<weight>`` since the stream's base (widened) and ``state.<name>``."""
         if not self.log.edits:
             return SavedEdit(tensors={})
-        tensors = {f"delta.{name}": wide(lm.adapter.parameter(name)) - wide(base)
-                   for name, base in self.log.base.items()}
+        tensors = {f"delta.{name}": change for name, change in changes_since(lm.adapter, self.log.base).items()}
         tensors.update({f"state.{name}": tensor for name, tensor in self.state.items()})
         return SavedEdit(tensors=tensors, state={"weights": list(self.log.base)}, base=dict(self.log.base))
 
@@ -88,8 +87,7 @@ class Stream:
         def change() -> EditStats:
             with torch.no_grad():
                 for name, weight in weights.items():
-                    delta = saved.tensors[f"delta.{name}"].to(weight.device)
-                    weight.copy_((wide(weight) + delta).to(weight.dtype))
+                    add_change(weight, saved.tensors[f"delta.{name}"])
                 for name, tensor in self.state.items():
                     tensor.copy_(saved.tensors[f"state.{name}"])
             return EditStats()
@@ -110,8 +108,3 @@ def model_stream(lm: LoadedModel, editor: str, weights: Sequence[str], zeros: St
         per_model[key] = Stream(zeros())
     return per_model[key]
 
-
-def wide(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` at a precision in which the difference of two of its values is exact (fp32 -> fp64)."""
-    target = torch.float64 if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    return weight.detach().to(target)

@@ -14,13 +14,21 @@ token of ``f"{prompt} {answer}"`` (the answer's tokens as the KnowEdit evaluatio
   and punctuation, not on contractions).
 
 A metric without its probes (no old target, no rephrase, no locality answer) is None for that case.
-All rows of all cases go through the model together, in batches of rows of similar length.
+
+All rows of all cases go through the model together (``score_rows``), in batches of rows of similar
+length, each row once however many probes share it (a comparison's better answer is usually a KnowEdit
+probe too), and the vocabulary head only at the positions scored. A row whose answer is one token and
+whose prompt's tokens begin another row (CounterFact's old target beside its new one on the same prompt)
+is read from that row's prediction at that position: a causal model gives a position the same
+prediction whatever follows it. ``evaluate_together`` evaluates a stream's cases this way with the
+teacher-forced KnowEdit metrics and the comparisons in the same pass.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,12 +38,13 @@ import torch
 
 from overtone.benchmarks.cases import EditCase
 from overtone.evaluation.generation import generate_ids
+from overtone.evaluation.teacher_forced import Evaluator, Predictions, PreEdit, answer_entropy, flatness_of
 from overtone.models.loading import LoadedModel
 from overtone.models.replay import forward_hidden
-from overtone.tokens import concat_pairs, encode_pairs, plan_batches
+from overtone.tokens import PairBatch, concat_pairs, encode_pairs, plan_batches
 
 LIFELONG_METRICS = ("efficacy", "generalization", "specificity", "fluency")
-ROW_BATCH_TOKENS = 4096  # padded tokens per forward pass of the comparisons
+ROW_BATCH_TOKENS = 8192  # padded tokens per forward pass of the scored rows
 GENERATION_BATCH = 64  # prompts per generate call of the fluency continuations
 NGRAM_WEIGHTS = {2: 2 / 3, 3: 4 / 3}  # ROME's n_gram_entropy
 WORD = re.compile(r"\w+|[^\w\s]")
@@ -98,37 +107,35 @@ class LifelongScorer:
     def describe(self) -> dict[str, Any]:
         return {"lifelong_metrics": list(LIFELONG_METRICS), "fluency_tokens": self.fluency_tokens}
 
-    @torch.no_grad()
     def logprobs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         """Mean log-probability per answer token of each (prompt, answer), teacher-forced."""
-        tokenizer = self.lm.tokenizer
-        rows = [encode_pairs(tokenizer, [p], [a], self.lm.device) for p, a in pairs]
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        out = [0.0] * len(rows)
-        adapter = self.lm.adapter
-        for batch_rows in plan_batches([r.input_ids[0] for r in rows], ROW_BATCH_TOKENS):
-            batch = concat_pairs([rows[i] for i in batch_rows], pad)
-            hidden, _ = forward_hidden(adapter, batch.input_ids, batch.attention_mask, None)
-            mask = batch.label_mask
-            logits = adapter.logits(batch.gather(hidden)[mask]).float()
-            picked = torch.log_softmax(logits, dim=-1).gather(-1, batch.labels[mask][:, None]).squeeze(-1)
-            for i, row in zip(batch_rows, picked.split(mask.sum(dim=-1).tolist()), strict=True):
-                out[i] = row.mean().item()
-        return out
+        rows = [encode_pairs(self.lm.tokenizer, [p], [a], self.lm.device) for p, a in pairs]
+        return [score.logprob for score in score_rows(self.lm, rows)]
 
     def continuations(self, prompts: Sequence[str]) -> list[str]:
-        """The greedy continuation of each prompt, ``fluency_tokens`` long (rows do not affect each other)."""
-        texts = []
-        for first in range(0, len(prompts), GENERATION_BATCH):
-            ids = generate_ids(self.lm, prompts[first: first + GENERATION_BATCH], self.fluency_tokens)
-            texts += self.lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        """The greedy continuation of each prompt, ``fluency_tokens`` long; prompts of similar length share a
+        generate call (a row's reply does not depend on the others in its batch)."""
+        lengths = [len(self.lm.tokenizer(p).input_ids) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+        texts = [""] * len(prompts)
+        for first in range(0, len(order), GENERATION_BATCH):
+            group = order[first: first + GENERATION_BATCH]
+            ids = generate_ids(self.lm, [prompts[i] for i in group], self.fluency_tokens)
+            for i, text in zip(group, self.lm.tokenizer.batch_decode(ids, skip_special_tokens=True), strict=True):
+                texts[i] = text
         return texts
 
     def score(self, cases: Sequence[EditCase], fluency_of: bool = True) -> list[dict[str, float | None]]:
         """Per case, the lifelong metrics in [0, 1] (fluency in bits); ``fluency_of`` False leaves fluency out."""
         per_case = [comparisons(case) for case in cases]
         flat = [c for cs in per_case for c in cs]
-        scores = self.logprobs([(c.prompt, a) for c in flat for a in (c.better, c.worse)])
+        return self.judge(cases, per_case, self.logprobs([(c.prompt, a) for c in flat for a in (c.better, c.worse)]),
+                          fluency_of)
+
+    def judge(self, cases: Sequence[EditCase], per_case: Sequence[Sequence[Comparison]], scores: Sequence[float],
+              fluency_of: bool) -> list[dict[str, float | None]]:
+        """The metrics of ``cases`` from the scores of their comparisons' rows (better, worse; in order), and
+        their fluency when ``fluency_of``."""
         results: list[dict[str, float | None]] = []
         at = 0
         for cs in per_case:
@@ -138,6 +145,109 @@ class LifelongScorer:
             for result, text in zip(results, self.continuations([c.prompt for c in cases]), strict=True):
                 result["fluency"] = fluency(text)
         return results
+
+
+class CaseRowsError(ValueError):
+    """A case's probes or comparisons cannot be tokenised for scoring; ``case_id`` names it."""
+
+    def __init__(self, case_id: str, cause: ValueError) -> None:
+        super().__init__(str(cause))
+        self.case_id = case_id
+
+
+@dataclass(frozen=True)
+class RowScore:
+    """What the model predicts on one scored row: at each answer position the argmax and the entropy (nats) of
+    the prediction, and the mean log-probability of the answer's tokens."""
+
+    tokens: torch.Tensor
+    entropy: torch.Tensor
+    logprob: float
+
+
+@torch.no_grad()
+def score_rows(lm: LoadedModel, rows: Sequence[PairBatch]) -> list[RowScore]:
+    """Each row (a one-row ``PairBatch``) scored on the model as it is: every distinct row once, a one-token
+    answer whose context begins another row read from that row (module docstring), the others in batches of
+    similar length (at most ``ROW_BATCH_TOKENS`` padded tokens), the head only at the answer positions."""
+    keys = [(tuple(row.input_ids[0].tolist()), tuple(row.positions[0].tolist())) for row in rows]
+    distinct: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    for i, key in enumerate(keys):
+        distinct.setdefault(key, i)
+    hosts: dict[tuple[int, ...], tuple[int, int]] = {}  # a context's tokens -> (computed row, its answer position)
+    riders: dict[int, list[tuple[int, int, int]]] = {}  # computed row -> (answer position, token, riding row)
+    computed = []
+    for i in sorted(distinct.values(), key=lambda i: (len(keys[i][1]) == 1, i)):  # longer answers host first
+        ids, positions = keys[i]
+        host = hosts.get(ids[: positions[0] + 1]) if len(positions) == 1 else None
+        if host is not None:
+            riders.setdefault(host[0], []).append((host[1], int(rows[i].labels[0, 0]), i))
+            continue
+        computed.append(i)
+        for j, position in enumerate(positions):
+            hosts.setdefault(ids[: position + 1], (i, j))
+    scores: dict[int, RowScore] = {}
+    tokenizer, adapter = lm.tokenizer, lm.adapter
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for group in plan_batches([rows[i].input_ids[0] for i in computed], ROW_BATCH_TOKENS):
+        members = [computed[k] for k in group]
+        batch = concat_pairs([rows[i] for i in members], pad)
+        hidden, _ = forward_hidden(adapter, batch.input_ids, batch.attention_mask, None)
+        mask = batch.label_mask
+        logits = adapter.logits(batch.gather(hidden)[mask])
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        predicted, entropy = logits.argmax(dim=-1), answer_entropy(logits)
+        picked = logp.gather(-1, batch.labels[mask][:, None]).squeeze(-1)
+        at = 0
+        for i, count in zip(members, mask.sum(dim=-1).tolist(), strict=True):
+            span = slice(at, at + count)
+            scores[i] = RowScore(predicted[span], entropy[span], picked[span].mean().item())
+            for j, token, rider in riders.get(i, ()):
+                scores[rider] = RowScore(predicted[at + j: at + j + 1], entropy[at + j: at + j + 1],
+                                         logp[at + j, token].item())
+            at += count
+    return [scores[distinct[key]] for key in keys]
+
+
+def evaluate_together(evaluator: Evaluator, scorer: LifelongScorer, cases: Sequence[EditCase],
+                      pres: Sequence[PreEdit] | None = None, fluency_of: bool = True
+                      ) -> tuple[list[Any], list[dict[str, float | None]]]:
+    """The teacher-forced evaluation of ``cases`` and their lifelong metrics in one pass (``score_rows``).
+
+    Without ``pres`` (the unedited model): each case's ``PreEdit`` (as ``evaluator.before`` makes it, without
+    recorded activations) and its comparisons; with them (the edited model): each case's result fields (as
+    ``evaluator.after``) and its comparisons, with fluency when ``fluency_of``. The records equal those of
+    ``before_many`` / ``after_many`` and ``scorer.score`` (tests/test_stream.py).
+    """
+    start = time.perf_counter()
+    lm = scorer.lm
+    probes, per_case, rows, compared = [], [], [], []
+    for i, case in enumerate(cases):
+        try:
+            probe = pres[i].probes if pres is not None else evaluator.probes(case)
+            per_case.append(comparisons(case))
+            compared += [encode_pairs(lm.tokenizer, [c.prompt], [a], lm.device) for c in per_case[-1]
+                         for a in (c.better, c.worse)]
+        except ValueError as exc:
+            raise CaseRowsError(case.case_id, exc) from exc
+        probes.append(probe)
+        rows += [probe.batch.row(r) for r in range(probe.batch.input_ids.size(0))]
+    scores = score_rows(lm, rows + compared)
+    seconds = (time.perf_counter() - start) / max(len(cases), 1)
+    vocabulary = lm.adapter.lm_head.weight.size(0)
+    at, out = 0, []
+    for i, probe in enumerate(probes):
+        own = scores[at: at + len(probe.groups)]
+        at += len(own)
+        predictions = Predictions([s.tokens for s in own])
+        if pres is None:
+            out.append(PreEdit(probe, predictions, seconds))
+            continue
+        rewrites = torch.cat([s.entropy for s, (metric, _) in zip(own, probe.groups, strict=True) if metric == "rel"])
+        out.append(evaluator.scored(pres[i], predictions, flatness_of(rewrites, vocabulary),
+                                    pres[i].seconds + seconds))
+    lifelong = scorer.judge(cases, per_case, [s.logprob for s in scores[at:]], fluency_of and pres is not None)
+    return out, lifelong
 
 
 def lifelong_means(scores: Sequence[dict[str, float | None]]) -> dict[str, float | None]:

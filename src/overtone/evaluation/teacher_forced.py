@@ -143,6 +143,17 @@ def by_metric(
     return {m: _mean(list(detail.get(m, {}).values())) for m in METRICS}, detail
 
 
+def answer_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the prediction at each row of ``logits`` [N, V], computed in float32."""
+    logits = logits.float()
+    return -(torch.softmax(logits, dim=-1) * torch.log_softmax(logits, dim=-1)).sum(dim=-1)
+
+
+def flatness_of(entropies: torch.Tensor, vocabulary: int) -> float:
+    """The mean of ``entropies`` as a fraction of ln |V|: ``Evaluator.flatness`` from the rewrites' entropies."""
+    return (entropies.mean() / math.log(vocabulary)).item()
+
+
 def probe_pairs(case: EditCase, own_answer: Callable[[str], str] | None = None
                 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(metric, kind) and (prompt, answer) of each probe of ``case``: rewrites, rephrases, portability, locality.
@@ -210,7 +221,7 @@ class Evaluator:
         logits = self.answer_logits(pre.probes, replay=cache)
         post = Predictions(tokens=list(logits.logits.argmax(dim=-1).split(logits.counts)), cache=logits.cache)
         flatness = self.flatness(pre.probes, logits.rows())
-        return self._scored(pre, post, flatness, pre.seconds + time.perf_counter() - start)
+        return self.scored(pre, post, flatness, pre.seconds + time.perf_counter() - start)
 
     def before_cases(self, cases: Sequence[EditCase], record_from: int | None) -> PreEdits:
         """``before`` for the cases of a parallel edit: their probes on the unedited model, in batches of rows
@@ -238,7 +249,7 @@ class Evaluator:
             for owner, probe, row in zip(rows.rows.owners, rows.probe, out.rows(), strict=True):
                 logits[owner][probe] = row
         share = (time.perf_counter() - start) / len(pre.cases)
-        return [self._scored(p, Predictions([row.argmax(dim=-1) for row in rows]), self.flatness(p.probes, rows),
+        return [self.scored(p, Predictions([row.argmax(dim=-1) for row in rows]), self.flatness(p.probes, rows),
                              p.seconds + share) for p, rows in zip(pre.cases, logits, strict=True)]
 
     def before_each(self, cases: Sequence[EditCase], record_from: int | None) -> PreEdits:
@@ -266,7 +277,7 @@ class Evaluator:
                                  [entries[k][1] for k in batch]))
         return out
 
-    def _scored(self, pre: PreEdit, post: Predictions, flatness: float, seconds: float) -> dict[str, Any]:
+    def scored(self, pre: PreEdit, post: Predictions, flatness: float, seconds: float) -> dict[str, Any]:
         """The result fields of a case from its predictions before and after the edit."""
         pre_scores = self.score(pre.probes, pre.predictions, reference=None)
         post_scores = self.score(pre.probes, post, reference=pre.predictions)
@@ -294,9 +305,8 @@ class Evaluator:
         the model (e.g. a huge learning rate) leaves a flat distribution there.
         """
         rows = [row for (metric, _), row in zip(probes.groups, logits, strict=True) if metric == "rel"]
-        rewrites = torch.cat([row for row in rows if row is not None]).float()
-        entropy = -(torch.softmax(rewrites, dim=-1) * torch.log_softmax(rewrites, dim=-1)).sum(dim=-1)
-        return (entropy.mean() / math.log(rewrites.size(-1))).item()
+        rewrites = torch.cat([row for row in rows if row is not None])
+        return flatness_of(answer_entropy(rewrites), rewrites.size(-1))
 
     def probes(self, case: EditCase) -> ProbeBatch:
         groups, pairs = probe_pairs(case, self.own_answer)

@@ -41,7 +41,7 @@ from overtone.artifacts import load_edit, save_edit
 from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import EditError, Editor, EditStack, EditStats
 from overtone.evaluation.ability import AbilityMonitor
-from overtone.evaluation.lifelong import LifelongScorer, lifelong_means
+from overtone.evaluation.lifelong import CaseRowsError, LifelongScorer, evaluate_together, lifelong_means
 from overtone.evaluation.teacher_forced import Evaluator, PreEdit
 from overtone.runner.bench import CaseError, EditObserver, _edit, _record, reseed
 from overtone.runner.signals import deferred_signals
@@ -160,14 +160,7 @@ def stream_records(
     ``on_edits(n)`` is called as n more cases are edited (or skipped by a restored checkpoint).
     """
     scorer = LifelongScorer(editor.lm, settings.fluency_tokens)
-    pres: list[PreEdit] = []
-    for first in range(0, len(cases), EVAL_GROUP):
-        group = cases[first: first + EVAL_GROUP]
-        try:
-            pres += evaluator.before_many(group, record_from=None)
-        except ValueError as exc:
-            raise CaseError(", ".join(c.case_id for c in group), exc) from exc
-    lifelong_pre = scorer.score(cases, fluency_of=False)
+    pres, lifelong_pre = _evaluated(evaluator, scorer, cases, None)
     if ability:
         ability.measure_reference()
     store = Checkpoints(checkpoints) if checkpoints is not None else None
@@ -229,8 +222,8 @@ def _curve_point(evaluator: Evaluator, scorer: LifelongScorer, cases: Sequence[E
                  edits: int, settings: StreamSettings, seed: int | None) -> dict[str, Any]:
     """The model after ``edits`` edits, scored on a fixed sample of them."""
     sample = curve_sample(seed, edits, settings.curve_sample)
-    results = evaluator.after_many([pres[i] for i in sample], [False] * len(sample))
-    point = {"edits": edits, "sample": len(sample), **_means(results, scorer.score([cases[i] for i in sample]))}
+    results, lifelong = _evaluated(evaluator, scorer, [cases[i] for i in sample], [pres[i] for i in sample])
+    point = {"edits": edits, "sample": len(sample), **_means(results, lifelong)}
     log.info("stream: after %d edits, on %d of them: %s", edits, len(sample),
              " ".join(f"{k} {v}" for k, v in point.items() if k not in ("edits", "sample") and v is not None))
     return point
@@ -241,14 +234,7 @@ def _final_records(evaluator: Evaluator, scorer: LifelongScorer, cases: Sequence
                    stats: Sequence[dict[str, Any]], batch: int) -> list[dict[str, Any]]:
     """Every case of the stream evaluated on the final model, in groups; its batch's statistics shared."""
     log.info("stream: evaluating all %d edits on the final model", len(cases))
-    results: list[dict[str, Any]] = []
-    for first in range(0, len(cases), EVAL_GROUP):
-        group = range(first, min(first + EVAL_GROUP, len(cases)))
-        try:
-            results += evaluator.after_many([pres[i] for i in group], [False] * len(group))
-        except ValueError as exc:
-            raise CaseError(", ".join(cases[i].case_id for i in group), exc) from exc
-    lifelong_post = scorer.score(cases)
+    results, lifelong_post = _evaluated(evaluator, scorer, cases, pres)
     records = []
     for i, (case, result) in enumerate(zip(cases, results, strict=True)):
         size = min(batch, len(cases) - i // batch * batch)
@@ -256,3 +242,27 @@ def _final_records(evaluator: Evaluator, scorer: LifelongScorer, cases: Sequence
         record["lifelong"] = {"pre": lifelong_pre[i], "post": lifelong_post[i]}
         records.append(record)
     return records
+
+
+def _evaluated(evaluator: Evaluator, scorer: LifelongScorer, cases: Sequence[EditCase],
+               pres: Sequence[PreEdit] | None) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The cases on the model as it is: without ``pres`` their ``PreEdit``s and comparisons (the unedited model),
+    with them their results and lifelong metrics (fluency included). The teacher-forced evaluator's rows and
+    the comparisons' go through the model together (``evaluate_together``); another evaluator (wild, MQuAKE)
+    evaluates its cases ``EVAL_GROUP`` at a time, and the comparisons follow."""
+    if type(evaluator) is Evaluator:
+        try:
+            return evaluate_together(evaluator, scorer, cases, pres)
+        except CaseRowsError as exc:
+            raise CaseError(exc.case_id, exc) from exc
+    out: list[Any] = []
+    for first in range(0, len(cases), EVAL_GROUP):
+        group = range(first, min(first + EVAL_GROUP, len(cases)))
+        try:
+            if pres is None:
+                out += evaluator.before_many([cases[i] for i in group], record_from=None)
+            else:
+                out += evaluator.after_many([pres[i] for i in group], [False] * len(group))
+        except ValueError as exc:
+            raise CaseError(", ".join(cases[i].case_id for i in group), exc) from exc
+    return out, scorer.score(cases, fluency_of=pres is not None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -39,22 +39,50 @@ def factor_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return torch.outer(left, right) if left.dim() == 1 else left @ right
 
 
-def saved_factors(log: UpdateLog) -> SavedEdit:
-    """The low-rank updates of ``log`` in order: factors ``update.<i>.left/right`` and the weight each changed."""
+def wide(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` at a precision in which the difference of two of its values is exact (fp32 -> fp64)."""
+    target = torch.float64 if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    return weight.detach().to(target)
+
+
+def changes_since(adapter: ModelAdapter, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each weight's change since its ``base`` value, widened, so that ``add_change`` gives it back bit for bit."""
+    return {name: wide(adapter.parameter(name)) - wide(value) for name, value in base.items()}
+
+
+@torch.no_grad()
+def add_change(weight: nn.Parameter, change: torch.Tensor) -> None:
+    """``weight += change`` for a change made by ``changes_since``: the weight it was taken from, exactly."""
+    weight.copy_((wide(weight) + change.to(weight.device)).to(weight.dtype))
+
+
+def saved_factors(lm: LoadedModel, log: UpdateLog) -> SavedEdit:
+    """The live edits of ``log``: its low-rank updates in order (factors ``update.<i>.left/right`` and the
+    weight each changed), or, once the log dropped them (a long stream), each weight's change since the base
+    (``delta.<weight>``, widened, as the stream editors save theirs: ``editors/stream.py``)."""
+    if not log.edits:
+        return SavedEdit(tensors={}, state={"updates": []})
+    if not log.complete:
+        tensors = {f"delta.{name}": change for name, change in changes_since(lm.adapter, log.base).items()}
+        return SavedEdit(tensors=tensors, state={"weights": list(log.base)}, base=log.base)
     tensors: dict[str, torch.Tensor] = {}
     for i, (_name, left, right) in enumerate(log.updates):
         tensors[f"update.{i}.left"], tensors[f"update.{i}.right"] = left, right
     state = {"updates": [name for name, _, _ in log.updates]}
-    return SavedEdit(tensors=tensors, state=state, base=log.base if log.edits else {})
+    return SavedEdit(tensors=tensors, state=state, base=log.base)
 
 
 def apply_factors(lm: LoadedModel, saved: SavedEdit, first_layer: int) -> EditHandle:
-    """Add the saved updates to their weights in their order: the same arithmetic as the edits that made them."""
-    names = saved.state["updates"]
+    """Add the saved updates to their weights in their order (the same arithmetic as the edits that made them),
+    or the saved changes since the base."""
+    names = saved.state.get("weights") or saved.state["updates"]
     weights = {name: lm.adapter.parameter(name) for name in dict.fromkeys(names)}
     revert = snapshot(list(weights.values()))
     try:
-        for i, name in enumerate(names):
+        if "weights" in saved.state:
+            for name, weight in weights.items():
+                add_change(weight, saved.tensors[f"delta.{name}"])
+        for i, name in enumerate(saved.state.get("updates", ())):
             weight = weights[name]
             left, right = (saved.tensors[f"update.{i}.{side}"].to(weight.device) for side in ("left", "right"))
             add_update(lm.adapter, weight, factor_product(left, right))
