@@ -40,7 +40,7 @@ from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
 from overtone.corpus import Corpus, load_corpus
-from overtone.models.embedded import cache_root
+from overtone.cachedir import cache_root
 from overtone.models.loading import LoadedModel
 from overtone.tokens import plan_batches
 
