@@ -41,6 +41,11 @@ def cache_root() -> Path:
     return Path(base) / "overtone"
 
 
+def eval_root() -> Path:
+    """Where the evaluation entries live: ``eval/`` under the cache root."""
+    return cache_root() / EVAL_DIR
+
+
 def canonical(data: Any) -> str:
     """The one JSON text of ``data`` that keys and checksums are computed from."""
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -79,14 +84,14 @@ class ModelEntries:
 
 
 class EntryStore:
-    """Content-addressed JSON entries under ``root`` (default: ``cache_root()/eval``); see the module docstring.
+    """Content-addressed JSON entries under ``root`` (default: ``eval_root()``); see the module docstring.
 
     A key is a JSON-serialisable mapping with ``model`` = {"name", "sha256", ...} (the model's identity); its
     file is ``<root>/<model sha256[:16]>/<sha256 of the key>.json``.
     """
 
     def __init__(self, root: Path | None = None) -> None:
-        self.root = root if root is not None else cache_root() / EVAL_DIR
+        self.root = root if root is not None else eval_root()
 
     def path(self, key: dict[str, Any]) -> Path:
         return self.root / key["model"]["sha256"][:16] / f"{_sha256(canonical(key))}.json"
