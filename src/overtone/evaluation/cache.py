@@ -59,12 +59,17 @@ def _device(lm: LoadedModel) -> dict[str, Any]:
 
 class EvalCache:
     """The entries of one loaded model: ``key`` builds a key (None while the model is edited), ``read`` and
-    ``write`` go to the store."""
+    ``write`` go to the store.
+
+    Made before the model's first edit (``prepare_run`` makes it right after loading): the model is hashed here,
+    once per process, and a model changed in place before that is never taken for the unedited one.
+    """
 
     def __init__(self, lm: LoadedModel, store: EntryStore | None = None) -> None:
         self.lm = lm
         self.store = store or EntryStore()
         self._warned = False
+        unedited_digest(lm)
 
     def key(self, kind: str, settings: dict[str, Any], probes: dict[str, Any]) -> dict[str, Any] | None:
         """The key of the unedited result ``kind`` of ``probes`` (texts and token ids) under ``settings``; None
