@@ -69,12 +69,12 @@ class EvalCache:
         self.lm = lm
         self.store = store or EntryStore()
         self._warned = False
-        unedited_digest(lm)
+        unedited_digest(lm.model, lm.tokenizer)
 
     def key(self, kind: str, settings: dict[str, Any], probes: dict[str, Any]) -> dict[str, Any] | None:
         """The key of the unedited result ``kind`` of ``probes`` (texts and token ids) under ``settings``; None
         when the model is not the unedited one it was loaded as (live edits, an applied artifact)."""
-        digest = unedited_digest(self.lm)
+        digest = unedited_digest(self.lm.model, self.lm.tokenizer)
         if digest is None:
             if not self._warned:
                 log.warning("evaluation cache not used: model %s is not the model as loaded (live edits or an "

@@ -1,7 +1,7 @@
 """The identity of a model as it was loaded, and whether it still is: what keys the evaluation cache.
 
 ``remember_loaded(model)`` (called where a model is loaded) notes every parameter and buffer's storage and
-version counter (bumped by every in-place change) and the number of hooks. ``unedited_digest(lm)`` is then
+version counter (bumped by every in-place change) and the number of hooks. ``unedited_digest`` is then
 the sha256 of the model's config, tokenizer and every parameter and buffer, computed once per process, and
 None as soon as the model differs from the loaded one: a live edit, an applied artifact (changed values, a
 peft wrapper's new parameters, a routing hook). A tensor changed and reverted bit for bit (every run reverts
@@ -13,13 +13,10 @@ from __future__ import annotations
 import hashlib
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from overtone.models.loading import LoadedModel
 
 State = tuple[int, int]  # a tensor's storage address and version counter
 
@@ -59,28 +56,27 @@ def remember_loaded(model: nn.Module) -> None:
     _LOADED[model] = _Loaded({n: _state(t) for n, t in _tensors(model).items()}, _hooks(model))
 
 
-def _tokenizer_digest(lm: LoadedModel) -> str:
-    tokenizer = lm.tokenizer
+def _tokenizer_digest(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(f"{text}|{tokenizer.chat_template}|{tokenizer.pad_token_id}".encode()).hexdigest()
 
 
-def unedited_digest(lm: LoadedModel) -> str | None:
-    """sha256 of ``lm`` as loaded (config, tokenizer, every parameter and buffer), or None when the model is not
+def unedited_digest(model: nn.Module, tokenizer: Any) -> str | None:
+    """sha256 of ``model`` as loaded (config, ``tokenizer``, every parameter and buffer), or None when it is not
     the loaded one any more (or was never noted by ``remember_loaded``). Hashes every tensor once per process;
     later calls re-hash only tensors changed in place since."""
-    loaded = _LOADED.get(lm.model)
+    loaded = _LOADED.get(model)
     if loaded is None:
         return None
-    tensors = _tensors(lm.model)
-    if tensors.keys() != loaded.states.keys() or _hooks(lm.model) != loaded.hooks:
+    tensors = _tensors(model)
+    if tensors.keys() != loaded.states.keys() or _hooks(model) != loaded.hooks:
         return None
     if loaded.digest is None:
         if any(_state(t) != loaded.states[n] for n, t in tensors.items()):
             return None  # changed before its first use: not the loaded model
         loaded.digests = {n: tensor_digest(n, t) for n, t in tensors.items()}
-        whole = hashlib.sha256(f"{lm.model.config.to_json_string()}|{_tokenizer_digest(lm)}|".encode())
+        whole = hashlib.sha256(f"{model.config.to_json_string()}|{_tokenizer_digest(tokenizer)}|".encode())
         for name in sorted(loaded.digests):
             whole.update(f"{name}={loaded.digests[name]};".encode())
         loaded.digest = whole.hexdigest()
