@@ -234,3 +234,14 @@ def test_cache_info_imports_no_torch(tmp_path):
     modules = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "overtone.cachedir" in modules
     assert not {"torch", "transformers"} & modules
+
+
+def test_study_files_set_the_cache_and_cell_ids_do_not_change():
+    from overtone.study import load_study
+
+    fixed = {"dataset": "zsre", "editor": "ft-m", "limit": 2}
+    on = load_study({"name": "s", "fixed": fixed})
+    off = load_study({"name": "s", "fixed": {**fixed, "eval_cache": False}})
+    assert [c.id for c in on.cells] == [c.id for c in off.cells]
+    assert all(c.run_spec().eval_cache for c in on.cells) and not any(c.run_spec().eval_cache for c in off.cells)
+    assert not any(c.eval_cache for c in load_study({"name": "s", "fixed": fixed}, None, {"eval_cache": False}).cells)
