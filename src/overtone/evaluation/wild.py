@@ -330,11 +330,14 @@ class WildEvaluator(Evaluator):
         call are one evaluation-cache entry: keyed by every prompt of the call, as they share generate batches."""
         probes = [wild_probes(case) for case in cases]
         start = time.perf_counter()
-        texts = [context_text(self.lm.tokenizer, p.prompt, self.settings.context) for group in probes for p in group]
         sizes = [len(group) for group in probes]
+
+        def key() -> dict[str, Any]:
+            texts = [context_text(self.lm.tokenizer, p.prompt, self.settings.context) for g in probes for p in g]
+            return {"texts": texts, "ids": self.lm.tokenizer(texts).input_ids if texts else [], "groups": sizes}
+
         replies, hit = through(
-            self.eval_cache, WILD, {**asdict(self.settings), "max_rows": MAX_ROWS},
-            lambda: {"texts": texts, "ids": self.lm.tokenizer(texts).input_ids if texts else [], "groups": sizes},
+            self.eval_cache, WILD, {**asdict(self.settings), "max_rows": MAX_ROWS}, key,
             lambda: self._answer(probes)[0], lambda groups: [[asdict(r) for r in group] for group in groups],
             lambda groups: [[Reply(r["text"], tuple(r["ids"]), r["study_text"]) for r in group] for group in groups],
             lambda groups: [len(g) for g in groups] == sizes and all(
