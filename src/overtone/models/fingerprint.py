@@ -36,7 +36,7 @@ def _state(tensor: torch.Tensor) -> State:
 def tensor_digest(name: str, tensor: torch.Tensor) -> str:
     """sha256 of a named tensor's dtype, shape and bytes."""
     digest = hashlib.sha256(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-    digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy of the bytes
     return digest.hexdigest()
 
 
