@@ -145,7 +145,7 @@ class EntryStore:
     def models(self) -> list[ModelEntries]:
         """Every model folder under the root, with its entry count and size (bytes of all its files)."""
         out = []
-        for folder in sorted(p for p in self.root.glob("*") if p.is_dir()) if self.root.is_dir() else ():
+        for folder in sorted(p for p in self.root.glob("*") if p.is_dir()):
             try:
                 model = json.loads((folder / MODEL_FILE).read_text(encoding="utf-8"))
             except (OSError, ValueError):
