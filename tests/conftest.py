@@ -26,9 +26,10 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def eval_cache_dir(tmp_path_factory, monkeypatch) -> Path:
-    """Each test's own evaluation cache, never the user's: runs keep the unedited model's evaluation there."""
+    """Each test's own evaluation cache, never the user's (also for the commands a test starts as processes): runs
+    keep the unedited model's evaluation there."""
     root = tmp_path_factory.mktemp("eval-cache")
-    monkeypatch.setattr("overtone.cachedir.eval_root", lambda: root)
+    monkeypatch.setenv("OVERTONE_EVAL_CACHE", str(root))
     return root
 
 

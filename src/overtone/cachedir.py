@@ -3,8 +3,9 @@
 ``cache_root()`` is ``$OVERTONE_CACHE``, else ``$XDG_CACHE_HOME/overtone``, else ``~/.cache/overtone``; the
 converted embedded model, the second-moment statistics and the evaluation entries live under it.
 
-An evaluation entry (``EntryStore``, under ``eval/``) is one JSON file named by the sha256 of its key, in a
-folder per model (the first 16 hex digits of the model's identity hash, with a ``model.json`` naming it). The
+An evaluation entry (``EntryStore``, under ``eval/``, or ``$OVERTONE_EVAL_CACHE``) is one JSON file named by
+the sha256 of its key, in a folder per model (the first 16 hex digits of the model's identity hash, with a
+``model.json`` naming it). The
 file carries its key, its value and a sha256 of both: an entry that does not parse, whose checksum or key does
 not match, or whose value the caller refuses is not trusted; it is recomputed and overwritten, with a warning.
 Every file is written to a temporary file in its folder and renamed over the old one (atomic), so concurrent
@@ -42,7 +43,9 @@ def cache_root() -> Path:
 
 
 def eval_root() -> Path:
-    """Where the evaluation entries live: ``eval/`` under the cache root."""
+    """Where the evaluation entries live: ``$OVERTONE_EVAL_CACHE``, else ``eval/`` under the cache root."""
+    if os.environ.get("OVERTONE_EVAL_CACHE"):
+        return Path(os.environ["OVERTONE_EVAL_CACHE"])
     return cache_root() / EVAL_DIR
 
 
