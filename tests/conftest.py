@@ -24,6 +24,15 @@ from overtone.models.loading import LoadedModel
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def eval_cache_dir(tmp_path_factory, monkeypatch) -> Path:
+    """Each test's own evaluation cache, never the user's (also for the commands a test starts as processes): runs
+    keep the unedited model's evaluation there."""
+    root = tmp_path_factory.mktemp("eval-cache")
+    monkeypatch.setenv("OVERTONE_EVAL_CACHE", str(root))
+    return root
+
+
 @pytest.fixture(scope="session")
 def zsre_cases():
     return load_benchmark("zsre", limit=40)

@@ -39,7 +39,7 @@ from overtone.runner.store import CASES_FILE, RunLock, scan_cases
 pytestmark = pytest.mark.slow
 
 SRC = Path(__file__).resolve().parent.parent / "src"
-TIMINGS = ("edit_s", "eval_s")
+TIMINGS = ("edit_s", "eval_s", "eval_cache_hits")  # timings, and how much of a run the evaluation cache served
 
 # Loaded by a killed process through PYTHONPATH: its ``n``-th write to cases.jsonl stops after a fraction
 # of the bytes and the process SIGKILLs itself, as a kill inside the write system call would leave it.

@@ -17,7 +17,7 @@ from overtone.runner.settings import SettingError, coerce
 from overtone.version import code_identity
 
 runner = CliRunner()
-TIMING = ("edit_s", "eval_s")
+TIMING = ("edit_s", "eval_s", "eval_cache_hits")  # timings, and how much of a run the evaluation cache served
 
 
 def without_timing(records: list[dict]) -> list[dict]:

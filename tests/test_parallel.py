@@ -181,7 +181,7 @@ def test_rome_and_memit_parallel_equal_sequential(arch, name, tokenizer, corpus,
     assert_equivalent(sequential(edited, evaluator, cases, budgets), parallel(edited, evaluator, cases, budgets))
 
 
-TIMING = ("edit_s", "eval_s", "seconds")
+TIMING = ("edit_s", "eval_s", "seconds", "eval_cache_hits")  # and how much the evaluation cache served
 
 
 def assert_close(a, b, where="record"):

@@ -34,7 +34,7 @@ from overtone.runner.stream import Checkpoints, StreamSettings, curve_sample, st
 from overtone.study import load_study
 from overtone.tokens import encode_pairs
 
-TIMINGS = ("edit_s", "eval_s")
+TIMINGS = ("edit_s", "eval_s", "eval_cache_hits")  # timings, and how much of a run the evaluation cache served
 FAST = {"context_lengths": ((4, 2),), "steps": 6, "lr": 2.0, "stop_loss": 0.0}
 
 

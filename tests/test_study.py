@@ -22,7 +22,7 @@ from overtone.study.executors import ExecutorOptions, LocalExecutor, make_execut
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
-TIMINGS = ("edit_s", "eval_s")
+TIMINGS = ("edit_s", "eval_s", "eval_cache_hits")  # timings, and how much of a run the evaluation cache served
 
 
 def spec(model, **changes):

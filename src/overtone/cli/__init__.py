@@ -12,6 +12,7 @@
     overtone trace --limit 1 --out runs/trace       # per-token UD and probe losses, CE vs OverTone
     overtone report runs/ --out report              # one self-contained HTML page + Markdown
     overtone stats                                  # second moments of MLP keys for ROME/MEMIT (cached)
+    overtone cache info                             # the cached evaluation of unedited models (clear: remove)
     overtone study run studies/paper-table-4-2.yaml --out runs/t42 --executor ray   # a grid of runs
 
 Each command group is a module here that attaches its commands to ``app``; adding one is a new module
@@ -21,6 +22,7 @@ plus one import line below.
 from overtone.cli import (  # noqa: F401  (registers the commands)
     artifacts,
     bench,
+    cache,
     compare,
     datasets,
     edit,

@@ -29,6 +29,7 @@ from overtone.cli.options import (
     DatasetOpt,
     EditorOpt,
     EditorOptions,
+    EvalCacheOpt,
     EvalOptions,
     EvalTimingOpt,
     GenerationOptions,
@@ -113,6 +114,7 @@ def bench(
         overtone=overtone_for(editor, ablation.switches(), **overtone.given()),
         settings=tuple(editing.settings(editor, settings, stop_loss=stop_loss).items()), sequence=sequence,
         batch=batch, eval_timing=eval_timing, evaluation=scoring.evaluation, eval_context=scoring.eval_context,
+        eval_cache=scoring.eval_cache,
         generation=tuple(asdict(generation).items()), ability=ability, ability_every=ability_every,
         parallel=parallel, seed=seed, strict=strict, truncate=truncate, max_probes=probing.max_probes,
         probes=probing.probes, **asdict(streaming)))
@@ -145,6 +147,7 @@ def demo(
     model: ModelOptions,
     overtone: OverToneOptions,
     parallel: ParallelOpt = "auto",
+    eval_cache: EvalCacheOpt = True,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -164,7 +167,7 @@ def demo(
     cfg = specified(lambda: overtone_for(editor, **overtone.given()))
     specs = [specified(lambda objective=objective: RunSpec(
         editor=editor, objective=objective, dataset=dataset, limit=limit, model=model.model, device=model.device,
-        dtype=model.dtype, threads=model.threads, overtone=cfg, parallel=parallel, seed=seed))
+        dtype=model.dtype, threads=model.threads, overtone=cfg, parallel=parallel, seed=seed, eval_cache=eval_cache))
         for objective in ("ce", "overtone")]
     inputs = check_spec(specs[0])
     rows = []

@@ -14,6 +14,7 @@ from overtone.cli.options import (
     BatchOpt,
     EditorOpt,
     EditorOptions,
+    EvalCacheOpt,
     FactsOpt,
     LimitOpt,
     MaxNewTokensOpt,
@@ -139,6 +140,7 @@ def edit(
     probing: ProbeOptions,
     max_new_tokens: MaxNewTokensOpt = 12,
     show: ShowOpt = 20,
+    eval_cache: EvalCacheOpt = True,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -165,7 +167,7 @@ def edit(
         threads=model.threads, overtone=overtone_for(editor, **overtone.given()),
         settings=tuple(editing.settings(editor, settings).items()), cases=tuple(cases),
         sequence=max(len(cases), batch), batch=batch, seed=seed, max_probes=probing.max_probes,
-        probes=probing.probes))
+        probes=probing.probes, eval_cache=eval_cache))
     with exit_on_interrupt():
         prepared = prepare_spec(spec, check_spec(spec))  # the cases checked before the model (and the statistics)
         lm, ed, cases = prepared.lm, prepared.editor, prepared.cases

@@ -60,6 +60,10 @@ EvalOpt = Annotated[str, typer.Option(
 EvalContextOpt = Annotated[str, typer.Option(
     "--eval-context", callback=_one_of("--eval-context", EVAL_CONTEXTS),
     help="wild: the bare probe prompt, or qa (the study's QA instruction in the chat template)")]
+EvalCacheOpt = Annotated[bool, typer.Option(
+    "--eval-cache/--no-eval-cache",
+    help="read the unedited model's evaluation from the user's cache and keep it there (the same records; "
+         "overtone cache info)")]
 AbilityOpt = Annotated[bool, typer.Option(
     "--ability", help="measure held-out perplexity and general facts at the end of each chunk (continual editing)")]
 AbilityEveryOpt = Annotated[int, typer.Option(
@@ -257,10 +261,11 @@ class EditorOptions(OptionGroup):
 
 @dataclass(frozen=True)
 class EvalOptions(OptionGroup):
-    """How edits are scored: the evaluation protocol and the wild evaluation's context."""
+    """How edits are scored: the evaluation protocol, the wild evaluation's context, the evaluation cache."""
 
     evaluation: EvalOpt = "teacher-forced"
     eval_context: EvalContextOpt = "bare"
+    eval_cache: EvalCacheOpt = True
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from rich.text import Text
 
 from overtone.cli.app import app
 from overtone.cli.common import check_spec, console, fail, progress_bar, setup
-from overtone.cli.options import ExecutionOptions, OptionGroup, VerboseOpt, grouped
+from overtone.cli.options import EvalCacheOpt, ExecutionOptions, OptionGroup, VerboseOpt, grouped
 
 study_app = typer.Typer(no_args_is_help=True, help="Studies: grids of runs from one YAML file (docs/studies.md).")
 app.add_typer(study_app, name="study")
@@ -259,11 +259,13 @@ def run(
     ability: StudyAbilityOpt = False,
     ability_every: StudyAbilityEveryOpt = None,
     parallel: StudyParallelOpt = None,
+    eval_cache: EvalCacheOpt = True,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run every unfinished cell of a study; safe to kill and rerun (finished cases are kept, none is repeated)."""
     study = overrides.load(file, threads=threads, evaluation=evaluation, eval_context=eval_context,
-                           ability=ability or None, ability_every=ability_every, parallel=parallel)
+                           ability=ability or None, ability_every=ability_every, parallel=parallel,
+                           eval_cache=None if eval_cache else False)  # --no-eval-cache: off, whatever the file says
     setup(study.threads, verbose)
     scheduler = run_study_cli(study, out, execution, cpus_per_worker, gpus_per_worker)
     print_tables(out)

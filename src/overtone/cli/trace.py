@@ -23,6 +23,7 @@ from overtone.cli.options import (
     DatasetOpt,
     EditorOpt,
     EditorOptions,
+    EvalCacheOpt,
     ModelOptions,
     OffsetOpt,
     OverToneOptions,
@@ -83,6 +84,7 @@ def trace(
     editing: EditorOptions,
     stop_loss: StopLossOpt = None,
     parallel: ParallelOpt = "1",
+    eval_cache: EvalCacheOpt = True,
     seed: SeedOpt = 0,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -101,7 +103,7 @@ def trace(
     specs = [specified(lambda objective=objective: RunSpec(
         editor=editor, objective=objective, dataset=dataset, offset=offset, limit=limit, model=model.model,
         device=model.device, dtype=model.dtype, threads=model.threads, overtone=cfg, settings=overrides,
-        parallel=parallel, seed=seed)) for objective in ("ce", "overtone")]
+        parallel=parallel, seed=seed, eval_cache=eval_cache)) for objective in ("ce", "overtone")]
     inputs = check_spec(specs[0])
     order = {case.case_id: i for i, case in enumerate(inputs.cases)}
     traces: list[Any] = []

@@ -9,7 +9,9 @@
 * A case that bundles several edits (``EditCase.edits``) has one Rel. probe per edit, averaged.
 
 All probes of a case go through the model in one right-padded batch. The unedited pass records the
-inputs of the layers an editor may touch, so the edited pass only runs those layers again.
+inputs of the layers an editor may touch, so the edited pass only runs those layers again. With an
+``EvalCache`` (``eval_cache``), the unedited predictions of a batch already computed (by this or another run)
+are read instead; nothing is recorded then, and the edited pass runs the whole model (the same logits).
 
 Parallel editing (``Editor.edit_parallel``) evaluates its B cases together: ``before_cases`` runs the
 probes of all B cases through the unedited model, sorted by length into batches of similar rows (so
@@ -23,13 +25,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from overtone.benchmarks.cases import EditCase
+from overtone.evaluation.cache import EvalCache, through
 from overtone.generation import greedy_complete
 from overtone.models.loading import LoadedModel
 from overtone.models.per_case import CaseRows
@@ -50,6 +53,7 @@ class ProbeBatch:
     case: EditCase
     groups: list[tuple[str, str]]
     batch: PairBatch
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # (prompt, answer) of row i
 
 
 @dataclass
@@ -93,6 +97,7 @@ class PreEdit:
     probes: ProbeBatch
     predictions: Predictions  # the locality reference; its cache lets the edited pass skip lower layers
     seconds: float
+    hits: int = 0  # rows whose predictions came from the evaluation cache
 
     @property
     def cache(self) -> SuffixCache | None:
@@ -199,6 +204,7 @@ class Evaluator:
 
     def __init__(self, lm: LoadedModel) -> None:
         self.lm = lm
+        self.eval_cache: EvalCache | None = None  # the unedited model's results, computed once (make_evaluator)
 
     def describe(self) -> dict[str, Any] | None:
         """Settings to write into a run's configuration (None: nothing beyond the model)."""
@@ -208,7 +214,8 @@ class Evaluator:
         """Predictions of the unedited model, recording the inputs of layers >= ``record_from``."""
         start = time.perf_counter()
         probes = self.probes(case)
-        return PreEdit(probes, self.predict(probes, record_from=record_from), time.perf_counter() - start)
+        tokens, cache, hits = self._unedited(probes.batch, probes.pairs, record_from)
+        return PreEdit(probes, Predictions(tokens, cache), time.perf_counter() - start, hits)
 
     def after(self, pre: PreEdit, replay: bool) -> dict[str, Any]:
         """Result fields of the edited model: ``pre``, ``post``, ``detail`` metrics and ``eval_s``.
@@ -230,13 +237,16 @@ class Evaluator:
         probes = [self.probes(case) for case in cases]
         batches = self._probe_rows(probes)
         tokens: list[list[torch.Tensor | None]] = [[None] * p.batch.input_ids.size(0) for p in probes]
+        hits = [0] * len(cases)
         for rows in batches:
-            out = self._answer_logits(rows.batch, record_from=record_from)
-            rows.cache = out.cache
-            for owner, probe, row in zip(rows.rows.owners, rows.probe, out.rows(), strict=True):
-                tokens[owner][probe] = row.argmax(dim=-1)
+            pairs = [probes[owner].pairs[probe] for owner, probe in zip(rows.rows.owners, rows.probe, strict=True)]
+            predicted, rows.cache, hit = self._unedited(rows.batch, pairs, record_from)
+            for owner, probe, row in zip(rows.rows.owners, rows.probe, predicted, strict=True):
+                tokens[owner][probe] = row
+                hits[owner] += bool(hit)
         seconds = (time.perf_counter() - start) / len(cases)
-        return PreEdits([PreEdit(p, Predictions(t), seconds) for p, t in zip(probes, tokens, strict=True)], batches)
+        return PreEdits([PreEdit(p, Predictions(t), seconds, h) for p, t, h in zip(probes, tokens, hits, strict=True)],
+                        batches)
 
     def after_cases(self, pre: PreEdits, edits: CaseEdits, replay: bool) -> list[dict[str, Any]]:
         """``after`` for every case of a parallel edit, batched as ``before_cases`` batched them: each row sees
@@ -265,6 +275,26 @@ class Evaluator:
                 results += self.after_many([case_pre], [False])
         return results
 
+    def _unedited(self, batch: PairBatch, pairs: Sequence[tuple[str, str]], record_from: int | None
+                  ) -> tuple[list[torch.Tensor], SuffixCache | None, int]:
+        """The unedited model's argmax predictions on ``batch`` (rows: ``pairs``) and the recorded inputs of layers
+        >= ``record_from``; read from the evaluation cache when it holds this very batch (then nothing is
+        recorded). The number of rows read from the cache is the third item."""
+        counts = batch.label_mask.sum(dim=-1).tolist()
+
+        def compute() -> tuple[list[torch.Tensor], SuffixCache | None]:
+            out = self._answer_logits(batch, record_from=record_from)
+            return list(out.logits.argmax(dim=-1).split(out.counts)), out.cache
+
+        (tokens, recorded), hit = through(
+            self.eval_cache, "teacher-forced", {},
+            lambda: {"pairs": [list(p) for p in pairs], "input_ids": batch.input_ids.tolist(),
+                     "attention_mask": batch.attention_mask.tolist(), "label_mask": batch.label_mask.tolist()},
+            compute, lambda result: [t.tolist() for t in result[0]],
+            lambda rows: ([torch.tensor(r, dtype=torch.long, device=batch.input_ids.device) for r in rows], None),
+            lambda rows: [len(r) for r in rows] == counts and all(isinstance(t, int) for r in rows for t in r))
+        return tokens, recorded, len(tokens) if hit else 0
+
     def _probe_rows(self, probes: Sequence[ProbeBatch]) -> list[ProbeRows]:
         """Every probe row of every case, in batches of rows of similar length."""
         entries = [(i, r) for i, p in enumerate(probes) for r in range(p.batch.input_ids.size(0))]
@@ -287,6 +317,7 @@ class Evaluator:
             "detail": post_scores.detail,
             "flatness": round(flatness, 4),
             "eval_s": seconds,
+            **({"eval_cache_hits": pre.hits} if self.eval_cache is not None else {}),
         }
 
     def before_many(self, cases: Sequence[EditCase], record_from: int | None) -> list[PreEdit]:
@@ -314,16 +345,21 @@ class Evaluator:
             batch = encode_pairs(self.lm.tokenizer, [p for p, _ in pairs], [a for _, a in pairs], self.lm.device)
         except ValueError as exc:
             raise ValueError(f"case {case.case_id}: {exc}") from exc
-        return ProbeBatch(case=case, groups=groups, batch=batch)
+        return ProbeBatch(case=case, groups=groups, batch=batch, pairs=pairs)
 
     def own_answer(self, prompt: str) -> str:
         """The model's greedy continuation of ``prompt``: the answer of a locality probe that gives none.
 
         Loc. compares the edited model's predictions with the unedited one's, so a prompt alone is a
         probe: ``probes`` runs on the unedited model (``before``) and scores its own continuation.
-        An empty continuation drops the probe.
+        An empty continuation drops the probe. Read from the evaluation cache when it holds it.
         """
-        return greedy_complete(self.lm, [prompt], OWN_ANSWER_TOKENS)[0].strip()
+        answer, _ = through(
+            self.eval_cache, "own-answer", {"max_new_tokens": OWN_ANSWER_TOKENS},
+            lambda: {"prompt": prompt, "ids": self.lm.tokenizer(prompt).input_ids},
+            lambda: greedy_complete(self.lm, [prompt], OWN_ANSWER_TOKENS)[0].strip(), str, str,
+            lambda value: isinstance(value, str))
+        return answer
 
     @torch.no_grad()
     def answer_logits(

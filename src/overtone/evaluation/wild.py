@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from overtone.benchmarks import TEACHER_FORCED
 from overtone.benchmarks.cases import EditCase
+from overtone.evaluation.cache import through
 from overtone.evaluation.decoding import Scope, check_greedy, eos_ids, greedy_ids
 from overtone.evaluation.generation import generate_ids
 from overtone.evaluation.teacher_forced import METRICS, Evaluator, PreEdit, PreEdits, by_metric
@@ -254,6 +255,7 @@ class WildPreEdit:
     probes: list[WildProbe]
     replies: list[Reply]
     seconds: float
+    hits: int = 0  # replies that came from the evaluation cache
 
     @property
     def cache(self) -> SuffixCache | None:
@@ -343,10 +345,26 @@ class WildEvaluator(Evaluator):
         return out, (time.perf_counter() - start) / max(1, len(groups))
 
     def _pending(self, cases: Sequence[EditCase], inner: Sequence[PreEdit | None]) -> list[WildPreEdit]:
-        """The cases answered by the unedited model, beside the inner evaluator's pending state."""
+        """The cases answered by the unedited model, beside the inner evaluator's pending state. The replies of one
+        call are one evaluation-cache entry: keyed by every prompt of the call, as they share generate batches."""
         probes = [wild_probes(case) for case in cases]
-        replies, seconds = self._answer(probes)
-        return [WildPreEdit(i, p, r, seconds) for i, p, r in zip(inner, probes, replies, strict=True)]
+        start = time.perf_counter()
+        sizes = [len(group) for group in probes]
+
+        def key() -> dict[str, Any]:
+            texts = [context_text(self.lm.tokenizer, p.prompt, self.settings.context) for g in probes for p in g]
+            return {"texts": texts, "ids": self.lm.tokenizer(texts).input_ids if texts else [], "groups": sizes}
+
+        replies, hit = through(
+            self.eval_cache, WILD, {**asdict(self.settings), "max_rows": MAX_ROWS}, key,
+            lambda: self._answer(probes)[0], lambda groups: [[asdict(r) for r in group] for group in groups],
+            lambda groups: [[Reply(r["text"], tuple(r["ids"]), r["study_text"]) for r in group] for group in groups],
+            lambda groups: [len(g) for g in groups] == sizes and all(
+                isinstance(r["text"], str) and isinstance(r["study_text"], str)
+                and all(isinstance(t, int) for t in r["ids"]) for g in groups for r in g))
+        seconds = (time.perf_counter() - start) / max(1, len(cases))
+        return [WildPreEdit(i, p, r, seconds, len(r) if hit else 0)
+                for i, p, r in zip(inner, probes, replies, strict=True)]
 
     def _with_wild(self, inner: list[dict[str, Any]] | None, pres: Sequence[WildPreEdit],
                    edits: CaseEdits | None = None) -> list[dict[str, Any]]:
@@ -357,6 +375,8 @@ class WildEvaluator(Evaluator):
         for fields, pre, now in zip(out, pres, replies, strict=True):
             fields["wild"] = self._fields(pre, now, pre.seconds + seconds)
             fields["eval_s"] += pre.seconds + seconds
+            if self.eval_cache is not None:
+                fields["eval_cache_hits"] = fields.get("eval_cache_hits", 0) + pre.hits
         return out
 
     def before(self, case: EditCase, record_from: int | None) -> WildPreEdit:  # type: ignore[override]

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from filelock import FileLock
 
+from overtone.cachedir import cache_root
 from overtone.wheels import WheelFile
 
 log = logging.getLogger(__name__)
@@ -32,14 +32,6 @@ EMBEDDED: dict[str, WheelFile] = {
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers), Q4_1 GGUF dequantised to fp32",
     ),
 }
-
-
-def cache_root() -> Path:
-    """``$OVERTONE_CACHE``, else ``$XDG_CACHE_HOME/overtone``, else ``~/.cache/overtone``."""
-    if os.environ.get("OVERTONE_CACHE"):
-        return Path(os.environ["OVERTONE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "overtone"
 
 
 def gguf_path(name: str) -> Path:

@@ -19,6 +19,7 @@ from transformers import (
 
 from overtone.models import embedded
 from overtone.models.adapters import ModelAdapter
+from overtone.models.fingerprint import remember_loaded
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "fp
         raise _load_error(name, source, local, exc) from exc
     lm = prepare_model(model, tokenizer, name, identity)
     lm.model.to(torch_device)
+    remember_loaded(lm.model)  # on its device: the base the evaluation cache checks against
     log.info("loaded %s (%s, %d layers) on %s in %s", name, lm.adapter.model_type, lm.adapter.num_layers,
              torch_device, dtype)
     return lm
@@ -132,9 +134,11 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "fp
 def prepare_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, identity: dict[str, Any] | None = None
 ) -> LoadedModel:
-    """Wrap an already built model for editing: eval mode, every parameter frozen, a pad token set."""
+    """Wrap an already built model for editing: eval mode, every parameter frozen, a pad token set; noted as
+    loaded (``fingerprint.remember_loaded``)."""
     tokenizer = _prepare_tokenizer(tokenizer, name)
     model.eval()
     model.requires_grad_(False)
+    remember_loaded(model)
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=ModelAdapter(model), name=name,
                        identity=identity or {"name": name})

@@ -20,15 +20,17 @@ from overtone.version import __version__, code_identity
 def run_config(lm: LoadedModel, editor: Editor, evaluator: Evaluator, bench: Benchmark | None, dataset: str,
                offset: int, limit: int | None, seed: int, threads: int, sequence: int = 1, eval_timing: str = "end",
                batch: int = 1, matched: str | None = None, *, truncate: bool = False,
-               ability: AbilityMonitor | None = None, parallel: int = 1, probes: dict[str, Any] | None = None
-               ) -> dict[str, Any]:
+               ability: AbilityMonitor | None = None, parallel: int = 1, probes: dict[str, Any] | None = None,
+               eval_cache: bool = False) -> dict[str, Any]:
     """The ``config.yaml`` of a run of ``editor`` on ``dataset`` (a benchmark name or a file resolved to ``bench``;
     None: ad-hoc facts). ``code`` names the code that made it (``version.code_identity``).
 
     ``matched``: the run whose per-case update counts this one trains for (matched steps); ``truncate``:
     over-long cases were cut (``--truncate``); ``ability``: the general-ability monitor of continual editing;
     ``parallel``: cases edited at once (recorded, but not a setting that changes results); ``probes``: how
-    probes beyond the per-case bound were cut or sampled (``benchmarks.bounds``; None: refused, so none was).
+    probes beyond the per-case bound were cut or sampled (``benchmarks.bounds``; None: refused, so none was);
+    ``eval_cache``: the unedited model's evaluation was read from the cache where it was there (recorded, but it
+    changes no result: each record counts its ``eval_cache_hits``).
     """
     source: dict[str, Any] = {"name": bench.name if bench else "facts", "offset": offset}
     if bench is not None and dataset not in BENCHMARKS:
@@ -52,4 +54,5 @@ def run_config(lm: LoadedModel, editor: Editor, evaluator: Evaluator, bench: Ben
         "seed": seed,
         "threads": threads,
         "parallel": parallel,
+        "eval_cache": eval_cache,
     }

@@ -34,7 +34,7 @@ from overtone.editors import EDITORS, editor_config, make_editor
 from overtone.editors.base import Editor, EditStack
 from overtone.editors.parallel import free_memory, parallel_size
 from overtone.editors.reports import StepCallback, StepInfo
-from overtone.evaluation import GenerationSettings, WildSettings, make_evaluator
+from overtone.evaluation import EvalCache, GenerationSettings, WildSettings, make_evaluator
 from overtone.evaluation.ability import AbilityMonitor, AbilitySettings
 from overtone.evaluation.teacher_forced import Evaluator
 from overtone.models import ArchitectureError, LoadedModel, ModelLoadError, load_model, load_tokenizer
@@ -217,7 +217,7 @@ def prepare_run(spec: RunSpec, inputs: RunInputs | None = None, lm: LoadedModel 
         editor = make_editor(spec.editor, lm, make_objective(spec.objective, spec.overtone), **spec.editor_settings)
         evaluator = make_evaluator(inputs.evaluation, lm,
                                    GenerationSettings(seed=spec.seed, **dict(spec.generation)), spec.evaluation,
-                                   WildSettings(context=spec.eval_context))
+                                   WildSettings(context=spec.eval_context), EvalCache(lm) if spec.eval_cache else None)
         ability = AbilityMonitor(lm, AbilitySettings(every=spec.ability_every)) if spec.measures_ability else None
     except USER_ERRORS as exc:
         raise SpecError(str(exc)) from exc
@@ -229,7 +229,8 @@ def prepare_run(spec: RunSpec, inputs: RunInputs | None = None, lm: LoadedModel 
     probes = {"max": spec.max_probes, "mode": spec.probes} if spec.probes != "error" else None
     config = run_config(lm, editor, evaluator, inputs.bench, spec.dataset, spec.offset, spec.limit, spec.seed,
                         spec.threads, spec.sequence, spec.eval_timing, spec.batch, spec.matched,
-                        truncate=spec.truncate, ability=ability, parallel=parallel, probes=probes)
+                        truncate=spec.truncate, ability=ability, parallel=parallel, probes=probes,
+                        eval_cache=spec.eval_cache)
     if spec.stream_settings is not None:
         config["stream"] = spec.stream_settings.describe()
     return PreparedRun(spec, lm, editor, evaluator, inputs.cases, ability, int(parallel), config)

@@ -56,7 +56,8 @@ class RunSpec:
     cases are edited at once in single editing (``auto``: runner.run.auto_parallel); ``budgets`` train
     each case for exactly its number of updates, taken from run ``matched``. A case holds at most
     ``max_probes`` paraphrases, portability and locality probes each; ``probes`` says what happens to more
-    (``benchmarks.bounds``: refused, cut or sampled with the seed).
+    (``benchmarks.bounds``: refused, cut or sampled with the seed). ``eval_cache``: the unedited model's
+    evaluation is read from (and kept in) the user's cache; records are the same either way.
     """
 
     editor: str
@@ -86,6 +87,7 @@ class RunSpec:
     max_probes: int = MAX_PROBES
     probes: str = "error"
     matched: str | None = None
+    eval_cache: bool = True  # read and keep the unedited model's evaluation in the cache (evaluation/cache.py)
     stream: bool = False  # each chunk is an edit stream: checkpointed, with curves (runner/stream.py)
     checkpoint_every: int = StreamSettings.checkpoint_every
     curve_every: int = StreamSettings.curve_every

@@ -51,10 +51,11 @@ CASES_FILE = "cases.jsonl"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = "run.lock"
 # Settings that may differ between a run and its restart without changing results (``parallel``: cases
-# edited at once, equivalent to one at a time up to floating-point summation order). ``code`` (the code's
+# edited at once, equivalent to one at a time up to floating-point summation order; ``eval_cache``: the unedited
+# model's evaluation read from the cache, the same records). ``code`` (the code's
 # version, git revision and dirtiness, ``version.code_identity``) may change too: a restart with other code
 # records the earlier identities under ``code_before``, so reports can say the run mixes them.
-VOLATILE_KEYS = ("threads", "limit", "progress", "parallel", "code", "code_before")
+VOLATILE_KEYS = ("threads", "limit", "progress", "parallel", "eval_cache", "code", "code_before")
 
 
 class StoreError(RuntimeError):

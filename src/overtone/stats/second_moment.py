@@ -39,8 +39,8 @@ import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
+from overtone.cachedir import cache_root
 from overtone.corpus import Corpus, load_corpus
-from overtone.models.embedded import cache_root
 from overtone.models.loading import LoadedModel
 from overtone.tokens import plan_batches
 

@@ -7,7 +7,7 @@ OverTone, its ablations, a tuning grid) x seeds. The YAML file (docs/studies.md)
   eval_timing, batch, seed, threads, generation; ``evaluation`` and ``eval_context`` as ``--eval`` and
   ``--eval-context``, ``ability`` as ``--ability``, ``ability_every`` as ``--ability-every``, ``stream`` (null, true
   or a mapping of ``runner.stream.StreamSettings``) as ``--stream`` and its options, ``parallel``
-  as ``--parallel``);
+  as ``--parallel``, ``eval_cache`` as ``--eval-cache/--no-eval-cache``);
 * ``axes``: lists of values of ``model``, ``dataset``, ``sequence``, ``editor``, ``variant``, ``seed``;
   a key is either fixed or an axis;
 * ``editors``: per editor, its ``settings``, its ``overtone`` hyper-parameters (over the editor's tuned
@@ -19,9 +19,10 @@ A cell's id is a hash of everything that changes its results: the package versio
 device, dtype), the dataset (and a file's content), the protocol, the editor's full resolved settings,
 the objective, the seed, the evaluation (wild, ability) and the id of the cell it takes step budgets
 from. The code's git revision is not in it (each cell's ``config.yaml`` records it, ``runner.config``).
-``limit``, ``threads`` and ``parallel`` are not in it: a larger ``limit`` extends the same cells,
-and cases edited side by side give the results of one at a time. ``parallel`` applies to the
-single-editing cells of editors that can edit side by side; the others run one case at a time.
+``limit``, ``threads``, ``parallel`` and ``eval_cache`` are not in it: a larger ``limit`` extends the same
+cells, cases edited side by side give the results of one at a time, and the evaluation cache changes no
+record. ``parallel`` applies to the single-editing cells of editors that can edit side by side; the others run
+one case at a time.
 Editors without a ``seed`` setting (FT-M, ROME, MEMIT) have no random parts: a seed axis collapses
 to its first seed for them, and the plan says so.
 """
@@ -57,14 +58,14 @@ FIXED_DEFAULTS: dict[str, Any] = {
     "model": "smollm2-135m", "device": "auto", "dtype": "fp32", "offset": 0, "limit": None, "sequence": 1,
     "eval_timing": "end", "batch": 1, "seed": 0, "threads": 1, "generation": {}, "variant": ["ce", "overtone"],
     "evaluation": "teacher-forced", "eval_context": "bare", "ability": False, "ability_every": 0, "parallel": 1,
-    "stream": None,
+    "stream": None, "eval_cache": True,
 }
 REQUIRED = ("editor", "dataset")
 EDITOR_KEYS = ("settings", "overtone", "objective_settings")
 TOP_KEYS = ("name", "description", "fixed", "axes", "editors", "profiles", "profile")
 # Settings a user may override from the command line (``overtone study run --model ...``).
 OVERRIDABLE = ("model", "device", "dtype", "offset", "limit", "threads", "evaluation", "eval_context", "ability",
-               "ability_every", "parallel")
+               "ability_every", "parallel", "eval_cache")
 
 
 class StudyError(ValueError):
@@ -109,6 +110,7 @@ class Cell:
     ability_every: int = 0  # --ability-every
     parallel: int | str = 1  # --parallel (1 for cells that cannot edit side by side)
     stream: tuple[tuple[str, Any], ...] | None = None  # --stream and its settings (runner.stream.StreamSettings)
+    eval_cache: bool = True  # --eval-cache / --no-eval-cache
 
     @property
     def editor_settings(self) -> dict[str, Any]:
@@ -135,7 +137,7 @@ class Cell:
             settings=self.settings, overtone=self.variant.overtone, sequence=self.sequence, batch=self.batch,
             eval_timing=self.eval_timing, evaluation=self.evaluation, eval_context=self.eval_context,
             generation=self.generation, ability=self.ability, ability_every=self.ability_every,
-            parallel=self.parallel, seed=self.seed, matched=self.variant.match_steps,
+            parallel=self.parallel, seed=self.seed, matched=self.variant.match_steps, eval_cache=self.eval_cache,
             **({"stream": True, **dict(self.stream)} if self.stream is not None else {}))
 
     def describe(self) -> dict[str, Any]:
@@ -147,7 +149,8 @@ class Cell:
                 "deterministic": self.deterministic, "after": self.after,
                 "match_steps": self.variant.match_steps, "evaluation": self.evaluation,
                 "eval_context": self.eval_context, "ability": self.ability, "ability_every": self.ability_every,
-                "parallel": self.parallel, "stream": None if self.stream is None else dict(self.stream)}
+                "parallel": self.parallel, "stream": None if self.stream is None else dict(self.stream),
+                "eval_cache": self.eval_cache}
 
 
 @dataclass
@@ -482,6 +485,7 @@ def expand(spec: dict[str, Any], where: str = "study") -> Study:
     given_generation = tuple(sorted(given.items()))
     evaluation = _evaluation(values, where)
     parallel = _parallel(values["parallel"], where)
+    eval_cache = coerce(values["eval_cache"], bool, f"{where}: eval_cache")
     stream = _stream(values["stream"], where)
     if stream is not None and scalars["eval_timing"] != "end":
         raise StudyError(f"{where}: a stream evaluates every edit on its final model: eval_timing must be end")
@@ -562,7 +566,7 @@ def expand(spec: dict[str, Any], where: str = "study") -> Study:
                                         scalars["batch"], seed, given_generation, after, deterministic,
                                         values["evaluation"], values["eval_context"],
                                         bool(evaluation.get("ability")), evaluation.get("ability_every", 0),
-                                        side_by_side, stream)
+                                        side_by_side, stream, eval_cache)
                             by_key[(model, dataset, sequence, editor, seed, variant.slug)] = cell.id
                             cells.append(cell)
     ids = [c.id for c in cells]
