@@ -38,7 +38,7 @@ SHAPES = {
 }
 OVERTONE = {
     "ft-m": OverToneConfig(lam=0.5, n_sigma=1.0, epsilon=0.01),
-    "lora": OverToneConfig(lam=0.5, n_sigma=1.0, epsilon=0.01),
+    "lora": OverToneConfig(lam=0.1, n_sigma=4.0, epsilon=0.01),
     "wise": OverToneConfig(lam=0.1, n_sigma=1.0, epsilon=0.01),
     "melo": OverToneConfig(lam=0.1, n_sigma=1.0, epsilon=0.01),
     "rome": OverToneConfig(),  # untuned: the objective's own defaults (docs/locate.md)
