@@ -275,3 +275,13 @@ def test_rows_are_told_apart_by_name():
         load_study(spec("m", axes={"editor": ["ft-m"], "variant": ["ce", custom]}))
     same = load_study(spec("m", axes={"editor": ["ft-m"], "variant": ["ce", {"name": "CE", "objective": "ce"}]}))
     assert [c.variant.slug for c in same.cells] == ["ce"]  # the same row given twice is one row
+
+
+@pytest.mark.parametrize("variant", [{"sweep": {"lambda": [1e308]}}, {"sweep": {"epsilon": [-1.0]}}])
+def test_a_sweep_value_out_of_range_is_refused_naming_the_file(tmp_path, variant):
+    """Found by the study-file fuzz test: a value that only OverToneConfig checks escaped as a bare ValueError."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "bad", "fixed": {"dataset": "zsre", "limit": 2, "editor": "ft-m"},
+                                    "axes": {"variant": [variant]}}))
+    with pytest.raises(StudyError, match=str(path)):
+        load_study(path)

@@ -37,7 +37,7 @@ from overtone.study.driver import DONE, run_study
 from overtone.study.executors import ExecutorOptions, LocalExecutor
 
 SRC = Path(__file__).resolve().parent.parent / "src"
-TIMINGS = ("edit_s", "eval_s")
+TIMINGS = ("edit_s", "eval_s", "eval_cache_hits")  # a resumed cell reads what the first run cached
 HAS_RAY = importlib.util.find_spec("ray") is not None
 
 

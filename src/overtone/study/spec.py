@@ -274,7 +274,10 @@ def _variants(items: Sequence[Any], editor: str, base: OverToneConfig, where: st
             grid = [t for t in (coerce(t, float, f"{at}.ablation.stop_grid") for t in options.get("stop_grid", []))
                     if t != default_stop]
             chk = coerce(options.get("chk_lambda", 0.1), float, f"{at}.ablation.chk_lambda")
-            rows = ablation_variants(base, grid, chk)
+            try:
+                rows = ablation_variants(base, grid, chk)
+            except ValueError as exc:
+                raise StudyError(f"{at}.ablation: {exc}") from None
             out += rows + matched_steps_controls(rows)
         elif isinstance(item, dict) and set(item) == {"sweep"}:
             grid = item["sweep"] or {}
@@ -287,7 +290,10 @@ def _variants(items: Sequence[Any], editor: str, base: OverToneConfig, where: st
             bad = [v for v in ties if v not in TIES]
             if bad:
                 raise StudyError(f"{at}.sweep.tie: {', '.join(bad)}; choose from {', '.join(TIES)}")
-            out += sweep_variants(base, values["lambda"], values["n_sigma"], values["epsilon"], ties)
+            try:
+                out += sweep_variants(base, values["lambda"], values["n_sigma"], values["epsilon"], ties)
+            except ValueError as exc:
+                raise StudyError(f"{at}.sweep: {exc}") from None
         elif isinstance(item, dict) and "objective" in item:
             unknown = set(item) - {"name", "objective", "overtone", "settings"}
             if unknown:
