@@ -150,3 +150,8 @@ class CountingFTM(FTM):
 
 def counting_ftm(lm, layer=2, lr=0.1, steps=3) -> CountingFTM:
     return CountingFTM(lm, FTMConfig(layer=layer, lr=lr, steps=steps), CrossEntropy())
+
+
+# Record fields that differ between two runs of the same cases: timings, and how much of a run the evaluation
+# cache served (a resumed or repeated run reads what an earlier one stored).
+RUN_VARYING = ("edit_s", "eval_s", "eval_cache_hits")

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import RUN_VARYING
 from typer.testing import CliRunner
 
 from overtone.cli import app
@@ -39,7 +40,7 @@ from overtone.runner.store import CASES_FILE, RunLock, scan_cases
 pytestmark = pytest.mark.slow
 
 SRC = Path(__file__).resolve().parent.parent / "src"
-TIMINGS = ("edit_s", "eval_s", "eval_cache_hits")  # timings, and how much of a run the evaluation cache served
+TIMINGS = RUN_VARYING
 
 # Loaded by a killed process through PYTHONPATH: its ``n``-th write to cases.jsonl stops after a fraction
 # of the bytes and the process SIGKILLs itself, as a kill inside the write system call would leave it.

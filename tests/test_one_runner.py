@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import yaml
+from helpers import RUN_VARYING
 from typer.testing import CliRunner
 
 from overtone.cli import app
@@ -17,7 +18,7 @@ from overtone.runner.settings import SettingError, coerce
 from overtone.version import code_identity
 
 runner = CliRunner()
-TIMING = ("edit_s", "eval_s", "eval_cache_hits")  # timings, and how much of a run the evaluation cache served
+TIMING = RUN_VARYING
 
 
 def without_timing(records: list[dict]) -> list[dict]:

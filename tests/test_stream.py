@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import assert_same_state, state, tiny_model
+from helpers import RUN_VARYING, assert_same_state, state, tiny_model
 
 from overtone.artifacts import load_edit, save_edit
 from overtone.benchmarks import load_benchmark
@@ -34,7 +34,7 @@ from overtone.runner.stream import Checkpoints, StreamSettings, curve_sample, st
 from overtone.study import load_study
 from overtone.tokens import encode_pairs
 
-TIMINGS = ("edit_s", "eval_s", "eval_cache_hits")  # timings, and how much of a run the evaluation cache served
+TIMINGS = RUN_VARYING
 FAST = {"context_lengths": ((4, 2),), "steps": 6, "lr": 2.0, "stop_loss": 0.0}
 
 

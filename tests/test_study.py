@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import RUN_VARYING
 from typer.testing import CliRunner
 
 from overtone.cli import app
@@ -22,7 +23,7 @@ from overtone.study.executors import ExecutorOptions, LocalExecutor, make_execut
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
-TIMINGS = ("edit_s", "eval_s", "eval_cache_hits")  # timings, and how much of a run the evaluation cache served
+TIMINGS = RUN_VARYING
 
 
 def spec(model, **changes):

@@ -31,13 +31,14 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from helpers import RUN_VARYING
 
 from overtone.study import load_study
 from overtone.study.driver import DONE, run_study
 from overtone.study.executors import ExecutorOptions, LocalExecutor
 
 SRC = Path(__file__).resolve().parent.parent / "src"
-TIMINGS = ("edit_s", "eval_s", "eval_cache_hits")  # a resumed cell reads what the first run cached
+TIMINGS = RUN_VARYING
 HAS_RAY = importlib.util.find_spec("ray") is not None
 
 
