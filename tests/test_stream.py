@@ -24,7 +24,7 @@ from overtone.benchmarks import load_benchmark
 from overtone.benchmarks.cases import EditCase, Probe
 from overtone.cli.options import StreamOptions
 from overtone.editors import EDITORS, FTM, MEMIT, FTMConfig, MEMITConfig
-from overtone.evaluation import Evaluator, lifelong
+from overtone.evaluation import EvalCache, Evaluator, lifelong
 from overtone.evaluation.lifelong import LifelongScorer, comparisons, fluency, ngram_entropy, score_rows
 from overtone.models.replay import forward_hidden
 from overtone.objectives import CrossEntropy
@@ -184,6 +184,30 @@ def test_a_stream_evaluated_together_has_the_records_of_one_evaluated_case_by_ca
         records[kind] = comparable(stream_records(ftm(lm), kind(lm), cases, 2, settings, seed=0))
     assert records[Evaluator] == records[CaseByCase]
     assert {r["lifelong"]["pre"]["efficacy"] for r in records[Evaluator]} == {0.0, 1.0}  # not all alike
+
+
+def test_a_streams_unedited_pass_is_read_from_the_evaluation_cache_with_the_same_records(
+        tokenizer, zsre_cases, eval_cache_dir):
+    """The unedited pass of a stream (KnowEdit probes and comparisons, every case at once) is one cache entry: a
+    second stream on the same cases reads it (every case counts its rows as hits) and its records are those of a
+    stream without the cache; other cases are a miss."""
+    cases = [*zsre_cases[:4], *load_benchmark("counterfact-mend", limit=4)]
+    settings = StreamSettings(curve_every=4, curve_sample=3, fluency_tokens=4)
+    lm = tiny_model("llama", tokenizer)
+    cache = EvalCache(lm)
+
+    def stream(these, cached):
+        evaluator = Evaluator(lm)
+        evaluator.eval_cache = cache if cached else None  # as make_evaluator sets it
+        return stream_records(ftm(lm), evaluator, these, 2, settings, seed=0)
+
+    plain, cold = stream(cases, False), stream(cases, True)
+    assert len([p for p in eval_cache_dir.rglob("*.json") if p.name != "model.json"]) == 1
+    warm = stream(cases, True)
+    assert [r["eval_cache_hits"] for r in cold] == [0] * len(cases) and all(r["eval_cache_hits"] > 0 for r in warm)
+    assert "eval_cache_hits" not in plain[0]
+    assert comparable(plain) == comparable(cold) == comparable(warm)
+    assert [r["eval_cache_hits"] for r in stream(cases[1:], True)] == [0] * (len(cases) - 1)
 
 
 def test_a_checkpoint_applied_to_a_fresh_model_gives_the_streamed_weights(tmp_path, tokenizer, zsre_cases):

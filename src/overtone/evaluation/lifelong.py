@@ -21,11 +21,15 @@ probe too), and the vocabulary head only at the positions scored. A row whose an
 whose prompt's tokens begin another row (CounterFact's old target beside its new one on the same prompt)
 is read from that row's prediction at that position: a causal model gives a position the same
 prediction whatever follows it. ``evaluate_together`` evaluates a stream's cases this way with the
-teacher-forced KnowEdit metrics and the comparisons in the same pass.
+teacher-forced KnowEdit metrics and the comparisons in the same pass. On the unedited model that pass goes
+through the evaluation cache (``evaluation.cache``) as one entry for the whole call, keyed by a hash of every
+row: the CE and OverTone streams of a slice, and a stream's restarts, score the unedited model once. A row's
+floating-point result can depend on the rows batched with it, so only the very same set of rows is read back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import time
@@ -37,6 +41,8 @@ from typing import Any
 import torch
 
 from overtone.benchmarks.cases import EditCase
+from overtone.cachedir import canonical
+from overtone.evaluation.cache import EvalCache, through
 from overtone.evaluation.generation import generate_ids
 from overtone.evaluation.teacher_forced import Evaluator, Predictions, PreEdit, answer_entropy, flatness_of
 from overtone.models.loading import LoadedModel
@@ -209,6 +215,35 @@ def score_rows(lm: LoadedModel, rows: Sequence[PairBatch]) -> list[RowScore]:
     return [scores[distinct[key]] for key in keys]
 
 
+def unedited_rows(cache: EvalCache | None, lm: LoadedModel, rows: Sequence[PairBatch]) -> tuple[list[RowScore], bool]:
+    """``score_rows`` on the unedited model, read from ``cache`` when it holds this very list of rows (keyed by a
+    sha256 of each row's tokens, answer positions and labels, in order), and whether it was."""
+
+    def probes() -> dict[str, Any]:
+        digest = hashlib.sha256()
+        for row in rows:
+            digest.update(canonical([row.input_ids[0].tolist(), row.positions[0].tolist(),
+                                     row.labels[0].tolist()]).encode())
+            digest.update(b"\n")
+        return {"rows": len(rows), "sha256": digest.hexdigest()}
+
+    def encode(scores: list[RowScore]) -> list[Any]:
+        return [[s.tokens.tolist(), s.entropy.tolist(), s.logprob] for s in scores]
+
+    def decode(stored: list[Any]) -> list[RowScore]:
+        return [RowScore(torch.tensor(tokens, dtype=torch.long, device=lm.device),
+                         torch.tensor(entropy, dtype=torch.float32, device=lm.device), float(logprob))
+                for tokens, entropy, logprob in stored]
+
+    def check(stored: Any) -> bool:
+        return (isinstance(stored, list) and len(stored) == len(rows)
+                and all(isinstance(s, list) and len(s) == 3 and len(s[0]) == len(s[1]) == int(row.labels.numel())
+                        for s, row in zip(stored, rows, strict=False)))
+
+    return through(cache, "lifelong-rows", {"row_batch_tokens": ROW_BATCH_TOKENS}, probes,
+                   lambda: score_rows(lm, rows), encode, decode, check)
+
+
 def evaluate_together(evaluator: Evaluator, scorer: LifelongScorer, cases: Sequence[EditCase],
                       pres: Sequence[PreEdit] | None = None, fluency_of: bool = True
                       ) -> tuple[list[Any], list[dict[str, float | None]]]:
@@ -232,7 +267,10 @@ def evaluate_together(evaluator: Evaluator, scorer: LifelongScorer, cases: Seque
             raise CaseRowsError(case.case_id, exc) from exc
         probes.append(probe)
         rows += [probe.batch.row(r) for r in range(probe.batch.input_ids.size(0))]
-    scores = score_rows(lm, rows + compared)
+    if pres is None:
+        scores, hit = unedited_rows(evaluator.eval_cache, lm, rows + compared)
+    else:
+        scores, hit = score_rows(lm, rows + compared), False
     seconds = (time.perf_counter() - start) / max(len(cases), 1)
     vocabulary = lm.adapter.lm_head.weight.size(0)
     at, out = 0, []
@@ -241,7 +279,7 @@ def evaluate_together(evaluator: Evaluator, scorer: LifelongScorer, cases: Seque
         at += len(own)
         predictions = Predictions([s.tokens for s in own])
         if pres is None:
-            out.append(PreEdit(probe, predictions, seconds))
+            out.append(PreEdit(probe, predictions, seconds, len(own) if hit else 0))
             continue
         rewrites = torch.cat([s.entropy for s, (metric, _) in zip(own, probe.groups, strict=True) if metric == "rel"])
         out.append(evaluator.scored(pres[i], predictions, flatness_of(rewrites, vocabulary),
