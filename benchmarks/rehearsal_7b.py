@@ -5,9 +5,10 @@ editor's bf16 path runs at the paper's size through the project's own runner (``
 ``check_run`` -> ``prepare_run`` -> ``PreparedRun.execute``), and measures per editor and ``--parallel B``:
 
 * the peak memory above the model while the cases are edited and evaluated (on the CPU the resident set's
-  high-water mark, reset through ``/proc/self/clear_refs``; on CUDA the allocator's peak), beside what the
-  memory model behind ``--parallel auto`` predicts (B x ``Editor.case_memory()``), and the memory the
-  editor itself holds (ROME's inverse and MEMIT's second moments);
+  high-water mark, reset through ``/proc/self/clear_refs``; on CUDA the allocator's peak), in all and per
+  phase: the largest of the runner's calls to the editor (the edit) and to the evaluator; the edit's beside
+  what the memory model behind ``--parallel auto`` predicts (B x ``Editor.case_memory()``), and the memory
+  the editor itself holds (ROME's inverse and MEMIT's second moments);
 * seconds per optimisation step, evaluation seconds per case (``--eval both``), and the cost model's
   efficiency on this machine (``overtone.study.budget``: the model's FLOPs and bytes at the machine's own
   measured bf16 matmul peak and bandwidth, over the measured time), which ``study plan`` carries to a GPU;
@@ -158,6 +159,48 @@ def peak_above(device: torch.device) -> Iterator[dict[str, int]]:
     out["peak"] = (_rss_kib("VmHWM") - base) * 1024
 
 
+EDIT_CALLS = ("edit", "edit_parallel")  # what the runner asks an editor for
+EVAL_CALLS = ("before", "after", "before_many", "after_many", "before_cases", "after_cases")  # and an evaluator
+
+
+@contextmanager
+def phase_peaks(device: torch.device, editor: Any, evaluator: Any) -> Iterator[dict[str, int]]:
+    """The peak bytes above what is live at the start of each call of the runner to the editor (``edit``) and
+    to the evaluator (``eval``), the largest of each phase: the memory model behind ``--parallel auto`` is the
+    editing's, so its prediction is compared with the edit phase alone. A call made inside a measured call
+    (``before_many`` calling ``before``) is part of the outer one."""
+    peaks = {"edit": 0, "eval": 0}
+    inside = False
+
+    def measured(phase: str, call: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            nonlocal inside
+            if inside:
+                return call(*args, **kwargs)
+            inside = True
+            try:
+                with peak_above(device) as peak:
+                    out = call(*args, **kwargs)
+            finally:
+                inside = False
+            peaks[phase] = max(peaks[phase], peak.get("peak", 0))
+            return out
+        return wrapper
+
+    patched = [(obj, name, vars(obj).get(name)) for obj, names in ((editor, EDIT_CALLS), (evaluator, EVAL_CALLS))
+               for name in names if hasattr(obj, name)]
+    for obj, name, _ in patched:
+        setattr(obj, name, measured("edit" if obj is editor else "eval", getattr(obj, name)))
+    try:
+        yield peaks
+    finally:
+        for obj, name, own in patched:
+            if own is None:
+                delattr(obj, name)  # the class's method is back
+            else:
+                setattr(obj, name, own)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that a clock read after it has seen it done."""
     if device.type == "cuda":
@@ -203,13 +246,16 @@ class Row:
     step_s: float = 0.0
     editor_mib: float = 0.0  # held by the editor itself
     peak_mib: float = 0.0  # above the model and editor, while editing and evaluating
-    predicted_mib: float = 0.0  # B x case_memory().total
+    edit_peak_mib: float = 0.0  # the same, the largest of the editor's calls alone
+    eval_peak_mib: float = 0.0  # and of the evaluator's calls alone
+    predicted_mib: float = 0.0  # B x case_memory().total: the editing's memory model
     model_step_s: float = 0.0  # the cost model's step time at this machine's peaks
     model_eval_s: float = 0.0  # the cost model's evaluation time per case at this machine's peaks
 
     @property
     def ratio(self) -> float:
-        return self.peak_mib / self.predicted_mib if self.predicted_mib else float("nan")
+        """The edit phase's peak over the memory model's prediction for it."""
+        return self.edit_peak_mib / self.predicted_mib if self.predicted_mib else float("nan")
 
 
 def settings_for(editor: str, steps: int, samples: int) -> dict[str, Any]:
@@ -271,9 +317,11 @@ def rehearse(lm: LoadedModel, editor: str, parallel: int, args: argparse.Namespa
         row.editor_mib = held["peak"] / 2**20
         row.predicted_mib = parallel * prepared.editor.case_memory().total / 2**20
         with peak_above(lm.device) as peak, ResultStore(scratch / f"{editor}-{parallel}", prepared.config) as store:
-            prepared.execute(store)
+            with phase_peaks(lm.device, prepared.editor, prepared.evaluator) as phases:
+                prepared.execute(store)
             records = store.records
         row.peak_mib = peak["peak"] / 2**20
+        row.edit_peak_mib, row.eval_peak_mib = phases["edit"] / 2**20, phases["eval"] / 2**20
         row.cases = len(records)
         row.steps = sum(r["steps"] for r in records)
         row.edit_s = sum(r["edit_s"] for r in records) / len(records)
@@ -303,15 +351,17 @@ def table(rows: list[Row], rates: MachineRates, args: argparse.Namespace, device
              f"bf16 matmul {rates.flops / 1e9:.0f} GFLOP/s, one-row product {rates.bandwidth / 1e9:.1f} GB/s",
              "",
              "| editor | B | steps | s/step | model s/step | edit s/case | eval s/case | model eval s/case | "
-             "editor MiB | peak MiB | predicted MiB | peak/predicted | status |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+             "editor MiB | peak MiB | edit peak MiB | eval peak MiB | predicted edit MiB | edit peak/predicted | "
+             "status |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     for r in rows:
         if r.status != "ok":
-            lines.append(f"| {r.editor} | {r.parallel} | | | | | | | | | | | {r.status} |")
+            lines.append(f"| {r.editor} | {r.parallel} | | | | | | | | | | | | | {r.status} |")
             continue
         lines.append(f"| {r.editor} | {r.parallel} | {r.steps:g} | {r.step_s:.2f} | {r.model_step_s:.2f} | "
                      f"{r.edit_s:.1f} | {r.eval_s:.1f} | {r.model_eval_s:.1f} | {r.editor_mib:.0f} | "
-                     f"{r.peak_mib:.0f} | {r.predicted_mib:.0f} | {r.ratio:.2f} | ok |")
+                     f"{r.peak_mib:.0f} | {r.edit_peak_mib:.0f} | {r.eval_peak_mib:.0f} | {r.predicted_mib:.0f} | "
+                     f"{r.ratio:.2f} | ok |")
     return "\n".join(lines)
 
 
