@@ -4,11 +4,11 @@ Not a test (at 7B it takes most of an hour on a 2-core CPU): it shows, before a 
 editor's bf16 path runs at the paper's size through the project's own runner (``RunSpec`` ->
 ``check_run`` -> ``prepare_run`` -> ``PreparedRun.execute``), and measures per editor and ``--parallel B``:
 
-* the peak memory above the model while the cases are edited and evaluated (on the CPU the resident set's
-  high-water mark, reset through ``/proc/self/clear_refs``; on CUDA the allocator's peak), in all and per
-  phase: the largest of the runner's calls to the editor (the edit) and to the evaluator; the edit's beside
-  what the memory model behind ``--parallel auto`` predicts (B x ``Editor.case_memory()``), and the memory
-  the editor itself holds (ROME's inverse and MEMIT's second moments);
+* the peak memory above what is live at each of the runner's calls to the editor (the edit) and to the
+  evaluator, the largest of each phase (on the CPU the resident set's high-water mark, reset through
+  ``/proc/self/clear_refs``; on CUDA the allocator's peak); the edit's beside what the memory model behind
+  ``--parallel auto`` predicts (B x ``Editor.case_memory()``), and the memory the editor itself holds
+  (ROME's inverse and MEMIT's second moments);
 * seconds per optimisation step, evaluation seconds per case (``--eval both``), and the cost model's
   efficiency on this machine (``overtone.study.budget``: the model's FLOPs and bytes at the machine's own
   measured bf16 matmul peak and bandwidth, over the measured time), which ``study plan`` carries to a GPU;
@@ -245,9 +245,9 @@ class Row:
     eval_s: float = 0.0  # per case
     step_s: float = 0.0
     editor_mib: float = 0.0  # held by the editor itself
-    peak_mib: float = 0.0  # above the model and editor, while editing and evaluating
-    edit_peak_mib: float = 0.0  # the same, the largest of the editor's calls alone
-    eval_peak_mib: float = 0.0  # and of the evaluator's calls alone
+    peak_mib: float = 0.0  # above the model and editor while editing or evaluating: the larger phase's
+    edit_peak_mib: float = 0.0  # above what is live at each editor call, the largest
+    eval_peak_mib: float = 0.0  # the same, evaluator calls
     predicted_mib: float = 0.0  # B x case_memory().total: the editing's memory model
     model_step_s: float = 0.0  # the cost model's step time at this machine's peaks
     model_eval_s: float = 0.0  # the cost model's evaluation time per case at this machine's peaks
@@ -316,12 +316,12 @@ def rehearse(lm: LoadedModel, editor: str, parallel: int, args: argparse.Namespa
         row.setup_s = time.perf_counter() - start
         row.editor_mib = held["peak"] / 2**20
         row.predicted_mib = parallel * prepared.editor.case_memory().total / 2**20
-        with peak_above(lm.device) as peak, ResultStore(scratch / f"{editor}-{parallel}", prepared.config) as store:
-            with phase_peaks(lm.device, prepared.editor, prepared.evaluator) as phases:
-                prepared.execute(store)
+        with ResultStore(scratch / f"{editor}-{parallel}", prepared.config) as store, \
+                phase_peaks(lm.device, prepared.editor, prepared.evaluator) as phases:
+            prepared.execute(store)
             records = store.records
-        row.peak_mib = peak["peak"] / 2**20
         row.edit_peak_mib, row.eval_peak_mib = phases["edit"] / 2**20, phases["eval"] / 2**20
+        row.peak_mib = max(row.edit_peak_mib, row.eval_peak_mib)
         row.cases = len(records)
         row.steps = sum(r["steps"] for r in records)
         row.edit_s = sum(r["edit_s"] for r in records) / len(records)
