@@ -39,7 +39,7 @@ from contextlib import contextmanager
 import torch
 
 from overtone import load_model
-from overtone.evaluation import WildEvaluator
+from overtone.evaluation import EvalCache, WildEvaluator
 from overtone.models.loading import LoadedModel
 from overtone.runner import ResultStore, RunSpec, prepare_run, read_run
 
@@ -94,6 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model("smollm2-135m", device="cpu")
+    EvalCache(lm)  # the model's identity, taken before the runs without a cache edit it (else never trusted)
     start = time.perf_counter()
     print(f"FT-M + CE on the first {args.limit} ZsRE test cases, {args.threads} thread(s): evaluation s/case")
     print(f"{'eval':<16}{'--parallel':>10}" + "".join(f"{state:>10}" for state in STATES) + f"{'warm/before':>13}")
