@@ -77,8 +77,9 @@ class EvalCache:
         digest = unedited_digest(self.lm.model, self.lm.tokenizer)
         if digest is None:
             if not self._warned:
-                log.warning("evaluation cache not used: model %s is not the model as loaded (live edits or an "
-                            "applied artifact)", self.lm.name)
+                log.warning("evaluation cache not used: model %s is not the model as loaded (live edits, an "
+                            "applied artifact, or a change made before the cache first saw it: make the EvalCache "
+                            "right after loading, as prepare_run does)", self.lm.name)
                 self._warned = True
             return None
         return {
