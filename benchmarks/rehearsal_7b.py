@@ -7,7 +7,8 @@ editor's bf16 path runs at the paper's size through the project's own runner (``
 * the peak memory above what is live at each of the runner's calls to the editor (the edit) and to the
   evaluator, the largest of each phase (on the CPU the resident set's high-water mark, reset through
   ``/proc/self/clear_refs``; on CUDA the allocator's peak); the edit's beside what the memory model behind
-  ``--parallel auto`` predicts (B x ``Editor.case_memory()``), and the memory the editor itself holds
+  ``--parallel auto`` predicts (B cases of ``Editor.case_memory()`` and its shared float32 copy of the
+  head), and the memory the editor itself holds
   (ROME's inverse and MEMIT's second moments);
 * seconds per optimisation step, evaluation seconds per case (``--eval both``), and the cost model's
   efficiency on this machine (``overtone.study.budget``: the model's FLOPs and bytes at the machine's own
@@ -248,7 +249,7 @@ class Row:
     peak_mib: float = 0.0  # above the model and editor while editing or evaluating: the larger phase's
     edit_peak_mib: float = 0.0  # above what is live at each editor call, the largest
     eval_peak_mib: float = 0.0  # the same, evaluator calls
-    predicted_mib: float = 0.0  # B x case_memory().total: the editing's memory model
+    predicted_mib: float = 0.0  # B x case_memory().total + its shared part: the editing's memory model
     model_step_s: float = 0.0  # the cost model's step time at this machine's peaks
     model_eval_s: float = 0.0  # the cost model's evaluation time per case at this machine's peaks
 
@@ -310,12 +311,14 @@ def rehearse(lm: LoadedModel, editor: str, parallel: int, args: argparse.Namespa
             return row
         if editor in ("rome", "memit"):
             precompute_moments(lm, spec)
+        lm.adapter.drop_fp32_head()  # each row makes its own, as a run of its own would
         start = time.perf_counter()
         with peak_above(lm.device) as held:
             prepared = prepare_run(spec, inputs, lm)
         row.setup_s = time.perf_counter() - start
         row.editor_mib = held["peak"] / 2**20
-        row.predicted_mib = parallel * prepared.editor.case_memory().total / 2**20
+        memory = prepared.editor.case_memory()
+        row.predicted_mib = (parallel * memory.total + memory.shared) / 2**20
         with ResultStore(scratch / f"{editor}-{parallel}", prepared.config) as store, \
                 phase_peaks(lm.device, prepared.editor, prepared.evaluator) as phases:
             prepared.execute(store)

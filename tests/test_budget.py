@@ -83,10 +83,11 @@ def test_auto_window_is_the_runners_rule_on_the_devices_memory():
     assert (budget.AUTO_SHARE, budget.AUTO_MAX) == (parallel_editing.AUTO_MEMORY_SHARE, parallel_editing.AUTO_MAX)
     shape = budget.MODELS["llama-2-7b"].sizes()
     config = editor_config("ft-m")
-    per_case = budget.case_memory("ft-m", shape, config)
+    memory = budget.case_memory("ft-m", shape, config)
+    assert memory.shared == 4 * 32000 * 4096  # the float32 copy of Llama-2-7B's head, once per window
     gpu = Device("test", "", memory_gb=40, bf16_tflops=1, fp64_tflops=1, bandwidth_gbs=1)
     assert window_size("auto", "ft-m", shape, config, gpu, "llama-2-7b") == int(
-        0.5 * (40e9 - shape.weight_bytes) // per_case)
+        (0.5 * (40e9 - shape.weight_bytes) - memory.shared) // memory.total)
     assert window_size(3, "ft-m", shape, config, gpu, "llama-2-7b") == 3
     assert window_size("auto", "wise", shape, editor_config("wise"), gpu, "llama-2-7b") == 1
 

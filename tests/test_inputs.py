@@ -21,12 +21,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from overtone.benchmarks import DatasetError, EditCase, Probe, load_benchmark
 from overtone.benchmarks.bounds import bound_probes
 from overtone.cli import app
 from overtone.editors import make_editor
+from overtone.editors import parallel as parallel_editing
 from overtone.objectives import CrossEntropy
 from overtone.report.runs import checked_summary, read_run_info
 from overtone.runner import RunSpec, SpecError, check_run, read_run, summarize
@@ -248,6 +250,24 @@ def test_parallel_beyond_the_memory_model_is_refused_and_the_advised_size_fits(t
         run_module.check_parallel(editor, tiny_llama, 10_000, 20)
     run_module.check_parallel(editor, tiny_llama, 3, 20)  # the advice
     run_module.check_parallel(editor, tiny_llama, 10_000, 2)  # only two cases to edit at once
+
+
+def test_the_float32_head_copy_is_counted_once_per_window_in_bf16(tiny_llama, monkeypatch):
+    """The training objectives read a float32 copy of the head (made once, shared by every case): a bf16
+    model's memory model holds it apart from the per-case bytes, and --parallel auto and the check of a given
+    --parallel set it aside before dividing the free memory by the cases; in float32 there is none."""
+    shape = parallel_editing.ModelShape.of(tiny_llama.model.config, torch.bfloat16)
+    assert shape.fp32_head == 4 * shape.vocab * shape.hidden
+    assert parallel_editing.ModelShape.of(tiny_llama.model.config, torch.float32).fp32_head == 0
+    memory = parallel_editing.CaseMemory(state=100, activations=100, shared=1000)
+    monkeypatch.setattr(parallel_editing, "free_memory", lambda device: 2 * (1000 + 5 * 200))
+    assert parallel_editing.parallel_size(memory, torch.device("cpu")) == 5  # (half of 4000 - 1000) / 200
+    editor = make_editor("ft-m", tiny_llama, CrossEntropy(), layer=2)
+    monkeypatch.setattr(editor, "case_memory", lambda: memory)
+    monkeypatch.setattr(run_module, "free_memory", lambda device: 1000 + 3 * 200)
+    run_module.check_parallel(editor, tiny_llama, 3, 20)
+    with pytest.raises(SpecError, match=r"--parallel 4: 4 cases at once need .* MiB once, ft-m.*give --parallel 3 "):
+        run_module.check_parallel(editor, tiny_llama, 4, 20)
 
 
 def test_a_long_edit_shows_its_updates_and_logs_them(caplog):

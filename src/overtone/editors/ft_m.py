@@ -91,7 +91,8 @@ def case_memory(shape: ModelShape, layer: int) -> CaseMemory:
     n = shape.hidden * shape.intermediate
     cast = 2 * n * shape.dtype_bytes if shape.dtype_bytes != 4 else 0
     state = 16 * n + cast + n * shape.dtype_bytes
-    return CaseMemory(state, shape.step_activations(1, EDIT_TOKENS, shape.layers - layer, TARGET_TOKENS))
+    return CaseMemory(state, shape.step_activations(1, EDIT_TOKENS, shape.layers - layer, TARGET_TOKENS),
+                      shape.fp32_head)
 
 
 class FTM(Editor):

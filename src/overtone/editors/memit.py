@@ -169,7 +169,8 @@ def case_memory(shape: ModelShape, cfg: LocateConfig, layers: int, top: int) -> 
     """One case of a parallel MEMIT edit: its value optimisation at layer ``top``, then a rank-one update of
     each of ``layers`` layers, kept."""
     value = value_memory(shape, cfg, top)
-    return CaseMemory(value.state + 4 * (shape.hidden + shape.intermediate) * layers, value.activations)
+    return CaseMemory(value.state + 4 * (shape.hidden + shape.intermediate) * layers, value.activations,
+                      value.shared)
 
 
 class SpreadEditor(LocateEditor):

@@ -144,6 +144,13 @@ class ModelShape:
                    kv_heads=getattr(config, "num_key_value_heads", None) or heads, vocab=config.vocab_size,
                    dtype_bytes=torch.empty(0, dtype=dtype).element_size())
 
+    @property
+    def fp32_head(self) -> int:
+        """Bytes of the float32 copy of the vocabulary head that the training objectives read
+        (``ModelAdapter.logits(fp32=True)``): made once when the model is not in float32, shared by every case.
+        """
+        return 4 * self.vocab * self.hidden if self.dtype_bytes != 4 else 0
+
     def step_activations(self, rows: int, tokens: int, blocks: int, scored: int) -> int:
         """Bytes autograd keeps for one training pass: ``rows`` x ``tokens`` tokens through ``blocks`` blocks,
         then the float32 logits at ``scored`` positions.
@@ -167,6 +174,7 @@ class CaseMemory:
 
     state: int  # change + gradient + optimiser state + the change kept for evaluation
     activations: int  # saved for the backward pass of one training step (estimate, see docs/parallel.md)
+    shared: int = 0  # needed once by a window of any size (ModelShape.fp32_head); not in ``total``
 
     @property
     def total(self) -> int:
@@ -188,12 +196,13 @@ def free_memory(device: torch.device) -> int:
 
 
 def parallel_size(memory: CaseMemory, device: torch.device, most: int | None = None) -> int:
-    """The B of ``--parallel auto``: as many cases as fit in half the free memory, at most ``AUTO_MAX`` and
-    ``most``, at least 1. Logs what it chose and why."""
+    """The B of ``--parallel auto``: as many cases as fit in half the free memory less what the window needs
+    once (``memory.shared``), at most ``AUTO_MAX`` and ``most``, at least 1. Logs what it chose and why."""
     free = free_memory(device)
-    fit = int(AUTO_MEMORY_SHARE * free // max(1, memory.total))
+    fit = int((AUTO_MEMORY_SHARE * free - memory.shared) // max(1, memory.total))
     size = max(1, min(AUTO_MAX, fit, most or AUTO_MAX))
-    log.info("--parallel auto: %d cases at once (%.0f MiB per case: %.0f state + %.0f activations; %.1f GiB free "
-             "on %s, %.0f%% of it usable; at most %d)", size, memory.total / 2**20, memory.state / 2**20,
-             memory.activations / 2**20, free / 2**30, device.type, 100 * AUTO_MEMORY_SHARE, most or AUTO_MAX)
+    log.info("--parallel auto: %d cases at once (%.0f MiB per case: %.0f state + %.0f activations; %.0f MiB once; "
+             "%.1f GiB free on %s, %.0f%% of it usable; at most %d)", size, memory.total / 2**20,
+             memory.state / 2**20, memory.activations / 2**20, memory.shared / 2**20, free / 2**30, device.type,
+             100 * AUTO_MEMORY_SHARE, most or AUTO_MAX)
     return size

@@ -74,13 +74,14 @@ def value_memory(shape: ModelShape, cfg: LocateConfig, block: int) -> CaseMemory
     rows, tail = variants + 1, 16
     prefix = rows * tail * 2 * shape.kv_heads * shape.head_dim * shape.layers * shape.dtype_bytes
     return CaseMemory(16 * shape.hidden,
-                      shape.step_activations(rows, tail, shape.layers - block, variants * TARGET_TOKENS + 1) + prefix)
+                      shape.step_activations(rows, tail, shape.layers - block, variants * TARGET_TOKENS + 1) + prefix,
+                      shape.fp32_head)
 
 
 def case_memory(shape: ModelShape, cfg: LocateConfig, layer: int) -> CaseMemory:
     """One case of a parallel ROME edit: its value optimisation, then u and the update's column, kept."""
     value = value_memory(shape, cfg, layer)
-    return CaseMemory(value.state + 4 * (shape.hidden + shape.intermediate), value.activations)
+    return CaseMemory(value.state + 4 * (shape.hidden + shape.intermediate), value.activations, value.shared)
 
 
 class ROME(LocateEditor):

@@ -153,6 +153,11 @@ class ModelAdapter:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
+    def drop_fp32_head(self) -> None:
+        """Free the float32 copy of the head (``logits(fp32=True)`` makes it again when next asked): vocabulary x
+        hidden x 4 bytes, 0.5 GiB at Llama-2-7B and 2 GiB at Llama-3-8B."""
+        self._head_key, self._head = None, None
+
     def _head_fp32(self) -> torch.Tensor:
         weight = self.lm_head.weight
         key = (weight.data_ptr(), weight._version)

@@ -120,13 +120,15 @@ def check_parallel(editor: Editor, lm: LoadedModel, parallel: int, cases: int) -
     at_once = min(parallel, cases)
     if at_once <= 1:
         return
-    need, free = editor.case_memory().total, free_memory(lm.device)
-    fits = int(free // max(1, need))
+    memory, free = editor.case_memory(), free_memory(lm.device)
+    need = memory.total
+    fits = int((free - memory.shared) // max(1, need))
     if at_once > fits:
         raise SpecError(
-            f"--parallel {parallel}: {at_once} cases at once need about {at_once * need / 2**30:.1f} GiB "
-            f"({need / 2**20:.0f} MiB each, {editor.name}), but {free / 2**30:.1f} GiB is free on {lm.device.type}; "
-            f"give --parallel {max(1, fits)} or less, or --parallel auto")
+            f"--parallel {parallel}: {at_once} cases at once need about "
+            f"{(at_once * need + memory.shared) / 2**30:.1f} GiB ({need / 2**20:.0f} MiB each, "
+            f"{memory.shared / 2**20:.0f} MiB once, {editor.name}), but {free / 2**30:.1f} GiB is free on "
+            f"{lm.device.type}; give --parallel {max(1, fits)} or less, or --parallel auto")
 
 
 class StepProgress:

@@ -27,11 +27,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from overtone.benchmarks.cases import EditCase
+
+if TYPE_CHECKING:
+    from overtone.editors.parallel import CaseMemory
 
 AUTO_SHARE, AUTO_MAX = 0.5, 64  # editors/parallel.py's --parallel auto (tests/test_budget.py checks they agree)
 KL_ROWS = 1  # ROME and MEMIT: the KL prompt's row beside the prompt variants
@@ -354,8 +357,8 @@ def parse_rates(text: str | None) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------------- budget
 
 
-def case_memory(editor: str, shape: Shape, config: Any, profile: str = "") -> int | None:
-    """Bytes of one case of a parallel edit (the editors' own memory model), or None: one case at a time."""
+def case_memory(editor: str, shape: Shape, config: Any, profile: str = "") -> CaseMemory | None:
+    """One case of a parallel edit (the editors' own memory model), or None: one case at a time."""
     from overtone.editors import EDITORS, ft_m, lora, memit, rome
     from overtone.editors.lora import LoRAConfig
     from overtone.editors.memit import MEMITConfig
@@ -368,25 +371,25 @@ def case_memory(editor: str, shape: Shape, config: Any, profile: str = "") -> in
                        shape.vocab, shape.dtype_bytes)
     site = edit_site(editor, shape, config, profile)
     if editor == "ft-m":
-        return ft_m.case_memory(model, site.first_layer).total
+        return ft_m.case_memory(model, site.first_layer)
     if editor == "lora":
-        return lora.case_memory(model, config or LoRAConfig()).total
+        return lora.case_memory(model, config or LoRAConfig())
     if editor == "rome":
-        return rome.case_memory(model, config or ROMEConfig(), site.first_layer).total
+        return rome.case_memory(model, config or ROMEConfig(), site.first_layer)
     if editor == "memit":
-        return memit.case_memory(model, config or MEMITConfig(), site.solves, site.top_layer).total
+        return memit.case_memory(model, config or MEMITConfig(), site.solves, site.top_layer)
     return None
 
 
 def window_size(parallel: int | str, editor: str, shape: Shape, config: Any, gpu: Device, profile: str) -> int:
     """Cases edited at once: the cell's number, or --parallel auto's rule on the device's memory."""
-    per_case = case_memory(editor, shape, config, profile)
-    if per_case is None:
+    memory = case_memory(editor, shape, config, profile)
+    if memory is None:
         return 1
     if parallel != "auto":
         return int(parallel)
     free = gpu.memory - shape.weight_bytes
-    return max(1, min(AUTO_MAX, int(AUTO_SHARE * free // per_case)))
+    return max(1, min(AUTO_MAX, int((AUTO_SHARE * free - memory.shared) // memory.total)))
 
 
 @dataclass

@@ -41,7 +41,8 @@ def case_memory(shape: ModelShape, cfg: LoRAConfig, modules: Sequence[tuple[int,
     rank = cfg.init_rank if cfg.variant == "adalora" else cfg.rank_value
     factors = sum(rank * (n_in + n_out) + (rank if cfg.variant == "adalora" else 0) for n_in, n_out in modules)
     adapters = EDIT_TOKENS * sum(2 * n_in + rank for n_in, _ in modules) * 4
-    return CaseMemory(20 * factors, shape.step_activations(1, EDIT_TOKENS, blocks, TARGET_TOKENS) + adapters)
+    return CaseMemory(20 * factors, shape.step_activations(1, EDIT_TOKENS, blocks, TARGET_TOKENS) + adapters,
+                      shape.fp32_head)
 
 
 def edit_cases(lm: LoadedModel, cfg: LoRAConfig, objective: Objective, paths: Sequence[str],
