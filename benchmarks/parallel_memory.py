@@ -3,8 +3,9 @@
 For FT-M, LoRA (AdaLoRA as configured by default, and plain LoRA) and ROME on the embedded model
 (SmolLM2-135M: 30 layers, hidden 576, MLP 1536, 9 heads of 64, 3 key-value heads, vocabulary 49152)
 and on a Llama-2-7B shape (32 layers, hidden 4096, MLP 11008, 32 heads of 128, vocabulary 32000), in
-float32 and bfloat16. ``state`` is exact: the per-case change, its gradient and Adam's two moments, and
-the change kept for evaluation. ``activations`` is an upper estimate of what autograd keeps for one
+float32 and bfloat16. ``state`` is exact: the per-case change, its gradient, Adam's two moments and the
+temporaries of its update, and the change kept for evaluation; ``once``: what a window needs once (the
+float32 copy of the head in bfloat16). ``activations`` is an upper estimate of what autograd keeps for one
 training step of one 32-token edit (``ModelShape.step_activations``). ``--parallel auto`` divides half
 the free memory by the sum.
 
@@ -33,7 +34,8 @@ def mib(n: int) -> str:
 
 
 def main() -> None:
-    print(f"{'model':<18}{'dtype':<10}{'editor':<18}{'state MiB':>10}{'activ. MiB':>11}{'total MiB':>10}")
+    print(f"{'model':<18}{'dtype':<10}{'editor':<18}{'state MiB':>10}{'activ. MiB':>11}{'total MiB':>10}"
+          f"{'once MiB':>10}")
     for name, (config, rome_layer) in SHAPES.items():
         for dtype in (torch.float32, torch.bfloat16):
             shape = ModelShape.of(config, dtype)
@@ -46,7 +48,7 @@ def main() -> None:
             }
             for editor, memory in rows.items():
                 print(f"{name:<18}{str(dtype).removeprefix('torch.'):<10}{editor:<18}{mib(memory.state):>10}"
-                      f"{mib(memory.activations):>11}{mib(memory.total):>10}")
+                      f"{mib(memory.activations):>11}{mib(memory.total):>10}{mib(memory.shared):>10}")
 
 
 if __name__ == "__main__":

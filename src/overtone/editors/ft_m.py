@@ -40,6 +40,7 @@ from overtone.editors.base import (
 )
 from overtone.editors.locate.update import add_change, changes_since, snapshot
 from overtone.editors.parallel import (
+    ADAM_TEMPORARIES,
     EDIT_TOKENS,
     TARGET_TOKENS,
     CaseEdits,
@@ -85,12 +86,12 @@ class FTMConfig:
 
 
 def case_memory(shape: ModelShape, layer: int) -> CaseMemory:
-    """One case of a parallel FT-M edit: its float32 matrix, gradient and two Adam moments, a copy and its
-    gradient in the model's dtype when that is not float32, the final matrix kept for evaluation, and the
-    activations of one step through the blocks from ``layer`` up."""
+    """One case of a parallel FT-M edit: its float32 matrix, gradient and two Adam moments, Adam's temporaries
+    (``ADAM_TEMPORARIES``), a copy and its gradient in the model's dtype when that is not float32, the final
+    matrix kept for evaluation, and the activations of one step through the blocks from ``layer`` up."""
     n = shape.hidden * shape.intermediate
     cast = 2 * n * shape.dtype_bytes if shape.dtype_bytes != 4 else 0
-    state = 16 * n + cast + n * shape.dtype_bytes
+    state = (16 + ADAM_TEMPORARIES) * n + cast + n * shape.dtype_bytes
     return CaseMemory(state, shape.step_activations(1, EDIT_TOKENS, shape.layers - layer, TARGET_TOKENS),
                       shape.fp32_head)
 

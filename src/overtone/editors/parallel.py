@@ -163,6 +163,11 @@ class ModelShape:
         return rows * tokens * blocks * per_token + 3 * scored * self.vocab * 4
 
 
+# Bytes per trained float32 value that Adam's update allocates for a moment: the square root of the second
+# moment, then its quotient by the bias correction (torch's single-tensor Adam, the CPU's default, holds both;
+# the foreach path on CUDA one). Measured by the 7B rehearsal (docs/performance.md).
+ADAM_TEMPORARIES = 8
+
 # Lengths assumed by the estimates: tokens of one edit sequence and target tokens scored in it.
 EDIT_TOKENS = 32
 TARGET_TOKENS = 8

@@ -20,7 +20,15 @@ from overtone.benchmarks.cases import EditCase
 from overtone.editors.base import StepCallback
 from overtone.editors.lora.config import LoRAConfig
 from overtone.editors.lora.factors import edit_generator, initial_factors, orthogonality, scaling
-from overtone.editors.parallel import EDIT_TOKENS, TARGET_TOKENS, CaseEdits, CaseMemory, CaseParameters, ModelShape
+from overtone.editors.parallel import (
+    ADAM_TEMPORARIES,
+    EDIT_TOKENS,
+    TARGET_TOKENS,
+    CaseEdits,
+    CaseMemory,
+    CaseParameters,
+    ModelShape,
+)
 from overtone.editors.training import TargetLogits, default_stop, optimise_cases
 from overtone.models.loading import LoadedModel
 from overtone.models.per_case import CaseChange, CaseDropout, CaseLowRank, patched
@@ -41,7 +49,8 @@ def case_memory(shape: ModelShape, cfg: LoRAConfig, modules: Sequence[tuple[int,
     rank = cfg.init_rank if cfg.variant == "adalora" else cfg.rank_value
     factors = sum(rank * (n_in + n_out) + (rank if cfg.variant == "adalora" else 0) for n_in, n_out in modules)
     adapters = EDIT_TOKENS * sum(2 * n_in + rank for n_in, _ in modules) * 4
-    return CaseMemory(20 * factors, shape.step_activations(1, EDIT_TOKENS, blocks, TARGET_TOKENS) + adapters,
+    return CaseMemory((20 + ADAM_TEMPORARIES) * factors,
+                      shape.step_activations(1, EDIT_TOKENS, blocks, TARGET_TOKENS) + adapters,
                       shape.fp32_head)
 
 
