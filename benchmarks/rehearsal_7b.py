@@ -51,7 +51,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from transformers.initialization import no_init_weights
 
-from overtone.editors.parallel import free_memory
+from overtone.editors.parallel import ModelShape, free_memory
 from overtone.models import embedded
 from overtone.models.loading import DEFAULT_MODEL, LoadedModel, prepare_model
 from overtone.runner import ResultStore
@@ -284,13 +284,12 @@ def precompute_moments(lm: LoadedModel, spec: RunSpec) -> None:
 def editor_memory(editor: str, lm: LoadedModel) -> int:
     """Bytes the editor holds beside its cases, at most (ROME: C read in fp32, widened and inverted in fp64;
     MEMIT: its layers' C in fp32, one layer's lambda C + k k^T and the solve's copy in fp64)."""
-    from overtone.editors.memit import default_layers
+    from overtone.editors.memit import default_layers, solve_memory
 
-    width = lm.model.config.intermediate_size ** 2
     if editor == "rome":
-        return 3 * 8 * width
+        return 3 * 8 * lm.model.config.intermediate_size ** 2
     if editor == "memit":
-        return len(default_layers(lm)) * 4 * width + 3 * 8 * width
+        return solve_memory(ModelShape.of(lm.model.config, lm.dtype), len(default_layers(lm)))
     return 0
 
 

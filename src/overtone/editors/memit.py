@@ -165,12 +165,20 @@ def spread_update(lm: LoadedModel, cfg: SpreadConfig, layers: Sequence[int], obj
     return stats, updates
 
 
+def solve_memory(shape: ModelShape, layers: int) -> int:
+    """Bytes the edit holds whatever its cases: the ``layers`` layers' second moments in float32 (read at the
+    first edit) and one solve's float64 matrices (lambda C + K K^T, its factor and the right-hand side's
+    workspace, each intermediate x intermediate). 5.1 GiB at Llama-2-7B's five layers; the 7B rehearsal
+    measured 5.8 to 6.1 GiB for the whole edit with the head's copy (docs/performance.md)."""
+    return (4 * layers + 3 * 8) * shape.intermediate ** 2
+
+
 def case_memory(shape: ModelShape, cfg: LocateConfig, layers: int, top: int) -> CaseMemory:
     """One case of a parallel MEMIT edit: its value optimisation at layer ``top``, then a rank-one update of
-    each of ``layers`` layers, kept."""
+    each of ``layers`` layers, kept; shared by the window, the solve's memory (``solve_memory``)."""
     value = value_memory(shape, cfg, top)
     return CaseMemory(value.state + 4 * (shape.hidden + shape.intermediate) * layers, value.activations,
-                      value.shared)
+                      value.shared + solve_memory(shape, layers))
 
 
 class SpreadEditor(LocateEditor):
