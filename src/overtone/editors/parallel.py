@@ -179,11 +179,15 @@ class CaseMemory:
 
     state: int  # change + gradient + optimiser state + the change kept for evaluation
     activations: int  # saved for the backward pass of one training step (estimate, see docs/parallel.md)
-    shared: int = 0  # needed once by a window of any size (ModelShape.fp32_head); not in ``total``
+    shared: int = 0  # needed once by a window of any size (ModelShape.fp32_head, MEMIT's solve); not in ``total``
 
     @property
     def total(self) -> int:
         return self.state + self.activations
+
+    def fits(self, free: float) -> int:
+        """How many cases ``free`` bytes hold once the window's shared part is set aside (0 or more)."""
+        return max(0, int((free - self.shared) // max(1, self.total)))
 
 
 def free_memory(device: torch.device) -> int:
@@ -204,8 +208,7 @@ def parallel_size(memory: CaseMemory, device: torch.device, most: int | None = N
     """The B of ``--parallel auto``: as many cases as fit in half the free memory less what the window needs
     once (``memory.shared``), at most ``AUTO_MAX`` and ``most``, at least 1. Logs what it chose and why."""
     free = free_memory(device)
-    fit = int((AUTO_MEMORY_SHARE * free - memory.shared) // max(1, memory.total))
-    size = max(1, min(AUTO_MAX, fit, most or AUTO_MAX))
+    size = max(1, min(AUTO_MAX, memory.fits(AUTO_MEMORY_SHARE * free), most or AUTO_MAX))
     log.info("--parallel auto: %d cases at once (%.0f MiB per case: %.0f state + %.0f activations; %.0f MiB once; "
              "%.1f GiB free on %s, %.0f%% of it usable; at most %d)", size, memory.total / 2**20,
              memory.state / 2**20, memory.activations / 2**20, memory.shared / 2**20, free / 2**30, device.type,

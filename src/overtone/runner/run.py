@@ -121,8 +121,7 @@ def check_parallel(editor: Editor, lm: LoadedModel, parallel: int, cases: int) -
     if at_once <= 1:
         return
     memory, free = editor.case_memory(), free_memory(lm.device)
-    need = memory.total
-    fits = int((free - memory.shared) // max(1, need))
+    need, fits = memory.total, memory.fits(free)
     if at_once > fits:
         raise SpecError(
             f"--parallel {parallel}: {at_once} cases at once need about "

@@ -389,7 +389,7 @@ def window_size(parallel: int | str, editor: str, shape: Shape, config: Any, gpu
     if parallel != "auto":
         return int(parallel)
     free = gpu.memory - shape.weight_bytes
-    return max(1, min(AUTO_MAX, int((AUTO_SHARE * free - memory.shared) // memory.total)))
+    return max(1, min(AUTO_MAX, memory.fits(AUTO_SHARE * free)))
 
 
 @dataclass
