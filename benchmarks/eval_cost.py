@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from unittest import mock
 
 import torch
 
@@ -51,16 +52,8 @@ STATES = ("before", "cold", "warm")
 @contextmanager
 def fresh_cache() -> Iterator[None]:
     """A new, empty evaluation cache for the runs inside (``$OVERTONE_EVAL_CACHE``), the old setting restored."""
-    saved = os.environ.get("OVERTONE_EVAL_CACHE")
-    with tempfile.TemporaryDirectory() as root:
-        os.environ["OVERTONE_EVAL_CACHE"] = root
-        try:
-            yield
-        finally:
-            if saved is None:
-                del os.environ["OVERTONE_EVAL_CACHE"]
-            else:
-                os.environ["OVERTONE_EVAL_CACHE"] = saved
+    with tempfile.TemporaryDirectory() as root, mock.patch.dict(os.environ, {"OVERTONE_EVAL_CACHE": root}):
+        yield
 
 
 def eval_seconds(lm: LoadedModel, limit: int, mode: str, parallel: int, decoder: str, cache: bool,
