@@ -151,6 +151,13 @@ class ModelShape:
         """
         return 4 * self.vocab * self.hidden if self.dtype_bytes != 4 else 0
 
+    def mlp_write(self, matrices: int = 1) -> int:
+        """Bytes of a closed-form write into ``matrices`` MLP output projections by a sequential edit (``edit``,
+        ``--parallel 1``): per matrix, its copy for the revert and for the saved edit's base (in the model's
+        dtype) and the update's float32 product; the write itself widens a block of rows at a time
+        (``locate.update.CHUNK_VALUES``: three 32 MiB buffers)."""
+        return matrices * (2 * self.dtype_bytes + 4) * self.hidden * self.intermediate + 3 * 8 * (1 << 22)
+
     def step_activations(self, rows: int, tokens: int, blocks: int, scored: int) -> int:
         """Bytes autograd keeps for one training pass: ``rows`` x ``tokens`` tokens through ``blocks`` blocks,
         then the float32 logits at ``scored`` positions.
@@ -179,7 +186,8 @@ class CaseMemory:
 
     state: int  # change + gradient + optimiser state + the change kept for evaluation
     activations: int  # saved for the backward pass of one training step (estimate, see docs/parallel.md)
-    shared: int = 0  # needed once by a window of any size (ModelShape.fp32_head, MEMIT's solve); not in ``total``
+    shared: int = 0  # needed once by a window of any size (ModelShape.fp32_head, a sequential write, MEMIT's
+    # solve); not in ``total``
 
     @property
     def total(self) -> int:

@@ -79,9 +79,12 @@ def value_memory(shape: ModelShape, cfg: LocateConfig, block: int) -> CaseMemory
 
 
 def case_memory(shape: ModelShape, cfg: LocateConfig, layer: int) -> CaseMemory:
-    """One case of a parallel ROME edit: its value optimisation, then u and the update's column, kept."""
+    """One case of a parallel ROME edit: its value optimisation, then u and the update's column, kept; once, the
+    write of a sequential edit (``--parallel 1``; a window of more cases keeps the update per case instead, so
+    there this part is a margin)."""
     value = value_memory(shape, cfg, layer)
-    return CaseMemory(value.state + 4 * (shape.hidden + shape.intermediate), value.activations, value.shared)
+    return CaseMemory(value.state + 4 * (shape.hidden + shape.intermediate), value.activations,
+                      value.shared + shape.mlp_write())
 
 
 class ROME(LocateEditor):
