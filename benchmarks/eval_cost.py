@@ -22,7 +22,12 @@ Teacher-forced has no decoder, so its ``before`` is the run without a cache. The
 Every cache is a temporary ``$OVERTONE_EVAL_CACHE``: the user's is neither read nor written. Rows run one after
 another; a busy machine moves every row, so compare ratios of one run.
 
+``--decode-steps`` instead times every forward pass of the edited models' replies in one warm ``--eval wild``
+run at ``--parallel 8``: the prefill, then each decoding step with the rows still live, grouped by rows: where the
+wild evaluation's time goes.
+
     python benchmarks/eval_cost.py --limit 16 --threads 1
+    python benchmarks/eval_cost.py --limit 8 --threads 1 --decode-steps
 """
 
 from __future__ import annotations
@@ -80,14 +85,50 @@ def measure(lm: LoadedModel, limit: int, mode: str, parallel: int, objective: st
     return out
 
 
+def decode_steps(lm: LoadedModel, limit: int) -> None:
+    """Print the rows and seconds of every forward pass of a warm wild run's replies (its prefill and decode steps)."""
+    passes: list[tuple[int, int, float]] = []  # rows, tokens, seconds of each pass that extends a cache
+    forward = lm.model.forward
+
+    def timed(*args: object, **kwargs: object) -> object:
+        begin = time.perf_counter()
+        out = forward(*args, **kwargs)
+        ids = kwargs.get("input_ids")
+        if kwargs.get("cache") is not None and isinstance(ids, torch.Tensor):
+            passes.append((ids.size(0), ids.size(1), time.perf_counter() - begin))
+        return out
+
+    with fresh_cache():
+        eval_seconds(lm, limit, "wild", 8, "fast", cache=True)  # cold: fills the cache with the unedited replies
+        with mock.patch.object(lm.model, "forward", timed):
+            per_case = eval_seconds(lm, limit, "wild", 8, "fast", cache=True)
+    prefill = [p for p in passes if p[1] > 1]
+    steps = [p for p in passes if p[1] == 1]
+    print(f"wild, warm, --parallel 8, {limit} cases: {per_case:.3f} s/case of evaluation; forward passes of the "
+          f"edited models' replies {sum(p[2] for p in passes):.2f} s")
+    print(f"prefill: {len(prefill)} passes, {sum(p[0] * p[1] for p in prefill)} tokens, "
+          f"{sum(p[2] for p in prefill):.2f} s")
+    print(f"decoding: {len(steps)} steps, {sum(p[0] for p in steps)} row-tokens, {sum(p[2] for p in steps):.2f} s")
+    print(f"{'live rows':>12}{'steps':>8}{'s per step':>12}{'s in all':>10}")
+    for low, high in ((1, 4), (5, 10), (11, 20), (21, 40), (41, 10**6)):
+        group = [p[2] for p in steps if low <= p[0] <= high]
+        if group:
+            print(f"{f'{low}-{high}' if high < 10**6 else f'{low}+':>12}{len(group):>8}"
+                  f"{statistics.fmean(group):12.3f}{sum(group):10.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=16, help="the first N ZsRE test cases")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--decode-steps", action="store_true", help="only time the wild replies' forward passes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lm = load_model("smollm2-135m", device="cpu")
     EvalCache(lm)  # the model's identity, taken before the runs without a cache edit it (else never trusted)
+    if args.decode_steps:
+        decode_steps(lm, args.limit)
+        return
     start = time.perf_counter()
     print(f"FT-M + CE on the first {args.limit} ZsRE test cases, {args.threads} thread(s): evaluation s/case")
     print(f"{'eval':<16}{'--parallel':>10}" + "".join(f"{state:>10}" for state in STATES) + f"{'warm/before':>13}")
