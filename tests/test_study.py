@@ -263,6 +263,20 @@ def test_paired_estimates_are_the_difference_of_rows_on_common_cases():
     assert 0.05 < mixed.p_value < 1.0 and not mixed.excludes_zero
 
 
+
+def test_one_stream_against_another_has_no_interval():
+    """A stream (or any run of one chunk) against another, one seed each: every bootstrap replicate is the one
+    difference, so the table gives the difference without an interval, no significance mark and no Holm test."""
+    base = {0: records([0.0, 0.5, 0.5, 0.0], chunk=4)}
+    other = {0: records([1.0, 1.0, 1.0, 0.5], chunk=4)}
+    diff = paired_estimates(base, other, ["rel"])["rel"]
+    assert (diff.units, diff.unit, diff.has_interval, diff.excludes_zero) == (1, "chunk", False, False)
+    assert diff.signed() == "+62.50 (no interval: 1 chunk)"
+    assert str(row_estimates(other, ["rel"])["rel"]) == "87.50 (1 chunk)"
+    two = paired_estimates({0: records([0.0, 0.5, 0.5, 0.0], chunk=2)}, {0: records([1.0, 1.0, 1.0, 0.5], chunk=2)},
+                           ["rel"])["rel"]
+    assert two.has_interval and two.excludes_zero
+
 def test_make_executor_names_the_choices():
     with pytest.raises(ValueError, match="unknown executor 'spark'; choose one of local, ray"):
         make_executor("spark", ExecutorOptions())

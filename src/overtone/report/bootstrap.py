@@ -51,17 +51,25 @@ class Estimate:
     p_value: float = math.nan  # two-sided bootstrap p-value of "the mean is 0" (a paired difference's test)
 
     @property
+    def has_interval(self) -> bool:
+        """False when it rests on one unit of one seed (a single stream, one chunk): resampling it gives back
+        the same value, so no interval can be read from it."""
+        return self.units * self.seeds > 1
+
+    @property
     def half_width(self) -> float:
         return (self.high - self.low) / 2
 
     @property
     def excludes_zero(self) -> bool:
-        return self.low > 0 or self.high < 0
+        return self.has_interval and (self.low > 0 or self.high < 0)
 
     def __str__(self) -> str:
-        return f"{self.mean:.2f} ±{self.half_width:.2f}"
+        return f"{self.mean:.2f} ±{self.half_width:.2f}" if self.has_interval else f"{self.mean:.2f} (1 {self.unit})"
 
     def signed(self) -> str:
+        if not self.has_interval:
+            return f"{self.mean:+.2f} (no interval: 1 {self.unit})"
         return f"{self.mean:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
 
 

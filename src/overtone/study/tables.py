@@ -170,13 +170,13 @@ def paired_tables(rows: Sequence[Row]) -> list[PaperTable]:
         metrics = _metrics(members)
         estimated = [paired_estimates(base.records, other.records, metrics) for base, other in pairs]
         # the table's comparisons (rows x metrics with an interval) are one family for Holm's correction
-        tested = [e for estimates in estimated for e in estimates.values() if e is not None]
+        tested = [e for estimates in estimated for e in estimates.values() if e is not None and e.has_interval]
         survives = iter(holm([e.p_value for e in tested]))
         body = []
         for (base, other), estimates in zip(pairs, estimated, strict=True):
             units = next((e for e in estimates.values() if e is not None), None)
             body.append([f"{other.first['label']} − {base.first['label']}",
-                         *("–" if e is None else _paired_cell(e, next(survives))
+                         *("–" if e is None else _paired_cell(e, e.has_interval and next(survives))
                            for e in (estimates[m] for m in [*metrics, "avg"])),
                          "–" if units is None else f"{units.units} {units.unit}s × {units.seeds} seed"
                          f"{'s' if units.seeds > 1 else ''}"])
