@@ -94,6 +94,44 @@ def test_fewer_than_three_units_give_no_interval():
     assert str(d) == "-5.00 (no interval: 2 chunks)"
 
 
+
+def stream_records(rel: list[float], efficacy: list[float]) -> list[dict]:
+    """One stream's records: every case in chunk 0, with its lifelong comparisons."""
+    return [{**rec(f"c{i}", rel=r), "chunk": 0,
+             "lifelong": {"pre": {"efficacy": 0.0}, "post": {"efficacy": e, "fluency": 4.0}}}
+            for i, (r, e) in enumerate(zip(rel, efficacy, strict=True))]
+
+
+def test_streams_pair_by_chunk_unless_asked_by_case_and_pair_their_lifelong_comparisons():
+    base = stream_records([0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 1.0, 0.0, 0.0, 1.0])
+    other = stream_records([1.0, 1.0, 0.5, 0.5, 1.0], [1.0, 1.0, 1.0, 0.0, 1.0])
+    results = [(name, {"rel": 50.0, "avg": 50.0, "lifelong": {"post": {}, "pre": {}}}, records)
+               for name, records in (("ce", base), ("overtone", other))]
+    by_chunk = _paired_layout(results, 0).sections[0][1][0]
+    assert by_chunk[1] == "+60.00 (no interval: 1 chunk)"
+    table = _paired_layout(results, 0, by_case=True)
+    row = dict(zip([h for _, headers in table.groups for h in headers], table.sections[0][1][0][1:], strict=True))
+    rel = paired_difference(base, other, "rel", by_case=True)
+    assert rel.n == 5 and row["ΔRel."] == rel.marked and rel.mean == pytest.approx(60.0)
+    efficacy = paired_difference([{"case_id": r["case_id"], "post": r["lifelong"]["post"]} for r in base],
+                                 [{"case_id": r["case_id"], "post": r["lifelong"]["post"]} for r in other], "efficacy")
+    assert row["Δefficacy"] == efficacy.marked and efficacy.mean == pytest.approx(40.0)
+    assert "Δfluency (bits)" not in row  # bits, not a share: in the lifelong table only
+    assert "optimistic" in table.caption
+
+
+def test_stream_summaries_get_the_lifelong_table_and_the_curve():
+    from overtone.report.tables import extra_tables
+
+    life = {"pre": {"efficacy": 40.0, "generalization": 38.0, "specificity": 66.0, "fluency": None},
+            "post": {"efficacy": 74.0, "generalization": 39.0, "specificity": 55.0, "fluency": 4.24},
+            "curve": [{"edits": 1000, "rel": 28.17, "gen": 12.67, "loc": 10.0, "efficacy": 60.0}]}
+    tables = {t.title: t for t in extra_tables([("ce", {"rel": 37.2, "lifelong": life}), ("plain", {"rel": 1.0})])}
+    lifelong = tables["Lifelong metrics: unedited → after the stream"]
+    assert lifelong.sections[0][1] == [["ce", "40.00 → 74.00", "38.00 → 39.00", "66.00 → 55.00", "– → 4.24"]]
+    assert tables["Along the stream: ce"].sections[0][1] == [["1000", "28.17", "12.67", "10.00", "60.00", "–", "–",
+                                                              "–"]]
+
 def test_case_avg_uses_the_metrics_a_case_has():
     base = [rec("a", rel=1.0, loc=0.5)]
     other = [rec("a", rel=1.0, loc=1.0)]

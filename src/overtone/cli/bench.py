@@ -191,6 +191,9 @@ def table(
     markdown: Annotated[bool, typer.Option("--markdown", help="print GitHub Markdown")] = False,
     paired: Annotated[bool, typer.Option(
         "--paired", help="also print each run's paired per-case differences to the first run of its table")] = False,
+    by_case: Annotated[bool, typer.Option(
+        "--by-case", help="--paired: an interval over cases even where they share an edited model (a stream, whose "
+                          "runs are one chunk each; optimistic, and said so)")] = False,
 ) -> None:
     """Print the summary tables of finished (or partial) runs: one per dataset and protocol."""
     from rich.markup import escape
@@ -240,7 +243,7 @@ def table(
             results = [(label, summary, records[label]) for label, summary in rows]
             if markdown:
                 console.print(f"Paired differences to {markdown_text(rows[0][0])} (x100):\n\n"
-                              f"{paired_markdown(results)}\n",
+                              f"{paired_markdown(results, by_case=by_case)}\n",
                               markup=False, soft_wrap=True)
             else:
-                console.print(paired_table(results, title=f"paired differences to {rows[0][0]}"))
+                console.print(paired_table(results, title=f"paired differences to {rows[0][0]}", by_case=by_case))

@@ -78,13 +78,14 @@ def _value(record: dict[str, Any], metric: str) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def _unit(record: dict[str, Any]) -> Any:
-    """What a case's result is independent of others by: its chunk in continual editing, else itself."""
-    return ("chunk", record["chunk"]) if "chunk" in record else ("case", record["case_id"])
+def _unit(record: dict[str, Any], by_case: bool = False) -> Any:
+    """What a case's result is independent of others by: its chunk in continual editing, else itself; ``by_case``:
+    itself always (the cases of a stream, which share its model: an optimistic unit, asked for by name)."""
+    return ("chunk", record["chunk"]) if "chunk" in record and not by_case else ("case", record["case_id"])
 
 
 def paired_contributions(
-    base: Sequence[dict[str, Any]], other: Sequence[dict[str, Any]], metric: str
+    base: Sequence[dict[str, Any]], other: Sequence[dict[str, Any]], metric: str, by_case: bool = False
 ) -> tuple[dict[Any, float], int]:
     """Per independent unit, its share of the difference of the column means (x100), and the paired cases.
 
@@ -95,7 +96,7 @@ def paired_contributions(
     by_id = {r["case_id"]: r for r in base}
     pairs = [(by_id[r["case_id"]], r) for r in other if r["case_id"] in by_id]
     metrics = [metric] if metric != "avg" else list(dict.fromkeys(m for _, r in pairs for m in r["post"]))
-    units = {_unit(o) for _, o in pairs}
+    units = {_unit(o, by_case) for _, o in pairs}
     shares: dict[Any, float] = dict.fromkeys(units, 0.0)
     columns = 0
     for m in metrics:
@@ -104,7 +105,7 @@ def paired_contributions(
         for b, o in pairs:
             a, c = _value(b, m), _value(o, m)
             if a is not None and c is not None:
-                per_unit[_unit(o)].append(100.0 * (c - a))
+                per_unit[_unit(o, by_case)].append(100.0 * (c - a))
         if not per_unit:
             continue
         columns += 1
@@ -124,10 +125,10 @@ def _p_value(mean: float, error: float, n: int) -> float:
 
 
 def paired_difference(
-    base: Sequence[dict[str, Any]], other: Sequence[dict[str, Any]], metric: str
+    base: Sequence[dict[str, Any]], other: Sequence[dict[str, Any]], metric: str, by_case: bool = False
 ) -> PairedDifference:
     """Difference ``other - base`` on the cases both runs finished, equal to the difference of their columns."""
-    shares, cases = paired_contributions(base, other, metric)
+    shares, cases = paired_contributions(base, other, metric, by_case)
     values = list(shares.values())
     n = len(values)
     unit = "chunk" if any(u[0] == "chunk" for u in shares) else "case"
@@ -145,12 +146,13 @@ def paired_difference(
 
 
 def paired_differences(
-    base: Sequence[dict[str, Any]], other: Sequence[dict[str, Any]], metrics: Sequence[str] | None = None
+    base: Sequence[dict[str, Any]], other: Sequence[dict[str, Any]], metrics: Sequence[str] | None = None,
+    by_case: bool = False,
 ) -> dict[str, PairedDifference]:
     """Differences for ``metrics`` (default: every metric the records have, then Avg.)."""
     if metrics is None:
         metrics = [*dict.fromkeys(m for r in base for m in r["post"]), "avg"]
-    return {m: paired_difference(base, other, m) for m in metrics}
+    return {m: paired_difference(base, other, m, by_case) for m in metrics}
 
 
 def holm(p_values: Sequence[float], alpha: float = ALPHA) -> list[bool]:

@@ -258,7 +258,45 @@ def wild_detail_table(rows: Sequence[Row], title: str = "") -> PaperTable | None
 def extra_tables(rows: Sequence[Row]) -> list[PaperTable]:
     """The tables that follow a summary table when its runs have them: wild scores and cost, general ability
     (at chunk ends, and along the chunk with ``--ability-every``)."""
-    return [t for t in (wild_detail_table(rows), ability_table(rows), ability_curve_table(rows)) if t]
+    return [t for t in (wild_detail_table(rows), ability_table(rows), ability_curve_table(rows), lifelong_table(rows),
+                        lifelong_curve_table(rows)) if t]
+
+
+LIFELONG_HEADERS = {"efficacy": "efficacy", "generalization": "generalisation", "specificity": "specificity",
+                    "fluency": "fluency (bits)"}
+LIFELONG_CAPTION = ("The ROME/MEMIT/AlphaEdit papers' metrics (docs/lifelong-streams.md), x100: efficacy and "
+                    "generalisation = the share of cases whose new target scores above the old one on the rewrite "
+                    "prompt and on its rephrases; specificity = the share of locality prompts whose own answer "
+                    "scores above the new target. Fluency: the weighted n-gram entropy in bits of the greedy "
+                    "continuation of each rewrite prompt. On ZsRE the papers report Rel., Gen. and Loc. instead.")
+
+
+def lifelong_table(rows: Sequence[Row], title: str = "") -> PaperTable | None:
+    """The lifelong metrics of edit streams, before the stream and after it on the final model (x100)."""
+    chosen = [(label, summary["lifelong"]) for label, summary in rows if summary.get("lifelong")]
+    if not chosen:
+        return None
+    body = [[label, *(f"{_fmt(life['pre'].get(m))} → {_fmt(life['post'].get(m))}" for m in LIFELONG_HEADERS)]
+            for label, life in chosen]
+    return PaperTable(title=title or "Lifelong metrics: unedited → after the stream",
+                      groups=[("", list(LIFELONG_HEADERS.values()))], sections=[("", body)], stub="run",
+                      caption=LIFELONG_CAPTION)
+
+
+def lifelong_curve_table(rows: Sequence[Row], title: str = "") -> PaperTable | None:
+    """A stream's curve (``--curve-every K``): after every K edits, the metrics of a fixed sample of the edits made."""
+    keys = [("rel", "Rel."), ("gen", "Gen."), ("loc", "Loc."), *LIFELONG_HEADERS.items()]
+    sections = [(label, [[str(point["edits"]), *(_fmt(point.get(k)) for k, _ in keys)] for point in curve])
+                for label, curve in ((label, summary.get("lifelong", {}).get("curve")) for label, summary in rows)
+                if curve]
+    if not sections:
+        return None
+    named = f": {sections[0][0]}" if len(sections) == 1 else ""
+    return PaperTable(title=title or f"Along the stream{named}", groups=[("", [h for _, h in keys])],
+                      sections=sections, stub="edits",
+                      caption="After every K edits (--curve-every), on --curve-sample of the edits made so far (a "
+                              "sample fixed by the seed and the count; the last point: every edit, the final "
+                              "evaluation). Teacher-forced KnowEdit metrics, then the lifelong ones, x100.")
 
 
 def _ability_cells(measured: dict[str, Any]) -> list[str]:
@@ -605,17 +643,37 @@ def trace_summary_table(traces: Sequence[CaseTrace]) -> PaperTable:
                               "weights.")
 
 
-def _paired_layout(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]], base: int,
-                   title: str = "", caption: str = "") -> PaperTable:
-    """Per run, the paired differences to ``results[base]`` under the group of each protocol present."""
+Results = Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]]  # label, summary, records of each run
+
+
+def _lifelong_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A stream's records with its lifelong comparisons (not fluency, in bits) as their ``post`` metrics."""
+    return [{**{k: r[k] for k in ("case_id", "chunk") if k in r},
+             "post": {m: v for m, v in r["lifelong"]["post"].items() if m != "fluency"}}
+            for r in records if "lifelong" in r]
+
+
+def _paired_layout(results: Results, base: int, title: str = "", caption: str = "",
+                   by_case: bool = False) -> PaperTable:
+    """Per run, the paired differences to ``results[base]`` under the group of each protocol present, and of the
+    lifelong comparisons when the runs are streams."""
     from overtone.evaluation.wild import protocol_records
     from overtone.report.stats import holm_family, holm_note, paired_differences
 
     blocks = protocol_summaries([summary for _, summary, _ in results])
     columns = {p: metric_columns(b) for p, b in blocks}
     base_records = {p: protocol_records(results[base][2], p) for p, _ in blocks}
-    rows = [(label, [paired_differences(base_records[protocol], protocol_records(records, protocol),
-                                        [key for key, _ in columns[protocol]]) for protocol, _ in blocks])
+    streams = all(summary.get("lifelong") for _, summary, _ in results)
+    if streams:
+        blocks = [*blocks, ("lifelong", {})]
+        columns["lifelong"] = [*((m, LIFELONG_HEADERS[m]) for m in LIFELONG_HEADERS if m != "fluency"), ("avg", "Avg.")]
+        base_records["lifelong"] = _lifelong_records(results[base][2])
+
+    def records_of(records: Sequence[dict[str, Any]], protocol: str) -> list[dict[str, Any]]:
+        return _lifelong_records(records) if protocol == "lifelong" else protocol_records(records, protocol)
+
+    rows = [(label, [paired_differences(base_records[protocol], records_of(records, protocol),
+                                        [key for key, _ in columns[protocol]], by_case) for protocol, _ in blocks])
             for i, (label, _summary, records) in enumerate(results) if i != base]
     # every cell of the table is one comparison of one family, corrected together
     found = [d for _, per_protocol in rows for diffs in per_protocol for d in diffs.values()]
@@ -632,13 +690,15 @@ def _paired_layout(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[st
             paired = paired or (str(avg.cases) if avg.unit == "case" else f"{avg.cases} in {chunks}")
         body.append([*cells, paired])
     single = len(blocks) == 1 and blocks[0][0] == TEACHER_FORCED
-    groups = [("" if single else PROTOCOL_SHORT[p], [*(f"Δ{h}" for _, h in columns[p]), "W/T/L (Avg.)"])
+    groups = [("" if single else PROTOCOL_SHORT.get(p, p), [*(f"Δ{h}" for _, h in columns[p]), "W/T/L (Avg.)"])
               for p, _ in blocks]
     if single:
         groups = [("", [*groups[0][1], "paired cases"])]
     else:
         groups.append(("", ["paired cases"]))
-    caption = " ".join(part for part in (caption, holm_note(found), "" if single else PROTOCOL_CAPTION) if part)
+    caption = " ".join(part for part in (caption, BY_CASE_CAPTION if by_case else "", holm_note(found),
+                                         "" if single else PROTOCOL_CAPTION, LIFELONG_PAIRED if streams else "")
+                       if part)
     return PaperTable(title=title, groups=groups, sections=[("", body)], stub="run", caption=caption)
 
 
@@ -648,12 +708,15 @@ PAIRED_CAPTION = ("Δ = difference to the base row on the paired cases (ΔAvg. =
                   "won/tied/lost on Avg.")
 
 
-def paired_table(
-    results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]], base: int = 0, title: str | None = None
-) -> Table:
+BY_CASE_CAPTION = ("By case (--by-case): the interval is over the cases even where they share an edited model (a "
+                   "stream, a chunk), so it is optimistic: it holds the cases' variation, not that between streams.")
+LIFELONG_PAIRED = "lifelong: the comparisons of the lifelong table, per case (0 or 1, or a mean over probes)."
+
+
+def paired_table(results: Results, base: int = 0, title: str | None = None, by_case: bool = False) -> Table:
     """Per-case paired differences to ``results[base]``: mean ± 95% half-width (* = beyond noise), x100."""
-    return to_rich(_paired_layout(results, base, title or "", PAIRED_CAPTION))
+    return to_rich(_paired_layout(results, base, title or "", PAIRED_CAPTION, by_case))
 
 
-def paired_markdown(results: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]], base: int = 0) -> str:
-    return to_markdown(_paired_layout(results, base, caption=PAIRED_CAPTION))
+def paired_markdown(results: Results, base: int = 0, by_case: bool = False) -> str:
+    return to_markdown(_paired_layout(results, base, caption=PAIRED_CAPTION, by_case=by_case))
