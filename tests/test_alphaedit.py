@@ -198,3 +198,16 @@ def test_save_apply_and_a_stream_continued_after_apply_are_bit_exact(tokenizer, 
     assert same(snapshot(resumed, continued), base)
     load_edit(tmp_path / "both").apply(resumed)
     assert same(snapshot(resumed, continued), uninterrupted)
+
+
+def test_the_learning_rate_comes_from_the_models_preset_else_the_reference(tokenizer):
+    """The embedded model's preset sets lr 0.5 (chosen on ZsRE development records, docs/lifelong.md); a model
+    without a preset gets the reference's 0.1 from the fallback; an explicit lr always wins."""
+    from overtone.editors.presets import editor_presets, resolve_preset
+
+    lm = tiny_model("llama", tokenizer)
+    presets = editor_presets("alphaedit", AlphaEditConfig)
+    assert resolve_preset(AlphaEditConfig(), presets, lm, "AlphaEdit").lr == 0.1
+    assert resolve_preset(AlphaEditConfig(preset="smollm2-135m"), presets, lm, "AlphaEdit").lr == 0.5
+    assert resolve_preset(AlphaEditConfig(preset="llama-3-8b"), presets, lm, "AlphaEdit").lr == 0.1
+    assert resolve_preset(AlphaEditConfig(preset="smollm2-135m", lr=0.2), presets, lm, "AlphaEdit").lr == 0.2

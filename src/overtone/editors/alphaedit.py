@@ -54,10 +54,12 @@ class AlphaEditConfig(SpreadConfig):
     """AlphaEdit settings; defaults are the reference's for Llama-3-8B (``editors/presets/alphaedit.yaml``).
 
     The value-optimisation fields keep ``LocateConfig``'s meaning; their defaults here are AlphaEdit's
-    (v_lr 0.1, v_weight_decay 0.5, clamp_norm_factor 0.75; 25 passes = 24 updates, docs/locate.md).
+    (v_weight_decay 0.5, clamp_norm_factor 0.75; 25 passes = 24 updates, docs/locate.md); ``lr`` comes from the
+    model's preset, else the preset file's fallback (the reference's v_lr 0.1).
     """
 
-    lr: float = field(default=0.1, metadata={"help": "Adam learning rate of the value optimisation (v_lr)"})
+    lr: float | None = field(default=None, metadata={
+        "help": "Adam learning rate of the value optimisation (v_lr; default: per model, else the reference's 0.1)"})
     weight_decay: float = field(default=0.5, metadata={"help": "weight of |delta| / |v0|^2 (v_weight_decay)"})
     clamp_norm_factor: float = field(default=0.75, metadata={"help": "|delta| <= clamp_norm_factor * |v0|"})
     layers: tuple[int, ...] | None = field(default=None, metadata={"help": "edited layers (default: per model)"})
