@@ -79,6 +79,11 @@ def test_study_values_are_typed_and_errors_name_the_key(tmp_path):
         "seed is set by the seed axis": spec("m", editors={"lora": {"settings": {"seed": 3}}}),
         "OverTone lam must lie in [0, 1]": spec("m", editors={"ft-m": {"overtone": {"lam": 2}}}),
         "variant[0]: expected ce, overtone": spec("m", axes={"variant": ["cee"]}),
+        # a sweep or ablation option that is not a list (a fuzzed file found the first one)
+        "variant[1].sweep.lambda: give a list, got None": spec(
+            "m", axes={"variant": ["ce", {"sweep": {"lambda": None}}]}),
+        "variant[0].ablation.stop_grid: give a list, got 0.1": spec(
+            "m", axes={"variant": [{"ablation": {"stop_grid": 0.1}}]}),
     }
     for message, wrong in bad.items():
         with pytest.raises(StudyError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):

@@ -252,6 +252,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.=-]+", "-", text.lower()).strip("-") or "variant"
 
 
+def _listed(options: Mapping[str, Any], key: str, default: list[Any], where: str) -> list[Any]:
+    """``options[key]`` as a list (``default`` when absent), or a ``StudyError`` naming ``where.key``."""
+    value = options.get(key, default)
+    if not isinstance(value, list):
+        raise StudyError(f"{where}.{key}: give a list, got {value!r}")
+    return value
+
+
 def _variants(items: Sequence[Any], editor: str, base: OverToneConfig, where: str) -> list[Variant]:
     """The rows one ``variant`` axis gives an editor: named rows, the ablation, a sweep, or custom rows."""
     from overtone.editors import EDITORS
@@ -271,7 +279,8 @@ def _variants(items: Sequence[Any], editor: str, base: OverToneConfig, where: st
                                  "known: stop_grid, chk_lambda")
             default_stop = getattr(EDITORS[editor].config_class(), "stop_loss", None)
             # a CE control at the editor's own stop rule would repeat the CE row
-            grid = [t for t in (coerce(t, float, f"{at}.ablation.stop_grid") for t in options.get("stop_grid", []))
+            grid = [t for t in (coerce(t, float, f"{at}.ablation.stop_grid")
+                                for t in _listed(options, "stop_grid", [], f"{at}.ablation"))
                     if t != default_stop]
             chk = coerce(options.get("chk_lambda", 0.1), float, f"{at}.ablation.chk_lambda")
             try:
@@ -280,13 +289,14 @@ def _variants(items: Sequence[Any], editor: str, base: OverToneConfig, where: st
                 raise StudyError(f"{at}.ablation: {exc}") from None
             out += rows + matched_steps_controls(rows)
         elif isinstance(item, dict) and set(item) == {"sweep"}:
-            grid = item["sweep"] or {}
+            grid = _mapping(item["sweep"] or {}, f"{at}.sweep")
             unknown = set(grid) - {"lambda", "n_sigma", "epsilon", "tie"}
             if unknown or not grid:
                 raise StudyError(f"{at}.sweep: give lists of lambda, n_sigma and epsilon (and optionally tie)")
-            values = {k: [coerce(v, float, f"{at}.sweep.{k}") for v in grid.get(k, [getattr(base, a)])]
+            values = {k: [coerce(v, float, f"{at}.sweep.{k}") for v in _listed(grid, k, [getattr(base, a)],
+                                                                                f"{at}.sweep")]
                       for k, a in (("lambda", "lam"), ("n_sigma", "n_sigma"), ("epsilon", "epsilon"))}
-            ties = [coerce(v, str, f"{at}.sweep.tie") for v in grid.get("tie", [])]
+            ties = [coerce(v, str, f"{at}.sweep.tie") for v in _listed(grid, "tie", [], f"{at}.sweep")]
             bad = [v for v in ties if v not in TIES]
             if bad:
                 raise StudyError(f"{at}.sweep.tie: {', '.join(bad)}; choose from {', '.join(TIES)}")
