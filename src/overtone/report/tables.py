@@ -294,9 +294,10 @@ def lifelong_curve_table(rows: Sequence[Row], title: str = "") -> PaperTable | N
     named = f": {sections[0][0]}" if len(sections) == 1 else ""
     return PaperTable(title=title or f"Along the stream{named}", groups=[("", [h for _, h in keys])],
                       sections=sections, stub="edits",
-                      caption="After every K edits (--curve-every), on --curve-sample of the edits made so far (a "
-                              "sample fixed by the seed and the count; the last point: every edit, the final "
-                              "evaluation). Teacher-forced KnowEdit metrics, then the lifelong ones, x100.")
+                      caption="After every K edits (--curve-every) and at the stream's end, on --curve-sample of "
+                              "the edits made so far (a sample fixed by the seed and the count; the final evaluation "
+                              "of every edit is the tables above). Teacher-forced KnowEdit metrics, then the lifelong "
+                              "ones, x100.")
 
 
 def _ability_cells(measured: dict[str, Any]) -> list[str]:
