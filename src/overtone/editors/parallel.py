@@ -155,8 +155,10 @@ class ModelShape:
         """Bytes of a closed-form write into ``matrices`` MLP output projections by a sequential edit (``edit``,
         ``--parallel 1``): per matrix, its copy for the revert and for the saved edit's base (in the model's
         dtype) and the update's float32 product; the write itself widens a block of rows at a time
-        (``locate.update.CHUNK_VALUES``: three 32 MiB buffers)."""
-        return matrices * (2 * self.dtype_bytes + 4) * self.hidden * self.intermediate + 3 * 8 * (1 << 22)
+        (``locate.update.CHUNK_VALUES``: three float64 blocks)."""
+        from overtone.editors.locate.update import CHUNK_VALUES  # imported here: locate imports this module
+
+        return matrices * (2 * self.dtype_bytes + 4) * self.hidden * self.intermediate + 3 * 8 * CHUNK_VALUES
 
     def step_activations(self, rows: int, tokens: int, blocks: int, scored: int) -> int:
         """Bytes autograd keeps for one training pass: ``rows`` x ``tokens`` tokens through ``blocks`` blocks,

@@ -257,7 +257,7 @@ def wild_detail_table(rows: Sequence[Row], title: str = "") -> PaperTable | None
 
 def extra_tables(rows: Sequence[Row]) -> list[PaperTable]:
     """The tables that follow a summary table when its runs have them: wild scores and cost, general ability
-    (at chunk ends, and along the chunk with ``--ability-every``)."""
+    (at chunk ends, and along the chunk with ``--ability-every``), and a stream's lifelong metrics and curve."""
     return [t for t in (wild_detail_table(rows), ability_table(rows), ability_curve_table(rows), lifelong_table(rows),
                         lifelong_curve_table(rows)) if t]
 

@@ -50,10 +50,14 @@ def factor_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return torch.outer(left, right) if left.dim() == 1 else left @ right
 
 
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """A precision in which the difference of two values of ``dtype`` is exact (fp32 -> fp64, else fp32)."""
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def wide(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` at a precision in which the difference of two of its values is exact (fp32 -> fp64)."""
-    target = torch.float64 if weight.dtype in (torch.float32, torch.float64) else torch.float32
-    return weight.detach().to(target)
+    """``weight`` at ``wide_dtype``: the difference of two of its values is exact."""
+    return weight.detach().to(wide_dtype(weight.dtype))
 
 
 def changes_since(adapter: ModelAdapter, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -64,7 +68,7 @@ def changes_since(adapter: ModelAdapter, base: Mapping[str, torch.Tensor]) -> di
 @torch.no_grad()
 def add_change(weight: nn.Parameter, change: torch.Tensor) -> None:
     """``weight += change`` for a change made by ``changes_since``: the weight it was taken from, exactly."""
-    _add_by_rows(weight, change.to(weight.device), torch.promote_types(wide(weight[:1]).dtype, change.dtype))
+    _add_by_rows(weight, change.to(weight.device), torch.promote_types(wide_dtype(weight.dtype), change.dtype))
 
 
 def saved_factors(lm: LoadedModel, log: UpdateLog) -> SavedEdit:
