@@ -277,9 +277,10 @@ def test_memit_batches_through_the_runner_share_one_update_per_batch(tiny_llama,
 def test_closed_form_writes_by_rows_give_the_bits_of_the_whole_matrix(tiny_llama, monkeypatch, dtype):
     """The writes of ROME, MEMIT and UltraEdit and the re-application of a saved change add a block of rows at a time
     (a 7B MLP matrix widened whole is 1 GiB in fp64); the sum is elementwise, so the bits are the whole matrix's."""
+    from overtone.editors import parallel
     from overtone.editors.locate import update
 
-    monkeypatch.setattr(update, "CHUNK_VALUES", 7 * 64 + 3)  # blocks of 7 rows, the last one short
+    monkeypatch.setattr(parallel, "WRITE_CHUNK_VALUES", 7 * 64 + 3)  # blocks of 7 rows, the last one short
     torch.manual_seed(0)
     start = torch.randn(45, 64).to(dtype)
     change = torch.randn(45, 64) * 1e-3

@@ -120,6 +120,11 @@ class CaseParameters:
         return out
 
 
+# Values of a weight widened at once by a closed-form write (``locate.update.add_update``; 32 MiB in fp64): the
+# write goes a block of rows at a time, and the memory model counts its blocks.
+WRITE_CHUNK_VALUES = 1 << 22
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """The sizes that one case's memory depends on, read from a model config (no weights needed)."""
@@ -155,10 +160,8 @@ class ModelShape:
         """Bytes of a closed-form write into ``matrices`` MLP output projections by a sequential edit (``edit``,
         ``--parallel 1``): per matrix, its copy for the revert and for the saved edit's base (in the model's
         dtype) and the update's float32 product; the write itself widens a block of rows at a time
-        (``locate.update.CHUNK_VALUES``: three float64 blocks)."""
-        from overtone.editors.locate.update import CHUNK_VALUES  # imported here: locate imports this module
-
-        return matrices * (2 * self.dtype_bytes + 4) * self.hidden * self.intermediate + 3 * 8 * CHUNK_VALUES
+        (``WRITE_CHUNK_VALUES``: three float64 blocks)."""
+        return matrices * (2 * self.dtype_bytes + 4) * self.hidden * self.intermediate + 3 * 8 * WRITE_CHUNK_VALUES
 
     def step_activations(self, rows: int, tokens: int, blocks: int, scored: int) -> int:
         """Bytes autograd keeps for one training pass: ``rows`` x ``tokens`` tokens through ``blocks`` blocks,

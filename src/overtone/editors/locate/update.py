@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from overtone.editors import parallel
 from overtone.editors.base import EditHandle, EditStats, SavedEdit, UpdateLog
 from overtone.models.adapters import ModelAdapter
 from overtone.models.loading import LoadedModel
@@ -24,13 +25,10 @@ def snapshot(weights: Sequence[nn.Parameter]) -> Callable[[], None]:
     return revert
 
 
-CHUNK_VALUES = 1 << 22  # values of a weight widened at once by the adds below (32 MiB in fp64)
-
-
 def _add_by_rows(weight: nn.Parameter, change: torch.Tensor, dtype: torch.dtype) -> None:
     """``weight += change``, summed in ``dtype``, a block of rows at a time: the sum is elementwise, so the bits are
     those of the whole matrix at once, without its two widened copies (1 GiB for one 7B MLP matrix in fp64)."""
-    rows = max(1, CHUNK_VALUES // max(1, weight[0].numel()))
+    rows = max(1, parallel.WRITE_CHUNK_VALUES // max(1, weight[0].numel()))
     for part, delta in zip(weight.detach().split(rows), change.split(rows), strict=True):
         part.copy_((part.to(dtype) + delta.to(dtype)).to(part.dtype))
 
