@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from helpers import tiny_model
 
 from overtone.editors import FTM, FTMConfig
 from overtone.evaluation import WildSettings
@@ -137,3 +138,25 @@ def test_the_wild_replies_are_the_same_with_either_decoder(tiny_llama, zsre_case
         fast = answer(tiny_llama, prompts, WildSettings(context=context, max_new_tokens=12))
         assert fast == answer(tiny_llama, prompts, WildSettings(context=context, max_new_tokens=12,
                                                                 decoder="generate"))
+
+
+def test_a_half_precision_head_reads_a_contiguous_last_position(tokenizer, zsre_cases, monkeypatch):
+    """The prefill keeps its last position by index, not as a strided view: on a bf16 model on the CPU, torch
+    multiplies a strided 3-D input by the head one row at a time, each against its own copy of the head
+    (pytorch/pytorch#151934; 250 MB and seconds per row at 7B). Every call hands the head one contiguous position
+    per row, with or without the shared prefix (float32 keeps the view: the same kernels, the same replies)."""
+    lm = tiny_model("llama", tokenizer, dtype=torch.bfloat16)
+    head = lm.adapter.lm_head
+    seen = []
+    forward = head.forward
+
+    def spy(hidden):
+        seen.append((tuple(hidden.shape), hidden.is_contiguous()))
+        return forward(hidden)
+
+    monkeypatch.setattr(head, "forward", spy)
+    prompts = texts(lm, zsre_cases[:2], "qa")
+    for share in (True, False):
+        seen.clear()
+        greedy_ids(lm, prompts, 3, share_prefix=share)
+        assert seen and all(shape[1] == 1 and contiguous for shape, contiguous in seen), seen
