@@ -8,7 +8,8 @@ editor's bf16 path runs at the paper's size through the project's own runner (``
   evaluator, the largest of each phase (on the CPU the resident set's high-water mark, reset through
   ``/proc/self/clear_refs``; on CUDA the allocator's peak); the edit's beside what the memory model behind
   ``--parallel auto`` predicts (B cases of ``Editor.case_memory()`` and its shared float32 copy of the
-  head), and the memory the editor itself holds
+  head), the evaluation's beside B cases of the evaluator's share (``runner.run.case_memory``: the wild
+  replies' key/value cache), and the memory the editor itself holds
   (ROME's inverse and MEMIT's second moments);
 * seconds per optimisation step, evaluation seconds per case (``--eval both``), and the cost model's
   efficiency on this machine (``overtone.study.budget``: the model's FLOPs and bytes at the machine's own
@@ -55,7 +56,7 @@ from overtone.editors.parallel import ModelShape, free_memory
 from overtone.models import embedded
 from overtone.models.loading import DEFAULT_MODEL, LoadedModel, prepare_model
 from overtone.runner import ResultStore
-from overtone.runner.run import check_run, prepare_run
+from overtone.runner.run import case_memory, check_run, prepare_run
 from overtone.runner.spec import RunSpec
 from overtone.stats import MomentSpec, second_moments
 from overtone.study.budget import MODELS, MachineRates, case_tokens, edit_cost, eval_cost
@@ -249,7 +250,8 @@ class Row:
     peak_mib: float = 0.0  # above the model and editor while editing or evaluating: the larger phase's
     edit_peak_mib: float = 0.0  # above what is live at each editor call, the largest
     eval_peak_mib: float = 0.0  # the same, evaluator calls
-    predicted_mib: float = 0.0  # B x case_memory().total + its shared part: the editing's memory model
+    predicted_mib: float = 0.0  # B x (state + activations) + the shared part: the editing's memory model
+    predicted_eval_mib: float = 0.0  # B x the evaluation's share (``CaseMemory.evaluation``)
     model_step_s: float = 0.0  # the cost model's step time at this machine's peaks
     model_eval_s: float = 0.0  # the cost model's evaluation time per case at this machine's peaks
 
@@ -257,6 +259,11 @@ class Row:
     def ratio(self) -> float:
         """The edit phase's peak over the memory model's prediction for it."""
         return self.edit_peak_mib / self.predicted_mib if self.predicted_mib else float("nan")
+
+    @property
+    def eval_ratio(self) -> float:
+        """The evaluation's peak over the memory model's prediction for it."""
+        return self.eval_peak_mib / self.predicted_eval_mib if self.predicted_eval_mib else float("nan")
 
 
 def settings_for(editor: str, steps: int, samples: int) -> dict[str, Any]:
@@ -316,8 +323,9 @@ def rehearse(lm: LoadedModel, editor: str, parallel: int, args: argparse.Namespa
             prepared = prepare_run(spec, inputs, lm)
         row.setup_s = time.perf_counter() - start
         row.editor_mib = held["peak"] / 2**20
-        memory = prepared.editor.case_memory()
-        row.predicted_mib = (parallel * memory.total + memory.shared) / 2**20
+        memory = case_memory(prepared.editor, prepared.evaluator, lm)
+        row.predicted_mib = (parallel * (memory.state + memory.activations) + memory.shared) / 2**20
+        row.predicted_eval_mib = parallel * memory.evaluation / 2**20
         with ResultStore(scratch / f"{editor}-{parallel}", prepared.config) as store, \
                 phase_peaks(lm.device, prepared.editor, prepared.evaluator) as phases:
             prepared.execute(store)
@@ -354,16 +362,16 @@ def table(rows: list[Row], rates: MachineRates, args: argparse.Namespace, device
              "",
              "| editor | B | steps | s/step | model s/step | edit s/case | eval s/case | model eval s/case | "
              "editor MiB | peak MiB | edit peak MiB | eval peak MiB | predicted edit MiB | edit peak/predicted | "
-             "status |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+             "predicted eval MiB | eval peak/predicted | status |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     for r in rows:
         if r.status != "ok":
-            lines.append(f"| {r.editor} | {r.parallel} | | | | | | | | | | | | | {r.status} |")
+            lines.append(f"| {r.editor} | {r.parallel} | | | | | | | | | | | | | | | {r.status} |")
             continue
         lines.append(f"| {r.editor} | {r.parallel} | {r.steps:g} | {r.step_s:.2f} | {r.model_step_s:.2f} | "
                      f"{r.edit_s:.1f} | {r.eval_s:.1f} | {r.model_eval_s:.1f} | {r.editor_mib:.0f} | "
                      f"{r.peak_mib:.0f} | {r.edit_peak_mib:.0f} | {r.eval_peak_mib:.0f} | {r.predicted_mib:.0f} | "
-                     f"{r.ratio:.2f} | ok |")
+                     f"{r.ratio:.2f} | {r.predicted_eval_mib:.0f} | {r.eval_ratio:.2f} | ok |")
     return "\n".join(lines)
 
 

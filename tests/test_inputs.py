@@ -29,6 +29,9 @@ from overtone.benchmarks.bounds import bound_probes
 from overtone.cli import app
 from overtone.editors import make_editor
 from overtone.editors import parallel as parallel_editing
+from overtone.evaluation import WildSettings, wild
+from overtone.evaluation.teacher_forced import Evaluator
+from overtone.evaluation.wild import WildEvaluator
 from overtone.objectives import CrossEntropy
 from overtone.report.runs import checked_summary, read_run_info
 from overtone.runner import RunSpec, SpecError, check_run, read_run, summarize
@@ -244,12 +247,31 @@ def test_a_limit_beyond_the_dataset_runs_what_exists_and_an_empty_slice_is_an_er
 
 def test_parallel_beyond_the_memory_model_is_refused_and_the_advised_size_fits(tiny_llama, monkeypatch):
     editor = make_editor("ft-m", tiny_llama, CrossEntropy(), layer=2)
-    need = editor.case_memory().total
-    monkeypatch.setattr(run_module, "free_memory", lambda device: 3 * need + 1)
+    memory = run_module.case_memory(editor, Evaluator(tiny_llama), tiny_llama)
+    monkeypatch.setattr(run_module, "free_memory", lambda device: 3 * memory.total + 1)
     with pytest.raises(SpecError, match=r"--parallel 10000: 20 cases at once need about .* --parallel 3 or less"):
-        run_module.check_parallel(editor, tiny_llama, 10_000, 20)
-    run_module.check_parallel(editor, tiny_llama, 3, 20)  # the advice
-    run_module.check_parallel(editor, tiny_llama, 10_000, 2)  # only two cases to edit at once
+        run_module.check_parallel(memory, "ft-m", tiny_llama, 10_000, 20)
+    run_module.check_parallel(memory, "ft-m", tiny_llama, 3, 20)  # the advice
+    run_module.check_parallel(memory, "ft-m", tiny_llama, 10_000, 2)  # only two cases to edit at once
+
+
+def test_the_generated_answers_memory_counts_when_it_exceeds_a_training_step(tiny_llama):
+    """A case's memory is its state plus the larger of a training step's activations and what evaluating it
+    holds: teacher forcing nothing worth counting, the wild protocol its replies' key/value cache (twice, as the
+    7B rehearsal measured), in the context's template when it has one."""
+    editor = make_editor("ft-m", tiny_llama, CrossEntropy(), layer=2)
+    shape = parallel_editing.ModelShape.of(tiny_llama.model.config, tiny_llama.dtype)
+    taught = run_module.case_memory(editor, Evaluator(tiny_llama), tiny_llama)
+    assert taught == editor.case_memory()
+    bare = WildEvaluator(tiny_llama, WildSettings(context="bare"), inner=Evaluator(tiny_llama))
+    tokens = len(tiny_llama.tokenizer("")["input_ids"]) + wild.PROMPT_TOKENS + bare.settings.max_new_tokens
+    per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * shape.dtype_bytes  # keys and values
+    assert shape.reply_cache(wild.CASE_PROBES, tokens) == 2 * wild.CASE_PROBES * tokens * per_token
+    assert bare.case_memory(shape) == shape.reply_cache(wild.CASE_PROBES, tokens)
+    qa = WildEvaluator(tiny_llama, WildSettings(context="qa"))
+    assert qa.case_memory(shape) > bare.case_memory(shape)
+    memory = parallel_editing.CaseMemory(state=10, activations=100, evaluation=300)
+    assert memory.total == 310 and parallel_editing.CaseMemory(10, 500, evaluation=300).total == 510
 
 
 def test_the_float32_head_copy_is_counted_once_per_window_in_bf16(tiny_llama, monkeypatch):
@@ -262,12 +284,10 @@ def test_the_float32_head_copy_is_counted_once_per_window_in_bf16(tiny_llama, mo
     memory = parallel_editing.CaseMemory(state=100, activations=100, shared=1000)
     monkeypatch.setattr(parallel_editing, "free_memory", lambda device: 2 * (1000 + 5 * 200))
     assert parallel_editing.parallel_size(memory, torch.device("cpu")) == 5  # (half of 4000 - 1000) / 200
-    editor = make_editor("ft-m", tiny_llama, CrossEntropy(), layer=2)
-    monkeypatch.setattr(editor, "case_memory", lambda: memory)
     monkeypatch.setattr(run_module, "free_memory", lambda device: 1000 + 3 * 200)
-    run_module.check_parallel(editor, tiny_llama, 3, 20)
+    run_module.check_parallel(memory, "ft-m", tiny_llama, 3, 20)
     with pytest.raises(SpecError, match=r"--parallel 4: 4 cases at once need .* MiB once, ft-m.*give --parallel 3 "):
-        run_module.check_parallel(editor, tiny_llama, 4, 20)
+        run_module.check_parallel(memory, "ft-m", tiny_llama, 4, 20)
 
 
 def test_a_long_edit_shows_its_updates_and_logs_them(caplog):

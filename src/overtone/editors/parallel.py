@@ -174,6 +174,13 @@ class ModelShape:
         per_token = (4 * self.hidden + 2 * self.intermediate + self.heads * tokens) * self.dtype_bytes
         return rows * tokens * blocks * per_token + 3 * scored * self.vocab * 4
 
+    def reply_cache(self, rows: int, tokens: int) -> int:
+        """Bytes held while ``rows`` replies are generated, each ``tokens`` long with its prompt: their key/value
+        cache, twice over. The cache grows by one concatenation per layer and step, and the memory the old
+        copies leave is not all reused: the 7B rehearsal's generated answers peaked at 2.0 to 2.4 times their
+        final cache (docs/performance.md)."""
+        return 2 * rows * tokens * self.layers * 2 * self.kv_heads * self.head_dim * self.dtype_bytes
+
 
 # Bytes per trained float32 value that Adam's update allocates for a moment: the square root of the second
 # moment, then its quotient by the bias correction (torch's single-tensor Adam, the CPU's default, holds both;
@@ -187,16 +194,18 @@ TARGET_TOKENS = 8
 
 @dataclass(frozen=True)
 class CaseMemory:
-    """Memory one case of a parallel edit needs, in bytes: its state, and its activations during a step."""
+    """Memory one case of a parallel edit needs, in bytes: its state, and the larger of its activations during a
+    training step and what evaluating its edited model holds (the two come one after the other)."""
 
     state: int  # change + gradient + optimiser state + the change kept for evaluation
     activations: int  # saved for the backward pass of one training step (estimate, see docs/parallel.md)
     shared: int = 0  # needed once by a window of any size (ModelShape.fp32_head, a sequential write, MEMIT's
     # solve); not in ``total``
+    evaluation: int = 0  # the evaluator's share (``Evaluator.case_memory``); the editors leave it to the runner
 
     @property
     def total(self) -> int:
-        return self.state + self.activations
+        return self.state + max(self.activations, self.evaluation)
 
     def fits(self, free: float) -> int:
         """How many cases ``free`` bytes hold once the window's shared part is set aside (0 or more)."""
@@ -222,8 +231,8 @@ def parallel_size(memory: CaseMemory, device: torch.device, most: int | None = N
     once (``memory.shared``), at most ``AUTO_MAX`` and ``most``, at least 1. Logs what it chose and why."""
     free = free_memory(device)
     size = max(1, min(AUTO_MAX, memory.fits(AUTO_MEMORY_SHARE * free), most or AUTO_MAX))
-    log.info("--parallel auto: %d cases at once (%.0f MiB per case: %.0f state + %.0f activations; %.0f MiB once; "
-             "%.1f GiB free on %s, %.0f%% of it usable; at most %d)", size, memory.total / 2**20,
-             memory.state / 2**20, memory.activations / 2**20, memory.shared / 2**20, free / 2**30, device.type,
-             100 * AUTO_MEMORY_SHARE, most or AUTO_MAX)
+    log.info("--parallel auto: %d cases at once (%.0f MiB per case: %.0f state + the larger of %.0f activations and "
+             "%.0f evaluation; %.0f MiB once; %.1f GiB free on %s, %.0f%% of it usable; at most %d)", size,
+             memory.total / 2**20, memory.state / 2**20, memory.activations / 2**20, memory.evaluation / 2**20,
+             memory.shared / 2**20, free / 2**30, device.type, 100 * AUTO_MEMORY_SHARE, most or AUTO_MAX)
     return size

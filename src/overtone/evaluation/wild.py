@@ -53,7 +53,7 @@ from overtone.models.per_case import CaseRows
 from overtone.models.replay import SuffixCache
 
 if TYPE_CHECKING:
-    from overtone.editors.parallel import CaseEdits
+    from overtone.editors.parallel import CaseEdits, ModelShape
 
 WILD = "wild"
 EVAL_MODES = {TEACHER_FORCED: (TEACHER_FORCED,), WILD: (WILD,), "both": (TEACHER_FORCED, WILD)}
@@ -293,6 +293,10 @@ def _score(probes: Sequence[WildProbe], replies: Sequence[Reply], reference: Seq
     return out, scores
 
 
+# The memory model's assumptions (``case_memory``): probes of a case (the first ZsRE test cases have 5) and
+# tokens of a bare prompt (theirs have 5 to 16).
+CASE_PROBES = 5
+PROMPT_TOKENS = 32
 MAX_ROWS = 64  # probes per generate call: bounds the key/value cache when a chunk of 100 cases is evaluated
 
 
@@ -322,6 +326,13 @@ class WildEvaluator(Evaluator):
         # the decoder gives the same replies, so it is no part of a run's identity (a run resumes with either)
         wild = {k: v for k, v in asdict(self.settings).items() if k != "decoder"}
         return {**inner, "protocols": protocols, WILD: wild}
+
+    def case_memory(self, shape: ModelShape) -> int:
+        """The replies' key/value cache of one case (``ModelShape.reply_cache``): ``CASE_PROBES`` rows of a prompt
+        (``PROMPT_TOKENS``, in the context's template) and the longest reply; or the inner protocol's, if larger."""
+        template = len(self.lm.tokenizer(context_text(self.lm.tokenizer, "", self.settings.context))["input_ids"])
+        own = shape.reply_cache(CASE_PROBES, template + PROMPT_TOKENS + self.settings.max_new_tokens)
+        return max(own, self.inner.case_memory(shape) if self.inner else 0)
 
     def _answer(self, groups: Sequence[Sequence[WildProbe]], edits: CaseEdits | None = None,
                 ) -> tuple[list[list[Reply]], float]:
