@@ -90,6 +90,11 @@ def test_auto_window_is_the_runners_rule_on_the_devices_memory():
         (0.5 * (40e9 - shape.weight_bytes) - memory.shared) // memory.total)
     assert window_size(3, "ft-m", shape, config, gpu, "llama-2-7b") == 3
     assert window_size("auto", "wise", shape, editor_config("wise"), gpu, "llama-2-7b") == 1
+    lora = budget.case_memory("lora", shape, editor_config("lora"), evaluation="both")  # as the runner counts it
+    assert lora.evaluation > lora.activations and lora.total == lora.state + lora.evaluation
+    assert budget.case_memory("lora", shape, editor_config("lora")).evaluation == 0  # teacher-forced
+    assert window_size("auto", "lora", shape, editor_config("lora"), gpu, "llama-2-7b", "both") < window_size(
+        "auto", "lora", shape, editor_config("lora"), gpu, "llama-2-7b")
 
 
 def test_model_profiles_agree_with_the_presets_shapes():

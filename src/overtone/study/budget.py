@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -357,13 +357,16 @@ def parse_rates(text: str | None) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------------- budget
 
 
-def case_memory(editor: str, shape: Shape, config: Any, profile: str = "") -> CaseMemory | None:
-    """One case of a parallel edit (the editors' own memory model), or None: one case at a time."""
+def case_memory(editor: str, shape: Shape, config: Any, profile: str = "", evaluation: str = "teacher-forced",
+                reply: int = 50) -> CaseMemory | None:
+    """One case of a parallel edit (the editors' own memory model, with the generated replies' key/value cache
+    when ``evaluation`` generates them, as the runner counts it), or None: one case at a time."""
     from overtone.editors import EDITORS, ft_m, lora, memit, rome
     from overtone.editors.lora import LoRAConfig
     from overtone.editors.memit import MEMITConfig
     from overtone.editors.parallel import ModelShape
     from overtone.editors.rome import ROMEConfig
+    from overtone.evaluation.wild import CASE_PROBES, PROMPT_TOKENS
 
     if EDITORS[editor].parallel_refusal is not None:
         return None
@@ -371,19 +374,23 @@ def case_memory(editor: str, shape: Shape, config: Any, profile: str = "") -> Ca
                        shape.vocab, shape.dtype_bytes)
     site = edit_site(editor, shape, config, profile)
     if editor == "ft-m":
-        return ft_m.case_memory(model, site.first_layer)
-    if editor == "lora":
-        return lora.case_memory(model, config or LoRAConfig())
-    if editor == "rome":
-        return rome.case_memory(model, config or ROMEConfig(), site.first_layer)
-    if editor == "memit":
-        return memit.case_memory(model, config or MEMITConfig(), site.solves, site.top_layer)
-    return None
+        memory = ft_m.case_memory(model, site.first_layer)
+    elif editor == "lora":
+        memory = lora.case_memory(model, config or LoRAConfig())
+    elif editor == "rome":
+        memory = rome.case_memory(model, config or ROMEConfig(), site.first_layer)
+    elif editor == "memit":
+        memory = memit.case_memory(model, config or MEMITConfig(), site.solves, site.top_layer)
+    else:
+        return None
+    replies = model.reply_cache(CASE_PROBES, PROMPT_TOKENS + reply) if evaluation in ("wild", "both") else 0
+    return replace(memory, evaluation=replies)
 
 
-def window_size(parallel: int | str, editor: str, shape: Shape, config: Any, gpu: Device, profile: str) -> int:
+def window_size(parallel: int | str, editor: str, shape: Shape, config: Any, gpu: Device, profile: str,
+                evaluation: str = "teacher-forced", reply: int = 50) -> int:
     """Cases edited at once: the cell's number, or --parallel auto's rule on the device's memory."""
-    memory = case_memory(editor, shape, config, profile)
+    memory = case_memory(editor, shape, config, profile, evaluation, reply)
     if memory is None:
         return 1
     if parallel != "auto":
@@ -437,7 +444,8 @@ def plan_budget(cells: Sequence[tuple[Any, Sequence[EditCase]]], profile: str, g
     budget = Budget(dev, model)
     for cell, cases in cells:
         config = editor_config(cell.editor, **dict(cell.settings))
-        window = window_size(cell.parallel, cell.editor, shape, config, dev, profile)
+        window = window_size(cell.parallel, cell.editor, shape, config, dev, profile, cell.evaluation,
+                             token_rules["reply"])
         edit_s = eval_s = 0.0
         for case in cases:
             tokens = case_tokens(count, case)
