@@ -247,12 +247,13 @@ def test_a_limit_beyond_the_dataset_runs_what_exists_and_an_empty_slice_is_an_er
 
 def test_parallel_beyond_the_memory_model_is_refused_and_the_advised_size_fits(tiny_llama, monkeypatch):
     editor = make_editor("ft-m", tiny_llama, CrossEntropy(), layer=2)
-    memory = run_module.case_memory(editor, Evaluator(tiny_llama), tiny_llama)
+    evaluator = Evaluator(tiny_llama)
+    memory = run_module.case_memory(editor, evaluator, tiny_llama)
     monkeypatch.setattr(run_module, "free_memory", lambda device: 3 * memory.total + 1)
     with pytest.raises(SpecError, match=r"--parallel 10000: 20 cases at once need about .* --parallel 3 or less"):
-        run_module.check_parallel(memory, "ft-m", tiny_llama, 10_000, 20)
-    run_module.check_parallel(memory, "ft-m", tiny_llama, 3, 20)  # the advice
-    run_module.check_parallel(memory, "ft-m", tiny_llama, 10_000, 2)  # only two cases to edit at once
+        run_module.check_parallel(editor, evaluator, tiny_llama, 10_000, 20)
+    run_module.check_parallel(editor, evaluator, tiny_llama, 3, 20)  # the advice
+    run_module.check_parallel(editor, evaluator, tiny_llama, 10_000, 2)  # only two cases to edit at once
 
 
 def test_the_generated_answers_memory_counts_when_it_exceeds_a_training_step(tiny_llama):
@@ -284,10 +285,12 @@ def test_the_float32_head_copy_is_counted_once_per_window_in_bf16(tiny_llama, mo
     memory = parallel_editing.CaseMemory(state=100, activations=100, shared=1000)
     monkeypatch.setattr(parallel_editing, "free_memory", lambda device: 2 * (1000 + 5 * 200))
     assert parallel_editing.parallel_size(memory, torch.device("cpu")) == 5  # (half of 4000 - 1000) / 200
+    editor = make_editor("ft-m", tiny_llama, CrossEntropy(), layer=2)
+    monkeypatch.setattr(editor, "case_memory", lambda: memory)
     monkeypatch.setattr(run_module, "free_memory", lambda device: 1000 + 3 * 200)
-    run_module.check_parallel(memory, "ft-m", tiny_llama, 3, 20)
+    run_module.check_parallel(editor, Evaluator(tiny_llama), tiny_llama, 3, 20)
     with pytest.raises(SpecError, match=r"--parallel 4: 4 cases at once need .* MiB once, ft-m.*give --parallel 3 "):
-        run_module.check_parallel(memory, "ft-m", tiny_llama, 4, 20)
+        run_module.check_parallel(editor, Evaluator(tiny_llama), tiny_llama, 4, 20)
 
 
 def test_a_long_edit_shows_its_updates_and_logs_them(caplog):

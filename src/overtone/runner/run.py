@@ -113,25 +113,25 @@ def case_memory(editor: Editor, evaluator: Evaluator, lm: LoadedModel) -> CaseMe
     return replace(editor.case_memory(), evaluation=evaluator.case_memory(ModelShape.of(lm.model.config, lm.dtype)))
 
 
-def auto_parallel(memory: CaseMemory, lm: LoadedModel, cases: int) -> int:
+def auto_parallel(editor: Editor, evaluator: Evaluator, lm: LoadedModel, cases: int) -> int:
     """The B of ``--parallel auto``, one rule for every run: as many cases as half the free memory holds, and
     few enough that a window of the runner holds ``PARALLEL_WINDOW`` groups to sort by length."""
-    return parallel_size(memory, lm.device, max(1, cases // PARALLEL_WINDOW))
+    return parallel_size(case_memory(editor, evaluator, lm), lm.device, max(1, cases // PARALLEL_WINDOW))
 
 
-def check_parallel(memory: CaseMemory, name: str, lm: LoadedModel, parallel: int, cases: int) -> None:
+def check_parallel(editor: Editor, evaluator: Evaluator, lm: LoadedModel, parallel: int, cases: int) -> None:
     """A given ``--parallel B`` against the memory model (``case_memory``, an upper estimate): the min(B, cases)
     cases edited at once must fit in the free memory, or a ``SpecError`` says how many do."""
     at_once = min(parallel, cases)
     if at_once <= 1:
         return
-    free = free_memory(lm.device)
+    memory, free = case_memory(editor, evaluator, lm), free_memory(lm.device)
     need, fits = memory.total, memory.fits(free)
     if at_once > fits:
         raise SpecError(
             f"--parallel {parallel}: {at_once} cases at once need about "
             f"{(at_once * need + memory.shared) / 2**30:.1f} GiB ({need / 2**20:.0f} MiB each, "
-            f"{memory.shared / 2**20:.0f} MiB once, {name}), but {free / 2**30:.1f} GiB is free on "
+            f"{memory.shared / 2**20:.0f} MiB once, {editor.name}), but {free / 2**30:.1f} GiB is free on "
             f"{lm.device.type}; give --parallel {max(1, fits)} or less, or --parallel auto")
 
 
@@ -227,12 +227,11 @@ def prepare_run(spec: RunSpec, inputs: RunInputs | None = None, lm: LoadedModel 
         ability = AbilityMonitor(lm, AbilitySettings(every=spec.ability_every)) if spec.measures_ability else None
     except USER_ERRORS as exc:
         raise SpecError(str(exc)) from exc
-    memory = case_memory(editor, evaluator, lm)
     if spec.parallel == "auto":
-        parallel = auto_parallel(memory, lm, len(inputs.cases))
+        parallel = auto_parallel(editor, evaluator, lm, len(inputs.cases))
     else:
         parallel = int(spec.parallel)
-        check_parallel(memory, editor.name, lm, parallel, len(inputs.cases))
+        check_parallel(editor, evaluator, lm, parallel, len(inputs.cases))
     probes = {"max": spec.max_probes, "mode": spec.probes} if spec.probes != "error" else None
     config = run_config(lm, editor, evaluator, inputs.bench, spec.dataset, spec.offset, spec.limit, spec.seed,
                         spec.threads, spec.sequence, spec.eval_timing, spec.batch, spec.matched,
