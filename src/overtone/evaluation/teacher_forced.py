@@ -212,8 +212,8 @@ class Evaluator:
 
     def case_memory(self, shape: ModelShape) -> int:
         """Bytes that evaluating one edited case holds beyond the model (``CaseMemory.evaluation``). Teacher
-        forcing keeps the logits of the answers' positions only: 22 to 46 MiB per window at 7B in the
-        rehearsal, a small share of any editor's training step, so 0 here."""
+        forcing keeps the logits of the answers' positions only: 22 to 46 MiB per window of one or two cases in
+        the rehearsal at 7B widths (2 and 4 layers), a small share of any editor's training step, so 0 here."""
         return 0
 
     def before(self, case: EditCase, record_from: int | None) -> PreEdit:
