@@ -173,6 +173,7 @@ def greedy_ids(lm: LoadedModel, texts: Sequence[str], max_new_tokens: int, add_s
     live = list(range(rows))  # the row of each batch position
     replies: list[list[int]] = [[] for _ in range(rows)]
     texts_so_far = [_Text(tokenizer) for _ in range(rows)] if done else []
+    step_keep = _logits_to_keep(model, 1)  # a decoding step's one position, looked up once
     with scope(owners):
         out = model(input_ids=ids[:, cached:], attention_mask=mask if padded else None,
                     position_ids=positions[:, cached:], cache=cache, use_cache=True,
@@ -198,4 +199,4 @@ def greedy_ids(lm: LoadedModel, texts: Sequence[str], max_new_tokens: int, add_s
         last = last + 1
         with scope(tuple(owners[r] for r in live)):
             out = model(input_ids=tokens[:, None], attention_mask=mask if padded else None, position_ids=last,
-                        cache=cache, use_cache=True, **_logits_to_keep(model, 1))
+                        cache=cache, use_cache=True, **step_keep)
