@@ -23,7 +23,7 @@ from overtone.editors import ft_m, lora, rome
 from overtone.editors.locate import LocateConfig
 from overtone.editors.lora import LoRAConfig
 from overtone.editors.parallel import CaseMemory, ModelShape
-from overtone.evaluation.wild import CASE_PROBES, PROMPT_TOKENS, WildSettings
+from overtone.evaluation.wild import WildSettings, reply_memory
 
 SHAPES = {
     "SmolLM2-135M": (LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -43,7 +43,7 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             shape = ModelShape.of(config, dtype)
             layer = ft_m.default_layer(shape.layers)
-            wild = shape.reply_cache(CASE_PROBES, PROMPT_TOKENS + WildSettings().max_new_tokens)
+            wild = reply_memory(shape, WildSettings().max_new_tokens)
             rows: dict[str, CaseMemory] = {
                 f"FT-M (layer {layer})": ft_m.case_memory(shape, layer),
                 "AdaLoRA (q, v)": lora.case_memory(shape, LoRAConfig()),

@@ -297,6 +297,14 @@ def _score(probes: Sequence[WildProbe], replies: Sequence[Reply], reference: Seq
 # tokens of a bare prompt (theirs have 5 to 16).
 CASE_PROBES = 5
 PROMPT_TOKENS = 32
+
+
+def reply_memory(shape: ModelShape, reply: int, template: int = 0) -> int:
+    """Bytes that generating one case's answers holds (``ModelShape.reply_cache``): ``CASE_PROBES`` rows of a
+    prompt of ``template`` + ``PROMPT_TOKENS`` tokens and a ``reply``-token answer. One estimate for the runner,
+    ``study plan`` and ``benchmarks/parallel_memory.py``."""
+    return shape.reply_cache(CASE_PROBES, template + PROMPT_TOKENS + reply)
+
 MAX_ROWS = 64  # probes per generate call: bounds the key/value cache when a chunk of 100 cases is evaluated
 
 
@@ -328,10 +336,10 @@ class WildEvaluator(Evaluator):
         return {**inner, "protocols": protocols, WILD: wild}
 
     def case_memory(self, shape: ModelShape) -> int:
-        """The replies' key/value cache of one case (``ModelShape.reply_cache``): ``CASE_PROBES`` rows of a prompt
-        (``PROMPT_TOKENS``, in the context's template) and the longest reply; or the inner protocol's, if larger."""
+        """The replies' key/value cache of one case (``reply_memory``, the prompt in the context's template, the
+        longest reply); or the inner protocol's, if larger."""
         template = len(self.lm.tokenizer(context_text(self.lm.tokenizer, "", self.settings.context))["input_ids"])
-        own = shape.reply_cache(CASE_PROBES, template + PROMPT_TOKENS + self.settings.max_new_tokens)
+        own = reply_memory(shape, self.settings.max_new_tokens, template)
         return max(own, self.inner.case_memory(shape) if self.inner else 0)
 
     def _answer(self, groups: Sequence[Sequence[WildProbe]], edits: CaseEdits | None = None,

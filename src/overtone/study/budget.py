@@ -366,7 +366,7 @@ def case_memory(editor: str, shape: Shape, config: Any, profile: str = "", evalu
     from overtone.editors.memit import MEMITConfig
     from overtone.editors.parallel import ModelShape
     from overtone.editors.rome import ROMEConfig
-    from overtone.evaluation.wild import CASE_PROBES, PROMPT_TOKENS
+    from overtone.evaluation.wild import reply_memory
 
     if EDITORS[editor].parallel_refusal is not None:
         return None
@@ -383,7 +383,7 @@ def case_memory(editor: str, shape: Shape, config: Any, profile: str = "", evalu
         memory = memit.case_memory(model, config or MEMITConfig(), site.solves, site.top_layer)
     else:
         return None
-    replies = model.reply_cache(CASE_PROBES, PROMPT_TOKENS + reply) if evaluation in ("wild", "both") else 0
+    replies = reply_memory(model, reply) if evaluation in ("wild", "both") else 0
     return replace(memory, evaluation=replies)
 
 
