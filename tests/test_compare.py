@@ -132,6 +132,48 @@ def test_stream_summaries_get_the_lifelong_table_and_the_curve():
     assert tables["Along the stream: ce"].sections[0][1] == [["1000", "28.17", "12.67", "10.00", "60.00", "–", "–",
                                                               "–"]]
 
+def test_a_streams_edits_are_scored_by_the_batch_that_made_them_oldest_first():
+    from overtone.report.tables import extra_tables, retention_tables
+
+    # 6 edits in batches of 2, in stream order: Rel. 0, 0 | 0.5, 0.5 | 1, 1; efficacy 0, 1 | 1, 1 | 1, 1
+    records = stream_records([0.0, 0.0, 0.5, 0.5, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    (table,) = retention_tables([("ce", 2, records)])
+    assert table.groups == [("batch", ["1", "2", "3"])]
+    assert dict(table.sections) == {"Rel.": [["ce", "0.00", "50.00", "100.00"]],
+                                    "efficacy": [["ce", "50.00", "100.00", "100.00"]]}  # no Gen. recorded
+    # 25 batches of one: pooled into 9 columns of 3 batches (the last holds one), each chunk by its own order
+    long = [{**r, "chunk": c} for c in (0, 1) for r in stream_records([i / 24 for i in range(25)], [1.0] * 25)]
+    (pooled,) = retention_tables([("ot", 1, long)])
+    assert pooled.groups[0][1] == ["1-3", "4-6", "7-9", "10-12", "13-15", "16-18", "19-21", "22-24", "25"]
+    assert pooled.sections[0][1][0][1] == "4.17" and pooled.sections[0][1][0][-1] == "100.00"  # mean of 0, 1/24, 2/24
+    # streams of other layouts get their own table, and a summary table's extras carry them
+    assert len(retention_tables([("ce", 2, records), ("ot", 1, long)])) == 2
+    titles = [t.title for t in extra_tables([("ce", {"rel": 50.0})], [("ce", 2, records)])]
+    assert titles == ["By the batch that made the edit, on the final model"]
+    assert retention_tables([("empty", 2, [])]) == []
+
+
+def test_table_and_report_show_a_stream_run_by_the_batch_that_made_each_edit(tmp_path):
+    import yaml
+
+    records = [{**r, "pre": {"rel": 0.0}, "steps": 1, "edit_s": 0.1, "eval_s": 0.1}
+               for r in stream_records([0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0])]
+    run = tmp_path / "alpha-ce"
+    run.mkdir()
+    config = {"editor": {"name": "alphaedit"}, "objective": {"name": "ce"}, "dataset": {"name": "counterfact-mend"},
+              "sequence": 4, "batch": 2, "stream": {"curve_every": 0}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "cases.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "summary.json").write_text(json.dumps(summarize(records)))
+    table = CliRunner().invoke(app, ["table", str(run), "--markdown"])
+    assert table.exit_code == 0, table.output
+    assert "| run | batch 1 | batch 2 |" in table.output and "| alpha-ce (ce) | 0.00 | 100.00 |" in table.output
+    report = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "report")])
+    assert report.exit_code == 0, report.output
+    page = (tmp_path / "report" / "report.md").read_text()
+    assert "## Lifelong editing" in page and "| AlphaEdit, counterfact-mend, 4 edits | 0.00 | 100.00 |" in page
+
+
 def test_case_avg_uses_the_metrics_a_case_has():
     base = [rec("a", rel=1.0, loc=0.5)]
     other = [rec("a", rel=1.0, loc=1.0)]

@@ -282,6 +282,27 @@ def test_one_stream_against_another_has_no_interval():
                            ["rel"])["rel"]
     assert two.has_interval and two.excludes_zero
 
+def test_a_studys_streams_get_their_lifelong_tables_one_row_per_seed():
+    from overtone.study.tables import Row, stream_tables
+
+    def stream(efficacy):
+        return [{**r, "chunk": 0, "lifelong": {"pre": {"efficacy": 0.0}, "post": {"efficacy": e}},
+                 "curve": [{"edits": 2, "rel": 50.0}]} for r, e in zip(records([0.0, 1.0, 1.0, 1.0]), efficacy)]
+
+    cell = {"model": {"name": "m"}, "dataset": "counterfact-mend", "editor": "alphaedit", "variant": "ce",
+            "label": "CE", "batch": 2, "stream": {"curve_every": 2}}
+    rows = [Row([{**cell, "seed": 0}, {**cell, "seed": 1}], {0: stream([0.0, 1.0, 1.0, 1.0]),
+                                                             1: stream([1.0, 1.0, 0.0, 1.0])}),
+            Row([{**cell, "stream": None}], {0: records([1.0])})]  # not a stream: no lifelong tables
+    lifelong, curve, by_batch = stream_tables(rows)
+    assert lifelong.title == "m, counterfact-mend: lifelong metrics, unedited → after the stream"
+    assert [r[:2] for r in lifelong.sections[0][1]] == [["AlphaEdit CE, seed 0", "0.00 → 75.00"],
+                                                       ["AlphaEdit CE, seed 1", "0.00 → 75.00"]]
+    assert curve.sections[0][1] == [["2", "50.00", "–", "–", "–", "–", "–", "–"]]
+    assert dict(by_batch.sections)["efficacy"] == [["AlphaEdit CE, seed 0", "50.00", "100.00"],
+                                                  ["AlphaEdit CE, seed 1", "100.00", "50.00"]]
+
+
 def test_make_executor_names_the_choices():
     with pytest.raises(ValueError, match="unknown executor 'spark'; choose one of local, ray"):
         make_executor("spark", ExecutorOptions())

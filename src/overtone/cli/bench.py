@@ -103,7 +103,7 @@ def bench(
     """
     check_out(out)  # a held or damaged --out is refused before anything heavy is imported
     from overtone.report import extra_tables, summary_table, to_rich
-    from overtone.report.tables import protocol_title
+    from overtone.report.tables import protocol_title, stream_of
     from overtone.runner import read_run
     from overtone.runner.spec import RunSpec, overtone_for
 
@@ -122,10 +122,10 @@ def bench(
         inputs = check_spec(spec)
         with hold_run_dir(out) as lock:
             summary = execute(prepare_spec(spec, inputs), out, f"{editor}/{objective}", lock)
-    config, _, _ = read_run(out)
+    config, records, _ = read_run(out)
     rows = [(f"{editor} {objective}", summary)]
     console.print(summary_table(rows, title=f"{protocol_title(config)}, {model.model}"))
-    for extra in extra_tables(rows):
+    for extra in extra_tables(rows, stream_of(rows[0][0], config, records)):
         console.print(to_rich(extra))
     lifelong = summary.get("lifelong")
     if lifelong:
@@ -210,9 +210,10 @@ def table(
         to_rich,
     )
     from overtone.report.runs import checked_summary, mixed_code
+    from overtone.report.tables import stream_of
     from overtone.runner import StoreError, read_run
 
-    loaded, records, configs = [], {}, []
+    loaded, records, streams, configs = [], {}, {}, []
     for run in runs:
         try:
             config, cases, saved = read_run(run)
@@ -225,6 +226,7 @@ def table(
         label = f"{run.name} ({objective.get('name', '-')})"
         loaded.append((label, config, summary))
         records[label] = cases
+        streams[label] = stream_of(label, config, cases)
         configs.append((str(run), config))
     warning = mixed_code(configs)
     if warning:
@@ -234,7 +236,7 @@ def table(
             console.print(f"{markdown_text(title)}\n\n{markdown_table(rows)}\n", markup=False, soft_wrap=True)
         else:
             console.print(summary_table(rows, title=title))
-        for extra in extra_tables(rows):
+        for extra in extra_tables(rows, [s for label, _ in rows for s in streams[label]]):
             if markdown:
                 console.print(f"{to_markdown(extra)}\n", markup=False, soft_wrap=True)
             else:

@@ -30,10 +30,14 @@ from overtone.report.tables import (
     dataset_name,
     editor_name,
     gain_table,
+    lifelong_curve_table,
+    lifelong_table,
     markdown_text,
     method_label,
+    retention_tables,
     runs_table,
     single_editing_table,
+    stream_of,
     to_markdown,
     token_table,
     trace_summary_table,
@@ -136,6 +140,18 @@ def _wild_section(runs: Sequence[RunInfo]) -> Section | None:
                    "normalised reply as the unedited model). docs/wild.md has the rules.", items)
 
 
+def _lifelong_section(runs: Sequence[RunInfo]) -> Section | None:
+    """The edit streams' lifelong metrics, their curves and their final scores by the age of the edit."""
+    labelled = [(f"{method_label(r)}, {dataset_name(r.dataset)}, {r.sequence} edits", r) for r in runs
+                if r.summary.get("lifelong")]
+    rows = [(label, r.summary) for label, r in labelled]
+    streams = [s for label, r in labelled for s in stream_of(label, r.config, r.records)]
+    tables = [t for t in (lifelong_table(rows), lifelong_curve_table(rows), *retention_tables(streams)) if t]
+    return Section("lifelong", "Lifelong editing", "Edit streams (--stream): every edit scored once on the final "
+                   "model, the lifelong metrics of docs/lifelong-streams.md beside the teacher-forced ones.",
+                   tables) if tables else None
+
+
 def build_sections(inputs: Inputs, max_heatmaps: int = 12,
                    protocols: tuple[str, ...] = (TEACHER_FORCED, WILD)) -> list[Section]:
     """The report's sections; ``protocols`` chooses which evaluation protocols' numbers the tables show."""
@@ -170,6 +186,9 @@ def build_sections(inputs: Inputs, max_heatmaps: int = 12,
             sections.append(Section("ability", "General ability during continual editing",
                                     "Held-out perplexity and general facts after each chunk's edits, against the "
                                     "unedited model (docs/wild.md).", ability))
+        lifelong = _lifelong_section(runs)
+        if lifelong:
+            sections.append(lifelong)
     for i, path in enumerate(inputs.traces):
         meta, traces = load_traces(path)
         cases = list(dict.fromkeys(t.case_id for t in traces))

@@ -45,8 +45,10 @@ PROTOCOL_SHORT = {TEACHER_FORCED: "TF", WILD: "wild"}  # group headers of the co
 PROTOCOL_CAPTION = ("TF: teacher-forced token accuracy; wild: generated answers, exact match after normalisation "
                     "(Loc.: the same normalised reply as the unedited model).")
 Row = tuple[str, dict[str, Any]]
+Stream = tuple[str, int, Sequence[dict[str, Any]]]  # a stream run's label, its batch size and its records
 # Display names and the paper's order; anything else keeps its own name and sorts after these.
-EDITOR_NAMES = {"rome": "ROME", "memit": "MEMIT", "ft-m": "FT-M", "lora": "LoRA", "melo": "MELO", "wise": "WISE"}
+EDITOR_NAMES = {"rome": "ROME", "memit": "MEMIT", "alphaedit": "AlphaEdit", "ultraedit": "UltraEdit", "ft-m": "FT-M",
+                "lora": "LoRA", "melo": "MELO", "wise": "WISE"}
 DATASET_NAMES = {"zsre": "ZsRE", "wikidata-counterfact": "Wiki_cf", "wikidata-recent": "Wiki_recent",
                  "wikibio": "WikiBio", "mquake": "MQuAKE"}
 PROBE_NAMES = {"rel": "Reliability (edit prompt)", "gen": "Generality (rephrase)", "por": "Portability",
@@ -255,11 +257,17 @@ def wild_detail_table(rows: Sequence[Row], title: str = "") -> PaperTable | None
     )
 
 
-def extra_tables(rows: Sequence[Row]) -> list[PaperTable]:
+def extra_tables(rows: Sequence[Row], streams: Sequence[Stream] = ()) -> list[PaperTable]:
     """The tables that follow a summary table when its runs have them: wild scores and cost, general ability
-    (at chunk ends, and along the chunk with ``--ability-every``), and a stream's lifelong metrics and curve."""
+    (at chunk ends, and along the chunk with ``--ability-every``), and a stream's lifelong metrics, curve and,
+    given the ``streams``' records, its scores by the age of the edit."""
     return [t for t in (wild_detail_table(rows), ability_table(rows), ability_curve_table(rows), lifelong_table(rows),
-                        lifelong_curve_table(rows)) if t]
+                        lifelong_curve_table(rows), *retention_tables(streams)) if t]
+
+
+def stream_of(label: str, config: dict[str, Any], records: Sequence[dict[str, Any]]) -> list[Stream]:
+    """``[(label, batch, records)]`` for a run that is an edit stream (``--stream``), else ``[]``."""
+    return [(label, int(config["batch"]), records)] if config.get("stream") and config.get("batch") else []
 
 
 LIFELONG_HEADERS = {"efficacy": "efficacy", "generalization": "generalisation", "specificity": "specificity",
@@ -298,6 +306,65 @@ def lifelong_curve_table(rows: Sequence[Row], title: str = "") -> PaperTable | N
                               "the edits made so far (a sample fixed by the seed and the count; the final evaluation "
                               "of every edit is the tables above). Teacher-forced KnowEdit metrics, then the lifelong "
                               "ones, x100.")
+
+
+AGE_COLUMNS = 10  # at most this many columns: a longer stream's batches are grouped, oldest first
+AGE_METRICS = (("post", "rel", "Rel."), ("post", "gen", "Gen."), ("lifelong", "efficacy", "efficacy"),
+               ("lifelong", "generalization", "generalisation"))
+
+
+def _age_value(record: dict[str, Any], source: str, key: str) -> float | None:
+    scores = record.get("lifelong", {}).get("post", {}) if source == "lifelong" else record.get("post", {})
+    value = scores.get(key)
+    return None if value is None else float(value)
+
+
+def _age_bins(records: Sequence[dict[str, Any]], batch: int) -> tuple[list[str], list[list[dict[str, Any]]]]:
+    """Column headers, and the records in columns by the batch that edited them (a chunk's records are in stream
+    order): batches numbered from 1, grouped into at most ``AGE_COLUMNS`` columns; column i pools that column
+    of every chunk."""
+    chunks: dict[Any, list[dict[str, Any]]] = {}
+    for record in records:
+        chunks.setdefault(record.get("chunk", 0), []).append(record)
+    batches = -(-max(len(c) for c in chunks.values()) // batch)
+    per_bin = -(-batches // AGE_COLUMNS)
+    spans = [(first + 1, min(first + per_bin, batches)) for first in range(0, batches, per_bin)]
+    bins: list[list[dict[str, Any]]] = [[] for _ in spans]
+    for chunk in chunks.values():
+        for i, record in enumerate(chunk):
+            bins[i // batch // per_bin].append(record)
+    return [str(a) if a == b else f"{a}-{b}" for a, b in spans], bins
+
+
+def retention_tables(streams: Sequence[Stream], title: str = "") -> list[PaperTable]:
+    """The final model's scores of a stream's edits by the batch that made them, oldest first: how much the
+    later batches undid the earlier ones, which the stream's one mean hides (x100). One table per layout of
+    columns (streams of other lengths or batch sizes get their own)."""
+    layouts: dict[tuple[str, ...], list[tuple[str, list[list[dict[str, Any]]]]]] = {}
+    for label, batch, records in streams:
+        if records:
+            headers, bins = _age_bins(records, batch)
+            layouts.setdefault(tuple(headers), []).append((label, bins))
+    tables = []
+    for headers, binned in layouts.items():
+        sections = []
+        for source, key, name in AGE_METRICS:
+            rows = []
+            for label, bins in binned:
+                values = [[v for r in b if (v := _age_value(r, source, key)) is not None] for b in bins]
+                if any(values):
+                    rows.append([label, *(_fmt(100 * sum(v) / len(v)) if v else "–" for v in values)])
+            if rows:
+                sections.append((name, rows))
+        tables.append(PaperTable(
+            title=title or "By the batch that made the edit, on the final model",
+            groups=[("batch" if all("-" not in h for h in headers) else "batches", list(headers))],
+            sections=sections, stub="run",
+            caption="Every edit of the stream scored once on the final model (the tables above), grouped by the "
+                    "batch of --batch edits that made it (numbered from the first; a long stream's batches pooled "
+                    f"into at most {AGE_COLUMNS} columns): the last column holds the newest edits. Teacher-forced "
+                    "Rel. and Gen., then the lifelong efficacy and generalisation, x100."))
+    return tables
 
 
 def _ability_cells(measured: dict[str, Any]) -> list[str]:

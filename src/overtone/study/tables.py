@@ -26,7 +26,11 @@ from overtone.report.tables import (
     _order,
     dataset_name,
     editor_name,
+    lifelong_curve_table,
+    lifelong_table,
+    retention_tables,
 )
+from overtone.runner.bench import summarize
 from overtone.study.driver import cell_states, read_plan, read_records
 
 
@@ -194,8 +198,27 @@ def paired_tables(rows: Sequence[Row]) -> list[PaperTable]:
     return tables
 
 
+def stream_tables(rows: Sequence[Row]) -> list[PaperTable]:
+    """For the study's edit streams, per model and dataset: the lifelong metrics before and after, the curve, and
+    the final scores by the batch that made each edit (report/tables.py), one row per setting and seed."""
+    rows = [r for r in rows if r.ran and r.first.get("stream") is not None]
+    tables = []
+    for model, dataset in dict.fromkeys((r.first["model"]["name"], r.first["dataset"]) for r in rows):
+        members = sorted((r for r in rows if (r.first["model"]["name"], r.first["dataset"]) == (model, dataset)),
+                         key=_row_order)
+        labelled = [(f"{editor_name(r.first['editor'])} {r.first['label']}"
+                     + (f", seed {seed}" if len(r.records) > 1 else ""), r.first["batch"], records)
+                    for r in members for seed, records in sorted(r.records.items()) if records]
+        summaries = [(label, summarize(records)) for label, _, records in labelled]
+        where = f"{Path(model).name}, {dataset_name(dataset)}"
+        tables += [t for t in (lifelong_table(summaries, f"{where}: lifelong metrics, unedited → after the stream"),
+                               lifelong_curve_table(summaries, f"{where}: along the stream"),
+                               *retention_tables(labelled, f"{where}: by the batch that made the edit")) if t]
+    return tables
+
+
 def study_tables(out: Path) -> list[PaperTable]:
-    """All tables of a study directory (results, then paired differences)."""
+    """All tables of a study directory (results, then paired differences, then the streams' own)."""
     read_plan(out)
     rows = load_rows(out)
-    return result_tables(rows) + paired_tables(rows)
+    return result_tables(rows) + paired_tables(rows) + stream_tables(rows)
