@@ -393,7 +393,7 @@ def _axes(spec: dict[str, Any], where: str) -> tuple[dict[str, list[Any]], dict[
         raise StudyError(f"{where}: fixed and axes are mappings")
     unknown = (set(fixed) - set(FIXED_DEFAULTS) - set(REQUIRED)) | (set(axes) - set(AXES))
     if unknown:
-        raise StudyError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}; fixed settings: "
+        raise StudyError(f"{where}: unknown setting(s) {', '.join(sorted(map(str, unknown)))}; fixed settings: "
                          f"{', '.join([*REQUIRED, *FIXED_DEFAULTS])}; axes: {', '.join(AXES)}")
     both = set(fixed) & set(axes)
     if both:
@@ -465,6 +465,7 @@ def expand(spec: dict[str, Any], where: str = "study") -> Study:
     from overtone.editors import EDITORS
     from overtone.evaluation import GenerationSettings
     from overtone.models.loading import DTYPES
+    from overtone.runner.stream import StreamSettings
 
     lists, values = _axes(spec, where)
     editors_cfg = spec.get("editors") or {}
@@ -573,7 +574,7 @@ def expand(spec: dict[str, Any], where: str = "study") -> Study:
                                 "objective": make_objective(variant.objective, variant.overtone).config(),
                                 "seed": seed, "matched_steps": after, "generation": generation,
                                 **evaluation,
-                                **({"stream": {k: v for k, v in stream if k != "checkpoint_every"}}
+                                **({"stream": StreamSettings(**dict(stream)).describe()}
                                    if stream is not None else {}),
                             }
                             side_by_side = parallel if sequence == 1 and cls.parallel_refusal is None else 1
