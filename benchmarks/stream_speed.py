@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=10)
     parser.add_argument("--curve-every", type=int, default=0)
     parser.add_argument("--fluency-tokens", type=int, default=32)
+    parser.add_argument("--fluency-every", type=int, default=1, help="K: the fluency of every K-th edit")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an editor setting")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: a temporary one)")
@@ -73,6 +74,7 @@ def main() -> None:
                    device=args.device, threads=args.threads, limit=args.limit, sequence=args.limit,
                    batch=args.batch, stream=True, checkpoint_every=args.checkpoint_every,
                    curve_every=args.curve_every, fluency_tokens=args.fluency_tokens,
+                   fluency_every=args.fluency_every,
                    settings=tuple(parse_items(args.set, EDITORS[args.editor].config_class, args.editor).items()))
     out = args.out or Path(tempfile.mkdtemp(prefix="stream-speed-")) / "run"
     gflops = matmul_gflops()

@@ -210,6 +210,25 @@ def test_a_streams_unedited_pass_is_read_from_the_evaluation_cache_with_the_same
     assert [r["eval_cache_hits"] for r in stream(cases[1:], True)] == [0] * (len(cases) - 1)
 
 
+def test_fluency_every_k_scores_every_kth_edit_and_changes_nothing_else(tokenizer, zsre_cases):
+    """``--fluency-every 3``: the fluency of edits 1, 4, 7, ... of the final evaluation (the first of every three,
+    as the reference's generation_test_interval), equal to their fluency when every edit is scored; the other
+    edits have none, and every other field of every record is as before."""
+    cases = zsre_cases[:8]
+    records = {}
+    for every in (1, 3):
+        lm = tiny_model("llama", tokenizer)
+        settings = StreamSettings(fluency_tokens=4, fluency_every=every)
+        records[every] = stream_records(ftm(lm), Evaluator(lm), cases, 2, settings, seed=0)
+    fluent = [i for i, r in enumerate(records[3]) if "fluency" in r["lifelong"]["post"]]
+    assert fluent == [0, 3, 6]
+    assert [records[3][i]["lifelong"]["post"]["fluency"] for i in fluent] == \
+        [records[1][i]["lifelong"]["post"]["fluency"] for i in fluent]
+    expected = [r if i in fluent else {**r, "lifelong": {**r["lifelong"], "post": {
+        k: v for k, v in r["lifelong"]["post"].items() if k != "fluency"}}} for i, r in enumerate(records[1])]
+    assert comparable(records[3]) == comparable(expected)
+
+
 def test_a_checkpoint_applied_to_a_fresh_model_gives_the_streamed_weights(tmp_path, tokenizer, zsre_cases):
     lm = tiny_model("llama", tokenizer)
     editor = ftm(lm)
@@ -304,6 +323,13 @@ def test_stream_options_are_checked_when_the_spec_is_built():
     spec = RunSpec(editor="ft-m", stream=True, sequence=10, batch=5, curve_every=5)
     assert spec.stream_settings == StreamSettings(curve_every=5)
     assert "checkpoint_every" not in spec.stream_settings.describe()  # it does not change results
+    assert "fluency_every" not in spec.stream_settings.describe()  # named only when it samples: old runs resume
+    sampled = RunSpec(editor="ft-m", stream=True, sequence=10, batch=5, fluency_every=10).stream_settings
+    assert sampled is not None and sampled.describe()["fluency_every"] == 10
+    with pytest.raises(SpecError, match="--fluency-every must be >= 1, got 0"):
+        RunSpec(editor="ft-m", stream=True, sequence=10, fluency_every=0)
+    with pytest.raises(SpecError, match=r"--fluency-every set.* add --stream"):
+        RunSpec(editor="ft-m", sequence=10, fluency_every=2)
 
 
 def test_the_command_line_defaults_are_the_stream_settings():

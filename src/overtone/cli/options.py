@@ -299,6 +299,9 @@ CurveSampleOpt = Annotated[int, typer.Option(
     "--curve-sample", min=1, metavar="N", help="--stream: earlier edits scored at each curve point")]
 FluencyTokensOpt = Annotated[int, typer.Option(
     "--fluency-tokens", min=0, help="--stream: greedy tokens generated per rewrite prompt for the fluency (0: none)")]
+FluencyEveryOpt = Annotated[int, typer.Option(
+    "--fluency-every", min=1, metavar="K", help="--stream: the fluency of every K-th edit scored, the first "
+    "included (1: every edit, the protocol; the reference's generation_test_interval)")]
 
 
 @dataclass(frozen=True)
@@ -310,6 +313,7 @@ class StreamOptions(OptionGroup):
     curve_every: CurveEveryOpt = 0
     curve_sample: CurveSampleOpt = 100
     fluency_tokens: FluencyTokensOpt = 32
+    fluency_every: FluencyEveryOpt = 1
 
 
 @dataclass(frozen=True)

@@ -103,15 +103,20 @@ def judged(results: Sequence[tuple[str, bool]]) -> dict[str, float | None]:
 class LifelongScorer:
     """The lifelong metrics of cases on the model as it is now, batched across cases.
 
-    ``fluency_tokens`` new tokens are generated per rewrite prompt for the fluency (0: no fluency).
+    ``fluency_tokens`` new tokens are generated per rewrite prompt for the fluency (0: no fluency), for every
+    ``fluency_every``-th case of a call (the first, the K+1-th, ...; the others' fluency is None).
     """
 
-    def __init__(self, lm: LoadedModel, fluency_tokens: int = 32) -> None:
+    def __init__(self, lm: LoadedModel, fluency_tokens: int = 32, fluency_every: int = 1) -> None:
+        if fluency_every < 1:
+            raise ValueError(f"fluency_every must be >= 1, got {fluency_every}")
         self.lm = lm
         self.fluency_tokens = fluency_tokens
+        self.fluency_every = fluency_every
 
     def describe(self) -> dict[str, Any]:
-        return {"lifelong_metrics": list(LIFELONG_METRICS), "fluency_tokens": self.fluency_tokens}
+        return {"lifelong_metrics": list(LIFELONG_METRICS), "fluency_tokens": self.fluency_tokens,
+                "fluency_every": self.fluency_every}
 
     def logprobs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         """Mean log-probability per answer token of each (prompt, answer), teacher-forced."""
@@ -148,8 +153,9 @@ class LifelongScorer:
             results.append(judged([(c.metric, scores[at + 2 * k] > scores[at + 2 * k + 1]) for k, c in enumerate(cs)]))
             at += 2 * len(cs)
         if fluency_of and self.fluency_tokens:
-            for result, text in zip(results, self.continuations([c.prompt for c in cases]), strict=True):
-                result["fluency"] = fluency(text)
+            chosen = range(0, len(cases), self.fluency_every)
+            for i, text in zip(chosen, self.continuations([cases[i].prompt for i in chosen]), strict=True):
+                results[i]["fluency"] = fluency(text)
         return results
 
 

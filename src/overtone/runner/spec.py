@@ -7,7 +7,7 @@ run as a ``RunSpec`` and hand it to the runner (runner/run.py). Its checks need 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from overtone.benchmarks.bounds import MAX_PROBES, PROBE_MODES
@@ -17,6 +17,8 @@ from overtone.objectives import OBJECTIVES, OverToneConfig
 from overtone.runner.bench import EVAL_TIMINGS
 from overtone.runner.settings import SettingError, check_finite
 from overtone.runner.stream import StreamSettings
+
+STREAM_FIELDS = tuple(f.name for f in fields(StreamSettings))  # a spec's stream options, as given
 
 
 class SpecError(ValueError):
@@ -93,6 +95,7 @@ class RunSpec:
     curve_every: int = StreamSettings.curve_every
     curve_sample: int = StreamSettings.curve_sample
     fluency_tokens: int = StreamSettings.fluency_tokens
+    fluency_every: int = StreamSettings.fluency_every
     budgets: tuple[tuple[str, int], ...] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -166,8 +169,7 @@ class RunSpec:
 
 
     def _check_stream(self) -> None:
-        given = [f"--{name.replace('_', '-')}" for name in ("checkpoint_every", "curve_every", "curve_sample",
-                                                            "fluency_tokens")
+        given = [f"--{name.replace('_', '-')}" for name in STREAM_FIELDS
                  if getattr(self, name) != getattr(StreamSettings, name)]
         if not self.stream:
             if given:
@@ -182,7 +184,7 @@ class RunSpec:
             raise SpecError("--stream edits batches of cases: matched steps (--matched) need single or continual "
                             "editing")
         try:
-            StreamSettings(self.checkpoint_every, self.curve_every, self.curve_sample, self.fluency_tokens)
+            StreamSettings(**{name: getattr(self, name) for name in STREAM_FIELDS})
         except ValueError as exc:
             raise SpecError(str(exc)) from exc
 
@@ -191,7 +193,7 @@ class RunSpec:
         """The stream's settings (None: chunks are edited as continual editing does, runner/continual.py)."""
         if not self.stream:
             return None
-        return StreamSettings(self.checkpoint_every, self.curve_every, self.curve_sample, self.fluency_tokens)
+        return StreamSettings(**{name: getattr(self, name) for name in STREAM_FIELDS})
 
     @property
     def editor_settings(self) -> dict[str, Any]:

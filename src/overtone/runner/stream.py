@@ -19,6 +19,8 @@ left, and every case is evaluated once, on the final model. What makes that work
 * every ``curve_every`` edits the model is scored on a fixed sample of the edits made so far (at most
   ``curve_sample`` of them, drawn with a generator seeded by the run's seed and the number of edits);
   with ``--ability-every`` the general ability likewise. Both curves go into every record of the chunk;
+* fluency, the costliest score on a CPU (a greedy continuation per edit), is measured on every
+  ``fluency_every``-th edit scored (1: all, the protocol; the reference's ``generation_test_interval``);
 * memory: the revert handles hold one copy of each edited tensor (``EditStack``), plus one for a
   restored checkpoint; nothing is kept per edit but the records' numbers and the editor's own state.
 
@@ -61,17 +63,21 @@ class StreamSettings:
     curve_every: int = 0  # edits between curve points; 0: no curve
     curve_sample: int = 100  # earlier edits scored at a curve point
     fluency_tokens: int = 32  # greedy tokens per rewrite prompt for the fluency; 0: no fluency
+    fluency_every: int = 1  # the fluency of every K-th edit scored (the reference's generation_test_interval)
 
     def __post_init__(self) -> None:
         for name in ("checkpoint_every", "curve_every", "fluency_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.curve_sample < 1:
-            raise ValueError(f"--curve-sample must be >= 1, got {self.curve_sample}")
+        for name in ("curve_sample", "fluency_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
     def describe(self) -> dict[str, Any]:
-        """What changes results (the checkpoint interval does not: batches are reseeded one by one)."""
-        return {k: v for k, v in asdict(self).items() if k != "checkpoint_every"}
+        """What changes results (the checkpoint interval does not: batches are reseeded one by one). The fluency
+        interval is named only when it samples, so runs and study cells from before it keep their identity."""
+        return {k: v for k, v in asdict(self).items()
+                if k != "checkpoint_every" and not (k == "fluency_every" and v == 1)}
 
 
 def curve_sample(seed: int | None, edits: int, size: int) -> list[int]:
@@ -159,7 +165,7 @@ def stream_records(
     ``checkpoints``: the stream's checkpoint folder (None: no checkpoints, as in a study's worker);
     ``on_edits(n)`` is called as n more cases are edited (or skipped by a restored checkpoint).
     """
-    scorer = LifelongScorer(editor.lm, settings.fluency_tokens)
+    scorer = LifelongScorer(editor.lm, settings.fluency_tokens, settings.fluency_every)
     pres, lifelong_pre = _evaluated(evaluator, scorer, cases, None)
     if ability:
         ability.measure_reference()
