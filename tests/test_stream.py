@@ -229,6 +229,25 @@ def test_fluency_every_k_scores_every_kth_edit_and_changes_nothing_else(tokenize
     assert comparable(records[3]) == comparable(expected)
 
 
+def test_bench_prints_a_streams_lifelong_tables_with_its_edits_by_batch(tmp_path, tiny_llama_dir):
+    """``overtone bench --stream`` ends with the summary, the lifelong metrics, the curve and the final scores
+    by the batch that made each edit, each once; ``--fluency-every 2`` is named in the run's configuration."""
+    from typer.testing import CliRunner
+
+    from overtone.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "bench", "--model", str(tiny_llama_dir), "--device", "cpu", "--layer", "2", "--steps", "2",
+        "--objective", "ce", "--limit", "6", "--sequence", "6", "--batch", "2", "--stream", "--curve-every", "4",
+        "--fluency-tokens", "4", "--fluency-every", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for title in ("Lifelong metrics: unedited → after the stream", "Along the stream", "By the batch that made"):
+        assert result.output.count(title) == 1, title
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["stream"]["fluency_every"] == 2
+
+
 def test_a_checkpoint_applied_to_a_fresh_model_gives_the_streamed_weights(tmp_path, tokenizer, zsre_cases):
     lm = tiny_model("llama", tokenizer)
     editor = ftm(lm)

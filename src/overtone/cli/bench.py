@@ -127,12 +127,6 @@ def bench(
     console.print(summary_table(rows, title=f"{protocol_title(config)}, {model.model}"))
     for extra in extra_tables(rows, stream_of(rows[0][0], config, records)):
         console.print(to_rich(extra))
-    lifelong = summary.get("lifelong")
-    if lifelong:
-        console.print("lifelong metrics (x100; fluency in bits), unedited -> edited: " + ", ".join(
-            f"{m} {lifelong['pre'].get(m)} -> {v}" for m, v in lifelong["post"].items()), markup=False)
-        for point in lifelong.get("curve", []):
-            console.print("  after " + ", ".join(f"{k} {v}" for k, v in point.items()), markup=False)
     console.print(f"results in {out}", markup=False)
 
 
