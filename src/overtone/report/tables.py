@@ -358,7 +358,7 @@ def retention_tables(streams: Sequence[Stream], title: str = "") -> list[PaperTa
                 sections.append((name, rows))
         tables.append(PaperTable(
             title=title or "By the batch that made the edit, on the final model",
-            groups=[("batch" if all("-" not in h for h in headers) else "batches", list(headers))],
+            groups=[("batch", list(headers))],
             sections=sections, stub="run",
             caption="Every edit of the stream scored once on the final model (the tables above), grouped by the "
                     "batch of --batch edits that made it (numbered from the first; a long stream's batches pooled "
