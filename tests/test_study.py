@@ -287,7 +287,8 @@ def test_a_studys_streams_get_their_lifelong_tables_one_row_per_seed():
 
     def stream(efficacy):
         return [{**r, "chunk": 0, "lifelong": {"pre": {"efficacy": 0.0}, "post": {"efficacy": e}},
-                 "curve": [{"edits": 2, "rel": 50.0}]} for r, e in zip(records([0.0, 1.0, 1.0, 1.0]), efficacy)]
+                 "curve": [{"edits": 2, "rel": 50.0}]}
+                for r, e in zip(records([0.0, 1.0, 1.0, 1.0]), efficacy, strict=True)]
 
     cell = {"model": {"name": "m"}, "dataset": "counterfact-mend", "editor": "alphaedit", "variant": "ce",
             "label": "CE", "batch": 2, "stream": {"curve_every": 2}}

@@ -114,10 +114,6 @@ class LifelongScorer:
         self.fluency_tokens = fluency_tokens
         self.fluency_every = fluency_every
 
-    def describe(self) -> dict[str, Any]:
-        return {"lifelong_metrics": list(LIFELONG_METRICS), "fluency_tokens": self.fluency_tokens,
-                "fluency_every": self.fluency_every}
-
     def logprobs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         """Mean log-probability per answer token of each (prompt, answer), teacher-forced."""
         rows = [encode_pairs(self.lm.tokenizer, [p], [a], self.lm.device) for p, a in pairs]

@@ -297,6 +297,7 @@ def _score(probes: Sequence[WildProbe], replies: Sequence[Reply], reference: Seq
 # tokens of a bare prompt (theirs have 5 to 16).
 CASE_PROBES = 5
 PROMPT_TOKENS = 32
+MAX_ROWS = 64  # probes per generate call: bounds the key/value cache when a chunk of 100 cases is evaluated
 
 
 def reply_memory(shape: ModelShape, reply: int, template: int = 0) -> int:
@@ -304,8 +305,6 @@ def reply_memory(shape: ModelShape, reply: int, template: int = 0) -> int:
     prompt of ``template`` + ``PROMPT_TOKENS`` tokens and a ``reply``-token answer. One estimate for the runner,
     ``study plan`` and ``benchmarks/parallel_memory.py``."""
     return shape.reply_cache(CASE_PROBES, template + PROMPT_TOKENS + reply)
-
-MAX_ROWS = 64  # probes per generate call: bounds the key/value cache when a chunk of 100 cases is evaluated
 
 
 class WildEvaluator(Evaluator):
