@@ -304,6 +304,33 @@ def test_a_studys_streams_get_their_lifelong_tables_one_row_per_seed():
                                                   ["AlphaEdit CE, seed 1", "100.00", "50.00"]]
 
 
+def test_a_studys_streams_are_paired_on_their_lifelong_metrics_too():
+    """OverTone - CE of two streams with two seeds: the KnowEdit table and the lifelong one, each the mean over
+    seeds of the per-seed differences, a stream being one unit (chunk) per seed."""
+    from overtone.study.tables import Row, paired_tables
+
+    def stream(rel, efficacy):
+        return [{**r, "chunk": 0, "lifelong": {"pre": {}, "post": {"efficacy": e, "fluency": 5.0}}}
+                for r, e in zip(records(rel), efficacy, strict=True)]
+
+    cell = {"model": {"name": "m"}, "dataset": "counterfact-mend", "sequence": 4, "eval_timing": "end",
+            "editor": "alphaedit", "batch": 2, "stream": {"curve_every": 2}, "status": "done"}
+    ce = Row([{**cell, "variant": "ce", "label": "CE", "seed": s} for s in (0, 1)],
+             {0: stream([1.0, 0.0, 1.0, 1.0], [1.0, 0.0, 1.0, 1.0]), 1: stream([1.0] * 4, [0.0, 0.0, 1.0, 1.0])})
+    ot = Row([{**cell, "variant": "overtone", "label": "OverTone", "seed": s} for s in (0, 1)],
+             {0: stream([1.0] * 4, [1.0] * 4), 1: stream([1.0] * 4, [1.0] * 4)})
+    knowedit, lifelong = paired_tables([ce, ot])
+    assert lifelong.title.endswith("paired differences of the lifelong metrics (x100)")
+    assert lifelong.headers[1:] == ["Δefficacy", "Δgeneralisation", "Δspecificity", "ΔAvg.", "paired on"]
+    (label, efficacy, generalization, specificity, avg, units), = lifelong.sections[0][1]
+    assert (label, generalization, specificity, units) == ("OverTone − CE", "–", "–", "1 chunks × 2 seeds")
+    assert efficacy.startswith("+37.50 [+25.00, +50.00]") and avg.startswith("+37.50")  # seeds +25 and +50
+    assert knowedit.sections[0][1][0][1].startswith("+12.50")  # Rel.: +25 and 0
+    alone = paired_tables([Row([{**c, "stream": None} for c in ce.cells], ce.records),
+                           Row([{**c, "stream": None} for c in ot.cells], ot.records)])
+    assert len(alone) == 1  # not streams: the KnowEdit table only
+
+
 def test_make_executor_names_the_choices():
     with pytest.raises(ValueError, match="unknown executor 'spark'; choose one of local, ray"):
         make_executor("spark", ExecutorOptions())

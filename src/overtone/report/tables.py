@@ -714,7 +714,7 @@ def trace_summary_table(traces: Sequence[CaseTrace]) -> PaperTable:
 Results = Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]]  # label, summary, records of each run
 
 
-def _lifelong_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def lifelong_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """A stream's records with its lifelong comparisons (not fluency, in bits) as their ``post`` metrics."""
     return [{**{k: r[k] for k in ("case_id", "chunk") if k in r},
              "post": {m: v for m, v in r["lifelong"]["post"].items() if m != "fluency"}}
@@ -735,10 +735,10 @@ def _paired_layout(results: Results, base: int, title: str = "", caption: str = 
     if streams:
         blocks = [*blocks, ("lifelong", {})]
         columns["lifelong"] = [*((m, LIFELONG_HEADERS[m]) for m in LIFELONG_HEADERS if m != "fluency"), ("avg", "Avg.")]
-        base_records["lifelong"] = _lifelong_records(results[base][2])
+        base_records["lifelong"] = lifelong_records(results[base][2])
 
     def records_of(records: Sequence[dict[str, Any]], protocol: str) -> list[dict[str, Any]]:
-        return _lifelong_records(records) if protocol == "lifelong" else protocol_records(records, protocol)
+        return lifelong_records(records) if protocol == "lifelong" else protocol_records(records, protocol)
 
     rows = [(label, [paired_differences(base_records[protocol], records_of(records, protocol),
                                         [key for key, _ in columns[protocol]], by_case) for protocol, _ in blocks])

@@ -10,23 +10,25 @@ matched-steps control against its source), with the interval, per metric.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from overtone.report.bootstrap import Estimate, paired_estimates, row_estimates
+from overtone.report.bootstrap import Estimate, Records, paired_estimates, row_estimates
 from overtone.report.stats import holm
 from overtone.report.tables import (
     COLUMNS,
     DATASET_NAMES,
     EDITOR_NAMES,
+    LIFELONG_HEADERS,
     METRIC_HEADERS,
     PaperTable,
     _order,
     dataset_name,
     editor_name,
     lifelong_curve_table,
+    lifelong_records,
     lifelong_table,
     retention_tables,
 )
@@ -153,9 +155,36 @@ def _paired_cell(estimate: Estimate, holm_survives: bool) -> str:
     return estimate.signed() + ("*" if estimate.excludes_zero else "") + ("†" if holm_survives else "")
 
 
+def _paired_table(title: str, pairs: Sequence[tuple[Row, Row]], metrics: Sequence[str], headers: dict[str, str],
+                  records_of: Callable[[Records], Records]) -> PaperTable:
+    """Each pair's ``other`` minus ``base`` per metric and Avg., with Holm's correction over the table."""
+    estimated = [paired_estimates({s: records_of(r) for s, r in base.records.items()},
+                                  {s: records_of(r) for s, r in other.records.items()}, metrics)
+                 for base, other in pairs]
+    # the table's comparisons (rows x metrics with an interval) are one family for Holm's correction
+    tested = [e for estimates in estimated for e in estimates.values() if e is not None and e.has_interval]
+    survives = iter(holm([e.p_value for e in tested]))
+    body = []
+    for (base, other), estimates in zip(pairs, estimated, strict=True):
+        units = next((e for e in estimates.values() if e is not None), None)
+        body.append([f"{other.first['label']} − {base.first['label']}",
+                     *("–" if e is None else _paired_cell(e, e.has_interval and next(survives))
+                       for e in (estimates[m] for m in [*metrics, "avg"])),
+                     "–" if units is None else f"{units.units} {units.unit}s × {units.seeds} seed"
+                     f"{'s' if units.seeds > 1 else ''}"])
+    return PaperTable(
+        title=title, groups=[("", [f"Δ{headers[m]}" for m in [*metrics, "avg"]] + ["paired on"])],
+        sections=[("", body)], stub="rows",
+        caption="Mean difference [95% bootstrap interval over paired units and seeds]; an interval that "
+                "contains 0 is within noise, * = it excludes 0 (bootstrap p < 0.05). "
+                f"{len(tested)} comparisons; † significant after Holm's correction over them (family-wise 5%, "
+                "on the two-sided bootstrap p-values).")
+
+
 def paired_tables(rows: Sequence[Row]) -> list[PaperTable]:
     """Every row minus CE (same model, dataset, protocol, editor), and matched-steps controls against their
-    source, per metric, with 95% bootstrap intervals over cases (chunks) and seeds."""
+    source, per metric, with 95% bootstrap intervals over cases (chunks) and seeds; for edit streams also the
+    lifelong comparisons (efficacy, generalisation, specificity), where a stream is one unit per seed."""
     rows = [r for r in rows if r.ran]
     tables = []
     for setting in dict.fromkeys(_key(r.first)[:6] for r in rows):
@@ -171,30 +200,14 @@ def paired_tables(rows: Sequence[Row]) -> list[PaperTable]:
                 pairs.append((ce, row))
         if not pairs:
             continue
-        metrics = _metrics(members)
-        estimated = [paired_estimates(base.records, other.records, metrics) for base, other in pairs]
-        # the table's comparisons (rows x metrics with an interval) are one family for Holm's correction
-        tested = [e for estimates in estimated for e in estimates.values() if e is not None and e.has_interval]
-        survives = iter(holm([e.p_value for e in tested]))
-        body = []
-        for (base, other), estimates in zip(pairs, estimated, strict=True):
-            units = next((e for e in estimates.values() if e is not None), None)
-            body.append([f"{other.first['label']} − {base.first['label']}",
-                         *("–" if e is None else _paired_cell(e, e.has_interval and next(survives))
-                           for e in (estimates[m] for m in [*metrics, "avg"])),
-                         "–" if units is None else f"{units.units} {units.unit}s × {units.seeds} seed"
-                         f"{'s' if units.seeds > 1 else ''}"])
         model, dataset, sequence = setting[0], setting[1], setting[2]
-        first = members[0]
-        title = (f"{editor_name(setting[5])} on {dataset_name(dataset)}, {Path(model).name}, {_protocol(first)}"
-                 f"{'' if sequence == 1 else f' T={sequence}'}: paired differences (x100)")
-        tables.append(PaperTable(
-            title=title, groups=[("", [f"Δ{METRIC_HEADERS[m]}" for m in [*metrics, "avg"]] + ["paired on"])],
-            sections=[("", body)], stub="rows",
-            caption="Mean difference [95% bootstrap interval over paired units and seeds]; an interval that "
-                    "contains 0 is within noise, * = it excludes 0 (bootstrap p < 0.05). "
-                    f"{len(tested)} comparisons; † significant after Holm's correction over them (family-wise 5%, "
-                    "on the two-sided bootstrap p-values)."))
+        title = (f"{editor_name(setting[5])} on {dataset_name(dataset)}, {Path(model).name}, "
+                 f"{_protocol(members[0])}{'' if sequence == 1 else f' T={sequence}'}: paired differences")
+        tables.append(_paired_table(f"{title} (x100)", pairs, _metrics(members), METRIC_HEADERS, list))
+        if all(r.first.get("stream") is not None for r in members):
+            lifelong = [m for m in LIFELONG_HEADERS if m != "fluency"]
+            tables.append(_paired_table(f"{title} of the lifelong metrics (x100)", pairs, lifelong,
+                                        {**LIFELONG_HEADERS, "avg": "Avg."}, lifelong_records))
     return tables
 
 
