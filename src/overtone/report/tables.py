@@ -272,6 +272,7 @@ def stream_of(label: str, config: dict[str, Any], records: Sequence[dict[str, An
 
 LIFELONG_HEADERS = {"efficacy": "efficacy", "generalization": "generalisation", "specificity": "specificity",
                     "fluency": "fluency (bits)"}
+LIFELONG_COMPARISONS = tuple(m for m in LIFELONG_HEADERS if m != "fluency")  # shares of cases; fluency is in bits
 LIFELONG_CAPTION = ("The ROME/MEMIT/AlphaEdit papers' metrics (docs/lifelong-streams.md), x100: efficacy and "
                     "generalisation = the share of cases whose new target scores above the old one on the rewrite "
                     "prompt and on its rephrases; specificity = the share of locality prompts whose own answer "
@@ -717,7 +718,7 @@ Results = Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]]  # labe
 def lifelong_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """A stream's records with its lifelong comparisons (not fluency, in bits) as their ``post`` metrics."""
     return [{**{k: r[k] for k in ("case_id", "chunk") if k in r},
-             "post": {m: v for m, v in r["lifelong"]["post"].items() if m != "fluency"}}
+             "post": {m: v for m, v in r["lifelong"]["post"].items() if m in LIFELONG_COMPARISONS}}
             for r in records if "lifelong" in r]
 
 
@@ -734,7 +735,7 @@ def _paired_layout(results: Results, base: int, title: str = "", caption: str = 
     streams = all(summary.get("lifelong") for _, summary, _ in results)
     if streams:
         blocks = [*blocks, ("lifelong", {})]
-        columns["lifelong"] = [*((m, LIFELONG_HEADERS[m]) for m in LIFELONG_HEADERS if m != "fluency"), ("avg", "Avg.")]
+        columns["lifelong"] = [*((m, LIFELONG_HEADERS[m]) for m in LIFELONG_COMPARISONS), ("avg", "Avg.")]
         base_records["lifelong"] = lifelong_records(results[base][2])
 
     def records_of(records: Sequence[dict[str, Any]], protocol: str) -> list[dict[str, Any]]:

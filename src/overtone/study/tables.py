@@ -21,6 +21,7 @@ from overtone.report.tables import (
     COLUMNS,
     DATASET_NAMES,
     EDITOR_NAMES,
+    LIFELONG_COMPARISONS,
     LIFELONG_HEADERS,
     METRIC_HEADERS,
     PaperTable,
@@ -205,8 +206,7 @@ def paired_tables(rows: Sequence[Row]) -> list[PaperTable]:
                  f"{_protocol(members[0])}{'' if sequence == 1 else f' T={sequence}'}: paired differences")
         tables.append(_paired_table(f"{title} (x100)", pairs, _metrics(members), METRIC_HEADERS, list))
         if all(r.first.get("stream") is not None for r in members):
-            lifelong = [m for m in LIFELONG_HEADERS if m != "fluency"]
-            tables.append(_paired_table(f"{title} of the lifelong metrics (x100)", pairs, lifelong,
+            tables.append(_paired_table(f"{title} of the lifelong metrics (x100)", pairs, LIFELONG_COMPARISONS,
                                         {**LIFELONG_HEADERS, "avg": "Avg."}, lifelong_records))
     return tables
 
