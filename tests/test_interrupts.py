@@ -83,9 +83,11 @@ def _lines(path: Path) -> int:
 def test_a_signalled_bench_process_ends_with_one_line_and_the_same_command_resumes(tmp_path, tiny_llama_dir, signum):
     # SIGINT (Ctrl-C) runs in the slow suite: another Python start-up, and Python raises KeyboardInterrupt for it
     # even without our handler; SIGTERM would kill the process outright without it.
+    # 400 steps an edit, so the signal lands inside the second edit: at 40, an idle CPU finished all four cases
+    # within the wait below and the signal met the exiting process.
     rng = random.Random(signum)
     out = tmp_path / "run"
-    args = ["bench", "--model", str(tiny_llama_dir), "--device", "cpu", "--layer", "2", "--steps", "40",
+    args = ["bench", "--model", str(tiny_llama_dir), "--device", "cpu", "--layer", "2", "--steps", "400",
             "--stop-loss", "0", "--objective", "ce", "--limit", "4", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "overtone", *args], env={**os.environ, "PYTHONPATH": str(SRC)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
